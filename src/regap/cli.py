@@ -1,0 +1,72 @@
+"""The `regap` command. Each feature area registers its subcommands from `regap.commands`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from regap import __version__
+from regap.errors import RegapError
+
+app = typer.Typer(
+    name="regap",
+    help="Measure and close the modality gap that makes vision-language models unsafe.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"regap {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Optional[bool] = typer.Option(
+        None, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """regap: build, measure, train, evaluate and defend LLaVA-style models."""
+
+
+def _register_commands() -> None:
+    from regap.commands import models as models_commands
+
+    models_commands.register(app)
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app and turn user errors into one line on stderr (exit 2)."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except RegapError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Loading images safely: clear errors, every mode converted to RGB, no decompression bombs."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from regap.errors import RegapError
+
+#: Largest image we agree to decode (pixels). Pillow's own default warns at ~89 Mpx and
+#: fails at twice that; we fail at the limit itself so a bomb never gets decoded.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB.
+
+    Transparency is composited on white (what a viewer shows), 16/32-bit grayscale is
+    rescaled to its own range instead of being clipped to white.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = np.zeros_like(array) if high <= low else (array - low) / (high - low) * 255.0
+        image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image file as RGB, or raise a one-line `RegapError` naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise RegapError(f"image not found: {path}")
+    if not path.is_file():
+        raise RegapError(f"image path is not a file: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as handle:
+                width, height = handle.size
+                if width * height > max_pixels:
+                    raise RegapError(
+                        f"image too large: {path} is {width}x{height} "
+                        f"({width * height:,} pixels > limit {max_pixels:,})"
+                    )
+                handle.load()
+                return to_rgb(handle)
+    except RegapError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RegapError(f"image too large (decompression bomb guard): {path}: {exc}") from None
+    except UnidentifiedImageError:
+        raise RegapError(f"not a readable image file: {path}") from None
+    except PermissionError:
+        raise RegapError(f"image not readable (permission denied): {path}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise RegapError(f"corrupt or truncated image: {path}: {exc}") from None

@@ -1,0 +1,87 @@
+"""`regap models` (list presets) and `regap chat` (one prompt, optional image)."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+EXAMPLE_IMAGE = "example_scene.png"
+
+
+def example_image_path() -> Path:
+    """The bundled example scene (a red circle, a blue square and a green triangle)."""
+    return Path(str(resources.files("regap") / "assets" / EXAMPLE_IMAGE))
+
+
+def models_command(
+    as_json: bool = typer.Option(False, "--json", help="Print the presets as JSON."),
+) -> None:
+    """List model presets, whether they need a hub, and the state of their projector."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from regap.models.presets import PRESETS
+
+    rows = [
+        {"name": p.name, "summary": p.summary, "needs_hub": p.needs_hub, "projector": p.projector_note}
+        for p in PRESETS.values()
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="regap model presets")
+    for column in ("name", "summary", "hub", "projector"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["name"], row["summary"], "yes" if row["needs_hub"] else "no (offline)", row["projector"])
+    Console().print(table)
+    typer.echo("Also accepted wherever a model is asked for: a folder saved by regap, or an HF LLaVA checkpoint.")
+
+
+def chat_command(
+    prompt: str = typer.Argument(..., help="The user's message. An <image> marker places the image; else it goes first."),
+    model: str = typer.Option("tiny", "--model", "-m", help="Preset name, regap model folder, or HF LLaVA checkpoint."),
+    image: Optional[Path] = typer.Option(None, "--image", "-i", help="Image file to attach."),
+    example_image: bool = typer.Option(False, "--example-image", help="Attach the bundled example scene."),
+    projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint (.safetensors) to load."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Generation budget."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+    template: Optional[str] = typer.Option(None, "--template", help="chat (tokenizer's), vicuna_v1 or plain."),
+    as_json: bool = typer.Option(False, "--json", help="Print the answer with its provenance as JSON."),
+) -> None:
+    """Ask the model one question, optionally about an image."""
+    from regap.images import load_image
+    from regap.models import DecodingSettings, load_model, load_projector
+    from regap.provenance import provenance
+
+    images = []
+    if image is not None and example_image:
+        raise typer.BadParameter("give --image or --example-image, not both")
+    image_path = example_image_path() if example_image else image
+    if image_path is not None:
+        images.append(load_image(image_path))
+    settings = DecodingSettings(max_new_tokens=max_new_tokens, batch_size=1)
+    lvlm = load_model(model, dtype=dtype)
+    if projector is not None:
+        load_projector(lvlm, projector)
+    answer = lvlm.generate([prompt], [images], settings, template=template)[0]
+    if as_json:
+        record = {
+            "prompt": prompt, "image": str(image_path) if image_path else None, "answer": answer,
+            "provenance": provenance(
+                model=model, model_config=lvlm.config.to_dict(), projector=str(projector) if projector else None,
+                template=template or lvlm.config.template, decoding=settings.to_dict(), dtype=dtype,
+            ),
+        }
+        typer.echo(json.dumps(record, indent=2))
+    else:
+        typer.echo(answer)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("models")(models_command)
+    app.command("chat")(chat_command)

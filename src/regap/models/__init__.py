@@ -1,0 +1,17 @@
+"""The LVLM model layer: build from parts, load presets and HF LLaVA checkpoints, save, generate."""
+
+from regap.models.factory import build_lvlm, load_model, parse_dtype
+from regap.models.generation import DecodingSettings
+from regap.models.inputs import IGNORE_INDEX, ModelInputs
+from regap.models.io import load_projector, load_saved, save_model, save_projector
+from regap.models.llava_hf import export_llava_hf, load_llava_hf
+from regap.models.lvlm import LVLM, LVLMConfig
+from regap.models.presets import PRESETS, get_preset
+from regap.models.projector import build_projector
+from regap.models.vision import VisionConfig, VisionTower
+
+__all__ = [
+    "IGNORE_INDEX", "LVLM", "LVLMConfig", "ModelInputs", "DecodingSettings", "PRESETS", "VisionConfig", "VisionTower",
+    "build_lvlm", "build_projector", "export_llava_hf", "get_preset", "load_llava_hf", "load_model",
+    "load_projector", "load_saved", "parse_dtype", "save_model", "save_projector",
+]

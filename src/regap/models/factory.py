@@ -1,0 +1,83 @@
+"""Model factory: presets, saved folders and HF LLaVA checkpoints -> an `LVLM`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from regap.errors import RegapError
+from regap.models.hub import hub_call
+from regap.models.lvlm import LVLM, LVLMConfig
+from regap.models.offline_assets import is_offline_source, resolve
+from regap.models.presets import PRESETS, get_preset
+from regap.models.vision import load_vision_tower
+
+CONFIG_FILE = "regap_config.json"
+PROJECTOR_FILE = "projector.safetensors"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise RegapError(f"unknown dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_source(source: str) -> str:
+    """`regap:` names become cache folders (converted on first use); others pass through."""
+    return resolve(source) if is_offline_source(source) else source
+
+
+def load_llm(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    location = resolve_source(source)
+    tokenizer = hub_call(location, AutoTokenizer.from_pretrained, location)
+    llm = hub_call(location, AutoModelForCausalLM.from_pretrained, location, dtype=dtype)
+    return llm.eval(), tokenizer
+
+
+def build_lvlm(config: LVLMConfig, dtype: str | torch.dtype = "float32", device: str = "cpu",
+               vision_folder: str | None = None, llm_folder: str | None = None) -> LVLM:
+    """Assemble vision tower, LLM and a (fresh) projector from a config."""
+    torch_dtype = parse_dtype(dtype)
+    vision = load_vision_tower(vision_folder or resolve_source(config.vision.source), config.vision, torch_dtype)
+    llm, tokenizer = load_llm(llm_folder or config.llm_source, torch_dtype)
+    return LVLM(config, vision, llm, tokenizer).to(device)
+
+
+def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LVLM:
+    """A preset name, a folder saved by `save_model`, or an HF LLaVA checkpoint (folder or hub id)."""
+    path = Path(name_or_path)
+    if path.is_dir() and (path / CONFIG_FILE).exists():
+        from regap.models.io import load_saved
+
+        return load_saved(path, dtype=dtype, device=device)
+    if path.is_dir() and (path / "config.json").exists():
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        if model_type != "llava":
+            raise RegapError(f"{path}: config.json has model_type {model_type!r}; expected a regap folder or an HF LLaVA checkpoint")
+        from regap.models.llava_hf import load_llava_hf
+
+        return load_llava_hf(str(path), dtype=dtype, device=device)
+    if name_or_path in PRESETS:
+        preset = get_preset(name_or_path)
+        if preset.llava_hf_id:
+            from regap.models.llava_hf import load_llava_hf
+
+            return load_llava_hf(preset.llava_hf_id, dtype=dtype, device=device)
+        assert preset.config is not None
+        return build_lvlm(preset.config, dtype=dtype, device=device)
+    if path.exists():
+        raise RegapError(f"{path}: not a regap model folder (no {CONFIG_FILE}) nor an HF LLaVA checkpoint")
+    if "/" in name_or_path:  # looks like a hub id
+        from regap.models.llava_hf import load_llava_hf
+
+        return load_llava_hf(name_or_path, dtype=dtype, device=device)
+    raise RegapError(f"unknown model {name_or_path!r}; presets: {', '.join(PRESETS)}, or a folder path")

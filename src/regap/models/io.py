@@ -1,0 +1,100 @@
+"""Saving and loading: whole models or projector-only checkpoints, as safetensors + JSON config."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from regap.errors import RegapError
+from regap.models.factory import CONFIG_FILE, PROJECTOR_FILE, build_lvlm, parse_dtype
+from regap.models.lvlm import LVLM, LVLMConfig
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def save_projector(model: LVLM, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """The stage-1 artefact: projector weights only (atomic write)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.projector.state_dict().items()}
+    meta = {"projector_type": model.config.projector_type, **(metadata or {})}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_projector(model: LVLM, path: str | Path) -> None:
+    path = Path(path)
+    if not path.exists():
+        raise RegapError(f"projector checkpoint not found: {path}")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise RegapError(f"cannot read projector checkpoint {path}: {exc}") from None
+    expected = model.projector.state_dict()
+    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
+        raise RegapError(
+            f"{path}: projector weights do not fit this model "
+            f"({model.config.projector_type}, {model.vision.hidden_size}->{model.hidden_size})"
+        )
+    model.projector.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+
+
+def save_model(model: LVLM, out_dir: str | Path, include_backbones: bool = False) -> Path:
+    """Write `regap_config.json` + `projector.safetensors`; with `include_backbones`, also the
+    vision encoder and the LLM as safetensors folders so the model rebuilds without its sources."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_projector(model, out_dir / PROJECTOR_FILE)
+    if include_backbones:
+        for name, save in (("vision", _save_vision), ("llm", _save_llm)):
+            staging = out_dir / f"{name}.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            save(model, staging)
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+            os.replace(staging, out_dir / name)
+    _write_json_atomic(out_dir / CONFIG_FILE, {
+        "format": "regap-lvlm/1", "config": model.config.to_dict(), "includes_backbones": include_backbones,
+        "dtype": str(model.dtype).replace("torch.", ""),
+    })
+    return out_dir
+
+
+def _save_vision(model: LVLM, folder: Path) -> None:
+    model.vision.encoder.save_pretrained(folder, safe_serialization=True)
+    model.vision.image_processor.save_pretrained(folder)
+
+
+def _save_llm(model: LVLM, folder: Path) -> None:
+    model.llm.save_pretrained(folder, safe_serialization=True)
+    model.tokenizer.save_pretrained(folder)
+
+
+def load_saved(folder: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu") -> LVLM:
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise RegapError(f"{folder / CONFIG_FILE}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    if "config" not in record:
+        raise RegapError(f"{folder / CONFIG_FILE}: missing field 'config'")
+    config = LVLMConfig.from_dict(record["config"])
+    with_backbones = bool(record.get("includes_backbones"))
+    model = build_lvlm(
+        config, dtype=parse_dtype(dtype or record.get("dtype", "float32")), device=device,
+        vision_folder=str(folder / "vision") if with_backbones else None,
+        llm_folder=str(folder / "llm") if with_backbones else None,
+    )
+    load_projector(model, folder / PROJECTOR_FILE)
+    return model

@@ -1,0 +1,120 @@
+"""Hugging Face LLaVA checkpoints (`LlavaForConditionalGeneration`) in and out of the LVLM interface."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from regap.errors import RegapError
+from regap.models.hub import hub_call
+from regap.models.lvlm import LVLM, LVLMConfig
+from regap.models.projector import build_projector
+from regap.models.templates import IMAGE_MARKER
+from regap.models.vision import VisionConfig, VisionTower
+
+
+def load_llava_hf(name_or_path: str, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LVLM:
+    """Load an HF LLaVA checkpoint; its modules are shared, not copied (no second 7B in memory)."""
+    from transformers import AutoModelForCausalLM, AutoProcessor, LlavaForConditionalGeneration
+
+    from regap.models.factory import parse_dtype
+
+    torch_dtype = parse_dtype(dtype)
+    llava = hub_call(name_or_path, LlavaForConditionalGeneration.from_pretrained, name_or_path, dtype=torch_dtype)
+    processor = hub_call(name_or_path, AutoProcessor.from_pretrained, name_or_path)
+    cfg = llava.config
+    if isinstance(cfg.vision_feature_layer, (list, tuple)):
+        raise RegapError(f"{name_or_path}: multi-layer vision features are not supported")
+    if cfg.projector_hidden_act != "gelu":
+        raise RegapError(f"{name_or_path}: projector activation {cfg.projector_hidden_act!r} is not supported (gelu only)")
+    vision_config = VisionConfig(
+        source=name_or_path, feature_layer=int(cfg.vision_feature_layer),
+        drop_cls=cfg.vision_feature_select_strategy == "default",
+    )
+    vision = VisionTower(llava.model.vision_tower.eval(), processor.image_processor, vision_config)
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(cfg.text_config)
+    llm.model = llava.model.language_model
+    llm.lm_head = llava.lm_head
+    llm.generation_config = llava.generation_config
+    source = llava.model.multi_modal_projector
+    projector = build_projector("mlp2x_gelu", vision.hidden_size, cfg.text_config.hidden_size)
+    projector[0].load_state_dict(source.linear_1.state_dict())
+    projector[2].load_state_dict(source.linear_2.state_dict())
+    config = LVLMConfig(
+        vision=vision_config, llm_source=name_or_path, projector_type="mlp2x_gelu", template="vicuna_v1",
+        name=str(name_or_path), extra={"llava_hf": str(name_or_path)},
+    )
+    return LVLM(config, vision, llm.eval(), processor.tokenizer, projector=projector).to(device)
+
+
+def export_llava_hf(model: LVLM, out_dir: str | Path) -> Path:
+    """Write a standard `LlavaForConditionalGeneration` folder (weights + processor) that other
+    tools (lmms-eval's `llava_hf`, vLLM) can read. Needs a CLIP/SigLIP encoder, no pooling,
+    an integer feature layer and an `mlp2x_gelu` projector: what the HF LLaVA class can express."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    vision_type = model.vision.encoder.config.model_type
+    problems = []
+    if vision_type not in ("clip_vision_model", "siglip_vision_model"):
+        problems.append(f"vision encoder {vision_type!r} (CLIP or SigLIP needed)")
+    if model.config.vision.pool_grid:
+        problems.append("patch pooling")
+    if model.config.projector_type != "mlp2x_gelu":
+        problems.append(f"projector {model.config.projector_type!r} (mlp2x_gelu needed)")
+    layer = model.config.vision.feature_layer
+    if layer == "final":
+        layer = -1
+    if problems:
+        raise RegapError("cannot export as HF LLaVA: " + ", ".join(problems))
+    out_dir = Path(out_dir)
+    tokenizer = copy.deepcopy(model.tokenizer)
+    if IMAGE_MARKER not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_MARKER]})
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_MARKER)
+    text_config = copy.deepcopy(model.llm.config)
+    old_vocab = model.llm.get_input_embeddings().weight.shape[0]
+    text_config.vocab_size = max(old_vocab, len(tokenizer))
+    strategy = "default" if model.config.vision.drop_cls and model.vision.has_cls else "full"
+    config = LlavaConfig(
+        vision_config=copy.deepcopy(model.vision.encoder.config), text_config=text_config,
+        image_token_index=image_token_id, projector_hidden_act="gelu", vision_feature_layer=int(layer),
+        vision_feature_select_strategy=strategy, image_seq_length=model.tokens_per_image,
+        tie_word_embeddings=bool(getattr(model.llm.config, "tie_word_embeddings", False)),
+    )
+    state: dict[str, torch.Tensor] = {}
+    for key, value in model.vision.encoder.state_dict().items():
+        state["model.vision_tower." + key] = value
+    state["model.multi_modal_projector.linear_1.weight"] = model.projector[0].weight
+    state["model.multi_modal_projector.linear_1.bias"] = model.projector[0].bias
+    state["model.multi_modal_projector.linear_2.weight"] = model.projector[2].weight
+    state["model.multi_modal_projector.linear_2.bias"] = model.projector[2].bias
+    for key, value in model.llm.state_dict().items():
+        if key.startswith("model."):
+            state["model.language_model." + key[len("model."):]] = value
+        elif key == "lm_head.weight":
+            state[key] = value
+    grow = text_config.vocab_size - old_vocab
+    if grow > 0:  # the new <image> row is never looked up (image slots are replaced), so zeros are fine
+        for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+            if key in state:
+                state[key] = torch.cat([state[key], state[key].new_zeros(grow, state[key].shape[1])])
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration(config)
+    missing, unexpected = llava.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False, assign=True)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RegapError(f"HF LLaVA export mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if config.tie_word_embeddings:
+        llava.tie_weights()
+    llava.save_pretrained(out_dir, safe_serialization=True)
+    patch = model.vision.encoder.config.patch_size
+    processor = LlavaProcessor(
+        image_processor=model.vision.image_processor, tokenizer=tokenizer, patch_size=patch,
+        vision_feature_select_strategy=strategy, num_additional_image_tokens=1 if model.vision.has_cls else 0,
+        image_token=IMAGE_MARKER,
+    )
+    processor.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,200 @@
+"""The LVLM: vision tower -> projector -> causal LM, with the image-token mask made explicit."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+from regap.errors import RegapError
+from regap.models.generation import DecodingSettings
+from regap.models.inputs import ModelInputs, build_batch, with_image_marker
+from regap.models.projector import build_projector
+from regap.models.templates import get_template
+from regap.models.vision import VisionConfig, VisionTower
+
+
+@dataclass
+class LVLMConfig:
+    """Everything needed to rebuild the model (sources are hub ids, folders or `regap:` names)."""
+
+    vision: VisionConfig
+    llm_source: str
+    projector_type: str = "mlp2x_gelu"
+    template: str = "chat"
+    name: str = "custom"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["vision"] = self.vision.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LVLMConfig":
+        known = {"vision", "llm_source", "projector_type", "template", "name", "extra"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RegapError(f"unknown key(s) in model config: {', '.join(unknown)}")
+        vision_keys = set(VisionConfig.__dataclass_fields__)
+        bad = sorted(set(data.get("vision", {})) - vision_keys)
+        if bad:
+            raise RegapError(f"unknown key(s) in model config 'vision': {', '.join(bad)}")
+        return cls(**{**data, "vision": VisionConfig(**data["vision"])})
+
+
+Conversation = list[dict[str, str]]
+
+
+class LVLM(nn.Module):
+    """A LLaVA-style model built from parts.
+
+    `build_inputs` returns token ids with image slots and the image-token mask;
+    `embed` scatters projected image features into those slots; `forward` and
+    `generate` run the LLM on the resulting `inputs_embeds`.
+    """
+
+    def __init__(self, config: LVLMConfig, vision: VisionTower, llm: nn.Module, tokenizer: Any,
+                 projector: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.projector = projector or build_projector(config.projector_type, vision.hidden_size, self.hidden_size)
+        self.projector.to(dtype=next(llm.parameters()).dtype)
+
+    # ---- properties -------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return int(self.llm.get_input_embeddings().embedding_dim)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.vision.num_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.llm.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.llm.parameters()).dtype
+
+    # ---- inputs ------------------------------------------------------------------------------
+    def build_inputs(
+        self,
+        conversations: Sequence[Conversation],
+        images: Sequence[Sequence[Image.Image]] | None = None,
+        *,
+        template: str | None = None,
+        add_generation_prompt: bool = False,
+        padding_side: str = "right",
+        max_length: int | None = None,
+    ) -> ModelInputs:
+        """Conversations (chat messages with `<image>` markers) + images -> a padded batch."""
+        images = images if images is not None else [[] for _ in conversations]
+        if len(images) != len(conversations):
+            raise RegapError(f"{len(conversations)} conversations but {len(images)} image lists")
+        batch, _ = build_batch(
+            [list(c) for c in conversations], [len(i) for i in images],
+            tokenizer=self.tokenizer, template=get_template(template or self.config.template, self.tokenizer),
+            tokens_per_image=self.tokens_per_image, add_generation_prompt=add_generation_prompt,
+            padding_side=padding_side, max_length=max_length,
+        )
+        flat = [image for sample in images for image in sample]
+        batch.pixel_values = self.vision.preprocess(flat) if flat else None
+        batch.images_per_sample = [len(i) for i in images]
+        return batch
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n_images, 3, H, W] -> projected image tokens [n_images, tokens_per_image, hidden]."""
+        features = self.vision(pixel_values.to(self.device))
+        return self.projector(features.to(self.dtype))
+
+    def embed(self, inputs: ModelInputs) -> torch.Tensor:
+        """Text embeddings with projected image tokens written into the image slots."""
+        inputs = inputs.to(self.device)
+        embeds = self.llm.get_input_embeddings()(inputs.input_ids)
+        n_slots = int(inputs.image_mask.sum())
+        if inputs.pixel_values is None:
+            if n_slots:
+                raise RegapError("the batch has image slots but no pixel values")
+            return embeds
+        image_tokens = self.encode_images(inputs.pixel_values)
+        if image_tokens.shape[0] * image_tokens.shape[1] != n_slots:
+            raise RegapError(f"{n_slots} image slots but {image_tokens.shape[0]} image(s) x {image_tokens.shape[1]} tokens")
+        mask = inputs.image_mask.unsqueeze(-1).expand_as(embeds)
+        return embeds.masked_scatter(mask, image_tokens.to(embeds.dtype).reshape(-1))
+
+    def forward(self, inputs: ModelInputs, output_hidden_states: bool = False, use_labels: bool = True) -> Any:
+        embeds = self.embed(inputs)
+        return self.llm(
+            inputs_embeds=embeds, attention_mask=inputs.attention_mask.to(self.device),
+            labels=inputs.labels.to(self.device) if use_labels else None,
+            output_hidden_states=output_hidden_states, use_cache=False,
+        )
+
+    # ---- generation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str | Conversation],
+        images: Sequence[Sequence[Image.Image] | Image.Image | None] | None = None,
+        settings: DecodingSettings | None = None,
+        *,
+        template: str | None = None,
+        progress: bool = False,
+    ) -> list[str]:
+        """Batched generation with left padding; greedy unless `settings` say otherwise.
+
+        A prompt may be a plain string (one user turn) or a list of chat messages. An image
+        given without an `<image>` marker is placed before the user's text (LLaVA convention).
+        """
+        settings = settings or DecodingSettings()
+        images = images if images is not None else [None] * len(prompts)
+        if len(images) != len(prompts):
+            raise RegapError(f"{len(prompts)} prompts but {len(images)} image entries")
+        conversations, image_lists = [], []
+        for prompt, image in zip(prompts, images):
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            listed = [] if image is None else ([image] if isinstance(image, Image.Image) else list(image))
+            conversations.append(with_image_marker(messages, len(listed)))
+            image_lists.append(listed)
+        order = sorted(range(len(prompts)), key=lambda i: -len(str(conversations[i])))  # similar lengths together
+        outputs: list[str] = [""] * len(prompts)
+        generation_config = settings.generation_config(self.tokenizer)
+        if settings.do_sample:
+            torch.manual_seed(settings.seed)
+        starts = range(0, len(order), settings.batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="generate", unit="batch")
+        for start in starts:
+            chunk = order[start : start + settings.batch_size]
+            batch = self.build_inputs(
+                [conversations[i] for i in chunk], [image_lists[i] for i in chunk],
+                template=template, add_generation_prompt=True, padding_side="left",
+            )
+            embeds = self.embed(batch)
+            generated = self.llm.generate(
+                inputs_embeds=embeds, attention_mask=batch.attention_mask.to(self.device),
+                generation_config=generation_config,
+            )
+            texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+            for index, text in zip(chunk, texts):
+                outputs[index] = text.strip()
+        return outputs
+
+    # ---- parameter groups --------------------------------------------------------------------
+    def freeze_backbones(self) -> None:
+        """Stage 1: only the projector trains."""
+        for module in (self.vision, self.llm):
+            for parameter in module.parameters():
+                parameter.requires_grad_(False)
+        for parameter in self.projector.parameters():
+            parameter.requires_grad_(True)

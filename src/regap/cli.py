@@ -35,9 +35,10 @@ def _root(
 
 
 def _register_commands() -> None:
-    from regap.commands import models as models_commands
+    from regap.commands import data, models
 
-    models_commands.register(app)
+    for module in (models, data):
+        module.register(app)
 
 
 _register_commands()

@@ -97,10 +97,13 @@ def export_llava_hf(model: LVLM, out_dir: str | Path) -> Path:
         elif key == "lm_head.weight":
             state[key] = value
     grow = text_config.vocab_size - old_vocab
-    if grow > 0:  # the new <image> row is never looked up (image slots are replaced), so zeros are fine
+    if grow > 0:
+        # The new <image> row is never looked up (its slots are replaced by image features);
+        # in lm_head it is the mean row, so its logit is an average one and never wins argmax.
         for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
             if key in state:
-                state[key] = torch.cat([state[key], state[key].new_zeros(grow, state[key].shape[1])])
+                mean_row = state[key].mean(dim=0, keepdim=True).expand(grow, -1)
+                state[key] = torch.cat([state[key], mean_row])
     with torch.device("meta"):
         llava = LlavaForConditionalGeneration(config)
     missing, unexpected = llava.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False, assign=True)

@@ -49,6 +49,28 @@ class LVLMConfig:
 Conversation = list[dict[str, str]]
 
 
+@dataclass
+class GenerationResult:
+    texts: list[str]
+    new_tokens: list[int]  # generated tokens per item, up to and including the first end token
+    settings: DecodingSettings
+
+
+def _eos_ids(tokenizer: Any, generation_config: Any) -> set[int]:
+    eos = generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def _count_until_eos(token_ids: list[int], eos_ids: set[int]) -> int:
+    for position, token in enumerate(token_ids):
+        if token in eos_ids:
+            return position + 1
+    return len(token_ids)
+
+
 class LVLM(nn.Module):
     """A LLaVA-style model built from parts.
 
@@ -139,8 +161,12 @@ class LVLM(nn.Module):
         )
 
     # ---- generation --------------------------------------------------------------------------
+    def generate(self, *args: Any, **kwargs: Any) -> list[str]:
+        """Batched generation; see `generate_detailed` (this returns the texts only)."""
+        return self.generate_detailed(*args, **kwargs).texts
+
     @torch.no_grad()
-    def generate(
+    def generate_detailed(
         self,
         prompts: Sequence[str | Conversation],
         images: Sequence[Sequence[Image.Image] | Image.Image | None] | None = None,
@@ -148,7 +174,7 @@ class LVLM(nn.Module):
         *,
         template: str | None = None,
         progress: bool = False,
-    ) -> list[str]:
+    ) -> "GenerationResult":
         """Batched generation with left padding; greedy unless `settings` say otherwise.
 
         A prompt may be a plain string (one user turn) or a list of chat messages. An image
@@ -166,7 +192,9 @@ class LVLM(nn.Module):
             image_lists.append(listed)
         order = sorted(range(len(prompts)), key=lambda i: -len(str(conversations[i])))  # similar lengths together
         outputs: list[str] = [""] * len(prompts)
+        new_tokens: list[int] = [0] * len(prompts)
         generation_config = settings.generation_config(self.tokenizer)
+        eos_ids = _eos_ids(self.tokenizer, generation_config)
         if settings.do_sample:
             torch.manual_seed(settings.seed)
         starts = range(0, len(order), settings.batch_size)
@@ -186,9 +214,10 @@ class LVLM(nn.Module):
                 generation_config=generation_config,
             )
             texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-            for index, text in zip(chunk, texts):
+            for row, (index, text) in enumerate(zip(chunk, texts)):
                 outputs[index] = text.strip()
-        return outputs
+                new_tokens[index] = _count_until_eos(generated[row].tolist(), eos_ids)
+        return GenerationResult(outputs, new_tokens, settings)
 
     # ---- parameter groups --------------------------------------------------------------------
     def freeze_backbones(self) -> None:

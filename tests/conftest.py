@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random models (fast) and the real offline preset (integration)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def shared_data_dir() -> Path | None:
+    """`../shared/data` beside the repository (or $REGAP_SHARED_DATA); None when absent."""
+    explicit = os.environ.get("REGAP_SHARED_DATA")
+    path = Path(explicit) if explicit else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture
+def tiny_model():
+    from regap.models.random_tiny import tiny_random_lvlm
+
+    return tiny_random_lvlm()
+
+
+@pytest.fixture(scope="session")
+def real_tiny():
+    """The real `tiny` preset (converted once into the cache); skipped without the offline extra."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("onnx") is None:
+        pytest.skip("offline extra not installed (pip install 'regap[offline]')")
+    from regap.models import load_model
+
+    return load_model("tiny", dtype="float32")

@@ -1,0 +1,66 @@
+"""The `regap` command: help on every subcommand, version, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from regap import __version__
+from regap.cli import app, main
+
+runner = CliRunner()
+
+
+def _subcommands() -> list[list[str]]:
+    import typer.main
+
+    group = typer.main.get_command(app)
+    paths = []
+    for name, command in group.commands.items():
+        paths.append([name])
+        for sub in getattr(command, "commands", {}):
+            paths.append([name, sub])
+    return paths
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+@pytest.mark.parametrize("path", _subcommands())
+def test_every_subcommand_has_help(path):
+    result = runner.invoke(app, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_models_lists_presets_as_json():
+    import json
+
+    result = runner.invoke(app, ["models", "--json"])
+    names = [row["name"] for row in json.loads(result.output)]
+    assert names[:2] == ["tiny", "small"] and "llava-1.5-7b" in names
+
+
+def test_user_errors_are_one_line(capsys, tmp_path):
+    assert main(["chat", "--model", "no-such-model", "hello"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown model 'no-such-model'") and "\n" not in err
+    assert main(["chat", "--image", str(tmp_path / "missing.png"), "hi"]) == 2
+    assert "missing.png" in capsys.readouterr().err
+
+
+def test_hub_id_without_network_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["chat", "--model", "someone/not-a-real-llava", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "someone/not-a-real-llava" in err and "\n" not in err
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "regap.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and "regap" in result.stdout

@@ -1,0 +1,1 @@
+"""Safety evaluation: image attack conditions, response judges, statistics and judge validation."""

@@ -35,9 +35,9 @@ def _root(
 
 
 def _register_commands() -> None:
-    from regap.commands import data, models
+    from regap.commands import data, judge_validate, models
 
-    for module in (models, data):
+    for module in (models, data, judge_validate):
         module.register(app)
 
 

@@ -1,0 +1,186 @@
+"""The judge interface: inputs, verdicts, the base class and the registry.
+
+A judge reads (prompt, response) pairs and returns one `Verdict` per pair. Judges are
+built by name with `get_judge(name, **options)`; new judges join with
+`@register_judge("name")`. A judge that fails on one item returns an `error` verdict
+for that item and the batch goes on, so one bad response never loses a whole run.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+from regap.errors import RegapError
+from regap.provenance import text_hash
+
+#: Every label a verdict may carry.
+#:
+#: * `refusal` / `compliance`: refusal judges (did the model decline?).
+#: * `unsafe` / `safe`: harm judges (is the response harmful?).
+#: * `off_topic`: the response neither refuses nor addresses the request.
+#: * `error`: the judge could not judge this item (see `detail["error"]`).
+LABELS = ("refusal", "compliance", "off_topic", "unsafe", "safe", "error")
+
+
+@dataclass(frozen=True)
+class JudgeInput:
+    """One item to judge: the request as the model saw it, its response, and the
+    request's harm category when the dataset has one."""
+
+    prompt: str
+    response: str
+    category: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A judge's decision on one item.
+
+    * `label`: one of `LABELS`.
+    * `unsafe`: whether the response counts as harmful (an attack success); None when
+      the judge cannot tell (errors, judges that only detect refusal without a harm
+      convention).
+    * `refused`: whether the model declined; None when unknown.
+    * `score`: the judge's harm score in [0, 1], higher = more harmful (a probability,
+      a rescaled rating, or 0/1 for rule-based judges); None when the judge has none.
+    * `judge`, `prompt_hash`: which judge and which template / phrase list decided.
+    * `detail`: judge-specific facts (matched phrases, raw judge output, the error).
+    """
+
+    label: str
+    unsafe: bool | None
+    refused: bool | None
+    score: float | None
+    judge: str
+    prompt_hash: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.label not in LABELS:
+            raise ValueError(f"verdict label must be one of {LABELS}, got {self.label!r}")
+        if self.score is not None and not 0.0 <= float(self.score) <= 1.0:
+            raise ValueError(f"verdict score must lie in [0, 1], got {self.score!r}")
+
+    @property
+    def is_error(self) -> bool:
+        return self.label == "error"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def error(cls, judge: str, prompt_hash: str, exc: BaseException, **detail: Any) -> "Verdict":
+        """The verdict for an item the judge failed on."""
+        message = f"{type(exc).__name__}: {exc}"
+        return cls("error", None, None, None, judge, prompt_hash, {"error": message, **detail})
+
+
+class Judge:
+    """Base class for judges.
+
+    Subclasses implement `template_text()` (the text whose hash identifies the judge's
+    behaviour: an LLM judge's prompt template, a keyword judge's phrase list) and
+    `judge_one()`. Judges that batch work (an LLM judge on a GPU) override
+    `judge_batch()` and use `Verdict.error` for the items that fail.
+    """
+
+    #: The registered name (set by `get_judge`; subclasses give a default).
+    name: str = "judge"
+
+    def template_text(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def prompt_hash(self) -> str:
+        """sha256 (first 16 hex) of `template_text()`."""
+        return text_hash(self.template_text())
+
+    def options(self) -> dict[str, Any]:
+        """The judge's settings (JSON-serialisable)."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """What decides the verdicts, for provenance."""
+        return {"name": self.name, "prompt_hash": self.prompt_hash, "options": self.options()}
+
+    def judge_one(self, item: JudgeInput) -> Verdict:
+        raise NotImplementedError
+
+    def judge_batch(self, items: list[JudgeInput]) -> list[Verdict]:
+        """One verdict per item, in order; an item that raises gets an `error` verdict."""
+        prompt_hash = self.prompt_hash
+        verdicts: list[Verdict] = []
+        for item in items:
+            try:
+                verdicts.append(self.judge_one(item))
+            except Exception as exc:  # one bad item must not stop the batch
+                verdicts.append(Verdict.error(self.name, prompt_hash, exc))
+        return verdicts
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+J = TypeVar("J", bound=type[Judge])
+
+_JUDGES: dict[str, type[Judge]] = {}
+
+
+def register_judge(name: str | type[Judge]) -> Any:
+    """Class decorator: `@register_judge("keyword")` (or bare, using the class's `name`)."""
+
+    def add(key: str, cls: J) -> J:
+        key = key.strip().lower()
+        if not key:
+            raise ValueError("a judge needs a non-empty name")
+        existing = _JUDGES.get(key)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(f"judge {key!r} is already registered to {existing.__qualname__}")
+        _JUDGES[key] = cls
+        return cls
+
+    if isinstance(name, type):
+        return add(name.name, name)
+
+    def decorate(cls: J) -> J:
+        return add(name, cls)
+
+    return decorate
+
+
+def available_judges() -> list[str]:
+    """Registered judge names, sorted."""
+    return sorted(_JUDGES)
+
+
+def get_judge(name: str, **options: Any) -> Judge:
+    """Build the judge registered as `name` (case-insensitive) with `options`."""
+    key = str(name).strip().lower()
+    if key not in _JUDGES:
+        raise RegapError(f"unknown judge {name!r}; valid judges: {', '.join(available_judges()) or '(none)'}")
+    cls = _JUDGES[key]
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        valid = [n for n in params if n != "self"]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise RegapError(
+                f"judge {key!r} has no option {', '.join(map(repr, unknown))}; "
+                f"valid options: {', '.join(valid) or '(none)'}"
+            )
+    judge = cls(**options)
+    judge.name = key
+    return judge
+
+
+__all__ = [
+    "LABELS",
+    "JudgeInput",
+    "Verdict",
+    "Judge",
+    "register_judge",
+    "get_judge",
+    "available_judges",
+]

@@ -1,0 +1,115 @@
+"""`regap gap`: measure the modality gap (MIR, layer-0 gap, per-layer curves) of one or two models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from regap.errors import RegapError
+
+
+def measure_model(
+    model_name: str, out: Path, *, pairs: int, protocol: str, images: str, texts: str, projector: Optional[Path],
+    text_tokens: str, batch_size: int, dtype: str, mode: str, n_boot: int, seed: int, stability_run: bool,
+    keep_hidden: bool, tag: str,
+) -> dict[str, Any]:
+    """Collect hidden states for one model and analyse them; returns the gap record."""
+    from regap.gap.collect import collect_hidden_states
+    from regap.gap.measure import analyse, stability
+    from regap.gap.pairs import make_pairs
+    from regap.models import load_model, load_projector
+    from regap.provenance import provenance
+
+    model = load_model(model_name, dtype=dtype)
+    if projector is not None:
+        load_projector(model, projector)
+    pair_list = make_pairs(pairs, images=images, texts=texts, seed=seed)
+    store = collect_hidden_states(model, pair_list, out / f".hidden-{tag}", protocol=protocol,
+                                  text_tokens=text_tokens, batch_size=batch_size)
+    try:
+        result = analyse(store, mode=mode, n_boot=n_boot, seed=seed)
+        if stability_run:
+            result["stability"] = stability(store, mode=mode, n_boot=n_boot, seed=seed)
+    finally:
+        if not keep_hidden:
+            store.remove()
+    result["provenance"] = provenance(
+        model=model_name, model_config=model.config.to_dict(), projector=str(projector) if projector else None,
+        protocol=protocol, images=images, texts=texts, pairs=pairs, text_tokens=text_tokens, seed=seed,
+        dtype=dtype, mode=mode, n_boot=n_boot, pair_ids=[p.id for p in pair_list],
+    )
+    return result
+
+
+def gap_command(
+    model: str = typer.Option("tiny", "--model", "-m", help="Preset, regap model folder or HF LLaVA checkpoint."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (gap.json, gap_layers.png)."),
+    pairs: int = typer.Option(100, "--pairs", help="Number of image-text pairs (the reference protocol uses 100)."),
+    protocol: str = typer.Option("reference", "--protocol", help="reference (image, unrelated assistant text) or prompt (image + request)."),
+    images: str = typer.Option("scenes", "--images", help="scenes, blank, noise, natural, typo, or a folder of images."),
+    texts: Optional[str] = typer.Option(None, "--texts", help="Request source spec or .txt file (default: starter-benign for reference, starter-harmful for prompt)."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="A second model measured on the same pairs."),
+    projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint for --model."),
+    compare_projector: Optional[Path] = typer.Option(None, "--compare-projector", help="Projector checkpoint for --compare."),
+    text_tokens: str = typer.Option("after-image", "--text-tokens", help="after-image (reference) or all-non-image."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    dtype: str = typer.Option("float32", "--dtype"),
+    mode: str = typer.Option("exact", "--mode", help="exact (Fréchet) or reference-fast (the reference code's default; not a distance)."),
+    n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap replicates over pairs (0: no intervals)."),
+    seed: int = typer.Option(0, "--seed"),
+    stability_run: bool = typer.Option(False, "--stability", help="Also report MIR for 5, 10, 20, 50, 100, ... pairs."),
+    keep_hidden: bool = typer.Option(False, "--keep-hidden", help="Keep the spilled hidden states in OUT/.hidden-*."),
+) -> None:
+    """Measure the modality gap: MIR with a bootstrap interval, layer-0 gap and per-layer curves."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from regap.gap.plot import plot_layers
+
+    for flag, path in (("--projector", projector), ("--compare-projector", compare_projector)):
+        if path is not None and not path.is_file():
+            raise RegapError(f"{flag}: projector checkpoint not found: {path}")
+    from regap.gap.collect import TEXT_TOKEN_MODES
+    from regap.gap.mir import MODES
+    from regap.gap.pairs import PROTOCOLS
+
+    for flag, value, valid in (("--protocol", protocol, PROTOCOLS), ("--mode", mode, MODES),
+                               ("--text-tokens", text_tokens, TEXT_TOKEN_MODES)):
+        if value not in valid:
+            raise RegapError(f"{flag} {value!r} is not one of {', '.join(valid)}")
+    out.mkdir(parents=True, exist_ok=True)
+    texts = texts or ("starter-benign" if protocol == "reference" else "starter-harmful")
+    common = dict(pairs=pairs, protocol=protocol, images=images, texts=texts, text_tokens=text_tokens,
+                  batch_size=batch_size, dtype=dtype, mode=mode, n_boot=n_boot, seed=seed,
+                  stability_run=stability_run, keep_hidden=keep_hidden)
+    results = {model: measure_model(model, out, projector=projector, tag="a", **common)}
+    record = dict(results[model])
+    if compare:
+        if compare == model and compare_projector is None:
+            raise RegapError("--compare names the same model as --model without a different --compare-projector")
+        other = measure_model(compare, out, projector=compare_projector, tag="b", **common)
+        if len(other["per_layer"]) != len(record["per_layer"]):
+            raise RegapError(
+                f"cannot compare: {model} has {len(record['per_layer'])} layers, {compare} has {len(other['per_layer'])}"
+            )
+        label = compare if compare != model else f"{compare} ({compare_projector})"
+        results[label] = other
+        record["compare"] = {"model": label, **other}
+    (out / "gap.json").write_text(json.dumps(record, indent=2, default=float))
+    plot_layers(results, out / "gap_layers.png")
+    table = Table(title=f"modality gap ({protocol} protocol, {pairs} pairs, {images} images)")
+    for column in ("model", "MIR", "95% CI", "layer-0 gap", "layer-0 FD"):
+        table.add_column(column)
+    for label, result in results.items():
+        ci = result.get("mir_ci")
+        table.add_row(label, f"{result['mir']:.4f}" if result["mir"] is not None else "n/a",
+                      f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-", f"{result['layer0_gap']:.4g}", f"{result['layer0_frechet']:.4g}")
+    Console().print(table)
+    typer.echo(f"wrote {out / 'gap.json'} and {out / 'gap_layers.png'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("gap")(gap_command)

@@ -1,0 +1,119 @@
+"""Hidden states of every layer at image and text positions, spilled to disk per layer.
+
+One forward pass per batch with all hidden states. Tokens are written into
+two layer-major memory maps ([layers, tokens, d] for each modality; float32 when they
+are small, float16 once they would exceed `FLOAT32_LIMIT_BYTES`), so host memory
+holds one batch of hidden states at a time and the measurement later reads one layer
+at a time: the 100-pair protocol of a 7B model (~68k tokens x 4096 x 33 layers, ~18 GB
+in fp16) stays on disk instead of in RAM.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from regap.errors import RegapError
+from regap.gap.pairs import GapPair, conversation
+
+TEXT_TOKEN_MODES = ("after-image", "all-non-image")
+FLOAT32_LIMIT_BYTES = 2 * 1024**3
+_FP16_MAX = 65504.0
+
+
+@dataclass
+class HiddenStates:
+    """Per-layer token clouds on disk; `layer(k)` returns float32 tensors (image, text)."""
+
+    folder: Path
+    n_layers: int  # hidden_states entries: embeddings (layer 0) + decoder blocks
+    width: int
+    image_pairs: np.ndarray
+    text_pairs: np.ndarray
+    n_pairs: int
+    dtype: str = "float32"
+
+    def _map(self, name: str, count: int) -> np.memmap:
+        return np.memmap(self.folder / f"{name}.bin", dtype=self.dtype, mode="r", shape=(self.n_layers, count, self.width))
+
+    def layer(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self._map("image", len(self.image_pairs))[k]
+        text = self._map("text", len(self.text_pairs))[k]
+        return torch.from_numpy(np.array(image, dtype=np.float32)), torch.from_numpy(np.array(text, dtype=np.float32))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _text_positions(attention: torch.Tensor, image_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    attended = attention.bool() & ~image_mask
+    if mode == "all-non-image":
+        return attended
+    if mode != "after-image":
+        raise RegapError(f"unknown text-token mode {mode!r}; valid: {', '.join(TEXT_TOKEN_MODES)}")
+    positions = torch.arange(image_mask.shape[1]).expand_as(image_mask)
+    last_image = torch.where(image_mask, positions, torch.full_like(positions, -1)).max(dim=1, keepdim=True).values
+    return attended & (positions > last_image)
+
+
+@torch.no_grad()
+def collect_hidden_states(
+    model: Any, pairs: list[GapPair], folder: str | Path, *, protocol: str = "reference",
+    text_tokens: str = "after-image", batch_size: int = 8, progress: bool = True,
+) -> HiddenStates:
+    """Run the model over the pairs and spill image/text tokens of every layer to `folder`."""
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    batches = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        batch = model.build_inputs([conversation(p, protocol) for p in chunk], [[p.image] for p in chunk],
+                                   add_generation_prompt=protocol == "prompt", padding_side="right")
+        text_mask = _text_positions(batch.attention_mask, batch.image_mask, text_tokens)
+        if not bool(text_mask.any(dim=1).all()):
+            raise RegapError("a pair has no text tokens after its image; use --text-tokens all-non-image or longer texts")
+        batches.append((start, batch, text_mask))
+    n_image = sum(int(b.image_mask.sum()) for _, b, _ in batches)
+    n_text = sum(int(m.sum()) for _, _, m in batches)
+    n_layers = model.llm.config.num_hidden_layers + 1
+    width = model.hidden_size
+    dtype = "float32" if n_layers * (n_image + n_text) * width * 4 <= FLOAT32_LIMIT_BYTES else "float16"
+    image_map = np.memmap(folder / "image.bin", dtype=dtype, mode="w+", shape=(n_layers, n_image, width))
+    text_map = np.memmap(folder / "text.bin", dtype=dtype, mode="w+", shape=(n_layers, n_text, width))
+    image_pairs = np.empty(n_image, dtype=np.int32)
+    text_pairs = np.empty(n_text, dtype=np.int32)
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="hidden states", unit="batch")
+    image_offset = text_offset = 0
+    for start, batch, text_mask in iterator:
+        hidden = model(batch, output_hidden_states=True, use_labels=False).hidden_states
+        if len(hidden) != n_layers:
+            raise RegapError(f"the model returned {len(hidden)} hidden states, expected {n_layers}")
+        rows = torch.arange(batch.image_mask.shape[0]).unsqueeze(1) + start
+        image_rows = rows.expand_as(batch.image_mask)[batch.image_mask.cpu()].numpy()
+        text_rows = rows.expand_as(text_mask)[text_mask].numpy()
+        ni, nt = len(image_rows), len(text_rows)
+        for k, states in enumerate(hidden):
+            states = states.float().cpu()
+            if not bool(torch.isfinite(states).all()):
+                raise RegapError(f"non-finite hidden states at layer {k} (batch starting at pair {start})")
+            if dtype == "float16" and float(states.abs().max()) > _FP16_MAX:
+                raise RegapError(f"layer {k} has activations beyond float16's range; raise FLOAT32_LIMIT_BYTES")
+            image_map[k, image_offset : image_offset + ni] = states[batch.image_mask.cpu()].numpy()
+            text_map[k, text_offset : text_offset + nt] = states[text_mask].numpy()
+        image_pairs[image_offset : image_offset + ni] = image_rows
+        text_pairs[text_offset : text_offset + nt] = text_rows
+        image_offset, text_offset = image_offset + ni, text_offset + nt
+    image_map.flush()
+    text_map.flush()
+    del image_map, text_map
+    return HiddenStates(folder, n_layers, width, image_pairs, text_pairs, len(pairs), dtype)

@@ -1,0 +1,248 @@
+"""Modality Integration Rate (MIR), following the reference protocol step by step.
+
+For each LLM layer k = 1..L (layer 0, the input embeddings, is skipped):
+
+1. alpha_k = 1 / mean L2 norm of the text tokens at layer k;
+2. scale BOTH modalities by alpha_k;
+3. in each modality separately, replace every token whose norm is more than
+   3 standard deviations from the MEDIAN norm by the coordinate-wise median token;
+4. FD_k = Fréchet distance between the Gaussian fits of the two clouds.
+
+MIR = log10(sum_k FD_k). Statistics follow the reference code exactly: the median
+is ``torch.median`` (the LOWER middle value for an even count, not numpy's average),
+the std is torch's default unbiased std (divide by N-1), and the coordinate-wise
+median is taken over all tokens, outliers included. One deliberate difference: the
+reference works in float32, here every step runs in ``dtype`` (float64 by default).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from regap.errors import RegapError
+from regap.gap.distances import (
+    DEFAULT_DTYPE,
+    check_tokens,
+    frechet_distance_from_stats,
+    gaussian_stats,
+    reference_fast_frechet_from_stats,
+    text_centric_scale,
+)
+
+MODES = ("exact", "reference-fast")
+
+Layers = Tensor | Sequence[Tensor]
+
+
+def norm_outlier_mask(tokens: Tensor, n_sigma: float = 3.0) -> Tensor:
+    """Boolean ``[..., N]``: |norm - median norm| > n_sigma * std(norms) (unbiased std)."""
+    norms = tokens.norm(dim=-1)
+    if norms.shape[-1] < 2:  # a std of one value is undefined; nothing is an outlier
+        return torch.zeros_like(norms, dtype=torch.bool)
+    median = norms.median(dim=-1, keepdim=True).values
+    std = norms.std(dim=-1, keepdim=True)
+    return (norms - median).abs() > n_sigma * std
+
+
+def replace_norm_outliers(tokens: Tensor, n_sigma: float = 3.0) -> Tensor:
+    """Copy of ``tokens [..., N, d]`` with norm outliers replaced by the coordinate-wise median.
+
+    Replacing (rather than dropping) keeps the token count, as in the reference. The
+    input is not modified.
+    """
+    return _replace_rows(tokens, norm_outlier_mask(tokens, n_sigma))
+
+
+def _replace_rows(tokens: Tensor, mask: Tensor) -> Tensor:
+    median_token = tokens.median(dim=-2, keepdim=True).values  # lower median, like torch.median
+    return torch.where(mask.unsqueeze(-1), median_token, tokens)
+
+
+@dataclass(frozen=True)
+class LayerGap:
+    """Per-layer MIR ingredients, all measured after scaling and outlier replacement.
+
+    ``centroid_gap`` is the ||mu_img - mu_txt||^2 term of ``fd`` (so
+    fd - centroid_gap is the covariance part).
+    """
+
+    layer: int
+    fd: float
+    centroid_gap: float
+    alpha: float
+    n_image_outliers: int
+    n_text_outliers: int
+    n_image_tokens: int
+    n_text_tokens: int
+
+
+@dataclass(frozen=True)
+class MIRResult:
+    """MIR over layers ``first_layer..``; ``mode`` says which FD formula produced it."""
+
+    mir: float
+    per_layer_fd: list[float]
+    per_layer_centroid_gap: list[float]
+    mode: str
+    ridge: float
+    n_sigma: float
+    layers: list[LayerGap] = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def as_layers(x: Layers, name: str) -> list[Tensor]:
+    """Per-layer list of ``[N, d]`` tensors from ``[L, N, d]`` or a sequence."""
+    if isinstance(x, Tensor):
+        if x.ndim != 3:
+            raise RegapError(
+                f"{name} must be [L, N, d] or a list of [N, d] tensors, got shape {tuple(x.shape)}"
+            )
+        layers = list(x.unbind(0))
+    else:
+        layers = list(x)
+    if not layers:
+        raise RegapError(f"no layers in {name}")
+    for i, t in enumerate(layers):
+        if isinstance(t, Tensor) and t.ndim != 2:
+            raise RegapError(f"{name}: layer entry {i} must be [N, d], got {tuple(t.shape)}")
+    return layers
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise RegapError(f"unknown MIR mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+@torch.no_grad()
+def layer_gap(
+    image_tokens: Tensor,
+    text_tokens: Tensor,
+    *,
+    layer: int,
+    mode: str = "exact",
+    ridge: float = 0.0,
+    n_sigma: float = 3.0,
+    dtype: torch.dtype = DEFAULT_DTYPE,
+) -> LayerGap:
+    """Steps 1-4 of the protocol for one layer's clouds ``[Nv, d]`` and ``[Nt, d]``."""
+    _check_mode(mode)
+    check_tokens(image_tokens, "image tokens", layer=layer, min_tokens=2)
+    check_tokens(text_tokens, "text tokens", layer=layer, min_tokens=2)
+    if image_tokens.shape[-1] != text_tokens.shape[-1]:
+        raise RegapError(
+            f"layer {layer}: image tokens have width {image_tokens.shape[-1]},"
+            f" text tokens {text_tokens.shape[-1]}"
+        )
+    img, txt = image_tokens.to(dtype), text_tokens.to(dtype)
+    alpha = text_centric_scale(txt)
+    img, txt = img * alpha, txt * alpha
+    img_mask, txt_mask = norm_outlier_mask(img, n_sigma), norm_outlier_mask(txt, n_sigma)
+    img, txt = _replace_rows(img, img_mask), _replace_rows(txt, txt_mask)
+    mu_t, cov_t = gaussian_stats(txt, dtype=dtype)
+    mu_i, cov_i = gaussian_stats(img, dtype=dtype)
+    # Text is the first argument: it is the side whose square root ReGap caches.
+    fd_fn = frechet_distance_from_stats if mode == "exact" else reference_fast_frechet_from_stats
+    try:
+        fd = fd_fn(mu_t, cov_t, mu_i, cov_i, ridge=ridge, dtype=dtype)
+    except RegapError as err:
+        raise RegapError(f"layer {layer}: {err}") from err
+    return LayerGap(
+        layer=layer,
+        fd=float(fd),
+        centroid_gap=float((mu_i - mu_t).square().sum()),
+        alpha=float(alpha),
+        n_image_outliers=int(img_mask.sum()),
+        n_text_outliers=int(txt_mask.sum()),
+        n_image_tokens=int(img.shape[-2]),
+        n_text_tokens=int(txt.shape[-2]),
+    )
+
+
+def mir_per_layer(
+    image_layers: Layers,
+    text_layers: Layers,
+    *,
+    mode: str = "exact",
+    ridge: float = 0.0,
+    n_sigma: float = 3.0,
+    dtype: torch.dtype = DEFAULT_DTYPE,
+    first_layer: int = 1,
+) -> list[LayerGap]:
+    """Per-layer FD and centroid gap for layers ``first_layer, first_layer+1, ...``.
+
+    Inputs are ``[L, N, d]`` tensors or lists of ``[N, d]`` tensors (token counts may
+    differ between modalities and layers). Layers are processed one at a time so
+    only one pair of d x d covariances is alive at once.
+    """
+    _check_mode(mode)
+    images, texts = as_layers(image_layers, "image tokens"), as_layers(text_layers, "text tokens")
+    if len(images) != len(texts):
+        raise RegapError(f"{len(images)} image layers but {len(texts)} text layers")
+    return [
+        layer_gap(i, t, layer=first_layer + k, mode=mode, ridge=ridge, n_sigma=n_sigma, dtype=dtype)
+        for k, (i, t) in enumerate(zip(images, texts))
+    ]
+
+
+def mir(
+    image_layers: Layers,
+    text_layers: Layers,
+    *,
+    mode: str = "exact",
+    ridge: float = 0.0,
+    n_sigma: float = 3.0,
+    dtype: torch.dtype = DEFAULT_DTYPE,
+    first_layer: int = 1,
+) -> MIRResult:
+    """MIR = log10(sum of per-layer FD) over the given layers (pass layers 1..L, not 0).
+
+    ``mode="reference-fast"`` reproduces the reference code's default numbers (see
+    ``reference_fast_frechet_from_stats``); its sum can be <= 0, which raises.
+    """
+    layers = mir_per_layer(
+        image_layers, text_layers, mode=mode, ridge=ridge, n_sigma=n_sigma, dtype=dtype,
+        first_layer=first_layer,
+    )
+    total = math.fsum(g.fd for g in layers)
+    if not total > 0:
+        hint = (
+            " (reference-fast values are not distances and can be negative)"
+            if mode == "reference-fast"
+            else " (the two modalities are identical to numerical precision)"
+        )
+        raise RegapError(f"sum of per-layer FD is {total:.6g}; log10 is undefined{hint}")
+    return MIRResult(
+        mir=math.log10(total),
+        per_layer_fd=[g.fd for g in layers],
+        per_layer_centroid_gap=[g.centroid_gap for g in layers],
+        mode=mode,
+        ridge=ridge,
+        n_sigma=n_sigma,
+        layers=layers,
+    )
+
+
+def layer_zero_report(
+    image_tokens: Tensor,
+    text_tokens: Tensor,
+    *,
+    mode: str = "exact",
+    ridge: float = 0.0,
+    n_sigma: float = 3.0,
+    dtype: torch.dtype = DEFAULT_DTYPE,
+) -> LayerGap:
+    """Layer-0 (LLM input embedding) values, reported apart because MIR excludes them.
+
+    Layer 0 shows the gap the projector hands to the LLM before any mixing; the
+    reference protocol leaves it out of the sum, so it must not be added to MIR.
+    """
+    return layer_gap(
+        image_tokens, text_tokens, layer=0, mode=mode, ridge=ridge, n_sigma=n_sigma, dtype=dtype
+    )

@@ -1,0 +1,102 @@
+"""Image-text pairs for gap measurement.
+
+Two protocols:
+* `reference` (MIR's): the image alone in the user turn and an unrelated text as the
+  assistant turn; text tokens are the positions after the image block;
+* `prompt` (safety): the image plus a request in the user turn, ready for generation.
+
+Images come from built-in sources (`scenes`: project-made synthetic scenes, `blank`,
+`noise`, `natural`, `typo`) or a user folder; texts from any request source spec
+(`starter-benign`, `advbench:PATH`, ...) or a plain text file (one text per line).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from regap.errors import RegapError
+from regap.images import load_image
+
+IMAGE_SOURCES = ("scenes", "blank", "noise", "natural", "typo")
+PROTOCOLS = ("reference", "prompt")
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class GapPair:
+    id: str
+    image: Image.Image
+    text: str
+    image_source: str
+
+
+def load_texts(spec: str, n: int) -> list[str]:
+    """Texts from a file of lines or a request source spec (first `n`, in order)."""
+    path = Path(spec)
+    if path.is_file() and path.suffix in (".txt", ".text"):
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts = lines[:n]
+    else:
+        from regap.safety.sources import load_requests
+
+        texts = [r.prompt for r in load_requests(spec, limit=n)]
+    if not texts:
+        raise RegapError(f"no texts in {spec}")
+    return texts
+
+
+def _folder_images(folder: Path, n: int) -> list[tuple[str, Image.Image]]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+    if not files:
+        raise RegapError(f"no image files in {folder}")
+    out, problems = [], []
+    for path in files:
+        if len(out) == n:
+            break
+        try:
+            out.append((str(path.relative_to(folder)), load_image(path)))
+        except RegapError as exc:  # one bad image is recorded, the rest go on
+            problems.append(str(exc))
+    if not out:
+        raise RegapError(f"no readable images in {folder}: {problems[:3]}")
+    return out
+
+
+def make_images(source: str, n: int, seed: int = 0, texts: list[str] | None = None, size: int = 336) -> list[tuple[str, Image.Image]]:
+    """`n` (id, image) items from a built-in source or a folder (cycled when it has fewer)."""
+    if Path(source).is_dir():
+        items = _folder_images(Path(source), n)
+    elif source == "scenes":
+        from regap.data.synth import item_rng, render_scene, sample_scene
+
+        items = [(f"scene-{i}", render_scene(sample_scene(item_rng(seed, i, "gap-probe")), size)) for i in range(n)]
+    elif source in ("blank", "noise", "natural", "typo"):
+        from regap.safety.conditions import get_condition
+
+        condition = get_condition(source)
+        texts = texts or [""] * n
+        items = [(f"{source}-{i}", condition.image_for(f"gap-{seed}-{i}", texts[i % len(texts)], {})) for i in range(n)]
+    else:
+        raise RegapError(f"unknown image source {source!r}; valid: {', '.join(IMAGE_SOURCES)} or a folder")
+    return [items[i % len(items)] for i in range(n)]
+
+
+def make_pairs(n: int, images: str = "scenes", texts: str = "starter-benign", seed: int = 0) -> list[GapPair]:
+    """`n` pairs; the i-th image goes with the i-th text (texts cycle if fewer than `n`)."""
+    if n < 2:
+        raise RegapError(f"need at least 2 pairs for a covariance, got {n}")
+    text_list = load_texts(texts, n)
+    text_list = [text_list[i % len(text_list)] for i in range(n)]
+    image_list = make_images(images, n, seed=seed, texts=text_list)
+    return [GapPair(f"{image_id}|{i}", image, text, images) for i, ((image_id, image), text) in enumerate(zip(image_list, text_list))]
+
+
+def conversation(pair: GapPair, protocol: str) -> list[dict[str, str]]:
+    if protocol == "reference":
+        return [{"role": "user", "content": "<image>\n"}, {"role": "assistant", "content": pair.text}]
+    if protocol == "prompt":
+        return [{"role": "user", "content": "<image>\n" + pair.text}]
+    raise RegapError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")

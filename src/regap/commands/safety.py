@@ -1,0 +1,81 @@
+"""`regap safety`: unsafe / refusal / off-topic rates under attack conditions, resumable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from regap.errors import RegapError
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def safety_command(
+    model: str = typer.Option("tiny", "--model", "-m", help="Preset, regap model folder or HF LLaVA checkpoint."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (results.jsonl, summary.json, unsafe_rate.png)."),
+    prompts: str = typer.Option("starter-harmful", "--prompts", help="Comma-separated request sources: NAME or NAME:PATH."),
+    conditions: str = typer.Option("text,blank,noise,natural,typo", "--conditions", help="Comma-separated attack conditions."),
+    judge: str = typer.Option("keyword", "--judge", help="Comma-separated judges."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="First N requests of each source."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    dtype: str = typer.Option("float32", "--dtype"),
+    projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint to load into the model."),
+    defense: Optional[str] = typer.Option(None, "--defense", help="Comma-separated inference-time defenses."),
+    seed: int = typer.Option(0, "--seed"),
+    compare: Optional[list[Path]] = typer.Option(None, "--compare", help="Two run folders to compare (give twice): paired test."),
+    compare_judge: Optional[str] = typer.Option(None, "--compare-judge", help="Judge used for --compare (default: the first)."),
+) -> None:
+    """Evaluate safety under text-only, blank, noise, natural and typographic images (or compare two runs)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if compare:
+        if len(compare) != 2:
+            raise RegapError("--compare needs exactly two run folders (give --compare twice)")
+        from regap.safety.summary import compare_runs
+
+        results = compare_runs(compare[0], compare[1], judge=compare_judge)
+        table = Table(title=f"paired comparison: B={compare[1]} vs A={compare[0]}")
+        for column in ("condition", "n", "unsafe A", "unsafe B", "B-A [95% CI]", "McNemar p"):
+            table.add_column(column)
+        for row in results:
+            diff = row["difference_b_minus_a"]
+            table.add_row(row["condition"], str(row["n"]), f"{row['rate_a']:.3f}", f"{row['rate_b']:.3f}",
+                          f"{diff['difference']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]",
+                          f"{row['mcnemar']['p_value']:.3g}")
+        console.print(table)
+        typer.echo(json.dumps(results, indent=2, default=float))
+        return
+    if out is None:
+        raise RegapError("--out is required (unless --compare)")
+    if projector is not None and not projector.is_file():
+        raise RegapError(f"--projector: projector checkpoint not found: {projector}")
+    from regap.safety.runner import SafetyRun, run_safety
+
+    run = SafetyRun(model=model, out=out, prompts=_split(prompts), conditions=_split(conditions),
+                    judges=_split(judge), limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    dtype=dtype, projector=str(projector) if projector else None, seed=seed,
+                    defenses=_split(defense) if defense else [])
+    summary = run_safety(run)
+    for judge_name, entry in summary["judges"].items():
+        table = Table(title=f"{model}: judge {judge_name}")
+        for column in ("condition", "n", "unsafe [95% CI]", "refused", "off-topic"):
+            table.add_column(column)
+        for row in entry.get("by_condition", []):
+            unsafe = row["unsafe"]
+            table.add_row(row["condition"], str(unsafe["n"]),
+                          f"{unsafe['rate']:.3f} [{unsafe['ci'][0]:.3f}, {unsafe['ci'][1]:.3f}]",
+                          f"{row['refused']['rate']:.3f}", f"{row['off_topic']['rate']:.3f}")
+        console.print(table)
+    typer.echo(f"wrote {out / 'results.jsonl'}, {out / 'summary.json'}, {out / 'unsafe_rate.png'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("safety")(safety_command)

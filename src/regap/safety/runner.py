@@ -1,0 +1,220 @@
+"""The resumable safety evaluation: requests x attack conditions -> responses -> verdicts.
+
+Generations are cached in `OUT/generations.jsonl`, keyed by (model fingerprint, condition,
+request, decoding settings), and verdicts in `OUT/verdicts.jsonl`, keyed by (generation,
+judge, judge prompt hash). An interrupted run therefore resumes without redoing or
+duplicating items, and adding a judge later judges the cached responses only.
+`OUT/results.jsonl` and `OUT/summary.json` are rebuilt from the caches at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from regap.errors import RegapError
+from regap.provenance import json_hash, provenance
+from regap.safety.store import JsonlStore, write_json_atomic, write_jsonl_atomic
+
+
+@dataclass
+class SafetyRun:
+    """What to evaluate. `prompts` are request-source specs (`starter-harmful`, `advbench:PATH`, ...)."""
+
+    model: str
+    out: Path
+    prompts: list[str] = field(default_factory=lambda: ["starter-harmful"])
+    conditions: list[str] = field(default_factory=lambda: ["text", "blank", "noise", "natural", "typo"])
+    judges: list[str] = field(default_factory=lambda: ["keyword"])
+    limit: int | None = None
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    dtype: str = "float32"
+    projector: str | None = None
+    seed: int = 0
+    defenses: list[str] = field(default_factory=list)
+
+
+def model_fingerprint(model: Any) -> str:
+    """Config + projector weights + dtype: what decides a response besides the inputs."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.projector.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    digest.update(str(model.dtype).encode())
+    return digest.hexdigest()[:16]
+
+
+def _load_all_requests(specs: list[str], limit: int | None, out: Path) -> list[Any]:
+    from regap.safety.sources import load_requests_with_report
+
+    requests, reports = [], {}
+    for spec in specs:
+        items, report = load_requests_with_report(spec, limit=limit)
+        requests.extend(items)
+        reports[spec] = report.summary() if hasattr(report, "summary") else str(report)
+    seen: set[tuple[str, str]] = set()
+    for request in requests:
+        key = (request.source, request.id)
+        if key in seen:
+            raise RegapError(f"request {request.id!r} of source {request.source!r} appears twice in --prompts")
+        seen.add(key)
+    write_json_atomic(out / "data_report.json", reports)
+    if not requests:
+        raise RegapError(f"no requests loaded from {', '.join(specs)}")
+    return requests
+
+
+def _condition_inputs(condition: Any, request: Any) -> tuple[str, Any, dict[str, Any]]:
+    """The text, image and per-item details this condition gives this request."""
+    from regap.images import load_image
+
+    extra = dict(request.extra)
+    text = condition.text_prompt(request.prompt, extra)
+    if condition.kind == "benchmark":
+        path = request.resolved_image()
+        if path is None:
+            raise RegapError(f"request {request.id} has no benchmark image")
+        return text, load_image(path), {"image": request.image}
+    image = condition.image_for(request.id, request.prompt, extra) if condition.needs_image else None
+    return text, image, condition.details(request.id, request.prompt, extra)
+
+
+def generate_missing(run: SafetyRun, model: Any, requests: list[Any], store: JsonlStore, progress: bool = True) -> None:
+    """Generate every (condition, request) response not yet in the cache, batch by batch."""
+    from regap.models import DecodingSettings
+    from regap.safety.conditions import get_condition
+
+    settings = DecodingSettings(max_new_tokens=run.max_new_tokens, batch_size=run.batch_size, seed=run.seed)
+    decoding_hash = json_hash(settings.to_dict())
+    fingerprint = model_fingerprint(model)
+    defenses = _build_defenses(run.defenses)
+    todo: list[tuple[str, Any, Any, str]] = []
+    for name in run.conditions:
+        condition = get_condition(name)
+        condition_hash = json_hash(condition.describe())
+        for request in requests:
+            key = json_hash([fingerprint, condition_hash, request.source, request.id, decoding_hash,
+                             [d.describe() for d in defenses]])
+            if key not in store:
+                todo.append((name, condition, request, key))
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="generate", unit="item")
+    for start in range(0, len(todo), run.batch_size):
+        chunk = todo[start : start + run.batch_size]
+        ready, rows = [], []
+        for name, condition, request, key in chunk:
+            base = {"key": key, "model_fingerprint": fingerprint, "condition": name, "request_id": request.id,
+                    "source": request.source, "category": request.category, "label": request.label,
+                    "prompt": request.prompt, "decoding_hash": decoding_hash}
+            try:
+                text, image, details = _condition_inputs(condition, request)
+            except RegapError as exc:  # one bad item (e.g. a missing image) is recorded, the run goes on
+                rows.append({**base, "response": None, "error": str(exc)})
+                continue
+            for defense in defenses:
+                text = defense.rewrite_prompt(text, image)
+            ready.append((base, text, image, details))
+        if ready:
+            result = model.generate_detailed([r[1] for r in ready], [r[2] for r in ready], settings)
+            for (base, text, _image, details), response, tokens in zip(ready, result.texts, result.new_tokens):
+                rows.append({**base, "prompt_sent": text, "condition_details": details, "response": response,
+                             "new_tokens": tokens, "error": None})
+        store.add(rows)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+
+
+def _build_defenses(names: list[str]) -> list[Any]:
+    if not names:
+        return []
+    from regap.defenses import get_defense  # noqa: PLC0415  (optional module)
+
+    return [get_defense(name) for name in names]
+
+
+def judge_missing(judge_names: list[str], generations: JsonlStore, verdicts: JsonlStore) -> dict[str, Any]:
+    """Judge every cached response each judge has not judged yet; returns the judges' descriptions."""
+    from regap.safety.judges import JudgeInput, get_judge
+
+    described = {}
+    for name in judge_names:
+        judge = get_judge(name)
+        described[name] = judge.describe()
+        todo = []
+        for row in generations.rows():
+            if row.get("response") is None:
+                continue
+            key = json_hash([row["key"], name, judge.prompt_hash])
+            if key not in verdicts:
+                todo.append((key, row))
+        for start in range(0, len(todo), 64):
+            chunk = todo[start : start + 64]
+            items = [JudgeInput(prompt=row["prompt"], response=row["response"], category=row["category"]) for _, row in chunk]
+            results = judge.judge_batch(items)
+            verdicts.add({"key": key, "generation": row["key"], "judge": name, "prompt_hash": judge.prompt_hash,
+                          **{f"verdict_{k}": v for k, v in verdict.to_dict().items()}}
+                         for (key, row), verdict in zip(chunk, results))
+    return described
+
+
+def assemble_results(generations: JsonlStore, verdicts: JsonlStore, judges: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per request x condition with every judge's verdict."""
+    by_generation: dict[str, dict[str, Any]] = {}
+    for verdict in verdicts.rows():
+        name = verdict["judge"]
+        if name in judges and verdict["prompt_hash"] == judges[name]["prompt_hash"]:
+            by_generation.setdefault(verdict["generation"], {})[name] = {
+                k[len("verdict_"):]: v for k, v in verdict.items() if k.startswith("verdict_")}
+    rows = []
+    for row in generations.rows():
+        rows.append({**row, "verdicts": by_generation.get(row["key"], {})})
+    rows.sort(key=lambda r: (r["condition"], r["source"], r["request_id"]))
+    return rows
+
+
+def run_safety(run: SafetyRun, progress: bool = True) -> dict[str, Any]:
+    """Generate, judge and summarise; safe to interrupt and rerun."""
+    from regap.models import load_model, load_projector
+    from regap.safety.conditions import get_condition
+    from regap.safety.summary import plot_unsafe_rates, summarise
+
+    run.out.mkdir(parents=True, exist_ok=True)
+    for name in run.conditions:  # fail on unknown names before any work
+        get_condition(name)
+    from regap.safety.judges import get_judge
+
+    for name in run.judges:
+        get_judge(name)
+    requests = _load_all_requests(run.prompts, run.limit, run.out)
+    generations = JsonlStore(run.out / "generations.jsonl")
+    verdicts = JsonlStore(run.out / "verdicts.jsonl")
+    model = load_model(run.model, dtype=run.dtype)
+    if run.projector:
+        load_projector(model, run.projector)
+    generate_missing(run, model, requests, generations, progress=progress)
+    judges = judge_missing(run.judges, generations, verdicts)
+    wanted = {(r.source, r.id) for r in requests}
+    rows = [r for r in assemble_results(generations, verdicts, judges)
+            if (r["source"], r["request_id"]) in wanted and r["condition"] in run.conditions
+            and r["model_fingerprint"] == model_fingerprint(model)]
+    record = provenance(
+        model=run.model, model_config=model.config.to_dict(), model_fingerprint=model_fingerprint(model),
+        projector=run.projector, prompts=run.prompts, limit=run.limit,
+        conditions={name: get_condition(name).describe() for name in run.conditions},
+        judges=judges, decoding={"max_new_tokens": run.max_new_tokens, "batch_size": run.batch_size,
+                                 "greedy": True, "seed": run.seed}, dtype=run.dtype, defenses=run.defenses,
+    )
+    write_jsonl_atomic(run.out / "results.jsonl", ({**r, "provenance": "summary.json#provenance"} for r in rows))
+    summary = summarise(rows, list(judges), record)
+    write_json_atomic(run.out / "summary.json", summary)
+    plot_unsafe_rates(summary, run.out / "unsafe_rate.png")
+    return summary

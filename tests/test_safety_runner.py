@@ -1,0 +1,125 @@
+"""`regap safety`: outputs, resume after a kill, bad items recorded, paired comparison."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from regap.cli import main
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    from regap.models import save_model
+    from regap.models.random_tiny import tiny_random_lvlm
+
+    return str(save_model(tiny_random_lvlm(), tmp_path_factory.mktemp("m") / "model", include_backbones=True))
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_outputs_and_rates(saved_model, tmp_path):
+    out = tmp_path / "run"
+    assert main(["safety", "--model", saved_model, "--out", str(out), "--limit", "5", "--max-new-tokens", "4",
+                 "--conditions", "text,blank,typo", "--prompts", "starter-harmful,starter-benign"]) == 0
+    rows = _lines(out / "results.jsonl")
+    assert len(rows) == 3 * 10
+    assert {r["condition"] for r in rows} == {"text", "blank", "typo"}
+    typo = next(r for r in rows if r["condition"] == "typo")
+    assert typo["prompt_sent"].startswith("The image shows a list numbered 1, 2, and 3")
+    assert all("keyword" in r["verdicts"] for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    by_condition = summary["judges"]["keyword"]["by_condition"]
+    assert {r["condition"] for r in by_condition} == {"text", "blank", "typo"}
+    for row in by_condition:
+        low, high = row["unsafe"]["ci"]
+        assert low <= row["unsafe"]["rate"] <= high and row["unsafe"]["n"] == 5
+    assert len(summary["judges"]["keyword"]["over_refusal"]) == 3
+    assert summary["provenance"]["judges"]["keyword"]["prompt_hash"]
+    assert (out / "unsafe_rate.png").stat().st_size > 1000
+
+
+def test_kill_and_resume_loses_and_duplicates_nothing(saved_model, tmp_path):
+    out = tmp_path / "resume"
+    command = [sys.executable, "-m", "regap.cli", "safety", "--model", saved_model, "--out", str(out), "--limit", "30",
+               "--batch-size", "2", "--max-new-tokens", "8", "--conditions", "text,blank"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    generations = out / "generations.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if generations.exists() and len(generations.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = len([l for l in generations.read_text().splitlines() if l.endswith("}")])
+    assert 0 < done_before < 60, "the run should have been interrupted part-way"
+    assert main(command[3:]) == 0
+    keys = [row["key"] for row in _lines(generations)]
+    assert len(keys) == len(set(keys)) == 60
+    assert len(_lines(out / "results.jsonl")) == 60
+
+
+def test_truncated_last_line_is_repaired(tmp_path):
+    from regap.safety.store import JsonlStore
+
+    path = tmp_path / "g.jsonl"
+    path.write_text('{"key": "a", "v": 1}\n{"key": "b", "v"')
+    store = JsonlStore(path)
+    assert len(store) == 1 and "a" in store
+    store.add([{"key": "b", "v": 2}])
+    assert [r["key"] for r in _lines(path)] == ["a", "b"]
+
+
+def test_missing_benchmark_images_are_recorded_and_skipped(saved_model, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "mmsb"
+    (root / "processed_questions").mkdir(parents=True)
+    questions = {str(i): {"Question": f"How to do bad thing {i}?", "Changed Question": "q", "Key Phrase": "bad thing",
+                          "Phrase Type": "activity", "Rephrased Question": f"The image shows an activity {i}. How?",
+                          "Rephrased Question(SD)": "q"} for i in range(3)}
+    (root / "processed_questions" / "01-Illegal_Activitiy.json").write_text(json.dumps(questions))
+    images = root / "imgs" / "01-Illegal_Activitiy" / "SD_TYPO"
+    images.mkdir(parents=True)
+    for i in (0, 1):
+        Image.new("RGB", (40, 40), "white").save(images / f"{i}.jpg")
+    (images / "1.jpg").write_bytes(b"corrupt")  # present but unreadable
+    out = tmp_path / "run"
+    assert main(["safety", "--model", saved_model, "--out", str(out), "--prompts", f"mmsafetybench:{root}",
+                 "--conditions", "benchmark", "--max-new-tokens", "3"]) == 0
+    rows = _lines(out / "results.jsonl")
+    assert len(rows) == 2  # image 2 missing: skipped by the loader and reported
+    assert "missing" in (out / "data_report.json").read_text().lower() or "2" in (out / "data_report.json").read_text()
+    corrupt = [r for r in rows if r["error"]]
+    assert len(corrupt) == 1 and "1.jpg" in corrupt[0]["error"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["generation_errors"] == 1
+
+
+def test_paired_comparison(saved_model, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        assert main(["safety", "--model", saved_model, "--out", str(out), "--limit", "6", "--max-new-tokens", "3",
+                     "--conditions", "text"]) == 0
+    capsys.readouterr()
+    assert main(["safety", "--compare", str(a), "--compare", str(b)]) == 0
+    text = capsys.readouterr().out
+    payload = json.loads(text[text.index("[\n  {"):])
+    assert payload[0]["n"] == 6 and payload[0]["difference_b_minus_a"]["difference"] == 0.0
+    assert payload[0]["mcnemar"]["p_value"] == 1.0
+
+
+def test_unknown_condition_fails_before_work(tmp_path, capsys):
+    assert main(["safety", "--model", "tiny", "--out", str(tmp_path), "--conditions", "text,sepia"]) == 2
+    assert "sepia" in capsys.readouterr().err

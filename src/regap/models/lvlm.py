@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -165,6 +165,19 @@ class LVLM(nn.Module):
         """Batched generation; see `generate_detailed` (this returns the texts only)."""
         return self.generate_detailed(*args, **kwargs).texts
 
+    @staticmethod
+    def prepare_conversations(
+        prompts: Sequence[str | Conversation], images: Sequence[Sequence[Image.Image] | Image.Image | None],
+    ) -> tuple[list[Conversation], list[list[Image.Image]]]:
+        """Strings become one user turn; images without a marker go before the user's text."""
+        conversations, image_lists = [], []
+        for prompt, image in zip(prompts, images):
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            listed = [] if image is None else ([image] if isinstance(image, Image.Image) else list(image))
+            conversations.append(with_image_marker(messages, len(listed)))
+            image_lists.append(listed)
+        return conversations, image_lists
+
     @torch.no_grad()
     def generate_detailed(
         self,
@@ -174,22 +187,20 @@ class LVLM(nn.Module):
         *,
         template: str | None = None,
         progress: bool = False,
+        logits_processor_factory: Callable[[list[int]], Any] | None = None,
     ) -> "GenerationResult":
         """Batched generation with left padding; greedy unless `settings` say otherwise.
 
         A prompt may be a plain string (one user turn) or a list of chat messages. An image
         given without an `<image>` marker is placed before the user's text (LLaVA convention).
+        `logits_processor_factory(indices)` may return extra logits processors for the batch
+        holding those prompt indices (decoding-time defenses use it).
         """
         settings = settings or DecodingSettings()
         images = images if images is not None else [None] * len(prompts)
         if len(images) != len(prompts):
             raise RegapError(f"{len(prompts)} prompts but {len(images)} image entries")
-        conversations, image_lists = [], []
-        for prompt, image in zip(prompts, images):
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-            listed = [] if image is None else ([image] if isinstance(image, Image.Image) else list(image))
-            conversations.append(with_image_marker(messages, len(listed)))
-            image_lists.append(listed)
+        conversations, image_lists = self.prepare_conversations(prompts, images)
         order = sorted(range(len(prompts)), key=lambda i: -len(str(conversations[i])))  # similar lengths together
         outputs: list[str] = [""] * len(prompts)
         new_tokens: list[int] = [0] * len(prompts)
@@ -209,9 +220,14 @@ class LVLM(nn.Module):
                 template=template, add_generation_prompt=True, padding_side="left",
             )
             embeds = self.embed(batch)
+            extra = {}
+            if logits_processor_factory is not None:
+                from transformers import LogitsProcessorList
+
+                extra["logits_processor"] = LogitsProcessorList(logits_processor_factory(chunk))
             generated = self.llm.generate(
                 inputs_embeds=embeds, attention_mask=batch.attention_mask.to(self.device),
-                generation_config=generation_config,
+                generation_config=generation_config, **extra,
             )
             texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
             for row, (index, text) in enumerate(zip(chunk, texts)):

@@ -92,6 +92,9 @@ def generate_missing(run: SafetyRun, model: Any, requests: list[Any], store: Jso
     decoding_hash = json_hash(settings.to_dict())
     fingerprint = model_fingerprint(model)
     defenses = _build_defenses(run.defenses)
+    from regap.defenses import build_generate
+
+    generate = build_generate(model, defenses)
     todo: list[tuple[str, Any, Any, str]] = []
     for name in run.conditions:
         condition = get_condition(name)
@@ -118,14 +121,14 @@ def generate_missing(run: SafetyRun, model: Any, requests: list[Any], store: Jso
             except RegapError as exc:  # one bad item (e.g. a missing image) is recorded, the run goes on
                 rows.append({**base, "response": None, "error": str(exc)})
                 continue
-            for defense in defenses:
-                text = defense.rewrite_prompt(text, image)
             ready.append((base, text, image, details))
         if ready:
-            result = model.generate_detailed([r[1] for r in ready], [r[2] for r in ready], settings)
-            for (base, text, _image, details), response, tokens in zip(ready, result.texts, result.new_tokens):
+            result = generate([r[1] for r in ready], [r[2] for r in ready], settings)
+            for (base, text, _image, details), response, tokens, defended in zip(
+                    ready, result.texts, result.new_tokens, result.details):
                 rows.append({**base, "prompt_sent": text, "condition_details": details, "response": response,
-                             "new_tokens": tokens, "error": None})
+                             "new_tokens": tokens, "defense_details": defended,
+                             "generation_calls": result.generation_calls, "error": None})
         store.add(rows)
         if bar is not None:
             bar.update(len(chunk))
@@ -134,9 +137,7 @@ def generate_missing(run: SafetyRun, model: Any, requests: list[Any], store: Jso
 
 
 def _build_defenses(names: list[str]) -> list[Any]:
-    if not names:
-        return []
-    from regap.defenses import get_defense  # noqa: PLC0415  (optional module)
+    from regap.defenses import get_defense
 
     return [get_defense(name) for name in names]
 
@@ -194,6 +195,7 @@ def run_safety(run: SafetyRun, progress: bool = True) -> dict[str, Any]:
 
     for name in run.judges:
         get_judge(name)
+    defenses = _build_defenses(run.defenses)
     requests = _load_all_requests(run.prompts, run.limit, run.out)
     generations = JsonlStore(run.out / "generations.jsonl")
     verdicts = JsonlStore(run.out / "verdicts.jsonl")
@@ -211,7 +213,7 @@ def run_safety(run: SafetyRun, progress: bool = True) -> dict[str, Any]:
         projector=run.projector, prompts=run.prompts, limit=run.limit,
         conditions={name: get_condition(name).describe() for name in run.conditions},
         judges=judges, decoding={"max_new_tokens": run.max_new_tokens, "batch_size": run.batch_size,
-                                 "greedy": True, "seed": run.seed}, dtype=run.dtype, defenses=run.defenses,
+                                 "greedy": True, "seed": run.seed}, dtype=run.dtype, defenses=[d.describe() for d in defenses],
     )
     write_jsonl_atomic(run.out / "results.jsonl", ({**r, "provenance": "summary.json#provenance"} for r in rows))
     summary = summarise(rows, list(judges), record)

@@ -1,0 +1,1 @@
+"""Analysis across runs: gap-safety correlation, the report."""

@@ -35,9 +35,9 @@ def _root(
 
 
 def _register_commands() -> None:
-    from regap.commands import correlate, data, gap, judge_validate, models, safety
+    from regap.commands import correlate, data, gap, judge_validate, models, report, safety
 
-    for module in (models, gap, safety, correlate, data, judge_validate):
+    for module in (models, gap, safety, correlate, report, data, judge_validate):
         module.register(app)
 
 

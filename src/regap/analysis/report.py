@@ -1,0 +1,229 @@
+"""`regap report RUN_DIR`: report.md and a self-contained report.html from a run's files only.
+
+Every section reads its own files; a missing file is named in the report (and returned),
+and the other sections still render. Images are inlined into the HTML as data URIs, so the
+page references no external resource.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from regap.errors import RegapError
+
+
+@dataclass
+class ReportBuilder:
+    root: Path
+    lines: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+
+    # ---- reading ---------------------------------------------------------------------------
+    def load(self, relative: str) -> Any | None:
+        path = self.root / relative
+        if not path.exists():
+            self.missing.append(relative)
+            return None
+        try:
+            if path.suffix == ".jsonl":
+                return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            self.missing.append(f"{relative} (unreadable: line {exc.lineno}: {exc.msg})")
+            return None
+
+    def figure(self, relative: str, caption: str) -> None:
+        path = self.root / relative
+        if not path.exists():
+            self.missing.append(relative)
+            self.lines.append(f"*Figure missing: `{relative}`.*\n")
+            return
+        self.figures.append(path)
+        self.lines.append(f"![{caption}]({relative})\n")
+
+    def variants(self) -> list[str]:
+        folder = self.root / "eval"
+        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+    # ---- writing helpers ---------------------------------------------------------------------
+    def heading(self, text: str) -> None:
+        self.lines.append(f"\n## {text}\n")
+
+    def table(self, header: list[str], rows: list[list[Any]]) -> None:
+        self.lines.append("| " + " | ".join(header) + " |")
+        self.lines.append("|" + "---|" * len(header))
+        for row in rows:
+            self.lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+        self.lines.append("")
+
+    def note(self, text: str) -> None:
+        self.lines.append(text + "\n")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+        return f"[{value[0]:.3f}, {value[1]:.3f}]"
+    return str(value).replace("|", "\\|")
+
+
+def _setup(b: ReportBuilder) -> None:
+    b.heading("Setup and provenance")
+    summary = b.load("summary.json")
+    if summary is None:
+        b.note("`summary.json` is missing: setup unknown.")
+        return
+    setup = summary.get("setup", {})
+    rows = [[key, json.dumps(value) if isinstance(value, (dict, list)) else value] for key, value in setup.items()]
+    b.table(["item", "value"], rows)
+    if summary.get("notes"):
+        for note in summary["notes"]:
+            b.note(f"- {note}")
+
+
+def _training(b: ReportBuilder) -> None:
+    b.heading("Training")
+    b.figure("training_curves.png", "captioning loss and layer-0 gap during stage-1 training")
+
+
+def _gap(b: ReportBuilder) -> None:
+    b.heading("Modality gap")
+    rows = []
+    for variant in b.variants():
+        gap = b.load(f"eval/{variant}/gap/gap.json")
+        if gap:
+            rows.append([variant, gap.get("mir"), gap.get("mir_ci") or "-", gap.get("layer0_gap"), gap.get("n_pairs")])
+    if rows:
+        b.table(["model", "MIR", "MIR 95% CI", "layer-0 gap", "pairs"], rows)
+    b.figure("gap_compare/gap_layers.png", "per-layer gap, plain vs ReGap")
+    attack = []
+    for variant in b.variants():
+        gap = b.load(f"eval/{variant}/gap_attack/gap.json")
+        if gap:
+            attack.append([variant, gap.get("mir"), gap.get("mir_ci") or "-", gap.get("layer0_gap")])
+    if attack:
+        b.note("Gap measured on the attack inputs themselves (harmful requests with the attack images):")
+        b.table(["model", "MIR", "MIR 95% CI", "layer-0 gap"], attack)
+
+
+def _safety(b: ReportBuilder) -> None:
+    b.heading("Safety: unsafe rate per condition")
+    for variant in b.variants():
+        summary = b.load(f"eval/{variant}/safety/summary.json")
+        if not summary:
+            continue
+        for judge, entry in summary.get("judges", {}).items():
+            rows = [[r["condition"], r["unsafe"]["rate"], r["unsafe"]["ci"], r["refused"]["rate"], r["off_topic"]["rate"],
+                     r["unsafe"]["n"]] for r in entry.get("by_condition", [])]
+            b.note(f"**{variant}**, judge `{judge}`")
+            b.table(["condition", "unsafe", "95% CI", "refused", "off-topic", "n"], rows)
+    b.figure("safety_conditions.png", "unsafe rate per condition and model (95% Wilson intervals)")
+    comparison = b.load("comparison.json")
+    if comparison:
+        b.note("**Paired comparison, ReGap minus plain** (same requests and images; Newcombe interval, exact McNemar):")
+        b.table(["condition", "n", "plain", "ReGap", "difference [95% CI]", "McNemar p"],
+                [[r["condition"], r["n"], r["rate_a"], r["rate_b"],
+                  f"{r['difference_b_minus_a']['difference']:+.3f} [{r['difference_b_minus_a']['ci_low']:+.3f}, "
+                  f"{r['difference_b_minus_a']['ci_high']:+.3f}]", f"{r['mcnemar']['p_value']:.3g}"] for r in comparison])
+
+
+def _correlation(b: ReportBuilder) -> None:
+    b.heading("Gap vs safety across checkpoints and lambda values")
+    result = b.load("correlate/correlation.json")
+    if result:
+        b.note(f"Pearson r = {result['pearson']['r']:.3f} (95% CI {_cell(result['pearson']['ci'])}, "
+               f"p = {result['pearson']['p_value']:.3g}); Spearman rho = {result['spearman']['rho']:.3f} "
+               f"(95% CI {_cell(result['spearman']['ci'])}) over {result['n_points']} runs.")
+        b.table(["run", "MIR", "layer-0 gap", "unsafe rate (image conditions)"],
+                [[p["label"], p["mir"], p["layer0_gap"], p["unsafe_rate"]] for p in result["points"]])
+    b.figure("correlate/correlation.png", "MIR vs unsafe rate")
+
+
+def _defenses(b: ReportBuilder) -> None:
+    b.heading("Defense stack")
+    rows = []
+    for variant in b.variants():
+        for name in sorted(p.name for p in (b.root / "eval" / variant).glob("safety-*")):
+            summary = b.load(f"eval/{variant}/{name}/summary.json")
+            base = b.load(f"eval/{variant}/safety/summary.json")
+            if not summary or not base:
+                continue
+            judge = next(iter(summary["judges"]))
+            before = {r["condition"]: r["unsafe"]["rate"] for r in base["judges"][judge].get("by_condition", [])}
+            for r in summary["judges"][judge].get("by_condition", []):
+                over = {o["condition"]: o["rate"] for o in summary["judges"][judge].get("over_refusal", [])}
+                rows.append([variant, name.removeprefix("safety-"), r["condition"], before.get(r["condition"], "-"),
+                             r["unsafe"]["rate"], over.get(r["condition"], "-")])
+    if rows:
+        b.table(["model", "defense", "condition", "unsafe without", "unsafe with", "over-refusal with"], rows)
+    else:
+        b.note("No defense runs found (`eval/*/safety-*/summary.json`).")
+
+
+def _utility(b: ReportBuilder) -> None:
+    b.heading("Utility")
+    rows = []
+    for variant in b.variants():
+        utility = b.load(f"eval/{variant}/utility/utility.json")
+        if utility:
+            for task, entry in utility.get("tasks", {}).items():
+                rows.append([variant, task, entry.get("score"), entry.get("ci", "-"), entry.get("n")])
+    if rows:
+        b.table(["model", "task", "score", "95% CI", "n"], rows)
+
+
+def _judge(b: ReportBuilder) -> None:
+    b.heading("Judge validation")
+    result = b.load("judge_validation.json")
+    if result:
+        overall = result.get("overall", result)
+        b.table(["metric", "value"], [[k, v] for k, v in overall.items() if isinstance(v, (int, float))])
+
+
+SECTIONS = (_setup, _training, _gap, _safety, _correlation, _defenses, _utility, _judge)
+
+
+def build_report(root: str | Path) -> dict[str, Any]:
+    """Write `report.md` and `report.html` into `root`; returns what was missing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise RegapError(f"run folder not found: {root}")
+    builder = ReportBuilder(root)
+    builder.lines.append(f"# regap report: `{root.name}`\n")
+    for section in SECTIONS:
+        section(builder)
+    missing = sorted(set(builder.missing))
+    if missing:
+        builder.heading("Missing files")
+        builder.note("These files were not found; the sections above that need them are incomplete:")
+        for item in missing:
+            builder.note(f"- `{item}`")
+    markdown_text = "\n".join(builder.lines)
+    (root / "report.md").write_text(markdown_text)
+    (root / "report.html").write_text(_html(markdown_text, root, builder.root.name))
+    return {"missing": missing, "figures": [str(p.relative_to(root)) for p in builder.figures]}
+
+
+def _html(markdown_text: str, root: Path, title: str) -> str:
+    """Render the markdown with markdown-it (tables on) and inline every image."""
+    from markdown_it import MarkdownIt
+
+    renderer = MarkdownIt("commonmark").enable("table")
+    body = renderer.render(markdown_text)
+    for figure in sorted({p for p in root.rglob("*.png")}, key=lambda p: -len(str(p))):
+        relative = str(figure.relative_to(root))
+        if f'src="{relative}"' in body:
+            data = base64.b64encode(figure.read_bytes()).decode("ascii")
+            body = body.replace(f'src="{relative}"', f'src="data:image/png;base64,{data}"')
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:14px}"
+             "img{max-width:100%}code{background:#f4f4f4}")
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>regap report: {html.escape(title)}"
+            f"</title><style>{style}</style></head><body>\n{body}</body></html>\n")

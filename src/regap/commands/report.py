@@ -1,0 +1,21 @@
+"""`regap report RUN_DIR`: the run's report as Markdown and self-contained HTML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def report_command(run_dir: Path = typer.Argument(..., help="A run folder (e.g. from `regap demo`).")) -> None:
+    """Build report.md and report.html from the run's files; missing files are named, the rest renders."""
+    from regap.analysis.report import build_report
+
+    result = build_report(run_dir)
+    for item in result["missing"]:
+        typer.echo(f"missing: {run_dir / item}", err=True)
+    typer.echo(f"wrote {run_dir / 'report.html'} and {run_dir / 'report.md'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("report")(report_command)

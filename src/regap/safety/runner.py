@@ -9,13 +9,12 @@ duplicating items, and adding a judge later judges the cached responses only.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from regap.errors import RegapError
+from regap.models.fingerprint import model_fingerprint
 from regap.provenance import json_hash, provenance
 from regap.safety.store import JsonlStore, write_json_atomic, write_jsonl_atomic
 
@@ -36,16 +35,6 @@ class SafetyRun:
     projector: str | None = None
     seed: int = 0
     defenses: list[str] = field(default_factory=list)
-
-
-def model_fingerprint(model: Any) -> str:
-    """Config + projector weights + dtype: what decides a response besides the inputs."""
-    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.projector.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    digest.update(str(model.dtype).encode())
-    return digest.hexdigest()[:16]
 
 
 def _load_all_requests(specs: list[str], limit: int | None, out: Path) -> list[Any]:
@@ -205,11 +194,12 @@ def run_safety(run: SafetyRun, progress: bool = True) -> dict[str, Any]:
     generate_missing(run, model, requests, generations, progress=progress)
     judges = judge_missing(run.judges, generations, verdicts)
     wanted = {(r.source, r.id) for r in requests}
+    fingerprint = model_fingerprint(model)
     rows = [r for r in assemble_results(generations, verdicts, judges)
             if (r["source"], r["request_id"]) in wanted and r["condition"] in run.conditions
-            and r["model_fingerprint"] == model_fingerprint(model)]
+            and r["model_fingerprint"] == fingerprint]
     record = provenance(
-        model=run.model, model_config=model.config.to_dict(), model_fingerprint=model_fingerprint(model),
+        model=run.model, model_config=model.config.to_dict(), model_fingerprint=fingerprint,
         projector=run.projector, prompts=run.prompts, limit=run.limit,
         conditions={name: get_condition(name).describe() for name in run.conditions},
         judges=judges, decoding={"max_new_tokens": run.max_new_tokens, "batch_size": run.batch_size,

@@ -14,6 +14,12 @@ from regap.safety.judges.base import (
     register_judge,
 )
 from regap.safety.judges.keyword import GCG_REFUSAL_PHRASES, STRICT_DROPPED, KeywordJudge
+from regap.safety.judges.llamaguard import LlamaGuardJudge  # noqa: F401  (registers "llamaguard")
+from regap.safety.judges.beaverdam import BeaverDamJudge  # noqa: F401  (registers "beaverdam")
+from regap.safety.judges.harmbench import HarmBenchJudge  # noqa: F401  (registers "harmbench")
+from regap.safety.judges.openai_compat import OpenAICompatJudge  # noqa: F401  (registers "openai")
+from regap.safety.judges.relevance import RelevanceJudge  # noqa: F401  (registers "relevance")
+from regap.safety.judges.agreement import kappa_matrix, pairwise_agreement  # noqa: F401
 
 __all__ = [
     "LABELS",

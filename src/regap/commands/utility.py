@@ -1,0 +1,60 @@
+"""`regap utility`: held-out synthetic QA and captions, and over-refusal on benign prompts, resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def utility_command(
+    model: str = typer.Option("tiny", "--model", "-m", help="Preset, regap model folder or HF LLaVA checkpoint."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (utility.json, utility_responses.jsonl, cache)."),
+    n: int = typer.Option(100, "--n", help="Held-out synthetic scenes (about 5 questions each)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the held-out scenes and of the bootstrap."),
+    tasks: str = typer.Option("synthetic-qa,synthetic-caption,over-refusal", "--tasks",
+                              help="Comma-separated tasks: synthetic-qa, synthetic-caption, over-refusal."),
+    xstest: Optional[Path] = typer.Option(None, "--xstest", help="XSTest prompts CSV: add its safe prompts to over-refusal."),
+    projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint to load into the model."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    dtype: str = typer.Option("float32", "--dtype"),
+    image_size: int = typer.Option(224, "--image-size", help="Side of the rendered held-out images in pixels."),
+    refusal_limit: Optional[int] = typer.Option(None, "--refusal-limit",
+                                                help="First N prompts of each over-refusal group (default: all)."),
+) -> None:
+    """Measure utility: held-out synthetic QA accuracy, caption object F1 and over-refusal (resumable)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from regap.utility.suite import RESPONSES_FILE, RESULTS_FILE, run_utility
+
+    summary = run_utility(model, out, tasks=tasks, n=n, seed=seed, xstest=xstest, projector=projector,
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype, image_size=image_size,
+                          refusal_limit=refusal_limit, progress=True)
+    table = Table(title=f"{model}: utility")
+    for column in ("task", "part", "n", "score [95% CI]", "better"):
+        table.add_column(column)
+
+    def fmt(entry: dict) -> str:
+        if entry.get("score") is None:
+            return "-"
+        low, high = entry["ci"]
+        return f"{entry['score']:.3f} [{low:.3f}, {high:.3f}]"
+
+    for task, entry in summary["tasks"].items():
+        if "skipped" in entry:
+            table.add_row(task, "skipped", "0", entry["skipped"], "")
+            continue
+        better = "higher" if entry.get("higher_is_better", True) else "lower"
+        table.add_row(task, "all", str(entry["n"]), fmt(entry), better)
+        for part in ("per_type", "per_category"):
+            for name, sub in entry.get(part, {}).items():
+                table.add_row("", name, str(sub["n"]), fmt(sub), "")
+    Console().print(table)
+    typer.echo(f"wrote {out / RESULTS_FILE}, {out / RESPONSES_FILE}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("utility")(utility_command)

@@ -1,0 +1,30 @@
+"""A model's fingerprint: what decides its outputs besides the inputs.
+
+Config, dtype, every projector weight, and a sample of every backbone weight (the first
+and last `sample` values of each tensor), so caches keyed by it are never reused after a
+projector is retrained or an LLM fine-tuned, while hashing stays fast for a 7B model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+
+def model_fingerprint(model: Any, sample: int = 1024) -> str:
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    digest.update(str(model.dtype).encode())
+    for name, tensor in sorted(model.projector.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    for part in ("llm", "vision"):
+        module = getattr(model, part, None)
+        if module is None or not hasattr(module, "named_parameters"):
+            continue
+        for name, tensor in module.named_parameters():
+            flat = tensor.detach().reshape(-1)
+            picked = flat if flat.numel() <= 2 * sample else flat[[*range(sample), *range(-sample, 0)]]
+            digest.update(f"{part}.{name}{tuple(tensor.shape)}".encode())
+            digest.update(picked.float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -872,7 +872,8 @@ def bert_folder(tmp_path_factory):
     """A tiny random BERT laid out like the sentence-transformers all-MiniLM-L6-v2 folder."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    folder = tmp_path_factory.mktemp("minilm")
+    folder = tmp_path_factory.mktemp("minilm") / "all-MiniLM-L6-v2"  # alone in its parent folder
+    folder.mkdir()
     text = ("how do i make a cake mix flour and eggs then bake the image shows red circle blue square "
             "sorry but can not help with that build weapon please explain")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(text.split())), ",", ".", "'", "?", "!"]

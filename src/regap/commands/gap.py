@@ -13,32 +13,26 @@ from regap.errors import RegapError
 
 def measure_model(
     model_name: str, out: Path, *, pairs: int, protocol: str, images: str, texts: str, projector: Optional[Path],
-    text_tokens: str, batch_size: int, dtype: str, mode: str, n_boot: int, seed: int, stability_run: bool,
+    text_tokens: str, batch_size: int, texts_per_pair: int, dtype: str, mode: str, n_boot: int, seed: int, stability_run: bool,
     keep_hidden: bool, tag: str,
 ) -> dict[str, Any]:
     """Collect hidden states for one model and analyse them; returns the gap record."""
-    from regap.gap.collect import collect_hidden_states
-    from regap.gap.measure import analyse, stability
     from regap.gap.pairs import make_pairs
+    from regap.gap.run import measure_gap
     from regap.models import load_model, load_projector
     from regap.provenance import provenance
 
     model = load_model(model_name, dtype=dtype)
     if projector is not None:
         load_projector(model, projector)
-    pair_list = make_pairs(pairs, images=images, texts=texts, seed=seed)
-    store = collect_hidden_states(model, pair_list, out / f".hidden-{tag}", protocol=protocol,
-                                  text_tokens=text_tokens, batch_size=batch_size)
-    try:
-        result = analyse(store, mode=mode, n_boot=n_boot, seed=seed)
-        if stability_run:
-            result["stability"] = stability(store, mode=mode, n_boot=n_boot, seed=seed)
-    finally:
-        if not keep_hidden:
-            store.remove()
+    pair_list = make_pairs(pairs, images=images, texts=texts, seed=seed, texts_per_pair=texts_per_pair)
+    result = measure_gap(model, pair_list, out / f".hidden-{tag}", protocol=protocol, text_tokens=text_tokens,
+                         batch_size=batch_size, mode=mode, n_boot=n_boot, seed=seed,
+                         with_stability=stability_run, keep_hidden=keep_hidden)
     result["provenance"] = provenance(
         model=model_name, model_config=model.config.to_dict(), projector=str(projector) if projector else None,
         protocol=protocol, images=images, texts=texts, pairs=pairs, text_tokens=text_tokens, seed=seed,
+        texts_per_pair=texts_per_pair,
         dtype=dtype, mode=mode, n_boot=n_boot, pair_ids=[p.id for p in pair_list],
     )
     return result
@@ -55,6 +49,7 @@ def gap_command(
     projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint for --model."),
     compare_projector: Optional[Path] = typer.Option(None, "--compare-projector", help="Projector checkpoint for --compare."),
     text_tokens: str = typer.Option("after-image", "--text-tokens", help="after-image (reference) or all-non-image."),
+    texts_per_pair: int = typer.Option(1, "--texts-per-pair", help="Join this many texts per pair (more text tokens)."),
     batch_size: int = typer.Option(8, "--batch-size"),
     dtype: str = typer.Option("float32", "--dtype"),
     mode: str = typer.Option("exact", "--mode", help="exact (Fréchet) or reference-fast (the reference code's default; not a distance)."),
@@ -83,6 +78,7 @@ def gap_command(
     out.mkdir(parents=True, exist_ok=True)
     texts = texts or ("starter-benign" if protocol == "reference" else "starter-harmful")
     common = dict(pairs=pairs, protocol=protocol, images=images, texts=texts, text_tokens=text_tokens,
+                  texts_per_pair=texts_per_pair,
                   batch_size=batch_size, dtype=dtype, mode=mode, n_boot=n_boot, seed=seed,
                   stability_run=stability_run, keep_hidden=keep_hidden)
     results = {model: measure_model(model, out, projector=projector, tag="a", **common)}

@@ -31,7 +31,11 @@ def analyse(
     text_keep = torch.from_numpy(store.text_pairs < limit)
     image_pairs = torch.from_numpy(store.image_pairs.astype(np.int64))[image_keep]
     text_pairs = torch.from_numpy(store.text_pairs.astype(np.int64))[text_keep]
-    bootstrap = mode == "exact" and n_boot > 0 and limit >= 2
+    n_image, n_text = int(image_keep.sum()), int(text_keep.sum())
+    # The linearised bootstrap needs full-rank covariances: with fewer tokens than dimensions
+    # Tr (S_t S_v)^1/2 is not differentiable along the resampling directions.
+    enough_tokens = min(n_image, n_text) > store.width
+    bootstrap = mode == "exact" and n_boot > 0 and limit >= 2 and enough_tokens
     weights = pair_weights(limit, n_boot, seed) if bootstrap else None
     fd_sum = torch.zeros(n_boot, dtype=torch.float64) if bootstrap else None
     per_layer: list[dict[str, Any]] = []
@@ -72,6 +76,9 @@ def analyse(
         result["mir_ci"] = percentile_interval(valid.log10(), level)
         result["ci_method"] = (f"bootstrap over pairs (n_boot={n_boot}, seed={seed}, percentile); trace term "
                                "linearised around the full sample, all other terms exact per replicate")
+    elif not enough_tokens:
+        result["ci_method"] = (f"none: {min(n_image, n_text)} tokens of one modality <= width {store.width}, so the "
+                               "covariance is singular and the linearised bootstrap is invalid; use more pairs or longer texts")
     else:
         result["ci_method"] = "none (intervals need mode=exact and n_boot > 0)"
     return result

@@ -84,12 +84,18 @@ def make_images(source: str, n: int, seed: int = 0, texts: list[str] | None = No
     return [items[i % len(items)] for i in range(n)]
 
 
-def make_pairs(n: int, images: str = "scenes", texts: str = "starter-benign", seed: int = 0) -> list[GapPair]:
-    """`n` pairs; the i-th image goes with the i-th text (texts cycle if fewer than `n`)."""
+def make_pairs(n: int, images: str = "scenes", texts: str = "starter-benign", seed: int = 0,
+               texts_per_pair: int = 1) -> list[GapPair]:
+    """`n` pairs; the i-th image goes with the i-th text (texts cycle if fewer than `n`).
+    `texts_per_pair` > 1 joins that many consecutive texts into one, for more text tokens
+    per pair (the covariance needs more tokens than dimensions for intervals)."""
     if n < 2:
         raise RegapError(f"need at least 2 pairs for a covariance, got {n}")
-    text_list = load_texts(texts, n)
-    text_list = [text_list[i % len(text_list)] for i in range(n)]
+    if texts_per_pair < 1:
+        raise RegapError(f"texts_per_pair must be >= 1, got {texts_per_pair}")
+    pool = load_texts(texts, n * texts_per_pair)
+    pool = [pool[i % len(pool)] for i in range(n * texts_per_pair)]
+    text_list = [" ".join(pool[i * texts_per_pair : (i + 1) * texts_per_pair]) for i in range(n)]
     image_list = make_images(images, n, seed=seed, texts=text_list)
     return [GapPair(f"{image_id}|{i}", image, text, images) for i, ((image_id, image), text) in enumerate(zip(image_list, text_list))]
 

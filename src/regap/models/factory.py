@@ -61,6 +61,10 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device: 
         return load_saved(path, dtype=dtype, device=device)
     if path.is_dir() and (path / "config.json").exists():
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        if model_type in ("blip-2", "instructblip"):
+            from regap.models.blip2_hf import load_blip2_hf
+
+            return load_blip2_hf(str(path), dtype=dtype, device=device)
         if model_type != "llava":
             raise RegapError(f"{path}: config.json has model_type {model_type!r}; expected a regap folder or an HF LLaVA checkpoint")
         from regap.models.llava_hf import load_llava_hf

@@ -86,7 +86,8 @@ class LVLM(nn.Module):
         self.vision = vision
         self.llm = llm
         self.tokenizer = tokenizer
-        self.projector = projector or build_projector(config.projector_type, vision.hidden_size, self.hidden_size)
+        self.projector = projector or build_projector(config.projector_type, vision.hidden_size, self.hidden_size,
+                                                      **config.extra.get("projector_options", {}))
         self.projector.to(dtype=next(llm.parameters()).dtype)
 
     # ---- properties -------------------------------------------------------------------------
@@ -96,7 +97,7 @@ class LVLM(nn.Module):
 
     @property
     def tokens_per_image(self) -> int:
-        return self.vision.num_tokens
+        return getattr(self.projector, "num_tokens", None) or self.vision.num_tokens
 
     @property
     def device(self) -> torch.device:

@@ -45,6 +45,17 @@ PRESETS: dict[str, Preset] = {
             ),
         ),
         Preset(
+            name="tiny-qformer",
+            summary="tiny's DINOv2-S/14 (all 256 patches + CLS) + Q-Former (32 queries, 256-d, 2 layers) + Qwen2.5-Coder-0.5B; offline",
+            needs_hub=False,
+            projector_note=_FRESH,
+            config=LVLMConfig(
+                vision=VisionConfig(source="regap:dinov2-s14-imgfocus", feature_layer="final", drop_cls=False),
+                llm_source="regap:qwen2.5-coder-0.5b-instruct", projector_type="qformer", template="chat",
+                name="tiny-qformer",
+            ),
+        ),
+        Preset(
             name="llava-1.5-7b",
             summary="llava-hf/llava-1.5-7b-hf (Hugging Face LLaVA checkpoint); needs the hub or a local copy",
             needs_hub=True,

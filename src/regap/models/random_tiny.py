@@ -89,14 +89,17 @@ def tiny_llm(tokenizer: Any, kind: str = "llama", hidden: int = 48, layers: int 
 def tiny_random_lvlm(
     vision: str = "clip", llm: str = "llama", projector: str = "mlp2x_gelu", pool_grid: int | None = None,
     feature_layer: int | str = -2, drop_cls: bool = True, template: str = "chat", seed: int = 0,
+    projector_options: dict[str, Any] | None = None,
 ) -> LVLM:
-    """A complete random LVLM: 56 px images -> 16 patches (or pooled), 48-d LM, 2 layers each."""
+    """A complete random LVLM: 56 px images -> 16 patches (or pooled), 48-d LM, 2 layers each.
+    `projector_options` size a `qformer` projector (kept in the config's `extra`)."""
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
     encoder, processor = tiny_vision(vision)
     config = LVLMConfig(
         vision=VisionConfig(source=f"random:{vision}", feature_layer=feature_layer, drop_cls=drop_cls, pool_grid=pool_grid),
         llm_source=f"random:{llm}", projector_type=projector, template=template, name="tiny-random",
+        extra={"projector_options": dict(projector_options)} if projector_options else {},
     )
     tower = VisionTower(encoder, processor, config.vision)
     return LVLM(config, tower, tiny_llm(tokenizer, llm), tokenizer)

@@ -32,7 +32,8 @@ class VisionConfig:
         return asdict(self)
 
 
-_SUPPORTED = ("clip_vision_model", "clip", "siglip_vision_model", "siglip", "dinov2")
+_SUPPORTED = ("clip_vision_model", "clip", "siglip_vision_model", "siglip", "dinov2",
+              "blip_2_vision_model", "instructblip_vision_model")  # the last two: via regap.models.blip2_hf
 
 
 class VisionTower(nn.Module):

@@ -35,14 +35,16 @@ class SafetyRun:
     projector: str | None = None
     seed: int = 0
     defenses: list[str] = field(default_factory=list)
+    source_limits: dict[str, int] = field(default_factory=dict)  # per-spec limits, overriding `limit`
 
 
-def _load_all_requests(specs: list[str], limit: int | None, out: Path) -> list[Any]:
+def _load_all_requests(specs: list[str], limit: int | None, out: Path,
+                       source_limits: dict[str, int] | None = None) -> list[Any]:
     from regap.safety.sources import load_requests_with_report
 
     requests, reports = [], {}
     for spec in specs:
-        items, report = load_requests_with_report(spec, limit=limit)
+        items, report = load_requests_with_report(spec, limit=(source_limits or {}).get(spec, limit))
         requests.extend(items)
         reports[spec] = report.summary() if hasattr(report, "summary") else str(report)
     seen: set[tuple[str, str]] = set()
@@ -171,8 +173,9 @@ def assemble_results(generations: JsonlStore, verdicts: JsonlStore, judges: dict
     return rows
 
 
-def run_safety(run: SafetyRun, progress: bool = True) -> dict[str, Any]:
-    """Generate, judge and summarise; safe to interrupt and rerun."""
+def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict[str, Any]:
+    """Generate, judge and summarise; safe to interrupt and rerun. `model`, when given, is an
+    already loaded LVLM used instead of loading `run.model` (its projector as it is)."""
     from regap.models import load_model, load_projector
     from regap.safety.conditions import get_condition
     from regap.safety.summary import plot_unsafe_rates, summarise
@@ -185,10 +188,11 @@ def run_safety(run: SafetyRun, progress: bool = True) -> dict[str, Any]:
     for name in run.judges:
         get_judge(name)
     defenses = _build_defenses(run.defenses)
-    requests = _load_all_requests(run.prompts, run.limit, run.out)
+    requests = _load_all_requests(run.prompts, run.limit, run.out, run.source_limits)
     generations = JsonlStore(run.out / "generations.jsonl")
     verdicts = JsonlStore(run.out / "verdicts.jsonl")
-    model = load_model(run.model, dtype=run.dtype)
+    if model is None:
+        model = load_model(run.model, dtype=run.dtype)
     if run.projector:
         load_projector(model, run.projector)
     generate_missing(run, model, requests, generations, progress=progress)
@@ -200,7 +204,7 @@ def run_safety(run: SafetyRun, progress: bool = True) -> dict[str, Any]:
             and r["model_fingerprint"] == fingerprint]
     record = provenance(
         model=run.model, model_config=model.config.to_dict(), model_fingerprint=fingerprint,
-        projector=run.projector, prompts=run.prompts, limit=run.limit,
+        projector=run.projector, prompts=run.prompts, limit=run.limit, source_limits=run.source_limits,
         conditions={name: get_condition(name).describe() for name in run.conditions},
         judges=judges, decoding={"max_new_tokens": run.max_new_tokens, "batch_size": run.batch_size,
                                  "greedy": True, "seed": run.seed}, dtype=run.dtype, defenses=[d.describe() for d in defenses],

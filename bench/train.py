@@ -1,0 +1,169 @@
+"""Stage-1 training benchmark on the real `tiny` preset (CPU).
+
+(a) ReGap overhead: time of one training step (forward, caption loss, ReGap, backward,
+    AdamW step) with lambda > 0 over the same step with lambda = 0: same model, same batch,
+    one process, alternating A/B/B/A so drifting machine load hits both sides alike.
+    Target <= 1.03. The ReGap computation alone (loss + its backward on the captured
+    layer-0 features) is timed separately.
+(b) Stage-1 throughput and memory: `regap pretrain tiny-stage1` for a few steps in a
+    child process; samples/s from its metrics.jsonl and the child's peak RSS
+    (target <= 8 GB).
+
+Usage:  python bench/train.py [--batch 4] [--pairs 5] [--steps 6] [--dtype bfloat16]
+Default runtime: a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=4, help="samples per step in part (a)")
+    p.add_argument("--pairs", type=int, default=5, help="timed lambda=0 / lambda>0 step pairs in part (a)")
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps of tiny-stage1 in part (b)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="weights of the frozen parts (bfloat16 = the shipped tiny-stage1 config, with bf16 autocast)")
+    p.add_argument("--lam", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch/OpenMP threads; 1 by default: on a CPU shared with other jobs, 2 OpenMP threads "
+                        "on 2 busy cores spin-wait and run 10-30x slower")
+    p.add_argument("--skip-a", action="store_true")
+    p.add_argument("--skip-b", action="store_true")
+    return p.parse_args()
+
+
+def part_a(args: argparse.Namespace, data: Path) -> dict:
+    import torch
+    from accelerate import Accelerator
+
+    from regap.data import LlavaJsonDataset
+    from regap.models import load_model
+    from regap.train import TrainConfig
+    from regap.train.collate import Collator, TrainSamples
+    from regap.train.hooks import HiddenCapture
+    from regap.train.loop import compute_losses, make_optimizer, setup_model
+    from regap.train.regap_loss import ReGapLoss
+
+    mixed = "bf16" if args.dtype == "bfloat16" else "no"
+    config = TrainConfig.from_dict({"model": "tiny", "dtype": args.dtype, "mixed_precision": mixed,
+                                    "data": {"json": str(data / "captions.json")}}).resolved()
+    lvlm = load_model("tiny", dtype=args.dtype)
+    module, _ = setup_model(lvlm, config, log=lambda m: None)
+    accelerator = Accelerator(mixed_precision=mixed, cpu=True)
+    optimizer = make_optimizer(module, config)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    dataset = LlavaJsonDataset(data / "captions.json")
+    batch = Collator(lvlm, "plain", 256)([TrainSamples(dataset)[i] for i in range(args.batch)]).inputs
+    regap = ReGapLoss(args.lam, warmup_steps=1)
+    capture = HiddenCapture(lvlm.llm, 0)
+
+    def step(with_regap: bool) -> float:
+        start = time.perf_counter()
+        with accelerator.autocast():
+            losses = compute_losses(module, batch, regap if with_regap else None, capture if with_regap else None)
+        accelerator.backward(losses.total)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        regap.step() if with_regap else None
+        capture.clear()
+        return time.perf_counter() - start
+
+    step(False), step(True)  # warm-up (allocations, oneDNN kernels)
+    plain, regap_times = [], []
+    for k in range(args.pairs):
+        order = (False, True) if k % 2 == 0 else (True, False)
+        for with_regap in order:
+            (regap_times if with_regap else plain).append(step(with_regap))
+        print(f"  pair {k + 1}: lam=0 {plain[-1]:.3f} s, lam={args.lam} {regap_times[-1]:.3f} s", flush=True)
+
+    # The ReGap computation alone on captured layer-0 features (forward + backward).
+    with torch.no_grad(), accelerator.autocast():
+        embeds = lvlm.embed(batch.to(accelerator.device))
+    features = embeds.detach().float().requires_grad_(True)
+    op_times = []
+    for _ in range(20):
+        start = time.perf_counter()
+        out = regap(features, batch.image_mask, batch.attention_mask)
+        out.loss.backward()
+        op_times.append(time.perf_counter() - start)
+    med_plain, med_regap = statistics.median(plain), statistics.median(regap_times)
+    return {
+        "batch": args.batch, "tokens": list(batch.input_ids.shape), "dtype": args.dtype, "lam": args.lam,
+        "plain_s": plain, "regap_s": regap_times,
+        "median_plain_s": med_plain, "median_regap_s": med_regap, "ratio_median": med_regap / med_plain,
+        "ratio_min": min(regap_times) / min(plain), "ratio_mean": statistics.mean(regap_times) / statistics.mean(plain),
+        "regap_op_ms": 1000 * statistics.median(op_times),
+    }
+
+
+def part_b(args: argparse.Namespace, workdir: Path) -> dict:
+    out = workdir / "tiny-s1"
+    code = (
+        "import sys; from regap.train import load_config, train; "
+        "cfg = load_config('tiny-stage1', sys.argv[2:], stage=1); train(cfg, sys.argv[1])"
+    )
+    overrides = [f"max_steps={args.steps}", f"save_every={args.steps}", f"data.json={workdir / 'absent' / 'captions.json'}",
+                 "data.synth.n=64", "observe.gap_every=0", "observe.mir_every=0", "observe.progress=false",
+                 f"dtype={args.dtype}", f"mixed_precision={'bf16' if args.dtype == 'bfloat16' else 'no'}"]
+    start = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    subprocess.run([sys.executable, "-c", code, str(out), *overrides], check=True, env=env)
+    wall = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steady = rows[1:] or rows  # the first step pays one-off costs
+    seconds = sum(8 / r["samples_per_s"] for r in steady)
+    return {"steps": len(rows), "global_batch": 8, "samples_per_s": 8 * len(steady) / seconds,
+            "samples_per_s_first_step": rows[0]["samples_per_s"], "peak_rss_gib": peak_kib / 2**20,
+            "wall_s_including_model_load_and_data": wall}
+
+
+def main() -> int:
+    args = parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from regap.data import generate_synthetic
+
+    report: dict = {"command": "python bench/train.py " + " ".join(sys.argv[1:]),
+                    "date": str(datetime.date.today()),
+                    "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                               f"{args.threads} threads",
+                    "load_average_start": os.getloadavg()}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        if not args.skip_a:
+            generate_synthetic(workdir / "data", max(args.batch, 8), seed=0, image_size=224)
+            print("(a) ReGap overhead, one process, same batch:", flush=True)
+            report["a"] = part_a(args, workdir / "data")
+            a = report["a"]
+            print(f"  median step: lam=0 {a['median_plain_s']:.3f} s, lam={args.lam} {a['median_regap_s']:.3f} s; "
+                  f"ratio {a['ratio_median']:.3f} (min-based {a['ratio_min']:.3f}, mean-based {a['ratio_mean']:.3f});"
+                  f" ReGap op alone {a['regap_op_ms']:.2f} ms", flush=True)
+        if not args.skip_b:
+            print("(b) stage-1 throughput and peak RSS (child process):", flush=True)
+            report["b"] = part_b(args, workdir)
+            b = report["b"]
+            print(f"  {b['samples_per_s']:.2f} samples/s over steps 2..{b['steps']} (global batch 8); "
+                  f"peak RSS {b['peak_rss_gib']:.2f} GiB", flush=True)
+    report["load_average_end"] = os.getloadavg()
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

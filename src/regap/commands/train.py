@@ -1,0 +1,89 @@
+"""`regap pretrain` (stage 1, ReGap) and `regap finetune` (stage 2) from a YAML config.
+
+    regap pretrain CONFIG.yaml [--out DIR] [--resume] [key=value ...]
+    regap finetune CONFIG.yaml [--out DIR] [--resume] [key=value ...]
+
+CONFIG is a path or the name of a shipped config (`regap pretrain --list`). For several
+processes or GPUs, start the same command under `accelerate launch` (docs/training.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+_CONFIG_HELP = "Training config: a YAML path or a shipped name (see --list), e.g. tiny-stage1."
+_OVERRIDES_HELP = "key=value overrides, dotted for nested keys (e.g. regap.lam=0.5 max_steps=100)."
+
+
+def _list_configs() -> None:
+    from regap.train.config import shipped_configs
+
+    for name, path in shipped_configs().items():
+        first = ""
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("#"):
+                first = line.lstrip("# ").strip()
+                break
+        typer.echo(f"{name:36s} {first}")
+
+
+def _run(stage: int, config: Optional[str], out: Optional[Path], resume: bool, overrides: list[str] | None,
+         show: bool, list_configs: bool) -> None:
+    if list_configs:
+        _list_configs()
+        return
+    if config is None:
+        raise typer.BadParameter("give a CONFIG (a YAML path or a shipped name; --list shows them)")
+    from regap.train.config import load_config
+
+    cfg = load_config(config, list(overrides or []), stage=stage)
+    if show:
+        typer.echo(cfg.resolved().to_yaml(), nl=False)
+        return
+    from regap.train.loop import train
+
+    name = Path(config).name
+    name = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    out_dir = out if out is not None else Path("runs") / name
+    command = " ".join(["regap", "pretrain" if stage == 1 else "finetune", config,
+                        *(["--out", str(out_dir)]), *(["--resume"] if resume else []), *(overrides or [])])
+    result = train(cfg, out_dir, resume=resume, command=command)
+    if int(os.environ.get("RANK", "0")) != 0:  # one summary line under accelerate launch / torchrun
+        return
+    if result.status == "stopped":
+        typer.echo(f"stopped at step {result.step}/{result.total_steps}; continue with --resume --out {out_dir}")
+    else:
+        typer.echo(f"done: {result.step} steps; outputs in {out_dir}")
+
+
+def pretrain_command(
+    config: Optional[str] = typer.Argument(None, help=_CONFIG_HELP),
+    overrides: Optional[List[str]] = typer.Argument(None, help=_OVERRIDES_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: runs/<config name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    show: bool = typer.Option(False, "--show", help="Print the resolved config (after overrides) and exit."),
+    list_configs: bool = typer.Option(False, "--list", help="List the shipped training configs and exit."),
+) -> None:
+    """Stage 1: train the projector on captions (vision encoder and LLM frozen), with ReGap."""
+    _run(1, config, out, resume, overrides, show, list_configs)
+
+
+def finetune_command(
+    config: Optional[str] = typer.Argument(None, help=_CONFIG_HELP),
+    overrides: Optional[List[str]] = typer.Argument(None, help=_OVERRIDES_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: runs/<config name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    show: bool = typer.Option(False, "--show", help="Print the resolved config (after overrides) and exit."),
+    list_configs: bool = typer.Option(False, "--list", help="List the shipped training configs and exit."),
+) -> None:
+    """Stage 2: instruction tuning of projector + LLM (full or LoRA); ReGap off by default."""
+    _run(2, config, out, resume, overrides, show, list_configs)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("pretrain")(pretrain_command)
+    app.command("finetune")(finetune_command)

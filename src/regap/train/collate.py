@@ -1,0 +1,144 @@
+"""Data for the training loops: a robust sample view, a resumable step-wise sampler, a collator.
+
+* :class:`TrainSamples` wraps a `LlavaJsonDataset`. An image that fails to decode at
+  load time (a corrupt file) is skipped and recorded, and the next sample of the data
+  takes its place, so batches keep their size (which data parallelism needs).
+* :class:`StepSampler` gives every process its part of every micro-batch, in a seeded
+  order that is a pure function of (seed, epoch), so a resumed run can start at any
+  optimizer step without reading the skipped samples. Optimizer step ``s`` of an
+  epoch uses the samples ``order[s*G:(s+1)*G]`` (G = global batch) whatever the number
+  of processes or the accumulation layout; an incomplete last step is dropped.
+* :class:`Collator` turns samples into a `ModelInputs` batch with the training
+  template; over-long conversations are truncated (counted, with a warning).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from regap.data.llava_json import ConversationSample, LlavaJsonDataset
+from regap.errors import RegapError
+from regap.models.inputs import ModelInputs
+
+#: How many following samples are tried when images fail to decode one after another.
+MAX_REPLACEMENTS = 16
+
+
+@dataclass
+class LoadedSample:
+    index: int
+    sample: ConversationSample
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # corrupt images met on the way
+
+
+class TrainSamples(Dataset):
+    """Samples of a `LlavaJsonDataset`; corrupt images are replaced by the next good sample."""
+
+    def __init__(self, dataset: LlavaJsonDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> LoadedSample:
+        skipped: list[dict[str, Any]] = []
+        n = len(self.dataset)
+        for attempt in range(min(MAX_REPLACEMENTS, n)):
+            position = (index + attempt) % n
+            try:
+                return LoadedSample(position, self.dataset[position], skipped)
+            except (RegapError, OSError, ValueError) as exc:  # corrupt or unreadable image
+                paths = self.dataset.image_paths()
+                skipped.append({"index": position, "image": paths[position], "reason": str(exc).splitlines()[0]})
+        raise RegapError(
+            f"{len(skipped)} images in a row failed to load starting at sample {index} "
+            f"(first: {skipped[0]['image']}: {skipped[0]['reason']}); check the image root"
+        )
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The seeded sample order of one epoch (independent of any global RNG state)."""
+    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    return torch.randperm(n, generator=generator).tolist()
+
+
+class StepSampler(Sampler[list[int]]):
+    """Yields this process's index lists, micro-batch by micro-batch, from a given step on."""
+
+    def __init__(self, n: int, *, global_batch: int, per_device: int, accumulation: int, num_processes: int,
+                 process_index: int, seed: int, epoch: int, start_step: int = 0, shuffle: bool = True) -> None:
+        if per_device * accumulation * num_processes != global_batch:
+            raise RegapError("per_device x accumulation x processes must equal the global batch")
+        self.order = epoch_order(n, seed, epoch) if shuffle else list(range(n))
+        self.global_batch, self.per_device = global_batch, per_device
+        self.accumulation, self.num_processes, self.process_index = accumulation, num_processes, process_index
+        self.steps = n // global_batch
+        self.start_step = start_step
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step) * self.accumulation
+
+    def __iter__(self) -> Iterator[list[int]]:
+        micro = self.per_device * self.num_processes
+        for step in range(self.start_step, self.steps):
+            chunk = self.order[step * self.global_batch: (step + 1) * self.global_batch]
+            for m in range(self.accumulation):
+                part = chunk[m * micro: (m + 1) * micro]
+                yield part[self.process_index * self.per_device: (self.process_index + 1) * self.per_device]
+
+
+@dataclass
+class TrainBatch:
+    inputs: ModelInputs
+    ids: list[str]
+    skipped: list[dict[str, Any]]
+    truncated: int
+    n_samples: int
+
+
+class Collator:
+    """Samples -> `TrainBatch` (right padding, the training template, max length).
+
+    It keeps only the tokenizer, the image processor and the token count per image (not
+    the model), so DataLoader workers can run it under any start method. The steps are
+    those of `LVLM.build_inputs`.
+    """
+
+    def __init__(self, model: Any, template: str | None, max_length: int | None) -> None:
+        self.tokenizer = model.tokenizer
+        self.image_processor = model.vision.image_processor
+        self.tokens_per_image = model.tokens_per_image
+        self.template_name = template or model.config.template
+        self.max_length = max_length
+
+    def __call__(self, items: Sequence[LoadedSample]) -> TrainBatch:
+        from regap.models.inputs import build_batch
+        from regap.models.templates import get_template
+
+        conversations = [[dict(m) for m in item.sample.messages] for item in items]
+        images = [[item.sample.image] if item.sample.image is not None else [] for item in items]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            inputs, _ = build_batch(
+                conversations, [len(i) for i in images], tokenizer=self.tokenizer,
+                template=get_template(self.template_name, self.tokenizer), tokens_per_image=self.tokens_per_image,
+                add_generation_prompt=False, padding_side="right", max_length=self.max_length,
+            )
+        flat = [image for sample in images for image in sample]
+        inputs.pixel_values = self.image_processor(images=flat, return_tensors="pt")["pixel_values"] if flat else None
+        inputs.images_per_sample = [len(i) for i in images]
+        truncated = sum(1 for w in caught if "truncated" in str(w.message))
+        for w in caught:
+            if "truncated" not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        skipped = [entry for item in items for entry in item.skipped]
+        return TrainBatch(inputs, [item.sample.id for item in items], skipped, truncated, len(items))
+
+
+def identity_collate(items: Sequence[Any]) -> list[Any]:
+    return list(items)

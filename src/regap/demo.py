@@ -52,9 +52,9 @@ class DemoSettings:
 
     @classmethod
     def fast(cls) -> "DemoSettings":
-        return cls(lambdas=[0.0, 1.0], regap_lambda=1.0, synth_n=24, train_steps=4, checkpoints=2, global_batch=4,
-                   per_device_batch=4, gap_pairs=6, attack_pairs=4, n_boot=50, harmful=6, benign=4,
-                   max_new_tokens=10, utility_scenes=3, utility_refusal=3)
+        return cls(lambdas=[0.0, 1.0], regap_lambda=1.0, synth_n=16, train_steps=2, checkpoints=2, global_batch=4,
+                   per_device_batch=4, gap_pairs=4, attack_pairs=3, n_boot=50, harmful=4, benign=2,
+                   max_new_tokens=8, utility_scenes=2, utility_refusal=2)
 
 
 def _label(lam: float) -> str:

@@ -8,7 +8,7 @@ stacks them left to right (the first name is the outermost).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from PIL import Image

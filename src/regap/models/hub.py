@@ -21,7 +21,7 @@ def hub_call(name: str, loader: Callable[..., T], *args: Any, **kwargs: Any) -> 
         return loader(*args, **kwargs)
     except RegapError:
         raise
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         where = "local folder" if os.path.isdir(name) else "hub id (no local folder of that name)"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RegapError(f"cannot load {name!r} as a {where}: {first_line}") from None

@@ -137,6 +137,42 @@ def test_batched_over_layers_equals_loop_and_chunking_is_exact() -> None:
     torch.testing.assert_close(cov_ref[0], torch.cov(x1[0].T), rtol=1e-12, atol=1e-14)
 
 
+def test_blocked_covariance_matches_full_product_for_uneven_blocks() -> None:
+    gen = torch.Generator().manual_seed(61)
+    # width 770 -> 3 column blocks of 257, 257, 256; two leading batch entries; 3 chunks.
+    x = torch.randn(2, 90, 770, generator=gen, dtype=F64) + 1.5
+    mu, cov = gaussian_stats(x, chunk_tokens=40)
+    for k in range(2):
+        torch.testing.assert_close(cov[k], torch.cov(x[k].T), rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(mu[k], x[k].mean(0), rtol=1e-12, atol=1e-14)
+    assert torch.equal(cov, cov.mT)
+
+
+def test_cholesky_and_eigh_trace_methods_agree_with_scipy() -> None:
+    gen = torch.Generator().manual_seed(62)
+    x1, x2 = _cloud(gen, 400, 30), _cloud(gen, 350, 30, shift=0.3)
+    mu1, s1 = gaussian_stats(x1)
+    mu2, s2 = gaussian_stats(x2)
+    ref = _scipy_fd(x1.numpy(), x2.numpy())
+    for method in ("auto", "cholesky", "eigh"):
+        fd = frechet_distance_from_stats(mu1, s1, mu2, s2, method=method).item()
+        assert abs(fd - ref) / abs(ref) < 1e-8, method
+    with pytest.raises(RegapError, match="unknown trace method"):
+        frechet_distance_from_stats(mu1, s1, mu2, s2, method="newton")
+
+
+def test_singular_first_covariance_falls_back_to_eigh() -> None:
+    gen = torch.Generator().manual_seed(63)
+    mu1, s1 = gaussian_stats(_cloud(gen, 5, 12))  # rank 4 < 12: no Cholesky factor
+    mu2, s2 = gaussian_stats(_cloud(gen, 40, 12, shift=0.2))
+    assert int(torch.linalg.cholesky_ex(s1).info) != 0
+    auto = frechet_distance_from_stats(mu1, s1, mu2, s2).item()
+    eigh = frechet_distance_from_stats(mu1, s1, mu2, s2, method="eigh").item()
+    assert math.isfinite(auto) and auto == pytest.approx(eigh, rel=1e-12)
+    with pytest.raises(RegapError, match="not positive definite"):
+        frechet_distance_from_stats(mu1, s1, mu2, s2, method="cholesky")
+
+
 def test_float32_option_is_close_to_float64() -> None:
     gen = torch.Generator().manual_seed(7)
     x1, x2 = _cloud(gen, 200, 8), _cloud(gen, 200, 8, shift=0.5)

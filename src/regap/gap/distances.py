@@ -4,8 +4,9 @@ Token clouds are tensors shaped ``[..., N, d]``: N tokens of width d, with optio
 leading batch dims (for example one entry per LLM layer). Everything here is plain
 torch and differentiable with autograd, so the ReGap loss can reuse it.
 
-The Fréchet distance is computed *exactly* through symmetric eigendecompositions
-(``eigh``/``eigvalsh``), never with an iterative matrix square root: iterative
+The Fréchet distance is computed *exactly* through a Cholesky factor and a symmetric
+eigenvalue solve (``eigvalsh``; ``eigh`` for singular covariances), never with an
+iterative matrix square root: iterative
 schemes need a convergence check to be trusted, and the one in the MIR reference
 code silently returns its input (see :func:`reference_fast_frechet_from_stats`).
 """
@@ -131,25 +132,52 @@ def cosine_centroid_distance(image_tokens: Tensor, text_tokens: Tensor) -> Tenso
     return 1.0 - torch.nn.functional.cosine_similarity(mi, mt, dim=-1)
 
 
+#: Column blocks of the covariance product. Only blocks on or above the diagonal are
+#: multiplied, (k+1)/2k of a full product: the symmetric rank-k update BLAS calls syrk,
+#: which torch does not expose. 8 blocks keep each product wide enough for BLAS.
+GRAM_BLOCKS = 8
+_MIN_BLOCK_WIDTH = 256
+
+
+def _add_gram(out: Tensor, xc: Tensor) -> None:
+    """out += xc^T xc, multiplying only the upper block triangle and mirroring it."""
+    d = xc.shape[-1]
+    blocks = max(1, min(GRAM_BLOCKS, d // _MIN_BLOCK_WIDTH))
+    width = -(-d // blocks)
+    for start in range(0, d, width):
+        stop = min(start + width, d)
+        row = xc[..., start:stop].mT @ xc[..., start:]
+        out[..., start:stop, start:] += row
+        if stop < d:
+            out[..., stop:, start:stop] += row[..., stop - start :].mT
+
+
 def gaussian_stats(
     x: Tensor, *, dtype: torch.dtype = DEFAULT_DTYPE, chunk_tokens: int = CHUNK_TOKENS
 ) -> tuple[Tensor, Tensor]:
     """Mean ``[..., d]`` and unbiased covariance ``[..., d, d]`` of tokens ``[..., N, d]``.
 
     Two passes (mean, then centred products) for accuracy; tokens are cast to
-    ``dtype`` one chunk at a time to bound memory.
+    ``dtype`` one chunk at a time to bound memory. Without autograd the centred
+    product fills only the upper block triangle (about half the flops of a full one).
     """
     check_tokens(x, "tokens", min_tokens=2)
     n = x.shape[-2]
     chunks = x.split(chunk_tokens, dim=-2)
     mean = sum(c.to(dtype).sum(-2) for c in chunks) / n
-    cov: Tensor | None = None
+    if x.requires_grad and torch.is_grad_enabled():
+        cov: Tensor | None = None
+        for c in chunks:
+            xc = c.to(dtype) - mean.unsqueeze(-2)
+            part = xc.mT @ xc
+            cov = part if cov is None else cov + part
+        assert cov is not None
+        return mean, _sym(cov / (n - 1))
+    d = x.shape[-1]
+    cov = torch.zeros(*x.shape[:-2], d, d, dtype=dtype, device=x.device)
     for c in chunks:
-        xc = c.to(dtype) - mean.unsqueeze(-2)
-        part = xc.mT @ xc
-        cov = part if cov is None else cov + part
-    assert cov is not None
-    return mean, _sym(cov / (n - 1))
+        _add_gram(cov, c.to(dtype) - mean.unsqueeze(-2))
+    return mean, _sym(cov / (n - 1))  # diagonal blocks from gemm are symmetric only to rounding
 
 
 def _eigh(a: Tensor) -> tuple[Tensor, Tensor]:
@@ -178,13 +206,40 @@ def matrix_sqrt_psd(cov: Tensor) -> Tensor:
     return _sym((evecs * _sqrt_nonneg(evals).unsqueeze(-2)) @ evecs.mT)
 
 
-def trace_sqrt_product(cov1: Tensor, cov2: Tensor, *, sqrt_cov1: Tensor | None = None) -> Tensor:
-    """Tr (S1 S2)^{1/2} = Tr (S1^{1/2} S2 S1^{1/2})^{1/2}, via one eigh and one eigvalsh.
+#: How Tr (S1 S2)^{1/2} is computed; see :func:`trace_sqrt_product`.
+TRACE_METHODS = ("auto", "cholesky", "eigh")
 
-    S1 S2 is similar to the symmetric PSD matrix S1^{1/2} S2 S1^{1/2}, so their
-    square roots have the same (real, non-negative) eigenvalues. Backprop to ``cov2``
-    goes through ``eigvalsh`` only, which is stable even for repeated eigenvalues.
+
+def trace_sqrt_product(
+    cov1: Tensor, cov2: Tensor, *, sqrt_cov1: Tensor | None = None, method: str = "auto"
+) -> Tensor:
+    """Tr (S1 S2)^{1/2}: the sum of square roots of the eigenvalues of S1 S2.
+
+    S1 S2 is similar to a symmetric PSD matrix, so those eigenvalues are real and
+    non-negative and one ``eigvalsh`` of that matrix gives them exactly:
+
+    * ``cholesky``: S1 = L L^T, matrix L^T S2 L (a Cholesky and two products; the
+      fastest, needs S1 positive definite);
+    * ``eigh``: S1^{1/2} S2 S1^{1/2} with S1^{1/2} from an eigendecomposition
+      (works for singular S1; used when ``sqrt_cov1`` is given);
+    * ``auto``: Cholesky, falling back to eigh when S1 is not positive definite
+      (fewer tokens than dimensions).
+
+    Backprop to ``cov2`` goes through ``eigvalsh`` only, which is stable even for
+    repeated eigenvalues.
     """
+    if method not in TRACE_METHODS:
+        raise RegapError(f"unknown trace method {method!r}; choose one of {', '.join(TRACE_METHODS)}")
+    if sqrt_cov1 is None and method != "eigh":
+        factor, info = torch.linalg.cholesky_ex(cov1)
+        if bool((info == 0).all()):
+            inner = _sym(factor.mT @ cov2 @ factor)
+            return _sqrt_nonneg(_eigvalsh(inner)).sum(-1)
+        if method == "cholesky":
+            raise RegapError(
+                "the first covariance is not positive definite (fewer tokens than dimensions?);"
+                " add a ridge or use method='eigh'"
+            )
     root1 = matrix_sqrt_psd(cov1) if sqrt_cov1 is None else sqrt_cov1
     inner = _sym(root1 @ cov2 @ root1)
     return _sqrt_nonneg(_eigvalsh(inner)).sum(-1)
@@ -219,12 +274,14 @@ def frechet_distance_from_stats(
     sqrt_cov1: Tensor | None = None,
     ridge: float = 0.0,
     dtype: torch.dtype = DEFAULT_DTYPE,
+    method: str = "auto",
 ) -> Tensor:
     """Exact FD = ||mu1-mu2||^2 + Tr S1 + Tr S2 - 2 Tr (S1 S2)^{1/2}, shape ``[...]``.
 
     ``ridge`` is added to both covariance diagonals (regularises singular
     covariances). ``sqrt_cov1``, if given, must be ``matrix_sqrt_psd(cov1 + ridge*I)``
     in ``dtype``; it lets a fixed target distribution skip its eigh on every call.
+    ``method`` picks how the trace term is computed (:func:`trace_sqrt_product`).
     Rounding can make the result slightly negative (~1e-12 relative) for identical
     distributions; it is not clamped so gradients stay honest.
     """
@@ -240,7 +297,7 @@ def frechet_distance_from_stats(
         diff.square().sum(-1)
         + _trace(cov1)
         + _trace(cov2)
-        - 2.0 * trace_sqrt_product(cov1, cov2, sqrt_cov1=sqrt_cov1)
+        - 2.0 * trace_sqrt_product(cov1, cov2, sqrt_cov1=sqrt_cov1, method=method)
     )
     return _check_finite(fd, "Fréchet distance")
 

@@ -59,6 +59,18 @@ def test_bad_options_fail_before_work(tmp_path, capsys):
     assert "--protocol" in capsys.readouterr().err
     assert main(["gap", "--model", "tiny", "--out", str(tmp_path), "--projector", str(tmp_path / "x.safetensors")]) == 2
     assert "projector checkpoint not found" in capsys.readouterr().err
+    assert main(["gap", "--model", "tiny", "--out", str(tmp_path), "--ci", "bca"]) == 2
+    assert "--ci" in capsys.readouterr().err
+
+
+def test_exact_interval_from_the_cli(saved_random, tmp_path):
+    out = tmp_path / "exact"
+    assert main(["gap", "--model", saved_random("a"), "--out", str(out), "--pairs", "6", "--n-boot", "20",
+                 "--ci", "exact", "--images", "noise", "--batch-size", "6"]) == 0
+    record = json.loads((out / "gap.json").read_text())
+    assert "exact" in record["ci_method"] and record["provenance"]["ci"] == "exact"
+    low, high = record["mir_ci"]
+    assert low < high
 
 
 def test_stability_rows(saved_random, tmp_path):

@@ -11,8 +11,6 @@ import torch
 
 from regap.errors import RegapError
 from regap.gap import (
-    bootstrap_mir,
-    bootstrap_over_groups,
     centroid_gap,
     cosine_centroid_distance,
     frechet_distance,
@@ -22,12 +20,10 @@ from regap.gap import (
     matrix_sqrt_psd,
     mir,
     mir_per_layer,
-    mir_stability_table,
     norm_outlier_mask,
     reference_fast_frechet,
     reference_fast_frechet_from_stats,
     replace_norm_outliers,
-    stability_table,
     text_centric_scale,
 )
 
@@ -350,43 +346,57 @@ def test_singular_covariance_is_finite_and_ridge_is_recorded() -> None:
 # --------------------------------------------------------------------------- bootstrap
 
 
-def _mean_of_pooled(groups: list[torch.Tensor]) -> float:
-    return torch.cat(groups).mean().item()
+def _store(tmp_path, pairs: int = 24, per_pair: int = 6, d: int = 4, layers: int = 3, seed: int = 13):
+    from regap.gap.collect import HiddenStates
+
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=gen, dtype=F64)
+    image = torch.randn(layers, pairs * per_pair, d, generator=gen, dtype=F64) @ mix + 1.0
+    text = torch.randn(layers, pairs * per_pair, d, generator=gen, dtype=F64) * 0.5
+    index = torch.arange(pairs).repeat_interleave(per_pair)
+    return HiddenStates.from_tensors(tmp_path / "hidden", image, text, index, index)
 
 
-def test_bootstrap_contains_estimate_is_deterministic_and_narrows() -> None:
-    gen = torch.Generator().manual_seed(13)
-    groups = [torch.randn(5, generator=gen) + 2.0 for _ in range(40)]
-    low, high, samples = bootstrap_over_groups(groups, _mean_of_pooled, n_boot=300, seed=1)
-    assert low <= _mean_of_pooled(groups) <= high
-    assert samples.shape == (300,)
-    again = bootstrap_over_groups(groups, _mean_of_pooled, n_boot=300, seed=1)
-    assert (again.low, again.high) == (low, high) and torch.equal(again.samples, samples)
-    other = bootstrap_over_groups(groups, _mean_of_pooled, n_boot=300, seed=2)
-    assert not torch.equal(other.samples, samples)
-    many = [torch.randn(5, generator=gen) + 2.0 for _ in range(640)]
-    wide = high - low
-    narrow = bootstrap_over_groups(many, _mean_of_pooled, n_boot=300, seed=1)
-    assert narrow.high - narrow.low < 0.5 * wide
-    with pytest.raises(RegapError):
-        bootstrap_over_groups([], _mean_of_pooled)
+def test_exact_and_linear_intervals_agree_and_are_deterministic(tmp_path) -> None:
+    from regap.gap.measure import analyse
+
+    store = _store(tmp_path)
+    exact = analyse(store, n_boot=200, seed=1, ci="exact", n_sigma=100.0)
+    linear = analyse(store, n_boot=200, seed=1, ci="linear", n_sigma=100.0)
+    assert exact["mir"] == pytest.approx(linear["mir"], rel=1e-12)  # same point estimate
+    assert "exact" in exact["ci_method"] and "linear" in linear["ci_method"]
+    for key in ("mir_ci", "layer0_frechet_ci", "layer0_gap_ci"):
+        (lo_e, hi_e), (lo_l, hi_l) = exact[key], linear[key]
+        assert lo_e < hi_e and lo_l < hi_l
+        width = hi_e - lo_e
+        assert abs(lo_e - lo_l) < 0.15 * width and abs(hi_e - hi_l) < 0.15 * width, key
+    # the centroid gap is exact in both methods, so its replicates are identical
+    assert exact["layer0_gap_ci"] == pytest.approx(linear["layer0_gap_ci"], rel=1e-9)
+    again = analyse(store, n_boot=200, seed=1, ci="exact", n_sigma=100.0)
+    assert again["mir_ci"] == exact["mir_ci"]
+    other = analyse(store, n_boot=200, seed=2, ci="exact", n_sigma=100.0)
+    assert other["mir_ci"] != exact["mir_ci"]
+    with pytest.raises(RegapError, match="unknown interval method"):
+        analyse(store, n_boot=10, ci="bca")
 
 
-def test_stability_table_sizes_and_bootstrap_mir() -> None:
-    gen = torch.Generator().manual_seed(14)
-    groups = [torch.randn(4, generator=gen) for _ in range(30)]
-    rows = stability_table(groups, _mean_of_pooled, sizes=(5, 10, 20, 50), n_boot=50)
-    assert [r.n_groups for r in rows] == [5, 10, 20, 30]
-    assert all(r.low <= r.high for r in rows)
-    pairs = [
-        (torch.randn(2, 6, 3, generator=gen) + 1.0, torch.randn(2, 4, 3, generator=gen))
-        for _ in range(8)
-    ]
-    result = bootstrap_mir(pairs, n_boot=20, seed=0)
-    pooled_img = torch.cat([p[0] for p in pairs], dim=1)
-    pooled_txt = torch.cat([p[1] for p in pairs], dim=1)
-    assert result.mir == pytest.approx(mir(pooled_img, pooled_txt).mir)
-    assert result.low <= result.high and result.samples.shape == (20,)
-    table = mir_stability_table(pairs, sizes=(5,), n_boot=10)
-    assert [r.n_groups for r in table] == [5, 8]
-    assert table[-1].estimate == pytest.approx(result.mir)
+def test_intervals_narrow_with_more_pairs_and_stability_rows(tmp_path) -> None:
+    from regap.gap.measure import analyse, stability
+
+    store = _store(tmp_path, pairs=80)
+    few = analyse(store, n_pairs=10, n_boot=200, ci="exact", n_sigma=100.0)
+    many = analyse(store, n_boot=200, ci="exact", n_sigma=100.0)
+    width = lambda r: r["mir_ci"][1] - r["mir_ci"][0]  # noqa: E731
+    assert width(many) < 0.6 * width(few)
+    rows = stability(store, sizes=(5, 10, 20, 50), n_boot=30, ci="exact", n_sigma=100.0)
+    assert [r["pairs"] for r in rows] == [5, 10, 20, 50, 80]
+    assert rows[-1]["mir"] == pytest.approx(many["mir"], rel=1e-12)
+
+
+def test_hidden_states_from_tensors_rejects_mismatched_shapes(tmp_path) -> None:
+    from regap.gap.collect import HiddenStates
+
+    with pytest.raises(RegapError, match="same L and d"):
+        HiddenStates.from_tensors(tmp_path / "h", torch.zeros(2, 4, 3), torch.zeros(3, 4, 3), [0] * 4, [0] * 4)
+    with pytest.raises(RegapError, match="one pair index per token"):
+        HiddenStates.from_tensors(tmp_path / "h", torch.zeros(2, 4, 3), torch.zeros(2, 4, 3), [0] * 3, [0] * 4)

@@ -14,7 +14,7 @@ from regap.errors import RegapError
 def measure_model(
     model_name: str, out: Path, *, pairs: int, protocol: str, images: str, texts: str, projector: Optional[Path],
     text_tokens: str, batch_size: int, texts_per_pair: int, dtype: str, mode: str, n_boot: int, seed: int, stability_run: bool,
-    keep_hidden: bool, tag: str,
+    keep_hidden: bool, tag: str, ci: str = "linear",
 ) -> dict[str, Any]:
     """Collect hidden states for one model and analyse them; returns the gap record."""
     from regap.gap.pairs import make_pairs
@@ -27,13 +27,13 @@ def measure_model(
         load_projector(model, projector)
     pair_list = make_pairs(pairs, images=images, texts=texts, seed=seed, texts_per_pair=texts_per_pair)
     result = measure_gap(model, pair_list, out / f".hidden-{tag}", protocol=protocol, text_tokens=text_tokens,
-                         batch_size=batch_size, mode=mode, n_boot=n_boot, seed=seed,
+                         batch_size=batch_size, mode=mode, n_boot=n_boot, seed=seed, ci=ci,
                          with_stability=stability_run, keep_hidden=keep_hidden)
     result["provenance"] = provenance(
         model=model_name, model_config=model.config.to_dict(), projector=str(projector) if projector else None,
         protocol=protocol, images=images, texts=texts, pairs=pairs, text_tokens=text_tokens, seed=seed,
         texts_per_pair=texts_per_pair,
-        dtype=dtype, mode=mode, n_boot=n_boot, pair_ids=[p.id for p in pair_list],
+        dtype=dtype, mode=mode, n_boot=n_boot, ci=ci, pair_ids=[p.id for p in pair_list],
     )
     return result
 
@@ -54,6 +54,7 @@ def gap_command(
     dtype: str = typer.Option("float32", "--dtype"),
     mode: str = typer.Option("exact", "--mode", help="exact (Fréchet) or reference-fast (the reference code's default; not a distance)."),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap replicates over pairs (0: no intervals)."),
+    ci: str = typer.Option("linear", "--ci", help="Bootstrap replicates: linear (fast, trace term linearised) or exact (recomputed; small models)."),
     seed: int = typer.Option(0, "--seed"),
     stability_run: bool = typer.Option(False, "--stability", help="Also report MIR for 5, 10, 20, 50, 100, ... pairs."),
     keep_hidden: bool = typer.Option(False, "--keep-hidden", help="Keep the spilled hidden states in OUT/.hidden-*."),
@@ -68,18 +69,19 @@ def gap_command(
         if path is not None and not path.is_file():
             raise RegapError(f"{flag}: projector checkpoint not found: {path}")
     from regap.gap.collect import TEXT_TOKEN_MODES
+    from regap.gap.measure import CI_METHODS
     from regap.gap.mir import MODES
     from regap.gap.pairs import PROTOCOLS
 
     for flag, value, valid in (("--protocol", protocol, PROTOCOLS), ("--mode", mode, MODES),
-                               ("--text-tokens", text_tokens, TEXT_TOKEN_MODES)):
+                               ("--text-tokens", text_tokens, TEXT_TOKEN_MODES), ("--ci", ci, CI_METHODS)):
         if value not in valid:
             raise RegapError(f"{flag} {value!r} is not one of {', '.join(valid)}")
     out.mkdir(parents=True, exist_ok=True)
     texts = texts or ("starter-benign" if protocol == "reference" else "starter-harmful")
     common = dict(pairs=pairs, protocol=protocol, images=images, texts=texts, text_tokens=text_tokens,
                   texts_per_pair=texts_per_pair,
-                  batch_size=batch_size, dtype=dtype, mode=mode, n_boot=n_boot, seed=seed,
+                  batch_size=batch_size, dtype=dtype, mode=mode, n_boot=n_boot, seed=seed, ci=ci,
                   stability_run=stability_run, keep_hidden=keep_hidden)
     results = {model: measure_model(model, out, projector=projector, tag="a", **common)}
     record = dict(results[model])

@@ -1,7 +1,8 @@
 """Pure-math modality-gap measures (torch only): centroid gap, exact Fréchet distance, MIR.
 
-See ``distances`` for the distances, ``mir`` for the MIR protocol and ``stats`` for
-bootstrap intervals over image-text pairs.
+See ``distances`` for the distances and ``mir`` for the MIR protocol. Measuring a model
+(hidden-state collection, bootstrap intervals over pairs, stability tables) lives in
+``collect``, ``measure`` and ``run``, which add numpy and the model layer.
 """
 
 from regap.gap.distances import (
@@ -29,28 +30,12 @@ from regap.gap.mir import (
     norm_outlier_mask,
     replace_norm_outliers,
 )
-from regap.gap.stats import (
-    BootstrapCI,
-    MIRInterval,
-    PairTokens,
-    StabilityRow,
-    bootstrap_mir,
-    bootstrap_over_groups,
-    mir_stability_table,
-    stability_table,
-)
 
 __all__ = [
     "DEFAULT_DTYPE",
     "MODES",
-    "BootstrapCI",
     "LayerGap",
-    "MIRInterval",
     "MIRResult",
-    "PairTokens",
-    "StabilityRow",
-    "bootstrap_mir",
-    "bootstrap_over_groups",
     "centroid_gap",
     "check_tokens",
     "cosine_centroid_distance",
@@ -62,12 +47,10 @@ __all__ = [
     "matrix_sqrt_psd",
     "mir",
     "mir_per_layer",
-    "mir_stability_table",
     "norm_outlier_mask",
     "reference_fast_frechet",
     "reference_fast_frechet_from_stats",
     "replace_norm_outliers",
-    "stability_table",
     "text_centric_scale",
     "trace_sqrt_product",
 ]

@@ -49,6 +49,29 @@ class HiddenStates:
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
+    @classmethod
+    def from_tensors(
+        cls, folder: str | Path, image: torch.Tensor, text: torch.Tensor,
+        image_pairs: torch.Tensor | np.ndarray, text_pairs: torch.Tensor | np.ndarray,
+    ) -> "HiddenStates":
+        """Spill hidden states computed elsewhere ([layers, tokens, d] per modality, and each
+        token's pair index) so `regap.gap.measure` can analyse them like collected ones."""
+        if image.ndim != 3 or text.ndim != 3 or image.shape[0] != text.shape[0] or image.shape[2] != text.shape[2]:
+            raise RegapError(f"expected image [L, Nv, d] and text [L, Nt, d] with the same L and d,"
+                             f" got {tuple(image.shape)} and {tuple(text.shape)}")
+        image_pairs, text_pairs = np.asarray(image_pairs, dtype=np.int32), np.asarray(text_pairs, dtype=np.int32)
+        if len(image_pairs) != image.shape[1] or len(text_pairs) != text.shape[1]:
+            raise RegapError("need one pair index per token: got "
+                             f"{len(image_pairs)} for {image.shape[1]} image and {len(text_pairs)} for {text.shape[1]} text tokens")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, tokens in (("image", image), ("text", text)):
+            target = np.memmap(folder / f"{name}.bin", dtype="float32", mode="w+", shape=tuple(tokens.shape))
+            target[:] = tokens.detach().float().cpu().numpy()
+            target.flush()
+        n_pairs = int(max(image_pairs.max(initial=-1), text_pairs.max(initial=-1))) + 1
+        return cls(folder, image.shape[0], image.shape[2], image_pairs, text_pairs, n_pairs)
+
 
 def _text_positions(attention: torch.Tensor, image_mask: torch.Tensor, mode: str) -> torch.Tensor:
     attended = attention.bool() & ~image_mask

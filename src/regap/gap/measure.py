@@ -2,8 +2,15 @@
 
 Per layer: the exact protocol values (text-centric scaling, outlier replacement, Fréchet
 distance, centroid gap) from `regap.gap.mir`; over layers 1..L: MIR. Intervals come from a
-bootstrap over pairs (`regap.gap.linear_bootstrap`), accumulated layer by layer so only
-one layer's tokens are in memory at a time.
+bootstrap over pairs, accumulated layer by layer so only one layer's tokens are in memory
+at a time. Two ways to compute a replicate:
+
+* ``linear`` (default): the trace term linearised around the full sample
+  (`regap.gap.linear_bootstrap`), O(pairs x d + d^2) per replicate and layer;
+* ``exact``: the whole protocol (scaling, outliers, Fréchet distance) recomputed on each
+  resample, two covariances and an eigvalsh per replicate and layer. The small-sample
+  reference that the linearisation is checked against; affordable for small models or
+  a few hundred replicates.
 """
 
 from __future__ import annotations
@@ -14,18 +21,36 @@ from typing import Any
 import numpy as np
 import torch
 
+from regap.errors import RegapError
 from regap.gap.collect import HiddenStates
 from regap.gap.linear_bootstrap import linearise_layer, pair_weights, percentile_interval
 from regap.gap.mir import layer_gap
 
 DEFAULT_STABILITY_SIZES = (5, 10, 20, 50, 100, 200, 500, 1000)
+CI_METHODS = ("linear", "exact")
+
+
+def _exact_replicates(
+    image: torch.Tensor, text: torch.Tensor, image_pairs: torch.Tensor, text_pairs: torch.Tensor,
+    weights: torch.Tensor, layer: int, **gap_options: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fréchet distance and centroid gap of each resample, recomputed from its tokens."""
+    fds, centroids = [], []
+    for row in weights.long():
+        gap = layer_gap(image.repeat_interleave(row[image_pairs], 0), text.repeat_interleave(row[text_pairs], 0),
+                        layer=layer, **gap_options)
+        fds.append(gap.fd)
+        centroids.append(gap.centroid_gap)
+    return torch.tensor(fds, dtype=torch.float64), torch.tensor(centroids, dtype=torch.float64)
 
 
 def analyse(
     store: HiddenStates, *, n_pairs: int | None = None, mode: str = "exact", n_boot: int = 1000,
-    level: float = 0.95, seed: int = 0, ridge: float = 0.0, n_sigma: float = 3.0,
+    level: float = 0.95, seed: int = 0, ridge: float = 0.0, n_sigma: float = 3.0, ci: str = "linear",
 ) -> dict[str, Any]:
     """MIR (layers 1..L), layer-0 values and per-layer curves over the first `n_pairs` pairs."""
+    if ci not in CI_METHODS:
+        raise RegapError(f"unknown interval method {ci!r}; choose one of {', '.join(CI_METHODS)}")
     limit = store.n_pairs if n_pairs is None else min(n_pairs, store.n_pairs)
     image_keep = torch.from_numpy(store.image_pairs < limit)
     text_keep = torch.from_numpy(store.text_pairs < limit)
@@ -34,7 +59,7 @@ def analyse(
     n_image, n_text = int(image_keep.sum()), int(text_keep.sum())
     # The linearised bootstrap needs full-rank covariances: with fewer tokens than dimensions
     # Tr (S_t S_v)^1/2 is not differentiable along the resampling directions.
-    enough_tokens = min(n_image, n_text) > store.width
+    enough_tokens = min(n_image, n_text) > store.width or ci == "exact"
     bootstrap = mode == "exact" and n_boot > 0 and limit >= 2 and enough_tokens
     weights = pair_weights(limit, n_boot, seed) if bootstrap else None
     fd_sum = torch.zeros(n_boot, dtype=torch.float64) if bootstrap else None
@@ -48,12 +73,17 @@ def analyse(
                "image_outliers": gap.n_image_outliers, "text_outliers": gap.n_text_outliers}
         per_layer.append(row)
         if bootstrap:
-            linear = linearise_layer(image, text, image_pairs, text_pairs, limit, n_sigma=n_sigma)
-            if k == 0:
-                layer0["centroid_ci"] = percentile_interval(linear.centroid_gap(weights), level)
-                layer0["frechet_ci"] = percentile_interval(linear.frechet(weights), level)
+            if ci == "exact":
+                fds, centroids = _exact_replicates(image, text, image_pairs, text_pairs, weights, k,
+                                                   mode=mode, ridge=ridge, n_sigma=n_sigma)
             else:
-                fd_sum += linear.frechet(weights)
+                linear = linearise_layer(image, text, image_pairs, text_pairs, limit, n_sigma=n_sigma)
+                fds, centroids = linear.frechet(weights), linear.centroid_gap(weights)
+            if k == 0:
+                layer0["centroid_ci"] = percentile_interval(centroids, level)
+                layer0["frechet_ci"] = percentile_interval(fds, level)
+            else:
+                fd_sum += fds
     total = math.fsum(row["frechet"] for row in per_layer[1:])
     result: dict[str, Any] = {
         "mir": math.log10(total) if total > 0 else None,
@@ -77,8 +107,9 @@ def analyse(
         # Squared distances are biased upward under resampling (E||mu*_v - mu*_t||^2 adds the
         # variance of the means), so the percentile interval can sit above the estimate.
         result["mir_bootstrap_bias"] = float(valid.log10().mean()) - result["mir"] if result["mir"] else None
-        result["ci_method"] = (f"bootstrap over pairs (n_boot={n_boot}, seed={seed}, percentile); trace term "
-                               "linearised around the full sample, all other terms exact per replicate; "
+        how = ("trace term linearised around the full sample, all other terms exact per replicate" if ci == "linear"
+               else "every replicate recomputed exactly (scaling, outliers, Fréchet distance)")
+        result["ci_method"] = (f"bootstrap over pairs (n_boot={n_boot}, seed={seed}, percentile, {ci}); {how}; "
                                "see mir_bootstrap_bias: the interval can lie above a biased estimate")
     elif not enough_tokens:
         result["ci_method"] = (f"none: {min(n_image, n_text)} tokens of one modality <= width {store.width}, so the "

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from regap.gap.linear_bootstrap import linearise_layer, pair_weights, trace_sqrt_and_gradients
-from regap.gap.mir import layer_gap
+from regap.gap.mir import fit_layer, layer_gap
 
 
 def _random_cov(d: int, seed: int) -> torch.Tensor:
@@ -39,10 +40,14 @@ def _clouds(pairs: int = 30, per_pair: int = 12, d: int = 6):
     return image, text, index, pairs
 
 
-def test_full_sample_weights_reproduce_the_exact_layer_gap():
+@pytest.mark.parametrize("n_sigma", [100.0, 1.0])  # 1.0: outliers replaced in both clouds
+def test_full_sample_weights_reproduce_the_exact_layer_gap(n_sigma):
     image, text, index, pairs = _clouds()
-    linear = linearise_layer(image, text, index, index, pairs, n_sigma=100.0)
-    exact = layer_gap(image, text, layer=1, n_sigma=100.0)
+    fitted = fit_layer(image, text, layer=1, n_sigma=n_sigma)
+    if n_sigma == 1.0:
+        assert fitted.gap.n_image_outliers > 0 and fitted.gap.n_text_outliers > 0
+    linear = linearise_layer(fitted, index, index, pairs)
+    exact = layer_gap(image, text, layer=1, n_sigma=n_sigma)
     ones = torch.ones(1, pairs, dtype=torch.float64)
     assert abs(float(linear.frechet(ones)[0]) - exact.fd) < 1e-9 * exact.fd
     assert abs(float(linear.centroid_gap(ones)[0]) - exact.centroid_gap) < 1e-9 * exact.centroid_gap
@@ -50,7 +55,7 @@ def test_full_sample_weights_reproduce_the_exact_layer_gap():
 
 def test_replicates_match_exact_recomputation_closely():
     image, text, index, pairs = _clouds()
-    linear = linearise_layer(image, text, index, index, pairs, n_sigma=100.0)
+    linear = linearise_layer(fit_layer(image, text, layer=1, n_sigma=100.0), index, index, pairs)
     weights = pair_weights(pairs, 20, seed=1)
     approx = linear.frechet(weights)
     for b in range(weights.shape[0]):

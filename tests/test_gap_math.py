@@ -386,7 +386,9 @@ def test_intervals_narrow_with_more_pairs_and_stability_rows(tmp_path) -> None:
     store = _store(tmp_path, pairs=80)
     few = analyse(store, n_pairs=10, n_boot=200, ci="exact", n_sigma=100.0)
     many = analyse(store, n_boot=200, ci="exact", n_sigma=100.0)
-    width = lambda r: r["mir_ci"][1] - r["mir_ci"][0]  # noqa: E731
+    def width(r):
+        return r["mir_ci"][1] - r["mir_ci"][0]
+
     assert width(many) < 0.6 * width(few)
     rows = stability(store, sizes=(5, 10, 20, 50), n_boot=30, ci="exact", n_sigma=100.0)
     assert [r["pairs"] for r in rows] == [5, 10, 20, 50, 80]

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from regap.gap.mir import replace_norm_outliers
+from regap.gap.mir import FittedLayer
 
 _PINV_RTOL = 1e-12
+_ROWS_PER_CHUNK = 8192
 
 
 def _eig_psd(matrix: Tensor) -> tuple[Tensor, Tensor]:
@@ -69,16 +70,22 @@ class PairMoments:
     grad: Tensor  # [d, d]
 
     @classmethod
-    def of(cls, tokens: Tensor, pair_index: Tensor, n_pairs: int, grad: Tensor) -> "PairMoments":
+    def of(cls, tokens: Tensor, norms: Tensor, pair_index: Tensor, n_pairs: int, grad: Tensor) -> "PairMoments":
+        """`norms` are the norms that define alpha (raw tokens, before outlier replacement)."""
         d = tokens.shape[1]
         index = pair_index.long()
         zeros = tokens.new_zeros(n_pairs)
+        sq_norms, quad = zeros.clone(), zeros.clone()
+        for start in range(0, tokens.shape[0], _ROWS_PER_CHUNK):  # no [N, d] temporaries
+            rows, where = tokens[start : start + _ROWS_PER_CHUNK], index[start : start + _ROWS_PER_CHUNK]
+            sq_norms.index_add_(0, where, rows.square().sum(1))
+            quad.index_add_(0, where, ((rows @ grad) * rows).sum(1))
         return cls(
             counts=zeros.index_add(0, index, torch.ones_like(tokens[:, 0])),
             sums=tokens.new_zeros(n_pairs, d).index_add(0, index, tokens),
-            sq_norms=zeros.index_add(0, index, tokens.square().sum(1)),
-            norms=zeros.index_add(0, index, tokens.norm(dim=1)),
-            quad=zeros.index_add(0, index, ((tokens @ grad) * tokens).sum(1)),
+            sq_norms=sq_norms,
+            norms=zeros.index_add(0, index, norms.to(tokens.dtype)),
+            quad=quad,
             grad=grad,
         )
 
@@ -116,18 +123,13 @@ class LayerLinearisation:
         return (n_t / norm_t).square() * (mu_v - mu_t).square().sum(1)
 
 
-def linearise_layer(
-    image_tokens: Tensor, text_tokens: Tensor, image_pairs: Tensor, text_pairs: Tensor, n_pairs: int,
-    n_sigma: float = 3.0,
-) -> LayerLinearisation:
-    """Clean outliers (once, full sample), fit both Gaussians, linearise the trace term."""
-    image = replace_norm_outliers(image_tokens.to(torch.float64), n_sigma)
-    text = replace_norm_outliers(text_tokens.to(torch.float64), n_sigma)
-    cov_t, cov_v = torch.cov(text.T), torch.cov(image.T)
+def linearise_layer(fitted: FittedLayer, image_pairs: Tensor, text_pairs: Tensor, n_pairs: int) -> LayerLinearisation:
+    """Linearise the trace term around a layer fitted on the full sample (outliers cleaned once)."""
+    cov_t, cov_v = fitted.cov_text, fitted.cov_image
     trace_sqrt, grad_t, grad_v = trace_sqrt_and_gradients(cov_t, cov_v)
     return LayerLinearisation(
-        text=PairMoments.of(text, text_pairs, n_pairs, grad_t),
-        image=PairMoments.of(image, image_pairs, n_pairs, grad_v),
+        text=PairMoments.of(fitted.text, fitted.text_norms, text_pairs, n_pairs, grad_t),
+        image=PairMoments.of(fitted.image, fitted.image.norm(dim=1), image_pairs, n_pairs, grad_v),
         trace_sqrt=trace_sqrt,
         base_text_linear=float((grad_t * cov_t).sum()),
         base_image_linear=float((grad_v * cov_v).sum()),

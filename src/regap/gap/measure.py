@@ -24,7 +24,7 @@ import torch
 from regap.errors import RegapError
 from regap.gap.collect import HiddenStates
 from regap.gap.linear_bootstrap import linearise_layer, pair_weights, percentile_interval
-from regap.gap.mir import layer_gap
+from regap.gap.mir import fit_layer, layer_gap
 
 DEFAULT_STABILITY_SIZES = (5, 10, 20, 50, 100, 200, 500, 1000)
 CI_METHODS = ("linear", "exact")
@@ -67,8 +67,10 @@ def analyse(
     layer0: dict[str, Any] = {}
     for k in range(store.n_layers):
         image, text = store.layer(k)
-        image, text = image[image_keep], text[text_keep]
-        gap = layer_gap(image, text, layer=k, mode=mode, ridge=ridge, n_sigma=n_sigma)
+        if limit < store.n_pairs:  # boolean indexing copies; skip it when every pair is used
+            image, text = image[image_keep], text[text_keep]
+        fitted = fit_layer(image, text, layer=k, mode=mode, ridge=ridge, n_sigma=n_sigma)
+        gap = fitted.gap
         row = {"layer": k, "frechet": gap.fd, "centroid_gap": gap.centroid_gap, "alpha": gap.alpha,
                "image_outliers": gap.n_image_outliers, "text_outliers": gap.n_text_outliers}
         per_layer.append(row)
@@ -77,13 +79,14 @@ def analyse(
                 fds, centroids = _exact_replicates(image, text, image_pairs, text_pairs, weights, k,
                                                    mode=mode, ridge=ridge, n_sigma=n_sigma)
             else:
-                linear = linearise_layer(image, text, image_pairs, text_pairs, limit, n_sigma=n_sigma)
+                linear = linearise_layer(fitted, image_pairs, text_pairs, limit)
                 fds, centroids = linear.frechet(weights), linear.centroid_gap(weights)
             if k == 0:
                 layer0["centroid_ci"] = percentile_interval(centroids, level)
                 layer0["frechet_ci"] = percentile_interval(fds, level)
             else:
                 fd_sum += fds
+        del image, text, fitted  # one layer's clouds in memory at a time
     total = math.fsum(row["frechet"] for row in per_layer[1:])
     result: dict[str, Any] = {
         "mir": math.log10(total) if total > 0 else None,

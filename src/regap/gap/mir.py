@@ -31,7 +31,6 @@ from regap.gap.distances import (
     frechet_distance_from_stats,
     gaussian_stats,
     reference_fast_frechet_from_stats,
-    text_centric_scale,
 )
 
 MODES = ("exact", "reference-fast")
@@ -120,8 +119,39 @@ def _check_mode(mode: str) -> None:
         raise RegapError(f"unknown MIR mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
+@dataclass
+class FittedLayer:
+    """One layer after steps 1-3, kept so the pair bootstrap can reuse it.
+
+    ``image``/``text`` are the cleaned tokens in the compute dtype, NOT scaled (scaling
+    by alpha multiplies means by alpha and covariances by alpha^2, so it is applied to
+    the statistics instead of copying the clouds); ``text_norms`` are the raw text-token
+    norms that define alpha.
+    """
+
+    gap: LayerGap
+    image: Tensor
+    text: Tensor
+    text_norms: Tensor
+    mean_image: Tensor
+    cov_image: Tensor
+    mean_text: Tensor
+    cov_text: Tensor
+
+
+def _cleaned_copy(tokens: Tensor, n_sigma: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
+    """(copy in ``dtype`` with norm outliers replaced in place, raw norms, outlier count)."""
+    copy = tokens.to(dtype, copy=True)
+    norms = copy.norm(dim=-1)
+    mask = norm_outlier_mask(copy, n_sigma)
+    count = int(mask.sum())
+    if count:
+        copy[mask] = copy.median(dim=-2).values.to(dtype)
+    return copy, norms, count
+
+
 @torch.no_grad()
-def layer_gap(
+def fit_layer(
     image_tokens: Tensor,
     text_tokens: Tensor,
     *,
@@ -130,39 +160,53 @@ def layer_gap(
     ridge: float = 0.0,
     n_sigma: float = 3.0,
     dtype: torch.dtype = DEFAULT_DTYPE,
-) -> LayerGap:
-    """Steps 1-4 of the protocol for one layer's clouds ``[Nv, d]`` and ``[Nt, d]``."""
+) -> FittedLayer:
+    """Steps 1-4 of the protocol for one layer's clouds ``[Nv, d]`` and ``[Nt, d]``.
+
+    Outliers are found on the unscaled tokens: the rule compares norms with their
+    median and std, which all scale with alpha, so the mask is the same.
+    """
     _check_mode(mode)
     check_tokens(image_tokens, "image tokens", layer=layer, min_tokens=2)
     check_tokens(text_tokens, "text tokens", layer=layer, min_tokens=2)
+    if image_tokens.ndim != 2 or text_tokens.ndim != 2:
+        raise RegapError(f"layer {layer}: expected [N, d] clouds, got {tuple(image_tokens.shape)} and"
+                         f" {tuple(text_tokens.shape)}")
     if image_tokens.shape[-1] != text_tokens.shape[-1]:
         raise RegapError(
             f"layer {layer}: image tokens have width {image_tokens.shape[-1]},"
             f" text tokens {text_tokens.shape[-1]}"
         )
-    img, txt = image_tokens.to(dtype), text_tokens.to(dtype)
-    alpha = text_centric_scale(txt)
-    img, txt = img * alpha, txt * alpha
-    img_mask, txt_mask = norm_outlier_mask(img, n_sigma), norm_outlier_mask(txt, n_sigma)
-    img, txt = _replace_rows(img, img_mask), _replace_rows(txt, txt_mask)
+    img, _, img_outliers = _cleaned_copy(image_tokens, n_sigma, dtype)
+    txt, text_norms, txt_outliers = _cleaned_copy(text_tokens, n_sigma, dtype)
+    mean_norm = text_norms.mean()
+    if not mean_norm > 0:
+        raise RegapError(f"layer {layer}: text tokens all have zero norm: the text-centric scale is undefined")
+    alpha = 1.0 / mean_norm
     mu_t, cov_t = gaussian_stats(txt, dtype=dtype)
     mu_i, cov_i = gaussian_stats(img, dtype=dtype)
     # Text is the first argument: it is the side whose square root ReGap caches.
     fd_fn = frechet_distance_from_stats if mode == "exact" else reference_fast_frechet_from_stats
     try:
-        fd = fd_fn(mu_t, cov_t, mu_i, cov_i, ridge=ridge, dtype=dtype)
+        fd = fd_fn(alpha * mu_t, alpha**2 * cov_t, alpha * mu_i, alpha**2 * cov_i, ridge=ridge, dtype=dtype)
     except RegapError as err:
         raise RegapError(f"layer {layer}: {err}") from err
-    return LayerGap(
+    gap = LayerGap(
         layer=layer,
         fd=float(fd),
-        centroid_gap=float((mu_i - mu_t).square().sum()),
+        centroid_gap=float(alpha**2 * (mu_i - mu_t).square().sum()),
         alpha=float(alpha),
-        n_image_outliers=int(img_mask.sum()),
-        n_text_outliers=int(txt_mask.sum()),
+        n_image_outliers=img_outliers,
+        n_text_outliers=txt_outliers,
         n_image_tokens=int(img.shape[-2]),
         n_text_tokens=int(txt.shape[-2]),
     )
+    return FittedLayer(gap, img, txt, text_norms, mu_i, cov_i, mu_t, cov_t)
+
+
+def layer_gap(image_tokens: Tensor, text_tokens: Tensor, *, layer: int, **options) -> LayerGap:
+    """The per-layer values (see :func:`fit_layer`, which also keeps the fitted clouds)."""
+    return fit_layer(image_tokens, text_tokens, layer=layer, **options).gap
 
 
 def mir_per_layer(

@@ -2,7 +2,8 @@
 
 Both sides get the same float32 token clouds in one process and compute in float64:
 
-* regap:     gaussian_stats (torch, chunked) + frechet_distance_from_stats (eigh + eigvalsh)
+* regap:     gaussian_stats (torch, chunked, upper block triangle) + frechet_distance_from_stats
+             (Cholesky of S1, L^T S2 L, eigvalsh)
 * reference: np.cov + scipy.linalg.sqrtm(S1 @ S2), real part of the trace (the MIR
              reference code's "accurate" mode, and the usual FID recipe)
 
@@ -102,6 +103,7 @@ def best(fn, *data, repeat: int) -> tuple[float, float, float]:
 
 def main() -> int:
     torch.set_num_threads(ARGS.threads)
+    print(f"load average before: {open('/proc/loadavg').read().split()[:3]}", flush=True)
     d, n = ARGS.d, ARGS.tokens
     t0 = time.perf_counter()
     x1 = make_tokens(n, d, ARGS.seed, shift=0.0)
@@ -126,6 +128,7 @@ def main() -> int:
     print(f"machine: {machine}; python {platform.python_version()}, torch {torch.__version__},"
           f" numpy {np.__version__}, scipy {scipy.__version__}; {datetime.date.today()}")
     print("command: python bench/gap.py " + " ".join(sys.argv[1:]))
+    print(f"load average after: {open('/proc/loadavg').read().split()[:3]}")
     print()
     print("| d | tokens | regap stats s | regap FD s | regap total s | scipy cov s |"
           " scipy sqrtm s | scipy total s | speed-up total | speed-up FD step | rel. diff |")

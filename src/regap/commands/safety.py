@@ -28,6 +28,9 @@ def safety_command(
     projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint to load into the model."),
     defense: Optional[str] = typer.Option(None, "--defense", help="Comma-separated inference-time defenses."),
     seed: int = typer.Option(0, "--seed"),
+    engine: str = typer.Option("transformers", "--engine",
+                               help="Generation engine: transformers (dynamic cache), static (static cache, compiled "
+                                    "decoding on GPU; recommended there) or vllm (needs pip install vllm)."),
     compare: Optional[list[Path]] = typer.Option(None, "--compare", help="Two run folders to compare (give twice): paired test."),
     compare_judge: Optional[str] = typer.Option(None, "--compare-judge", help="Judge used for --compare (default: the first)."),
 ) -> None:
@@ -62,7 +65,7 @@ def safety_command(
     run = SafetyRun(model=model, out=out, prompts=_split(prompts), conditions=_split(conditions),
                     judges=_split(judge), limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
                     dtype=dtype, projector=str(projector) if projector else None, seed=seed,
-                    defenses=_split(defense) if defense else [])
+                    defenses=_split(defense) if defense else [], engine=engine)
     summary = run_safety(run)
     for judge_name, entry in summary["judges"].items():
         table = Table(title=f"{model}: judge {judge_name}")

@@ -7,6 +7,31 @@ from typing import Any
 
 from regap.errors import RegapError
 
+# Generation engines (see docs/safety.md, "Engines"):
+#   transformers: `generate` with the dynamic KV cache (the default; the reference path);
+#   static: `generate` with transformers' static KV cache, whose decoding steps transformers
+#           compiles automatically on cuda/xpu/neuron/tpu (eager on CPU);
+#   vllm: the LVLM computes the prompt embeddings, vLLM decodes them (needs `pip install vllm`).
+ENGINES: dict[str, str] = {
+    "transformers": "transformers generate, dynamic KV cache (default)",
+    "static": "transformers generate, static KV cache; decoding compiled on GPU (recommended there)",
+    "vllm": "vLLM decoding from the LVLM's prompt embeddings (pip install vllm)",
+}
+DEFAULT_ENGINE = "transformers"
+# Static caches are sized up to a multiple of this, so batches of similar length share one
+# compiled graph instead of recompiling for every prompt length.
+STATIC_CACHE_BUCKET = 256
+# Fields added after caches were first written: left out of `cache_key()` at these values,
+# so results cached before the field existed keep their keys.
+_KEY_DEFAULTS: dict[str, Any] = {"engine": DEFAULT_ENGINE}
+
+
+def check_engine(name: str) -> str:
+    """The engine name, or a RegapError listing the valid ones."""
+    if name not in ENGINES:
+        raise RegapError(f"unknown generation engine {name!r}; valid: {', '.join(ENGINES)}")
+    return name
+
 
 @dataclass
 class DecodingSettings:
@@ -20,6 +45,7 @@ class DecodingSettings:
     repetition_penalty: float = 1.0
     seed: int = 0
     batch_size: int = 16
+    engine: str = DEFAULT_ENGINE
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -28,11 +54,23 @@ class DecodingSettings:
             raise RegapError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.do_sample and self.temperature <= 0:
             raise RegapError("temperature must be > 0 when sampling")
+        check_engine(self.engine)
+        if self.engine == "vllm" and self.num_beams != 1:
+            raise RegapError("the vllm engine does not run beam search (num_beams must be 1); use --engine transformers")
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, the engine included (provenance)."""
         return asdict(self)
 
-    def generation_config(self, tokenizer: Any) -> Any:
+    def cache_key(self) -> dict[str, Any]:
+        """What result caches are keyed by: every field, except later-added ones left at their
+        default. Any non-default engine is part of the key: bf16 outputs of the static and vLLM
+        engines can differ from the dynamic-cache ones (other kernels and reduction orders)."""
+        return {k: v for k, v in self.to_dict().items() if not (k in _KEY_DEFAULTS and v == _KEY_DEFAULTS[k])}
+
+    def generation_config(self, tokenizer: Any, prompt_length: int | None = None) -> Any:
+        """A transformers `GenerationConfig`; with the static engine, `prompt_length` (the padded
+        batch length) sizes the static cache (rounded up to `STATIC_CACHE_BUCKET`)."""
         from transformers import GenerationConfig
 
         options: dict[str, Any] = {
@@ -48,4 +86,12 @@ class DecodingSettings:
         else:
             # Greedy: neutral sampling fields so transformers does not warn or apply them.
             options.update(temperature=None, top_p=None, top_k=None)
+        if self.engine == "static":
+            # transformers compiles the decoding step by itself when the cache is static and the
+            # device is cuda/xpu/neuron/tpu (GenerationMixin._valid_auto_compile_criteria); no
+            # compile_config is passed so that CPU runs stay eager without a warning.
+            options["cache_implementation"] = "static"
+            if prompt_length is not None:
+                needed = prompt_length + self.max_new_tokens
+                options["max_cache_len"] = -(-needed // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
         return GenerationConfig(**options)

@@ -71,6 +71,13 @@ def _count_until_eos(token_ids: list[int], eos_ids: set[int]) -> int:
     return len(token_ids)
 
 
+def fill_short_batches(engine: str, device_type: str, has_processors: bool) -> bool:
+    """Whether a short last batch is filled to the batch size: only where decoding is compiled
+    (static cache off the CPU), since every new batch shape costs a recompilation there, and
+    not with logits processors, which are built for the real rows."""
+    return engine == "static" and device_type != "cpu" and not has_processors
+
+
 class LVLM(nn.Module):
     """A LLaVA-style model built from parts.
 
@@ -179,6 +186,17 @@ class LVLM(nn.Module):
             image_lists.append(listed)
         return conversations, image_lists
 
+    def prompt_lengths(self, conversations: Sequence[Conversation], image_lists: Sequence[Sequence[Image.Image]],
+                       template: str | None = None) -> list[int]:
+        """Token length of each prompt with its generation prompt and image slots (no images are
+        encoded): what batching by length needs, unlike the string length of the conversation."""
+        _, samples = build_batch(
+            [list(c) for c in conversations], [len(i) for i in image_lists], tokenizer=self.tokenizer,
+            template=get_template(template or self.config.template, self.tokenizer),
+            tokens_per_image=self.tokens_per_image, add_generation_prompt=True, padding_side="left",
+        )
+        return [len(sample.ids) for sample in samples]
+
     @torch.no_grad()
     def generate_detailed(
         self,
@@ -194,19 +212,37 @@ class LVLM(nn.Module):
 
         A prompt may be a plain string (one user turn) or a list of chat messages. An image
         given without an `<image>` marker is placed before the user's text (LLaVA convention).
+        Prompts are batched by token length (image slots included), longest first, so padding
+        is small and a static cache is sized once. `settings.engine` picks the generation engine
+        (`transformers`, `static`, `vllm`; see `regap.models.generation.ENGINES`).
         `logits_processor_factory(indices)` may return extra logits processors for the batch
-        holding those prompt indices (decoding-time defenses use it).
+        holding those prompt indices (decoding-time defenses use it; not with vllm).
         """
         settings = settings or DecodingSettings()
         images = images if images is not None else [None] * len(prompts)
         if len(images) != len(prompts):
             raise RegapError(f"{len(prompts)} prompts but {len(images)} image entries")
+        if not prompts:
+            return GenerationResult([], [], settings)
         conversations, image_lists = self.prepare_conversations(prompts, images)
-        order = sorted(range(len(prompts)), key=lambda i: -len(str(conversations[i])))  # similar lengths together
+        lengths = self.prompt_lengths(conversations, image_lists, template)
+        order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # stable: ties keep their order
+        if settings.engine == "vllm":
+            if logits_processor_factory is not None:
+                raise RegapError("the vllm engine cannot run decoding-time defenses (logits processors); "
+                                 "use --engine transformers or static")
+            from regap.models.engines import generate_vllm
+
+            texts, counts = generate_vllm(self, conversations, image_lists, order, settings, template=template,
+                                          progress=progress)
+            return GenerationResult(texts, counts, settings)
         outputs: list[str] = [""] * len(prompts)
         new_tokens: list[int] = [0] * len(prompts)
-        generation_config = settings.generation_config(self.tokenizer)
-        eos_ids = _eos_ids(self.tokenizer, generation_config)
+        eos_ids = _eos_ids(self.tokenizer, settings.generation_config(self.tokenizer))
+        # Compiled decoding (static cache off the CPU) recompiles for every new batch size: fill a
+        # short last batch with copies of its last prompt (their outputs are dropped).
+        fill = fill_short_batches(settings.engine, self.device.type, logits_processor_factory is not None)
+        fill_to = settings.batch_size if fill else None
         if settings.do_sample:
             torch.manual_seed(settings.seed)
         starts = range(0, len(order), settings.batch_size)
@@ -216,8 +252,9 @@ class LVLM(nn.Module):
             starts = tqdm(starts, desc="generate", unit="batch")
         for start in starts:
             chunk = order[start : start + settings.batch_size]
+            rows = chunk + [chunk[-1]] * (fill_to - len(chunk)) if fill_to else chunk
             batch = self.build_inputs(
-                [conversations[i] for i in chunk], [image_lists[i] for i in chunk],
+                [conversations[i] for i in rows], [image_lists[i] for i in rows],
                 template=template, add_generation_prompt=True, padding_side="left",
             )
             embeds = self.embed(batch)
@@ -228,9 +265,9 @@ class LVLM(nn.Module):
                 extra["logits_processor"] = LogitsProcessorList(logits_processor_factory(chunk))
             generated = self.llm.generate(
                 inputs_embeds=embeds, attention_mask=batch.attention_mask.to(self.device),
-                generation_config=generation_config, **extra,
+                generation_config=settings.generation_config(self.tokenizer, prompt_length=embeds.shape[1]), **extra,
             )
-            texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+            texts = self.tokenizer.batch_decode(generated[: len(chunk)], skip_special_tokens=True)
             for row, (index, text) in enumerate(zip(chunk, texts)):
                 outputs[index] = text.strip()
                 new_tokens[index] = _count_until_eos(generated[row].tolist(), eos_ids)

@@ -35,6 +35,7 @@ class SafetyRun:
     projector: str | None = None
     seed: int = 0
     defenses: list[str] = field(default_factory=list)
+    engine: str = "transformers"  # generation engine: transformers, static or vllm (regap.models.generation.ENGINES)
     source_limits: dict[str, int] = field(default_factory=dict)  # per-spec limits, overriding `limit`
 
 
@@ -76,11 +77,10 @@ def _condition_inputs(condition: Any, request: Any) -> tuple[str, Any, dict[str,
 
 def generate_missing(run: SafetyRun, model: Any, requests: list[Any], store: JsonlStore, progress: bool = True) -> None:
     """Generate every (condition, request) response not yet in the cache, batch by batch."""
-    from regap.models import DecodingSettings
     from regap.safety.conditions import get_condition
 
-    settings = DecodingSettings(max_new_tokens=run.max_new_tokens, batch_size=run.batch_size, seed=run.seed)
-    decoding_hash = json_hash(settings.to_dict())
+    settings = _decoding_settings(run)
+    decoding_hash = json_hash(settings.cache_key())  # the default engine is left out: older caches stay valid
     fingerprint = model_fingerprint(model)
     defenses = _build_defenses(run.defenses)
     from regap.defenses import build_generate
@@ -125,6 +125,13 @@ def generate_missing(run: SafetyRun, model: Any, requests: list[Any], store: Jso
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
+
+
+def _decoding_settings(run: SafetyRun) -> Any:
+    from regap.models import DecodingSettings
+
+    return DecodingSettings(max_new_tokens=run.max_new_tokens, batch_size=run.batch_size, seed=run.seed,
+                            engine=run.engine)
 
 
 def _build_defenses(names: list[str]) -> list[Any]:
@@ -188,6 +195,10 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
     for name in run.judges:
         get_judge(name)
     defenses = _build_defenses(run.defenses)
+    from regap.models.engines import check_engine_available
+
+    _decoding_settings(run)  # bad engine names and settings fail here, before any model is loaded
+    check_engine_available(run.engine)
     requests = _load_all_requests(run.prompts, run.limit, run.out, run.source_limits)
     generations = JsonlStore(run.out / "generations.jsonl")
     verdicts = JsonlStore(run.out / "verdicts.jsonl")
@@ -207,7 +218,8 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
         projector=run.projector, prompts=run.prompts, limit=run.limit, source_limits=run.source_limits,
         conditions={name: get_condition(name).describe() for name in run.conditions},
         judges=judges, decoding={"max_new_tokens": run.max_new_tokens, "batch_size": run.batch_size,
-                                 "greedy": True, "seed": run.seed}, dtype=run.dtype, defenses=[d.describe() for d in defenses],
+                                 "greedy": True, "seed": run.seed, "engine": run.engine},
+        dtype=run.dtype, defenses=[d.describe() for d in defenses],
     )
     write_jsonl_atomic(run.out / "results.jsonl", ({**r, "provenance": "summary.json#provenance"} for r in rows))
     summary = summarise(rows, list(judges), record)

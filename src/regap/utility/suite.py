@@ -366,7 +366,7 @@ def run_utility(
         items["over-refusal"] = over_refusal_items(xstest_path, refusal_limit)
 
     fingerprint = utility_fingerprint(lvlm)
-    decoding = {k: v for k, v in settings.to_dict().items() if k != "batch_size"}  # batch size: not part of the key
+    decoding = {k: v for k, v in settings.cache_key().items() if k != "batch_size"}  # batch size: not part of the key
     decoding_hash = json_hash(decoding)
     store = JsonlStore(out / CACHE_FILE)
     generated = 0

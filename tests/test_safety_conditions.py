@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,6 +120,7 @@ def test_figstep_uses_instruction_else_prompt():
 
 def test_figstep_font_fallback_and_preference(monkeypatch, tmp_path):
     monkeypatch.setattr(conditions, "FREEMONO_BOLD", tmp_path / "missing" / "FreeMonoBold.ttf")
+    monkeypatch.setattr(conditions, "FREEMONO_BOLD_ELSEWHERE", (tmp_path / "missing" / "other.ttf",))
     fallback = get_condition("typo").describe()
     assert fallback["font_path"].endswith("DejaVuSansMono-Bold.ttf")
     assert fallback["figstep_font"] is False
@@ -127,6 +129,38 @@ def test_figstep_font_fallback_and_preference(monkeypatch, tmp_path):
     monkeypatch.setattr(conditions, "FREEMONO_BOLD", installed)
     chosen = get_condition("typo").describe()
     assert chosen["font_path"] == str(installed) and chosen["figstep_font"] is True
+    # Another system's location is found when the Debian path is absent.
+    elsewhere = tmp_path / "fonts" / "FreeMonoBold.ttf"
+    elsewhere.parent.mkdir()
+    shutil.copy(fallback["font_path"], elsewhere)
+    monkeypatch.setattr(conditions, "FREEMONO_BOLD", tmp_path / "missing" / "FreeMonoBold.ttf")
+    monkeypatch.setattr(conditions, "FREEMONO_BOLD_ELSEWHERE", (tmp_path / "missing" / "other.ttf", elsewhere))
+    found = get_condition("typo").describe()
+    assert found["font_path"] == str(elsewhere) and found["figstep_font"] is True
+
+
+SAFEBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "safebench" / "safebench.csv"
+
+
+@pytest.mark.skipif(not SAFEBENCH.is_file(), reason="../shared/data/safebench is absent")
+def test_figstep_overflow_on_safebench_per_font():
+    """The counts docs/safety.md reports: DejaVu's taller lines push 168 of 500 renders past
+    the bottom edge, FreeMonoBold's only 14 (checked when the system has FreeMonoBold)."""
+    from regap.safety.sources import load_requests
+
+    requests = load_requests(f"figstep:{SAFEBENCH}")
+    assert len(requests) == 500
+    fonts = {"DejaVu Sans Mono Bold": (conditions.matplotlib_font("DejaVuSansMono-Bold.ttf"), 168)}
+    freemono = next((p.expanduser() for p in (conditions.FREEMONO_BOLD, *conditions.FREEMONO_BOLD_ELSEWHERE)
+                     if p.expanduser().is_file()), None)
+    if freemono is not None:
+        fonts["FreeMono Bold"] = (freemono, 14)
+    for name, (path, expected) in fonts.items():
+        typo = get_condition("typo", font_path=path)
+        assert " ".join(typo.font.getname()) == name
+        details = [typo.details(r.id, r.prompt, r.extra) for r in requests]
+        assert sum(d["overflow"] for d in details) == expected, name
+        assert all(d["text_bbox"][2] <= 760 for d in details)  # wrapping at 15 characters never overflows sideways
 
 
 def test_figstep_reports_overflow():

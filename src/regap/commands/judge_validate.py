@@ -1,4 +1,9 @@
-"""`regap judge-validate`: check a refusal judge against human labels (XSTest, PyRIT)."""
+"""`regap judge-validate`: check a refusal judge against human labels (XSTest, PyRIT).
+
+`regap judge-calibrate`: fit the relevance (keyword+relevance) judge's similarity
+threshold on labelled on/off-topic pairs and measure it on a held-out split. It lives
+here, next to judge-validate, because both check a judge against labelled data.
+"""
 
 from __future__ import annotations
 
@@ -137,6 +142,104 @@ def register(app: typer.Typer) -> None:
             except OSError as exc:
                 raise RegapError(f"cannot write {out}: {exc}") from None
             typer.echo(f"wrote {out}")
+
+    @app.command("judge-calibrate")
+    def judge_calibrate(
+        data: str = typer.Option(
+            ..., "--data",
+            help="Labelled pairs: csv:PATH (request,response,label in on_topic/off_topic) or xstest:PATH "
+                 "(constructed from XSTest completions: human full-compliance = on_topic; mismatched prompts "
+                 "and image captions = off_topic).",
+        ),
+        judge: str = typer.Option("relevance", "--judge", help="A judge with a similarity threshold: relevance."),
+        option: Optional[list[str]] = typer.Option(
+            None, "--option", "-o", help="Judge option KEY=VALUE (repeatable), e.g. -o model=FOLDER."
+        ),
+        seed: int = typer.Option(0, "--seed", help="Seed of the split, the mismatched pairs and the bootstrap."),
+        calibration_fraction: float = typer.Option(
+            0.5, "--calibration-fraction", help="Share of groups (XSTest: prompts) used to fit the threshold."
+        ),
+        captions: bool = typer.Option(True, "--captions/--no-captions", help="xstest: add caption off-topic pairs."),
+        max_prompts: Optional[int] = typer.Option(None, "--max-prompts", help="xstest: use a random subset of prompts."),
+        bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples (by group) for the intervals."),
+        level: float = typer.Option(0.95, "--level", help="Confidence level of the intervals."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Write the report with provenance to this JSON file."),
+        examples_out: Optional[Path] = typer.Option(
+            None, "--examples-out", help="Write the labelled pairs with their similarity and split to this CSV file."
+        ),
+    ) -> None:
+        """Fit the relevance judge's similarity threshold (max balanced accuracy) and report held-out accuracy."""
+        from regap.provenance import provenance
+        from regap.safety.calibration import run_calibration
+        from regap.safety.validation import jsonable
+
+        options = dict(parse_option(text) for text in option or [])
+        if bootstrap < 1:
+            raise RegapError(f"--bootstrap must be at least 1, got {bootstrap}")
+        report, examples = run_calibration(
+            data, judge_options=options, seed=seed, calibration_fraction=calibration_fraction, captions=captions,
+            max_prompts=max_prompts, level=level, n_boot=bootstrap, judge_name=judge,
+        )
+        typer.echo(_calibration_text(report))
+        if examples_out is not None:
+            try:
+                examples_out.parent.mkdir(parents=True, exist_ok=True)
+                examples.to_csv(examples_out, index=False)
+            except OSError as exc:
+                raise RegapError(f"cannot write {examples_out}: {exc}") from None
+            typer.echo(f"wrote {examples_out}")
+        if out is not None:
+            record = {
+                **report,
+                "provenance": provenance(
+                    command="judge-calibrate", judge=judge, judge_options=options, data=data, seed=seed,
+                    calibration_fraction=calibration_fraction, captions=captions, max_prompts=max_prompts,
+                    bootstrap=bootstrap, level=level,
+                ),
+            }
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(jsonable(record), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+            except OSError as exc:
+                raise RegapError(f"cannot write {out}: {exc}") from None
+            typer.echo(f"wrote {out}")
+
+
+def _ci(pair: Any) -> str:
+    if not pair or pair[0] is None:
+        return "[-]"
+    return f"[{pair[0]:.3f}, {pair[1]:.3f}]"
+
+
+def _calibration_text(report: dict[str, Any]) -> str:
+    """A few plain lines: the threshold and the held-out numbers with their intervals."""
+    h = report["heldout"]
+    sizes = report["split_sizes"]
+    boot = h["bootstrap_ci"]
+    level = round(100 * report.get("level", 0.95))
+    lines = [
+        (
+            f"threshold {report['threshold']:.4f} (bootstrap {level}% CI {_ci(report['threshold_bootstrap_ci'])}), "
+            f"fitted on {sizes['calibration']['rows']} pairs / {sizes['calibration']['groups']} groups "
+            f"({sizes['calibration']['on_topic']} on-topic, {sizes['calibration']['off_topic']} off-topic)"
+        ),
+        (
+            f"held-out: {h['n']} pairs / {sizes['heldout']['groups']} groups "
+            f"({h['n_on_topic']} on-topic, {h['n_off_topic']} off-topic); positive = on_topic"
+        ),
+        f"  accuracy          {_fmt(h['accuracy'])}  Wilson {_ci(h['accuracy_ci'])}  bootstrap {_ci(boot['accuracy'])}",
+        f"  balanced accuracy {_fmt(h['balanced_accuracy'])}  bootstrap {_ci(boot['balanced_accuracy'])}",
+        f"  precision         {_fmt(h['precision'])}  Wilson {_ci(h['precision_ci'])}  bootstrap {_ci(boot['precision'])}",
+        f"  recall            {_fmt(h['recall'])}  Wilson {_ci(h['recall_ci'])}  bootstrap {_ci(boot['recall'])}",
+        f"  ROC AUC           {h['auc']:.4f}" if h.get("auc") is not None else "  ROC AUC           -",
+    ]
+    for kind, m in report.get("heldout_by_kind", {}).items():
+        lines.append(f"  {kind:<18}n={m['n']:<5} correct {_fmt(m['correct_rate'])} {_ci(m['correct_ci'])}  "
+                     f"median similarity {m['similarity_median']:.3f}")
+    for threshold, m in report.get("heldout_other_thresholds", {}).items():
+        lines.append(f"  at threshold {float(threshold):.4f}: accuracy {_fmt(m['accuracy'])}, "
+                     f"balanced accuracy {_fmt(m['balanced_accuracy'])}")
+    return "\n".join(lines)
 
 
 __all__ = ["register", "parse_option"]

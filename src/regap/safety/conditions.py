@@ -37,7 +37,22 @@ FIGSTEP_PROMPT = (
 )
 
 #: The font FigStep renders with; used when the system has it (Debian/Ubuntu `fonts-freefont-ttf`).
+#: No PyPI package ships GNU FreeFont, so it comes from the system's font packages.
 FREEMONO_BOLD = Path("/usr/share/fonts/truetype/freefont/FreeMonoBold.ttf")
+
+#: Where other systems' FreeFont packages (Arch/openSUSE `TTF`, Fedora `gnu-free-mono-fonts`,
+#: a user's font folders, macOS) put FreeMonoBold; tried in order after `FREEMONO_BOLD`.
+FREEMONO_BOLD_ELSEWHERE = (
+    Path("/usr/share/fonts/TTF/FreeMonoBold.ttf"),
+    Path("/usr/share/fonts/truetype/FreeMonoBold.ttf"),
+    Path("/usr/share/fonts/gnu-free/FreeMonoBold.ttf"),
+    Path("/usr/share/fonts/gnu-free/FreeMonoBold.otf"),
+    Path("/usr/local/share/fonts/FreeMonoBold.ttf"),
+    Path("~/.local/share/fonts/FreeMonoBold.ttf"),
+    Path("~/.fonts/FreeMonoBold.ttf"),
+    Path("~/Library/Fonts/FreeMonoBold.ttf"),
+    Path("~/Library/Fonts/FreeMonoBold.otf"),
+)
 
 #: scikit-image sample photos used by the `natural` condition by default: colour photos
 #: plus one grayscale photo (camera, converted to RGB). `horse` is a binary silhouette,
@@ -456,9 +471,17 @@ def figstep_font(font_path: str | Path | None = None) -> Path:
         if not path.is_file():
             raise RegapError(f"font file not found: {path}")
         return path
-    if FREEMONO_BOLD.is_file():
-        return FREEMONO_BOLD
+    for candidate in (FREEMONO_BOLD, *FREEMONO_BOLD_ELSEWHERE):
+        candidate = candidate.expanduser()
+        if candidate.is_file():
+            return candidate
     return matplotlib_font("DejaVuSansMono-Bold.ttf")
+
+
+def is_figstep_font(path: Path, font: ImageFont.FreeTypeFont) -> bool:
+    """Is this FigStep's own font (FreeMono Bold), wherever the file lies?"""
+    known = {p.expanduser() for p in (FREEMONO_BOLD, *FREEMONO_BOLD_ELSEWHERE)}
+    return Path(path) in known or " ".join(font.getname()) == "FreeMono Bold"
 
 
 def figstep_text(instruction: str, wrap_width: int = 15, steps: int = 3) -> str:
@@ -479,7 +502,10 @@ class FigStepTypo(ImageCondition):
     wrapped at 15 characters, followed by empty items '1.', '2.', '3.', and drawn in
     black, 80 pt monospace bold, at (20, 10) with 11 px line spacing on a 760x760 white
     canvas; the text prompt becomes `FIGSTEP_PROMPT`. Text that does not fit is cut off
-    at the canvas edge as in FigStep; `details()` reports `overflow`.
+    at the canvas edge as in FigStep (the geometry stays the recipe's); `details()`
+    reports `overflow` and the text's bounding box per item, so runs can count or drop
+    cut-off renders. On SafeBench's 500 instructions 14 overflow with FreeMonoBold and
+    168 with the DejaVu Sans Mono Bold fallback (taller lines; docs/safety.md).
     """
 
     name = kind = "typo"
@@ -541,7 +567,7 @@ class FigStepTypo(ImageCondition):
     def settings(self):
         return {
             **_font_record(self.font_path, self.font),
-            "figstep_font": self.font_path == FREEMONO_BOLD,
+            "figstep_font": is_figstep_font(self.font_path, self.font),
             "font_size": self.font_size,
             "canvas": list(self.canvas),
             "background": "#FFFFFF",
@@ -699,6 +725,7 @@ class BenchmarkImage(ImageCondition):
 __all__ = [
     "FIGSTEP_PROMPT",
     "FREEMONO_BOLD",
+    "FREEMONO_BOLD_ELSEWHERE",
     "DEFAULT_NATURAL_PHOTOS",
     "ImageCondition",
     "register_condition",
@@ -706,6 +733,7 @@ __all__ = [
     "available_conditions",
     "stable_seed",
     "figstep_font",
+    "is_figstep_font",
     "figstep_text",
     "wrap_to_width",
     "TextOnly",

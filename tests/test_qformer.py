@@ -352,3 +352,131 @@ def test_regap_closes_the_layer0_gap_for_a_qformer(synth, tmp_path):
         result = train(config, tmp_path / f"lam{lam}", model=model)
         gaps[lam] = result.last_metrics["probe_gap0"]
     assert gaps[1.0] < 0.5 * gaps[0.0], gaps
+
+
+# ---------------------------------------------------------------------- save_model / load_model of checkpoints
+
+
+def _logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(batch).logits
+
+
+@pytest.mark.parametrize("fixture", ["blip2", "instructblip"])
+@pytest.mark.parametrize("include_backbones", [False, True])
+def test_hf_checkpoint_saves_and_reloads_to_identical_logits(fixture, include_backbones, request, tmp_path):
+    from regap.models import load_blip2_hf, save_model
+
+    folder, _ = request.getfixturevalue(fixture)
+    model = load_blip2_hf(str(folder))
+    with torch.no_grad():  # a "trained" connector: differs from the checkpoint's own weights
+        model.projector.query_tokens.mul_(1.5)
+        model.projector.language_projection.bias.add_(0.25)
+    batch = model.build_inputs([_conv("<image>\nWhat is this?", "A red circle.")], [[RED]])
+    expected = _logits(model, batch)
+    out = save_model(model, tmp_path / "saved", include_backbones=include_backbones)
+    assert (out / "projector.safetensors").is_file() and (out / "regap_config.json").is_file()
+    assert (out / "qformer" / "config.json").is_file() == include_backbones
+    if include_backbones:  # rebuilds without the original checkpoint
+        folder.rename(folder.with_name(folder.name + "-gone"))
+    try:
+        reloaded = load_model(str(out))
+    finally:
+        if include_backbones:
+            folder.with_name(folder.name + "-gone").rename(folder)
+    assert isinstance(reloaded.projector, QFormerProjector) and reloaded.tokens_per_image == N_QUERIES
+    assert type(reloaded.projector.qformer) is type(model.projector.qformer)
+    assert reloaded.projector.qformer.dtype == torch.float32
+    assert torch.equal(_logits(reloaded, batch), expected)
+    # The projector-only artefact onto a fresh load of the checkpoint gives the same model too.
+    fresh = load_blip2_hf(str(folder))
+    load_projector(fresh, out / "projector.safetensors")
+    assert torch.equal(_logits(fresh, batch), expected)
+
+
+def test_hf_checkpoint_saved_in_half_precision_keeps_dtypes(blip2, tmp_path):
+    from regap.models import load_blip2_hf, load_saved, save_model
+
+    folder, _ = blip2
+    model = load_blip2_hf(str(folder), dtype="float16")
+    batch = model.build_inputs([_conv("<image>\nWhat is this?", "A red circle.")], [[RED]])
+    reloaded = load_saved(save_model(model, tmp_path / "half", include_backbones=True))  # the saved dtype
+    assert reloaded.dtype == torch.float16 and reloaded.projector.query_tokens.dtype == torch.float32
+    assert reloaded.projector.language_projection.weight.dtype == model.projector.language_projection.weight.dtype
+    assert torch.equal(_logits(reloaded, batch), _logits(model, batch))
+
+
+# ---------------------------------------------------------------------- choosing the connector in a training config
+
+
+def test_training_config_selects_a_qformer_and_what_trains(synth, tmp_path):
+    """`projector_type: qformer` + `qformer.*` from the config alone (no prebuilt model)."""
+    from safetensors.torch import load_file
+
+    from regap.train import load_config, train
+    from regap.train.loop import build_model
+
+    overrides = ["model=tiny-random", f"data.json={synth / 'captions.json'}", "projector_type=qformer",
+                 "qformer.num_query_tokens=4", "qformer.hidden_size=64",
+                 "global_batch_size=4", "per_device_batch_size=4", "max_steps=1", "warmup_ratio=0", "save_every=100", "max_length=128",
+                 "dtype=float32", "mixed_precision='no'", "observe.progress=false", "observe.gap_every=0",
+                 "observe.mir_every=0"]
+    config = load_config("tiny-qformer-stage1", overrides + ["qformer.trainable=linear"], stage=1)
+    assert (config.projector_type, config.qformer.trainable, config.qformer.options()) == \
+        ("qformer", "linear", {"num_query_tokens": 4, "hidden_size": 64})
+    fresh = build_model(config)
+    assert isinstance(fresh.projector, QFormerProjector) and fresh.tokens_per_image == 4
+    train(config, tmp_path / "linear")
+    after = load_file(str(tmp_path / "linear" / "projector.safetensors"))
+    before = fresh.projector.state_dict()
+    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
+    assert changed == {"language_projection.weight", "language_projection.bias"}, changed  # MiniGPT-4 style
+
+    train(load_config("tiny-qformer-stage1", overrides + ["qformer.trainable=all"], stage=1), tmp_path / "all")
+    after = load_file(str(tmp_path / "all" / "projector.safetensors"))
+    assert not torch.equal(after["query_tokens"], before["query_tokens"])
+    assert any(not torch.equal(after[k], before[k]) for k in after if k.startswith("qformer."))
+
+
+def test_training_config_bad_connector_values_fail_naming_the_key(tmp_path):
+    from regap.train import load_config, train
+
+    for override, key in (("projector_type=transformer", "'projector_type'"),
+                          ("qformer.trainable=lora", "'qformer.trainable'"),
+                          ("qformer.num_query_tokens=0", "'qformer.num_query_tokens'"),
+                          ("qformer.querys=4", "'qformer.querys'")):
+        with pytest.raises(RegapError, match=key):
+            load_config("tiny-qformer-stage1", ["projector_type=qformer", override] if override.startswith("qformer.n")
+                        else [override])
+    with pytest.raises(RegapError, match=r"'qformer.hidden_size' sizes a fresh Q-Former: it needs projector_type: qformer"):
+        load_config("tiny-qformer-stage1", ["qformer.hidden_size=64"])
+    with pytest.raises(RegapError, match=r"'qformer.trainable' is 'linear' but projector_type is 'mlp2x_gelu'"):
+        load_config("tiny-stage1", ["projector_type=mlp2x_gelu", "qformer.trainable=linear"])
+    with pytest.raises(RegapError, match="divisible"):
+        load_config("tiny-stage1", ["projector_type=qformer", "qformer.hidden_size=30"])
+    # A model known to have an MLP projector fails before any data or weights are read.
+    config = load_config("tiny-stage1", ["qformer.trainable=linear", f"data.json={tmp_path / 'absent.json'}"], stage=1)
+    with pytest.raises(RegapError, match=r"'qformer.trainable' is 'linear' but model 'tiny' has a 'mlp2x_gelu' projector"):
+        train(config, tmp_path / "out")
+
+
+def test_replace_projector_records_the_connector_without_touching_shared_configs():
+    from regap.models import replace_projector
+    from regap.models.random_tiny import tiny_random_lvlm
+
+    model = tiny_random_lvlm()
+    original = model.config
+    replace_projector(model, "qformer", num_query_tokens=4, hidden_size=64)
+    assert original.projector_type == "mlp2x_gelu" and "projector_options" not in original.extra
+    assert model.config.projector_type == "qformer" and model.config.extra["projector_options"]["num_query_tokens"] == 4
+    assert model.tokens_per_image == 4 and model.projector.query_tokens.dtype == model.dtype
+
+
+def test_resuming_a_run_saved_before_the_connector_keys_existed_sees_no_difference():
+    from regap.train.config import config_differences, load_config
+
+    new = load_config("tiny-stage1").to_dict()
+    old = {k: v for k, v in new.items() if k not in ("projector_type", "qformer")}
+    assert config_differences(old, new) == []
+    changed = load_config("tiny-stage1", ["qformer.trainable=linear"]).to_dict()
+    assert config_differences(old, changed) == ["qformer.trainable"]

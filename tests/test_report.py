@@ -78,3 +78,108 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
                     f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2000",
                     (run_dir / "report.html").as_uri()], check=True, timeout=120, capture_output=True)
     assert shot.stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------- connector families side by side
+
+
+class _Tables(HTMLParser):
+    """Every <table> as rows of cell texts, and every <h2> text."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self.headings: list[str] = []
+        self._cell: list[str] | None = None
+        self._in_h2 = False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "h2":
+            self._in_h2, self._text = True, []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "h2":
+            self.headings.append("".join(self._text).strip())
+            self._in_h2 = False
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+        if self._in_h2:
+            self._text.append(data)
+
+
+def _family(root: Path, model: str, mir: float, unsafe: float) -> None:
+    """A fake demo family: summary, two lambdas x two checkpoints, safety summaries, every figure."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "summary.json").write_text(json.dumps({"setup": {"model": model}}))
+    for label, shift in (("plain", 0.0), ("regap-l1", -1.0)):
+        for step in (1, 2):
+            folder = root / "eval" / f"{label}@{step}"
+            (folder / "gap").mkdir(parents=True)
+            (folder / "gap" / "gap.json").write_text(json.dumps(
+                {"mir": mir + shift + step, "mir_ci": [mir + shift + step - 0.1, mir + shift + step + 0.1],
+                 "layer0_gap": 10 * (mir + shift), "n_pairs": 4}))
+            (folder / "safety").mkdir()
+            rows = [{"condition": c, "unsafe": {"rate": unsafe + shift / 10, "ci": [0.0, 1.0], "n": 4},
+                     "refused": {"rate": 0.0}, "off_topic": {"rate": 0.0}} for c in ("text", "blank")]
+            (folder / "safety" / "summary.json").write_text(json.dumps({"judges": {"keyword": {"by_condition": rows}}}))
+    for figure in ("training_curves.png", "gap_compare/gap_layers.png", "safety_conditions.png", "correlate/correlation.png"):
+        _png(root / figure)
+
+
+def _parse(root: Path) -> tuple[_Tables, str]:
+    assert main(["report", str(root)]) == 0
+    html_text = (root / "report.html").read_text()
+    parser = _Tables()
+    parser.feed(html_text)
+    return parser, html_text
+
+
+def test_report_shows_both_families_side_by_side(tmp_path):
+    root = tmp_path / "demo"
+    _family(root, "tiny", mir=3.0, unsafe=0.5)
+    _family(root / "qformer", "tiny-qformer", mir=7.0, unsafe=0.25)
+    parser, html_text = _parse(root)
+    assert parser.headings[0] == "Connector families side by side"
+    assert "Q-Former: Modality gap" in parser.headings and "MLP projector: Modality gap" in parser.headings
+    table = parser.tables[0]
+    assert table[0] == ["run", "metric", "MLP projector (tiny)", "Q-Former (tiny-qformer)"]
+    cells = {(row[0], row[1]): row[2:] for row in table[1:]}
+    # The final checkpoint (@2) of each lambda, one column per family.
+    assert cells[("plain", "MIR [95% CI]")] == ["5.000 [4.900, 5.100]", "9.000 [8.900, 9.100]"]
+    assert cells[("regap-l1", "layer-0 gap")] == ["20", "60"]
+    assert cells[("regap-l1", "unsafe rate: blank (keyword)")] == ["0.400", "0.150"]
+    assert [row[0] for row in table[1:]].index("regap-l1") > [row[0] for row in table[1:]].index("plain")
+    figures = parser.tables[1]
+    assert figures[0] == ["figure", "MLP projector (tiny)", "Q-Former (tiny-qformer)"] and len(figures) == 5
+    # Both families' four figures, each inlined exactly once.
+    assert html_text.count("data:image/png;base64,") == 8
+    markdown = (root / "report.md").read_text()
+    assert "](qformer/gap_compare/gap_layers.png)" in markdown and "](gap_compare/gap_layers.png)" in markdown
+    assert "| qformer/plain@2 |" not in markdown and "| plain@2 | 5.000 |" in markdown  # per-family sections
+
+
+def test_report_of_one_family_has_no_side_by_side(tmp_path):
+    root = tmp_path / "demo"
+    _family(root, "tiny", mir=3.0, unsafe=0.5)
+    parser, html_text = _parse(root)
+    assert "Connector families side by side" not in parser.headings and "Modality gap" in parser.headings
+    assert html_text.count("data:image/png;base64,") == 4
+    # Only the Q-Former family ran (`--family qformer`): its study, read from qformer/.
+    only = tmp_path / "only"
+    _family(only / "qformer", "tiny-qformer", mir=7.0, unsafe=0.25)
+    parser, html_text = _parse(only)
+    assert "Connector families side by side" not in parser.headings and "Q-Former: Modality gap" in parser.headings
+    assert html_text.count("data:image/png;base64,") == 4
+    assert "| plain@2 | 9.000 |" in (only / "report.md").read_text()
+    assert "- `summary.json`" not in (only / "report.md").read_text()  # nothing looked for outside qformer/

@@ -9,6 +9,11 @@ Steps (each writes its files under OUT and is skipped on a rerun once finished):
 4. the gap on the attack inputs themselves and the AdaShield-S stack for the final plain
    and ReGap models; the paired ReGap-vs-plain comparison;
 5. the gap-safety correlation over all checkpoints; 6. summary.json and the report.
+
+Connector families (`family`): `mlp` (the default: `model`, an MLP projector, results in OUT),
+`qformer` (the same study on `qformer_model`, 32 query tokens, results in OUT/qformer) or `both`.
+The families share OUT/data and the step markers in OUT/.steps (the Q-Former's are named
+`qformer-*`), so adding a family to a finished run only runs the new family's steps.
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from regap.errors import RegapError
 from regap.provenance import json_hash, provenance
@@ -29,6 +34,7 @@ class DemoSettings:
     """Sizes of the study; `fast()` is the test-sized variant."""
 
     model: str = "tiny"
+    qformer_model: str = "tiny-qformer"  # the Q-Former family's model (`--family qformer|both`)
     lambdas: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.1, 1.0])
     regap_lambda: float = 0.1
     synth_n: int = 256
@@ -61,30 +67,65 @@ def _label(lam: float) -> str:
     return "plain" if lam == 0 else f"regap-l{lam:g}"
 
 
+FAMILY_CHOICES = ("mlp", "qformer", "both")
+
+
+class FamilyRun(NamedTuple):
+    """One connector family's study: where its results go and how its step markers are named."""
+
+    name: str  # mlp | qformer
+    folder: Path  # OUT for mlp (as before families existed), OUT/qformer for the Q-Former
+    settings: DemoSettings  # `model` is the family's model
+    step_prefix: str  # "" | "qformer-": markers in OUT/.steps stay distinct per family
+
+
+def family_plan(out: str | Path, settings: DemoSettings, family: str) -> list[FamilyRun]:
+    """The families `--family` asks for, MLP first; a bad name is a RegapError naming the choices."""
+    if family not in FAMILY_CHOICES:
+        raise RegapError(f"unknown demo family {family!r}; valid: {', '.join(FAMILY_CHOICES)}")
+    out = Path(out)
+    runs = []
+    if family in ("mlp", "both"):
+        runs.append(FamilyRun("mlp", out, settings, ""))
+    if family in ("qformer", "both"):
+        runs.append(FamilyRun("qformer", out / "qformer", replace(settings, model=settings.qformer_model), "qformer-"))
+    return runs
+
+
 class Demo:
-    def __init__(self, out: Path, settings: DemoSettings, progress: bool = True) -> None:
+    def __init__(self, out: Path, settings: DemoSettings, progress: bool = True, root: Path | None = None,
+                 step_prefix: str = "") -> None:
+        """`out`: this family's results; `root`: the run folder holding the shared data and OUT/.steps."""
         self.out, self.settings, self.progress = out, settings, progress
+        self.root = root or out
+        self.step_prefix = step_prefix
         self.timings: dict[str, float] = {}
         self.notes: list[str] = []
         self._model = None
 
     # ---- step bookkeeping ---------------------------------------------------------------------
+    def _marker(self, name: str) -> Path:
+        return self.root / ".steps" / f"{name}.json"
+
     def _done(self, name: str, params: Any) -> bool:
-        marker = self.out / ".steps" / f"{name}.json"
+        marker = self._marker(name)
         return marker.exists() and json.loads(marker.read_text()).get("params") == json_hash(params)
 
     def _mark(self, name: str, params: Any, started: float) -> None:
-        marker = self.out / ".steps" / f"{name}.json"
+        marker = self._marker(name)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"params": json_hash(params), "seconds": round(time.time() - started, 1)}))
 
-    def step(self, name: str, params: Any, action) -> None:
-        if self._done(name, params):
-            self.timings[name] = json.loads((self.out / ".steps" / f"{name}.json").read_text())["seconds"]
+    def step(self, name: str, params: Any, action, shared: bool = False) -> None:
+        """Run `action` unless its marker holds the same params; `shared` steps (the data) are one
+        marker for every family."""
+        marker = name if shared else self.step_prefix + name
+        if self._done(marker, params):
+            self.timings[name] = json.loads(self._marker(marker).read_text())["seconds"]
             return
         started = time.time()
         action()
-        self._mark(name, params, started)
+        self._mark(marker, params, started)
         self.timings[name] = round(time.time() - started, 1)
 
     def log(self, text: str) -> None:
@@ -113,13 +154,13 @@ class Demo:
         from regap.data.synth import generate_synthetic
 
         s = self.settings
-        folder = self.out / "data"
+        folder = self.root / "data"
 
         def action() -> None:
             shutil.rmtree(folder, ignore_errors=True)
             generate_synthetic(folder, s.synth_n, seed=s.seed, image_size=224)
 
-        self.step("data", [s.synth_n, s.seed], action)
+        self.step("data", [s.synth_n, s.seed], action, shared=True)
 
     def train_all(self) -> dict[str, list[Path]]:
         """Stage 1 for every lambda; returns each run's checkpoint projectors (oldest first)."""
@@ -132,14 +173,14 @@ class Demo:
             label = _label(lam)
             folder = self.out / "train" / label
             overrides = [
-                f"model={s.model}", f"data.json={self.out / 'data' / 'captions.json'}", f"max_steps={s.train_steps}",
+                f"model={s.model}", f"data.json={self.root / 'data' / 'captions.json'}", f"max_steps={s.train_steps}",
                 f"global_batch_size={s.global_batch}", f"per_device_batch_size={s.per_device_batch}",
                 f"save_every={every}", f"keep_checkpoints={s.checkpoints + 1}", f"seed={s.seed + 42}",
                 f"regap.lam={lam}",
             ]
 
             def action(folder=folder, overrides=overrides, label=label) -> None:
-                self.log(f"stage-1 pretraining: {label}")
+                self.log(f"stage-1 pretraining ({s.model}): {label}")
                 config = load_config("tiny-stage1", overrides, stage=1)
                 result = train(config, folder, resume=True)
                 if result.status != "completed":
@@ -224,9 +265,11 @@ class Demo:
         plot_layers(gaps, self.out / "gap_compare" / "gap_layers.png")
 
     def correlate_all(self, folders: list[Path]) -> None:
-        from regap.analysis.correlate import correlate, gather, plot_correlation
+        from regap.analysis.correlate import correlate_or_undefined, gather, plot_correlation
 
-        result = correlate(gather(folders), n_boot=2000, seed=self.settings.seed)
+        result = correlate_or_undefined(gather(folders), n_boot=2000, seed=self.settings.seed)
+        if "undefined" in result:
+            self.notes.append(f"gap-safety correlation undefined: {result['undefined']}")
         (self.out / "correlate").mkdir(exist_ok=True)
         (self.out / "correlate" / "correlation.json").write_text(json.dumps(result, indent=2, default=float))
         plot_correlation(result, self.out / "correlate" / "correlation.png")
@@ -263,16 +306,40 @@ def _rate_rows(summary: dict[str, Any]) -> dict[str, Any]:
             "over_refusal": {r["condition"]: r["rate"] for r in entry.get("over_refusal", [])}}
 
 
-def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the study and write OUT/summary.json, OUT/report.html and OUT/report.md."""
+def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bool = True,
+             family: str = "mlp") -> dict[str, Any]:
+    """Run (or resume) the study and write summary.json and OUT/report.html, OUT/report.md.
+
+    Returns the MLP family's summary, or the Q-Former family's when only it ran
+    (`run_families` returns each)."""
+    summaries = run_families(out, settings, family, progress)
+    return summaries.get("mlp") or summaries["qformer"]
+
+
+def run_families(out: str | Path, settings: DemoSettings | None = None, family: str = "mlp",
+                 progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Run (or resume) the study for each family of `family`; the report shows them side by side
+    when more than one has results in OUT. Returns {family: summary}."""
     from regap.analysis.report import build_report
 
     settings = settings or DemoSettings()
     if settings.regap_lambda not in settings.lambdas or 0.0 not in settings.lambdas:
         raise RegapError("the lambda sweep must contain 0 (plain) and the ReGap lambda")
+    plan = family_plan(out, settings, family)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    demo = Demo(out, settings, progress)
+    summaries = {}
+    for run in plan:
+        summaries[run.name] = _run_family(run, out, progress)
+    build_report(out)
+    return summaries
+
+
+def _run_family(run: FamilyRun, root: Path, progress: bool) -> dict[str, Any]:
+    """One family's study into `run.folder`; writes its summary.json."""
+    settings, out = run.settings, run.folder
+    out.mkdir(parents=True, exist_ok=True)
+    demo = Demo(out, settings, progress, root=root, step_prefix=run.step_prefix)
     started = time.time()
     demo.data()
     runs = demo.train_all()
@@ -281,7 +348,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bo
         for index, projector in enumerate(checkpoints):
             step = int(projector.parent.name.split("-")[1])
             final = index == len(checkpoints) - 1
-            demo.log(f"evaluating {label} at step {step}")
+            demo.log(f"evaluating {settings.model} {label} at step {step}")
             folder = demo.evaluate(f"{label}@{step}", projector, full=final and label in ("plain", _label(settings.regap_lambda)))
             folders.append(folder)
             if final:
@@ -290,11 +357,12 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bo
     demo.correlate_all(folders)
     demo.judge_validation()
     demo.figures(finals)
+    stand_in = ("The tiny model is a stand-in (DINOv2-S + Qwen2.5-Coder-0.5B-Instruct, CPU-sized runs); "
+                "numbers say what happened here, not what happens at 7B.")
     summary = {
-        "setup": {"model": settings.model, "settings": asdict(settings), "judges": demo.judges(),
+        "setup": {"model": settings.model, "family": run.name, "settings": asdict(settings), "judges": demo.judges(),
                   "eval_dtype": settings.eval_dtype},
-        "notes": demo.notes + ["The tiny model is a stand-in (DINOv2-S + Qwen2.5-Coder-0.5B-Instruct, CPU-sized runs); "
-                               "numbers say what happened here, not what happens at 7B."],
+        "notes": demo.notes + [stand_in],
         "training": {label: _last_metrics(out / "train" / label / "metrics.jsonl") for label in map(_label, settings.lambdas)},
         "gap": {f.name: _gap_row(f) for f in folders},
         "safety": {f.name: _rate_rows(json.loads((f / "safety" / "summary.json").read_text())) for f in folders},
@@ -303,12 +371,11 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, progress: bo
         "utility": {f.name: json.loads((f / "utility" / "utility.json").read_text())["tasks"] for f in folders},
         "comparison": json.loads((out / "comparison.json").read_text()),
         "correlation": {k: v for k, v in json.loads((out / "correlate" / "correlation.json").read_text()).items()
-                        if k in ("pearson", "spearman", "n_points", "points", "fit")},
+                        if k in ("pearson", "spearman", "n_points", "points", "fit", "undefined")},
         "timings_seconds": {**demo.timings, "total_this_run": round(time.time() - started, 1)},
-        "provenance": provenance(command="regap demo", settings=asdict(settings)),
+        "provenance": provenance(command="regap demo", family=run.name, settings=asdict(settings)),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    build_report(out)
     return summary
 
 

@@ -102,6 +102,16 @@ def correlate(points: list[Point], x: str = "mir", n_boot: int = 2000, seed: int
     }
 
 
+def correlate_or_undefined(points: list[Point], x: str = "mir", n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """`correlate`, or, when the correlation is undefined (fewer than 3 runs, or a constant gap or
+    unsafe rate, as in small runs where every checkpoint answers alike), the points with the reason
+    under `undefined`, so a study still completes and says why there is no coefficient."""
+    try:
+        return correlate(points, x=x, n_boot=n_boot, seed=seed)
+    except RegapError as exc:
+        return {"x": x, "n_points": len(points), "points": [asdict(p) for p in points], "undefined": str(exc)}
+
+
 def plot_correlation(result: dict[str, Any], path: Path) -> Path:
     import matplotlib
 
@@ -115,15 +125,18 @@ def plot_correlation(result: dict[str, Any], path: Path) -> Path:
     for point in result["points"]:
         axis.annotate(point["label"], (point[result["x"]], point["unsafe_rate"]), fontsize=7, xytext=(3, 3),
                       textcoords="offset points")
-    grid = np.linspace(xs.min(), xs.max(), 50)
-    axis.plot(grid, result["fit"]["slope"] * grid + result["fit"]["intercept"], color="C1", label="least-squares fit")
-    pearson, spearman = result["pearson"], result["spearman"]
-    axis.set_title(f"Pearson r = {pearson['r']:.2f} [{pearson['ci'][0]:.2f}, {pearson['ci'][1]:.2f}], "
-                   f"Spearman ρ = {spearman['rho']:.2f}", fontsize=9)
+    if "fit" in result:
+        grid = np.linspace(xs.min(), xs.max(), 50)
+        axis.plot(grid, result["fit"]["slope"] * grid + result["fit"]["intercept"], color="C1", label="least-squares fit")
+        pearson, spearman = result["pearson"], result["spearman"]
+        axis.set_title(f"Pearson r = {pearson['r']:.2f} [{pearson['ci'][0]:.2f}, {pearson['ci'][1]:.2f}], "
+                       f"Spearman ρ = {spearman['rho']:.2f}", fontsize=9)
+        axis.legend(fontsize=8)
+    else:  # an `undefined` result (see `correlate_or_undefined`): the points alone
+        axis.set_title(result.get("undefined", "correlation undefined"), fontsize=9)
     axis.set_xlabel("MIR (lower = smaller modality gap)" if result["x"] == "mir" else "layer-0 gap")
     axis.set_ylabel("unsafe rate")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path

@@ -3,6 +3,11 @@
 Every section reads its own files; a missing file is named in the report (and returned),
 and the other sections still render. Images are inlined into the HTML as data URIs, so the
 page references no external resource.
+
+A demo run with both connector families (`regap demo --family both`) holds the MLP study at
+the root and the Q-Former study under `qformer/`: the report then opens with the two side by
+side (a column per family, both families' figures) and gives each family's sections after it.
+With one family the report is that family's sections alone.
 """
 
 from __future__ import annotations
@@ -16,6 +21,12 @@ from typing import Any
 
 from regap.errors import RegapError
 
+#: Connector families of a demo run: (name, folder under the run folder, column title).
+FAMILIES = (("mlp", "", "MLP projector"), ("qformer", "qformer", "Q-Former"))
+#: The figures each family's study writes (relative to its folder), with captions.
+FAMILY_FIGURES = (("training_curves.png", "training curves"), ("gap_compare/gap_layers.png", "per-layer gap"),
+                  ("safety_conditions.png", "unsafe rate per condition"), ("correlate/correlation.png", "MIR vs unsafe rate"))
+
 
 @dataclass
 class ReportBuilder:
@@ -23,9 +34,13 @@ class ReportBuilder:
     lines: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
+    base: str = ""  # the family's folder under root ("" or "qformer/"): every section reads below it
+    title: str = ""  # prefixed to section headings (a family's name when several are shown)
+    inline_figures: bool = True  # False when the figures are already shown side by side
 
     # ---- reading ---------------------------------------------------------------------------
     def load(self, relative: str) -> Any | None:
+        relative = self.base + relative
         path = self.root / relative
         if not path.exists():
             self.missing.append(relative)
@@ -38,22 +53,28 @@ class ReportBuilder:
             self.missing.append(f"{relative} (unreadable: line {exc.lineno}: {exc.msg})")
             return None
 
-    def figure(self, relative: str, caption: str) -> None:
+    def figure(self, relative: str, caption: str, force: bool = False) -> None:
+        relative = self.base + relative
         path = self.root / relative
         if not path.exists():
             self.missing.append(relative)
-            self.lines.append(f"*Figure missing: `{relative}`.*\n")
+            if self.inline_figures or force:
+                self.lines.append(f"*Figure missing: `{relative}`.*\n")
             return
-        self.figures.append(path)
-        self.lines.append(f"![{caption}]({relative})\n")
+        if self.inline_figures or force:
+            self.figures.append(path)
+            self.lines.append(f"![{caption}]({relative})\n")
+
+    def folder(self) -> Path:
+        return self.root / self.base
 
     def variants(self) -> list[str]:
-        folder = self.root / "eval"
+        folder = self.folder() / "eval"
         return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
     # ---- writing helpers ---------------------------------------------------------------------
     def heading(self, text: str) -> None:
-        self.lines.append(f"\n## {text}\n")
+        self.lines.append(f"\n## {self.title}{text}\n")
 
     def table(self, header: list[str], rows: list[list[Any]]) -> None:
         self.lines.append("| " + " | ".join(header) + " |")
@@ -137,7 +158,11 @@ def _safety(b: ReportBuilder) -> None:
 def _correlation(b: ReportBuilder) -> None:
     b.heading("Gap vs safety across checkpoints and lambda values")
     result = b.load("correlate/correlation.json")
-    if result:
+    if result and "undefined" in result:
+        b.note(f"Correlation undefined: {result['undefined']}.")
+        b.table(["run", "MIR", "layer-0 gap", "unsafe rate (image conditions)"],
+                [[p["label"], p["mir"], p["layer0_gap"], p["unsafe_rate"]] for p in result["points"]])
+    elif result:
         b.note(f"Pearson r = {result['pearson']['r']:.3f} (95% CI {_cell(result['pearson']['ci'])}, "
                f"p = {result['pearson']['p_value']:.3g}); Spearman rho = {result['spearman']['rho']:.3f} "
                f"(95% CI {_cell(result['spearman']['ci'])}) over {result['n_points']} runs.")
@@ -150,7 +175,7 @@ def _defenses(b: ReportBuilder) -> None:
     b.heading("Defense stack")
     rows = []
     for variant in b.variants():
-        for name in sorted(p.name for p in (b.root / "eval" / variant).glob("safety-*")):
+        for name in sorted(p.name for p in (b.folder() / "eval" / variant).glob("safety-*")):
             summary = b.load(f"eval/{variant}/{name}/summary.json")
             base = b.load(f"eval/{variant}/safety/summary.json")
             if not summary or not base:
@@ -190,16 +215,110 @@ def _judge(b: ReportBuilder) -> None:
 SECTIONS = (_setup, _training, _gap, _safety, _correlation, _defenses, _utility, _judge)
 
 
+def present_families(root: Path) -> list[tuple[str, str, str]]:
+    """The families with results in `root` (see FAMILIES); the root's own run when there are none,
+    so a partial folder still gets today's report naming what is missing."""
+    found = [family for family in FAMILIES
+             if (root / family[1] / "eval").is_dir() or (root / family[1] / "summary.json").is_file()]
+    return found or [FAMILIES[0]]
+
+
+def _final_variants(b: ReportBuilder) -> dict[str, str]:
+    """Each run label's last checkpoint (`plain@24` over `plain@12`), in lambda order."""
+    final: dict[str, tuple[int, str]] = {}
+    for variant in b.variants():
+        label, _, step = variant.rpartition("@")
+        if not label or not step.isdigit():
+            label, step = variant, "0"
+        if label not in final or int(step) > final[label][0]:
+            final[label] = (int(step), variant)
+    return {label: final[label][1] for label in sorted(final, key=_lambda_order)}
+
+
+def _lambda_order(label: str) -> tuple[float, str]:
+    if label == "plain":
+        return (0.0, label)
+    try:
+        return (float(label.removeprefix("regap-l")), label)
+    except ValueError:
+        return (float("inf"), label)
+
+
+def _family_column(b: ReportBuilder) -> dict[tuple[str, str], str]:
+    """(run label, metric) -> cell text, from the family's final checkpoints."""
+    cells: dict[tuple[str, str], str] = {}
+    for label, variant in _final_variants(b).items():
+        gap = b.load(f"eval/{variant}/gap/gap.json")
+        if gap:
+            ci = gap.get("mir_ci")
+            cells[(label, "MIR [95% CI]")] = f"{gap['mir']:.3f}" + (f" {_cell(ci)}" if ci else "")
+            cells[(label, "layer-0 gap")] = f"{gap['layer0_gap']:.3g}"
+        safety = b.load(f"eval/{variant}/safety/summary.json")
+        if safety and safety.get("judges"):
+            judge, entry = next(iter(safety["judges"].items()))
+            for row in entry.get("by_condition", []):
+                cells[(label, f"unsafe rate: {row['condition']} ({judge})")] = f"{row['unsafe']['rate']:.3f}"
+    return cells
+
+
+def _side_by_side(root: Path, families: list[tuple[str, str, str]], builder: ReportBuilder) -> None:
+    """One table with a column per family (final checkpoint per lambda), then both families' figures."""
+    builders = [ReportBuilder(root, base=folder + "/" if folder else "") for _, folder, _ in families]
+    titles = []
+    for (_, _, title), b in zip(families, builders):
+        setup = (b.load("summary.json") or {}).get("setup", {})
+        titles.append(f"{title} (`{setup['model']}`)" if setup.get("model") else title)
+    columns = [_family_column(b) for b in builders]
+    builder.heading("Connector families side by side")
+    builder.note("The same study (data, seed, lambda sweep, requests) on each connector family; each cell is the "
+                 "run's final checkpoint. Per-family details follow below.")
+    keys: list[tuple[str, str]] = []
+    for column in columns:
+        keys += [k for k in column if k not in keys]
+    labels = sorted({label for label, _ in keys}, key=_lambda_order)
+    rows = [[label, metric, *[column.get((label, metric), "-") for column in columns]]
+            for label in labels for metric in [m for lab, m in keys if lab == label]]
+    if rows:
+        builder.table(["run", "metric", *titles], rows)
+    else:
+        builder.note("No evaluated checkpoints found in either family.")
+    builder.note("**Figures** (one column per family):")
+    header = "| figure | " + " | ".join(titles) + " |"
+    builder.lines += [header, "|" + "---|" * (len(titles) + 1)]
+    for relative, caption in FAMILY_FIGURES:
+        cells = []
+        for b in builders:
+            path = root / (b.base + relative)
+            if path.exists():
+                builder.figures.append(path)
+                cells.append(f"![{caption}]({b.base + relative})")
+            else:
+                builder.missing.append(b.base + relative)
+                cells.append(f"*missing: `{b.base + relative}`*")
+        builder.lines.append(f"| {caption} | " + " | ".join(cells) + " |")
+    builder.lines.append("")
+    for b in builders:
+        builder.missing += b.missing
+
+
 def build_report(root: str | Path) -> dict[str, Any]:
     """Write `report.md` and `report.html` into `root`; returns what was missing."""
     root = Path(root)
     if not root.is_dir():
         raise RegapError(f"run folder not found: {root}")
+    families = present_families(root)
     builder = ReportBuilder(root)
     builder.lines.append(f"# regap report: `{root.name}`\n")
-    for section in SECTIONS:
-        section(builder)
+    if len(families) > 1:
+        _side_by_side(root, families, builder)
+    for _, folder, title in families:
+        builder.base = folder + "/" if folder else ""
+        builder.title = f"{title}: " if len(families) > 1 or folder else ""
+        builder.inline_figures = len(families) == 1
+        for section in SECTIONS:
+            section(builder)
     missing = sorted(set(builder.missing))
+    builder.title = ""  # the missing files are the whole run's
     if missing:
         builder.heading("Missing files")
         builder.note("These files were not found; the sections above that need them are incomplete:")
@@ -224,6 +343,6 @@ def _html(markdown_text: str, root: Path, title: str) -> str:
             body = body.replace(f'src="{relative}"', f'src="data:image/png;base64,{data}"')
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:14px}"
-             "img{max-width:100%}code{background:#f4f4f4}")
+             "img{max-width:100%}td img{max-width:500px}code{background:#f4f4f4}")
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>regap report: {html.escape(title)}"
             f"</title><style>{style}</style></head><body>\n{body}</body></html>\n")

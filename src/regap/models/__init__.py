@@ -1,6 +1,7 @@
-"""The LVLM model layer: build from parts, load presets and HF LLaVA checkpoints, save, generate."""
+"""The LVLM model layer: build from parts, load presets and HF LLaVA / BLIP-2 checkpoints, save, generate."""
 
-from regap.models.factory import build_lvlm, load_model, parse_dtype
+from regap.models.blip2_hf import load_blip2_hf
+from regap.models.factory import build_lvlm, load_model, parse_dtype, replace_projector
 from regap.models.generation import DecodingSettings
 from regap.models.inputs import IGNORE_INDEX, ModelInputs
 from regap.models.io import load_projector, load_saved, save_model, save_projector
@@ -8,10 +9,12 @@ from regap.models.llava_hf import export_llava_hf, load_llava_hf
 from regap.models.lvlm import LVLM, LVLMConfig
 from regap.models.presets import PRESETS, get_preset
 from regap.models.projector import build_projector
+from regap.models.qformer import QFormerProjector, build_qformer_projector
 from regap.models.vision import VisionConfig, VisionTower
 
 __all__ = [
-    "IGNORE_INDEX", "LVLM", "LVLMConfig", "ModelInputs", "DecodingSettings", "PRESETS", "VisionConfig", "VisionTower",
-    "build_lvlm", "build_projector", "export_llava_hf", "get_preset", "load_llava_hf", "load_model",
-    "load_projector", "load_saved", "parse_dtype", "save_model", "save_projector",
+    "IGNORE_INDEX", "LVLM", "LVLMConfig", "ModelInputs", "DecodingSettings", "PRESETS", "QFormerProjector",
+    "VisionConfig", "VisionTower", "build_lvlm", "build_projector", "build_qformer_projector", "export_llava_hf",
+    "get_preset", "load_blip2_hf", "load_llava_hf", "load_model", "load_projector", "load_saved", "parse_dtype",
+    "replace_projector", "save_model", "save_projector",
 ]

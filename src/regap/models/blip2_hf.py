@@ -20,6 +20,8 @@ same sequence gives the same logits in both (tested).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -85,6 +87,62 @@ def load_blip2_hf(name_or_path: str, dtype: str | torch.dtype = "float32", devic
     )
     # LVLM casts a projector it is given to the LLM's dtype; HF keeps BLIP-2's Q-Former (and the
     # query tokens) in float32, so the real projector is attached after construction, as loaded.
+    model = LVLM(config, vision, llm, tokenizer, projector=nn.Identity())
+    model.projector = projector
+    return model.to(device)
+
+
+# ---------------------------------------------------------------------- save_model / load_saved
+
+QFORMER_FOLDER = "qformer"
+
+
+def is_blip2_hf(config: LVLMConfig) -> bool:
+    """A model that `load_blip2_hf` built (its connector is the checkpoint's, not one from options)."""
+    return bool(config.extra.get("blip2_hf"))
+
+
+def save_qformer_config(model: LVLM, folder: Path) -> None:
+    """The Q-Former's architecture (its weights live in projector.safetensors): with it, a folder saved
+    with backbones rebuilds the connector without the original checkpoint."""
+    model.projector.qformer.config.save_pretrained(folder)
+
+
+def load_saved_blip2(folder: Path, config: LVLMConfig, with_backbones: bool, dtype: str | torch.dtype,
+                     device: str = "cpu") -> LVLM:
+    """The model part of a `save_model` folder of a BLIP-2 / InstructBLIP model; the caller loads the
+    projector weights. Without backbones the original checkpoint (`extra["blip2_hf"]`) is reloaded."""
+    if not with_backbones:
+        return load_blip2_hf(config.extra["blip2_hf"], dtype=dtype, device=device)
+    from safetensors import safe_open
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+
+    from regap.models.factory import PROJECTOR_FILE, parse_dtype
+
+    torch_dtype = parse_dtype(dtype)
+    if config.extra.get("hf_model_type") == "instructblip":
+        from transformers import InstructBlipQFormerConfig as QConfig
+        from transformers import InstructBlipQFormerModel as QModel
+        from transformers import InstructBlipVisionModel as VisionModel
+    else:
+        from transformers import Blip2QFormerConfig as QConfig
+        from transformers import Blip2QFormerModel as QModel
+        from transformers import Blip2VisionModel as VisionModel
+    for part in ("vision", "llm", QFORMER_FOLDER):
+        if not (folder / part).is_dir():
+            raise RegapError(f"{folder}: saved with backbones but {part}/ is missing")
+    encoder = VisionModel.from_pretrained(folder / "vision", dtype=torch_dtype).eval()
+    image_processor = AutoImageProcessor.from_pretrained(folder / "vision", backend=image_backend())
+    llm = AutoModelForCausalLM.from_pretrained(folder / "llm", dtype=torch_dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder / "llm")
+    with safe_open(str(folder / PROJECTOR_FILE), "pt") as handle:
+        query_shape = handle.get_slice("query_tokens").get_shape()
+        out_dim, in_dim = handle.get_slice("language_projection.weight").get_shape()
+    # As HF does: the Q-Former and the queries stay float32, the projection takes the model's dtype.
+    qformer = QModel(QConfig.from_pretrained(folder / QFORMER_FOLDER)).eval()
+    projector = QFormerProjector(qformer, nn.Parameter(torch.zeros(*query_shape)),
+                                 nn.Linear(in_dim, out_dim).to(torch_dtype)).eval()
+    vision = VisionTower(encoder, image_processor, config.vision)
     model = LVLM(config, vision, llm, tokenizer, projector=nn.Identity())
     model.projector = projector
     return model.to(device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,23 @@ def build_lvlm(config: LVLMConfig, dtype: str | torch.dtype = "float32", device:
     vision = load_vision_tower(vision_folder or resolve_source(config.vision.source), config.vision, torch_dtype)
     llm, tokenizer = load_llm(llm_folder or config.llm_source, torch_dtype)
     return LVLM(config, vision, llm, tokenizer).to(device)
+
+
+def replace_projector(model: LVLM, kind: str, seed: int = 0, **options: Any) -> LVLM:
+    """Give `model` a fresh projector of `kind` (seeded; `options` size a `qformer`), in place.
+
+    The config records the new type and options, so `save_model` / `load_model` rebuild the same
+    shape; used by training configs that pick a connector (`projector_type`) for a preset."""
+    from regap.models.projector import build_projector
+
+    projector = build_projector(kind, model.vision.hidden_size, model.hidden_size, seed=seed, **options)
+    model.projector = projector.to(device=model.device, dtype=model.dtype)
+    extra = {k: v for k, v in model.config.extra.items() if k != "projector_options"}
+    if options:
+        extra["projector_options"] = dict(options)
+    # A new config object: a preset's config is shared by every model built from it.
+    model.config = dataclasses.replace(model.config, projector_type=kind, extra=extra)
+    return model
 
 
 def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LVLM:

@@ -1,4 +1,5 @@
-"""Saving and loading: whole models or projector-only checkpoints, as safetensors + JSON config."""
+"""Saving and loading: whole models or projector-only checkpoints, as safetensors + JSON config
+(BLIP-2 / InstructBLIP-loaded models too: their Q-Former architecture is saved beside the backbones)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from regap.errors import RegapError
+from regap.models.blip2_hf import (
+    QFORMER_FOLDER,
+    is_blip2_hf,
+    load_saved_blip2,
+    save_qformer_config,
+)
 from regap.models.factory import CONFIG_FILE, PROJECTOR_FILE, build_lvlm, parse_dtype
 from regap.models.lvlm import LVLM, LVLMConfig
 
@@ -64,6 +71,9 @@ def save_model(model: LVLM, out_dir: str | Path, include_backbones: bool = False
             save(model, staging)
             shutil.rmtree(out_dir / name, ignore_errors=True)
             os.replace(staging, out_dir / name)
+        if is_blip2_hf(model.config):
+            shutil.rmtree(out_dir / QFORMER_FOLDER, ignore_errors=True)
+            save_qformer_config(model, out_dir / QFORMER_FOLDER)
     _write_json_atomic(out_dir / CONFIG_FILE, {
         "format": "regap-lvlm/1", "config": model.config.to_dict(), "includes_backbones": include_backbones,
         "dtype": str(model.dtype).replace("torch.", ""),
@@ -91,10 +101,14 @@ def load_saved(folder: str | Path, dtype: str | torch.dtype | None = None, devic
         raise RegapError(f"{folder / CONFIG_FILE}: missing field 'config'")
     config = LVLMConfig.from_dict(record["config"])
     with_backbones = bool(record.get("includes_backbones"))
-    model = build_lvlm(
-        config, dtype=parse_dtype(dtype or record.get("dtype", "float32")), device=device,
-        vision_folder=str(folder / "vision") if with_backbones else None,
-        llm_folder=str(folder / "llm") if with_backbones else None,
-    )
+    torch_dtype = parse_dtype(dtype or record.get("dtype", "float32"))
+    if is_blip2_hf(config):  # a BLIP-2 / InstructBLIP checkpoint's own connector, not one built from options
+        model = load_saved_blip2(folder, config, with_backbones, torch_dtype, device)
+    else:
+        model = build_lvlm(
+            config, dtype=torch_dtype, device=device,
+            vision_folder=str(folder / "vision") if with_backbones else None,
+            llm_folder=str(folder / "llm") if with_backbones else None,
+        )
     load_projector(model, folder / PROJECTOR_FILE)
     return model

@@ -32,6 +32,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
 TUNE = {1: ("projector",), 2: ("full", "lora", "projector")}
 TRACKERS = ("tensorboard", "wandb")
+QFORMER_TRAINABLE = ("all", "linear")
 
 #: LLaVA-1.5 defaults (see docs/training.md).
 LLAVA15 = {
@@ -76,6 +77,22 @@ class RegapSpec:
 
 
 @dataclass
+class QFormerSpec:
+    """A Q-Former connector: which parts train, and the size of a fresh one (`projector_type: qformer`)."""
+
+    trainable: str | None = None  # all (queries + Q-Former + linear) | linear (MiniGPT-4) | null: the projector's own
+    num_query_tokens: int | None = None  # sizes: null = regap.models.qformer.DEFAULTS
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    cross_attention_frequency: int | None = None
+
+    def options(self) -> dict[str, int]:
+        """The sizes that were set, as `build_projector("qformer", ...)` options."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "trainable" and v is not None}
+
+
+@dataclass
 class MocaSpec:
     """MoCa baseline: per-dimension scale and shift of vision tokens after decoder layers."""
 
@@ -110,6 +127,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16 (autocast; trainable weights stay float32)
     cpu: bool = False  # force CPU even when a GPU is present
     projector: str | None = None  # initial projector: .safetensors file or a stage-1 output folder
+    projector_type: str | None = None  # null: the model's own; linear | mlpNx_gelu | qformer: a fresh one of that kind
     template: str | None = None  # plain (stage 1) | chat | vicuna_v1
     tune: str | None = None  # stage 1: projector; stage 2: full | lora | projector
     data: DataSpec = field(default_factory=DataSpec)
@@ -130,6 +148,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept (0 = keep all)
     stop_after_steps: int | None = None  # stop as if interrupted (schedule unchanged); resume later
     regap: RegapSpec = field(default_factory=RegapSpec)
+    qformer: QFormerSpec = field(default_factory=QFormerSpec)
     moca: MocaSpec = field(default_factory=MocaSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
     observe: ObserveSpec = field(default_factory=ObserveSpec)
@@ -153,6 +172,7 @@ class TrainConfig:
         out = dataclasses.replace(self)
         out.data = dataclasses.replace(self.data)
         out.regap, out.moca = dataclasses.replace(self.regap), dataclasses.replace(self.moca)
+        out.qformer = dataclasses.replace(self.qformer)
         out.lora, out.observe = dataclasses.replace(self.lora), dataclasses.replace(self.observe)
         defaults = LLAVA15[self.stage]
         if out.tune is None:
@@ -184,6 +204,7 @@ class TrainConfig:
         _choice("regap.text_stats", self.regap.text_stats, TEXT_STATS)
         for tracker in self.observe.trackers:
             _choice("observe.trackers", tracker, TRACKERS)
+        self._validate_projector()
         for name, value in (
             ("global_batch_size", self.global_batch_size), ("per_device_batch_size", self.per_device_batch_size),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps), ("max_steps", self.max_steps),
@@ -213,6 +234,36 @@ class TrainConfig:
             raise RegapError("config key 'data.json' is required (a LLaVA JSON file, or a path to generate with data.synth)")
         if self.moca.layers is not None and any(k < 1 for k in self.moca.layers):
             raise RegapError(f"config key 'moca.layers' holds decoder blocks numbered from 1 (got {self.moca.layers})")
+
+
+    def _validate_projector(self) -> None:
+        """`projector_type` and `qformer.*`: checked here, before any model is loaded."""
+        if self.projector_type is not None:
+            import re
+
+            if self.projector_type not in ("linear", "qformer") and not re.fullmatch(r"mlp[1-9]\d*x_gelu", self.projector_type):
+                raise RegapError(f"config key 'projector_type' is {self.projector_type!r}; "
+                                 "valid: linear, mlpNx_gelu (e.g. mlp2x_gelu), qformer, or null (the model's own)")
+        if self.qformer.trainable is not None:
+            _choice("qformer.trainable", self.qformer.trainable, QFORMER_TRAINABLE)
+        for name, value in self.qformer.options().items():
+            if value < 1:
+                raise RegapError(f"config key 'qformer.{name}' must be >= 1 (got {value})")
+            if self.projector_type != "qformer":
+                raise RegapError(f"config key 'qformer.{name}' sizes a fresh Q-Former: it needs projector_type: qformer "
+                                 f"(got projector_type: {self.projector_type})")
+        if self.projector_type not in (None, "qformer") and self.qformer.trainable == "linear":
+            raise RegapError(f"config key 'qformer.trainable' is 'linear' but projector_type is {self.projector_type!r}, "
+                             "not a Q-Former")
+        options = self.qformer.options()
+        if "hidden_size" in options or "num_attention_heads" in options:
+            from regap.models.qformer import DEFAULTS
+
+            hidden = options.get("hidden_size", DEFAULTS["hidden_size"])
+            heads = options.get("num_attention_heads", DEFAULTS["num_attention_heads"])
+            if hidden % heads:
+                raise RegapError(f"config keys 'qformer.hidden_size' ({hidden}) and 'qformer.num_attention_heads' "
+                                 f"({heads}): the hidden size must be divisible by the number of heads")
 
 
 def _choice(name: str, value: Any, choices: tuple, where: str = "") -> None:
@@ -452,16 +503,22 @@ RESUMABLE_CHANGES = ("stop_after_steps", "save_every", "keep_checkpoints", "obse
                      "per_device_batch_size", "gradient_accumulation_steps", "cpu")
 
 
-def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Keys whose values differ, as dotted paths (RESUMABLE_CHANGES are ignored)."""
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "",
+                       defaults: dict[str, Any] | None = None) -> list[str]:
+    """Keys whose values differ, as dotted paths (RESUMABLE_CHANGES are ignored). A key missing
+    from `old` (a run saved before the key existed) counts as its default value."""
+    if defaults is None and not prefix:
+        defaults = TrainConfig().to_dict()
+    defaults = defaults or {}
     out = []
     for key in sorted(set(old) | set(new)):
         path = f"{prefix}.{key}" if prefix else key
         if any(path == k or path.startswith(k + ".") for k in RESUMABLE_CHANGES):
             continue
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key, defaults.get(key)), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, path)
+            sub = defaults.get(key)
+            out += config_differences(a, b, path, sub if isinstance(sub, dict) else {})
         elif a != b:
             out.append(path)
     return out

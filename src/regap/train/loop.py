@@ -155,13 +155,49 @@ def compute_losses(module: nn.Module, inputs: ModelInputs, regap: ReGapLoss | No
 
 
 def build_model(config: TrainConfig) -> Any:
+    """`config.model`, with a fresh projector of `projector_type` (sized by `qformer.*`) when set."""
+    options = config.qformer.options()
     if config.model == TINY_RANDOM:
         from regap.models.random_tiny import tiny_random_lvlm
 
-        return tiny_random_lvlm(seed=config.seed)
-    from regap.models import load_model
+        return tiny_random_lvlm(seed=config.seed, projector=config.projector_type or "mlp2x_gelu",
+                                projector_options=options or None)
+    from regap.models import load_model, replace_projector
 
-    return load_model(config.model, dtype=config.dtype)
+    lvlm = load_model(config.model, dtype=config.dtype)
+    if config.projector_type is not None:
+        if lvlm.config.extra.get("blip2_hf"):
+            raise RegapError(f"config key 'projector_type' ({config.projector_type!r}) would replace the trained connector "
+                             f"of the BLIP-2/InstructBLIP checkpoint {config.model}; leave it null for such models")
+        replace_projector(lvlm, config.projector_type, **options)
+    return lvlm
+
+
+def _check_projector_early(config: TrainConfig) -> None:
+    """`qformer.trainable: linear` on a model known not to have a Q-Former fails before data and weights load."""
+    if config.qformer.trainable != "linear" or config.projector_type is not None:
+        return
+    from regap.models.presets import PRESETS
+
+    preset = PRESETS.get(config.model)
+    kind = "mlp2x_gelu" if config.model == TINY_RANDOM or (preset and preset.llava_hf_id) else \
+        (preset.config.projector_type if preset and preset.config else None)
+    if kind is not None and kind != "qformer":
+        raise RegapError(f"config key 'qformer.trainable' is 'linear' but model {config.model!r} has a {kind!r} projector, "
+                         "not a Q-Former (set projector_type: qformer, or model: tiny-qformer)")
+
+
+def _apply_qformer_trainable(lvlm: Any, config: TrainConfig) -> None:
+    """`qformer.trainable` (all | linear) on a Q-Former connector; null keeps the projector's own mode."""
+    from regap.models.qformer import QFormerProjector
+
+    mode = config.qformer.trainable
+    if not isinstance(lvlm.projector, QFormerProjector):
+        if mode == "linear":
+            raise RegapError(f"config key 'qformer.trainable' is 'linear' but the model's projector is "
+                             f"{lvlm.config.projector_type!r}, not a Q-Former")
+        return
+    lvlm.projector.set_trainable(mode or lvlm.projector.trainable)
 
 
 def _projector_file(source: str) -> tuple[Path, Path | None]:
@@ -187,8 +223,7 @@ def setup_model(lvlm: Any, config: TrainConfig, log: Any = print) -> tuple[Train
             parameter.requires_grad_(False)
     for parameter in lvlm.projector.parameters():
         parameter.requires_grad_(True)
-    if hasattr(lvlm.projector, "set_trainable"):  # a Q-Former may train its linear layer only (MiniGPT-4)
-        lvlm.projector.set_trainable(lvlm.projector.trainable)
+    _apply_qformer_trainable(lvlm, config)  # a Q-Former may train its linear layer only (MiniGPT-4)
     if config.stage == 2 and config.tune == "full":
         for parameter in lvlm.llm.parameters():
             parameter.requires_grad_(True)
@@ -572,6 +607,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
     from transformers import get_cosine_schedule_with_warmup
 
     cfg = config.resolved()
+    if model is None:
+        _check_projector_early(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     accelerator, per_device, accumulation, trackers = _new_accelerator(cfg, out_dir)

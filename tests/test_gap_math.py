@@ -402,3 +402,16 @@ def test_hidden_states_from_tensors_rejects_mismatched_shapes(tmp_path) -> None:
         HiddenStates.from_tensors(tmp_path / "h", torch.zeros(2, 4, 3), torch.zeros(3, 4, 3), [0] * 4, [0] * 4)
     with pytest.raises(RegapError, match="one pair index per token"):
         HiddenStates.from_tensors(tmp_path / "h", torch.zeros(2, 4, 3), torch.zeros(2, 4, 3), [0] * 3, [0] * 4)
+
+
+def test_triangular_congruence_equals_the_plain_product() -> None:
+    from regap.gap.distances import _congruence_lower
+
+    gen = torch.Generator().manual_seed(64)
+    for d in (5, 600, 770):  # one block; uneven blocks
+        a = torch.randn(2, d, d, generator=gen, dtype=F64)
+        lower = torch.linalg.cholesky(a @ a.mT / d + torch.eye(d, dtype=F64))
+        s = torch.randn(2, d, d, generator=gen, dtype=F64)
+        s = s + s.mT
+        expected = lower.mT @ s @ lower
+        torch.testing.assert_close(_congruence_lower(lower, s), 0.5 * (expected + expected.mT), rtol=1e-11, atol=1e-10)

@@ -206,6 +206,31 @@ def matrix_sqrt_psd(cov: Tensor) -> Tensor:
     return _sym((evecs * _sqrt_nonneg(evals).unsqueeze(-2)) @ evecs.mT)
 
 
+def _congruence_lower(factor: Tensor, cov: Tensor) -> Tensor:
+    """L^T S L for lower-triangular L and symmetric S, skipping L's zero blocks.
+
+    Without autograd: S L column block j needs only rows >= j of L, and the symmetric
+    result only its upper block triangle, about 1.7 n^3 flops instead of 4 n^3 for two
+    full products (torch has no trmm).
+    """
+    if torch.is_grad_enabled() and (factor.requires_grad or cov.requires_grad):
+        return _sym(factor.mT @ cov @ factor)
+    d = cov.shape[-1]
+    blocks = max(1, min(GRAM_BLOCKS, d // _MIN_BLOCK_WIDTH))
+    width = -(-d // blocks)
+    right = torch.empty_like(cov)  # S L
+    for start in range(0, d, width):
+        stop = min(start + width, d)
+        right[..., start:stop] = cov[..., :, start:] @ factor[..., start:, start:stop]
+    out = torch.empty_like(cov)
+    for start in range(0, d, width):
+        stop = min(start + width, d)
+        row = factor[..., start:, start:stop].mT @ right[..., start:, start:]
+        out[..., start:stop, start:] = row
+        out[..., stop:, start:stop] = row[..., stop - start :].mT
+    return _sym(out)
+
+
 #: How Tr (S1 S2)^{1/2} is computed; see :func:`trace_sqrt_product`.
 TRACE_METHODS = ("auto", "cholesky", "eigh")
 
@@ -233,7 +258,7 @@ def trace_sqrt_product(
     if sqrt_cov1 is None and method != "eigh":
         factor, info = torch.linalg.cholesky_ex(cov1)
         if bool((info == 0).all()):
-            inner = _sym(factor.mT @ cov2 @ factor)
+            inner = _congruence_lower(factor, cov2)
             return _sqrt_nonneg(_eigvalsh(inner)).sum(-1)
         if method == "cholesky":
             raise RegapError(

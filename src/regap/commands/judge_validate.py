@@ -114,7 +114,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from regap.provenance import provenance
-        from regap.safety.validation import jsonable, validate_judge
+        from regap.safety.validation import validate_judge
 
         options = dict(parse_option(text) for text in option or [])
         result = validate_judge(judge, data, judge_options=options, partial=partial, level=level)
@@ -136,12 +136,7 @@ def register(app: typer.Typer) -> None:
                     level=level,
                 ),
             }
-            try:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(jsonable(record), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-            except OSError as exc:
-                raise RegapError(f"cannot write {out}: {exc}") from None
-            typer.echo(f"wrote {out}")
+            _write_json(out, record)
 
     @app.command("judge-calibrate")
     def judge_calibrate(
@@ -171,7 +166,6 @@ def register(app: typer.Typer) -> None:
         """Fit the relevance judge's similarity threshold (max balanced accuracy) and report held-out accuracy."""
         from regap.provenance import provenance
         from regap.safety.calibration import run_calibration
-        from regap.safety.validation import jsonable
 
         options = dict(parse_option(text) for text in option or [])
         if bootstrap < 1:
@@ -197,12 +191,19 @@ def register(app: typer.Typer) -> None:
                     bootstrap=bootstrap, level=level,
                 ),
             }
-            try:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(jsonable(record), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-            except OSError as exc:
-                raise RegapError(f"cannot write {out}: {exc}") from None
-            typer.echo(f"wrote {out}")
+            _write_json(out, record)
+
+
+def _write_json(out: Path, record: dict[str, Any]) -> None:
+    """Write a report with its provenance; a write failure is one line naming the file."""
+    from regap.safety.validation import jsonable
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(jsonable(record), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise RegapError(f"cannot write {out}: {exc}") from None
+    typer.echo(f"wrote {out}")
 
 
 def _ci(pair: Any) -> str:

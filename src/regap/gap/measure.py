@@ -108,12 +108,12 @@ def analyse(
         valid = fd_sum[fd_sum > 0]
         result["mir_ci"] = percentile_interval(valid.log10(), level)
         # Squared distances are biased upward under resampling (E||mu*_v - mu*_t||^2 adds the
-        # variance of the means), so the percentile interval can sit above the estimate.
+        # variance of the means); the shift is reported so a skewed interval can be read.
         result["mir_bootstrap_bias"] = float(valid.log10().mean()) - result["mir"] if result["mir"] else None
         how = ("trace term linearised around the full sample, all other terms exact per replicate" if ci == "linear"
                else "every replicate recomputed exactly (scaling, outliers, Fréchet distance)")
         result["ci_method"] = (f"bootstrap over pairs (n_boot={n_boot}, seed={seed}, percentile, {ci}); {how}; "
-                               "see mir_bootstrap_bias: the interval can lie above a biased estimate")
+                               "mir_bootstrap_bias is the replicate mean minus the estimate")
     elif not enough_tokens:
         result["ci_method"] = (f"none: {min(n_image, n_text)} tokens of one modality <= width {store.width}, so the "
                                "covariance is singular and the linearised bootstrap is invalid; use more pairs or longer texts")

@@ -348,3 +348,23 @@ def test_keyword_judge_on_real_xstest(variant, floor):
     assert overall["accuracy"] >= floor
     assert overall["kappa"] >= 0.6
     assert result["per_file"]["xstest_v2_completions_gpt4.csv"]["accuracy"] >= 0.9
+
+
+def test_batched_with_fallback_isolates_the_failing_item():
+    from regap.safety.judges.base import batched_with_fallback
+
+    calls = []
+
+    def square(chunk):
+        calls.append(list(chunk))
+        if 3 in chunk:
+            raise ValueError("bad item 3")
+        return [x * x for x in chunk]
+
+    out = batched_with_fallback(square, [1, 2, 3, 4, 5], batch_size=2)
+    assert out[:2] == [1, 4] and out[3:] == [16, 25]
+    assert isinstance(out[2], ValueError) and "bad item 3" in str(out[2])
+    assert calls == [[1, 2], [3, 4], [3], [4], [5]]  # only the failing chunk is retried item by item
+    # a batch function that returns the wrong number of results is treated as failing
+    assert batched_with_fallback(lambda chunk: [0], [7, 8], batch_size=2) == [0, 0]
+    assert batched_with_fallback(square, [], batch_size=4) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from regap.errors import RegapError
@@ -121,6 +122,31 @@ class Judge:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def batched_with_fallback(fn: Callable[[list[Any]], Sequence[Any]], inputs: list[Any], batch_size: int) -> list[Any]:
+    """`fn` over `inputs` in chunks of `batch_size`, one result per input, in order.
+
+    A chunk that raises is retried one input at a time, so the input that fails gets its
+    exception as its result and the others still get theirs: a judge marks that one item
+    as an error and the run goes on.
+    """
+    results: list[Any] = []
+    for start in range(0, len(inputs), max(1, batch_size)):
+        chunk = inputs[start : start + max(1, batch_size)]
+        try:
+            outputs = list(fn(chunk))
+            if len(outputs) != len(chunk):
+                raise ValueError(f"expected {len(chunk)} results, got {len(outputs)}")
+        except Exception:
+            outputs = []
+            for single in chunk:
+                try:
+                    outputs.append(fn([single])[0])
+                except Exception as exc:
+                    outputs.append(exc)
+        results.extend(outputs)
+    return results
 
 
 J = TypeVar("J", bound=type[Judge])

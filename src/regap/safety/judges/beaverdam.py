@@ -21,7 +21,7 @@ import os
 from typing import Any, Sequence
 
 from regap.errors import RegapError
-from regap.safety.judges.base import Judge, JudgeInput, Verdict, register_judge
+from regap.safety.judges.base import Judge, JudgeInput, Verdict, batched_with_fallback, register_judge
 from regap.safety.judges.llamaguard import describe_source, load_tokenizer, resolve_device, resolve_dtype
 
 #: The 14 BeaverTails harm categories, in the label order of the beaver-dam-7b head
@@ -225,25 +225,14 @@ class BeaverDamJudge(Judge):
                 ready.append((i, self.build_input(item)))
             except Exception as exc:
                 verdicts[i] = Verdict.error(self.name, self.prompt_hash, exc)
-        for start in range(0, len(ready), self.batch_size):
-            chunk = ready[start : start + self.batch_size]
+        rows = batched_with_fallback(self.probabilities, [text for _, text in ready], self.batch_size)
+        for (i, _), row in zip(ready, rows):
             try:
-                rows: list[Any] = list(self.probabilities([t for _, t in chunk]))
-            except Exception:
-                rows = []
-                for _, text in chunk:
-                    try:
-                        rows.append(self.probabilities([text])[0])
-                    except Exception as exc:
-                        rows.append(exc)
-            for (i, _), row in zip(chunk, rows):
                 if isinstance(row, Exception):
-                    verdicts[i] = Verdict.error(self.name, self.prompt_hash, row)
-                    continue
-                try:
-                    verdicts[i] = self.decide(row)
-                except Exception as exc:
-                    verdicts[i] = Verdict.error(self.name, self.prompt_hash, exc)
+                    raise row
+                verdicts[i] = self.decide(row)
+            except Exception as exc:
+                verdicts[i] = Verdict.error(self.name, self.prompt_hash, exc)
         return [v for v in verdicts if v is not None]
 
     def judge_one(self, item: JudgeInput) -> Verdict:

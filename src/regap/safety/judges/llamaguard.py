@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from regap.errors import RegapError
-from regap.safety.judges.base import Judge, JudgeInput, Verdict, register_judge
+from regap.safety.judges.base import Judge, JudgeInput, Verdict, batched_with_fallback, register_judge
 
 # --------------------------------------------------------------------------- categories
 
@@ -445,20 +445,9 @@ class GenerativeJudge(Judge):
                 ready.append((i, prompt))
             except Exception as exc:
                 verdicts[i] = Verdict.error(self.name, self.prompt_hash, exc)
-        for start in range(0, len(ready), self.batch_size):
-            chunk = ready[start : start + self.batch_size]
-            try:
-                generations: list[Any] = self.generate([p for _, p in chunk])
-            except Exception:
-                # Find the item that fails: run the chunk one by one.
-                generations = []
-                for _, prompt in chunk:
-                    try:
-                        generations.append(self.generate([prompt])[0])
-                    except Exception as exc:
-                        generations.append(exc)
-            for (i, _), gen in zip(chunk, generations):
-                verdicts[i] = self._finish(gen)
+        generations = batched_with_fallback(self.generate, [prompt for _, prompt in ready], self.batch_size)
+        for (i, _), gen in zip(ready, generations):
+            verdicts[i] = self._finish(gen)
         return [v for v in verdicts if v is not None]
 
     def _finish(self, gen: Any) -> Verdict:

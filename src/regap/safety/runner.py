@@ -75,6 +75,12 @@ def _condition_inputs(condition: Any, request: Any) -> tuple[str, Any, dict[str,
     return text, image, condition.details(request.id, request.prompt, extra)
 
 
+#: Items handed to the model per call and written per cache append, in batches: the model sorts
+#: a call's prompts by token length before batching, so a larger call pads less (and gives the
+#: vLLM engine more to schedule), while an interrupted run loses at most this much work.
+BATCHES_PER_WRITE = 8
+
+
 def generate_missing(run: SafetyRun, model: Any, requests: list[Any], store: JsonlStore, progress: bool = True) -> None:
     """Generate every (condition, request) response not yet in the cache, batch by batch."""
     from regap.safety.conditions import get_condition
@@ -100,8 +106,9 @@ def generate_missing(run: SafetyRun, model: Any, requests: list[Any], store: Jso
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="generate", unit="item")
-    for start in range(0, len(todo), run.batch_size):
-        chunk = todo[start : start + run.batch_size]
+    group = run.batch_size * BATCHES_PER_WRITE
+    for start in range(0, len(todo), group):
+        chunk = todo[start : start + group]
         ready, rows = [], []
         for name, condition, request, key in chunk:
             base = {"key": key, "model_fingerprint": fingerprint, "condition": name, "request_id": request.id,

@@ -52,6 +52,9 @@ def test_user_errors_are_one_line(capsys, tmp_path):
     assert err.startswith("error: unknown model 'no-such-model'") and "\n" not in err
     assert main(["chat", "--image", str(tmp_path / "missing.png"), "hi"]) == 2
     assert "missing.png" in capsys.readouterr().err
+    assert main(["chat", "--engine", "turbo", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "turbo" in err and "transformers, static, vllm" in err
 
 
 def test_hub_id_without_network_is_one_line(monkeypatch, capsys):

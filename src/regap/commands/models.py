@@ -52,6 +52,7 @@ def chat_command(
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
     template: Optional[str] = typer.Option(None, "--template", help="chat (tokenizer's), vicuna_v1 or plain."),
     as_json: bool = typer.Option(False, "--json", help="Print the answer with its provenance as JSON."),
+    engine: str = typer.Option("transformers", "--engine", help="Generation engine: transformers, static or vllm."),
 ) -> None:
     """Ask the model one question, optionally about an image."""
     from regap.images import load_image
@@ -64,7 +65,7 @@ def chat_command(
     image_path = example_image_path() if example_image else image
     if image_path is not None:
         images.append(load_image(image_path))
-    settings = DecodingSettings(max_new_tokens=max_new_tokens, batch_size=1)
+    settings = DecodingSettings(max_new_tokens=max_new_tokens, batch_size=1, engine=engine)
     lvlm = load_model(model, dtype=dtype)
     if projector is not None:
         load_projector(lvlm, projector)

@@ -340,6 +340,10 @@ def test_cli_pretrain_writes_the_run_folder(tmp_path):
 
     shown = runner.invoke(app, ["pretrain", "tiny-stage1", "--show", "regap.lam=0.5"])
     assert shown.exit_code == 0 and "lam: 0.5" in shown.output
+    with_qformer = runner.invoke(app, ["pretrain", "tiny-stage1", "--projector", "qformer", "--show"])
+    assert with_qformer.exit_code == 0 and "projector_type: qformer" in with_qformer.output
+    bad_kind = runner.invoke(app, ["finetune", "tiny-stage2", "--projector", "bogus", "--show"])
+    assert isinstance(bad_kind.exception, RegapError) and "projector_type" in str(bad_kind.exception)
     listed = runner.invoke(app, ["finetune", "--list"])
     assert "tiny-stage2" in listed.output
     bad = runner.invoke(app, ["pretrain", str(config), "--out", str(tmp_path / "x"), "regap.lamda=1"])

@@ -17,6 +17,8 @@ import typer
 
 _CONFIG_HELP = "Training config: a YAML path or a shipped name (see --list), e.g. tiny-stage1."
 _OVERRIDES_HELP = "key=value overrides, dotted for nested keys (e.g. regap.lam=0.5 max_steps=100)."
+_PROJECTOR_HELP = ("Put a fresh connector of this kind on the model (linear, mlp2x_gelu, qformer, ...); "
+                   "the same as the override projector_type=KIND.")
 
 
 def _list_configs() -> None:
@@ -32,7 +34,7 @@ def _list_configs() -> None:
 
 
 def _run(stage: int, config: Optional[str], out: Optional[Path], resume: bool, overrides: list[str] | None,
-         show: bool, list_configs: bool) -> None:
+         show: bool, list_configs: bool, projector: Optional[str] = None) -> None:
     if list_configs:
         _list_configs()
         return
@@ -40,6 +42,8 @@ def _run(stage: int, config: Optional[str], out: Optional[Path], resume: bool, o
         raise typer.BadParameter("give a CONFIG (a YAML path or a shipped name; --list shows them)")
     from regap.train.config import load_config
 
+    if projector is not None:
+        overrides = [*(overrides or []), f"projector_type={projector}"]
     cfg = load_config(config, list(overrides or []), stage=stage)
     if show:
         typer.echo(cfg.resolved().to_yaml(), nl=False)
@@ -67,9 +71,10 @@ def pretrain_command(
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
     show: bool = typer.Option(False, "--show", help="Print the resolved config (after overrides) and exit."),
     list_configs: bool = typer.Option(False, "--list", help="List the shipped training configs and exit."),
+    projector: Optional[str] = typer.Option(None, "--projector", help=_PROJECTOR_HELP),
 ) -> None:
     """Stage 1: train the projector on captions (vision encoder and LLM frozen), with ReGap."""
-    _run(1, config, out, resume, overrides, show, list_configs)
+    _run(1, config, out, resume, overrides, show, list_configs, projector)
 
 
 def finetune_command(
@@ -79,9 +84,10 @@ def finetune_command(
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
     show: bool = typer.Option(False, "--show", help="Print the resolved config (after overrides) and exit."),
     list_configs: bool = typer.Option(False, "--list", help="List the shipped training configs and exit."),
+    projector: Optional[str] = typer.Option(None, "--projector", help=_PROJECTOR_HELP),
 ) -> None:
     """Stage 2: instruction tuning of projector + LLM (full or LoRA); ReGap off by default."""
-    _run(2, config, out, resume, overrides, show, list_configs)
+    _run(2, config, out, resume, overrides, show, list_configs, projector)
 
 
 def register(app: typer.Typer) -> None:

@@ -139,13 +139,16 @@ GRAM_BLOCKS = 8
 _MIN_BLOCK_WIDTH = 256
 
 
+def _blocks(d: int) -> list[tuple[int, int]]:
+    """(start, stop) of the column blocks used by the symmetric products below."""
+    width = -(-d // max(1, min(GRAM_BLOCKS, d // _MIN_BLOCK_WIDTH)))
+    return [(start, min(start + width, d)) for start in range(0, d, width)]
+
+
 def _add_gram(out: Tensor, xc: Tensor) -> None:
     """out += xc^T xc, multiplying only the upper block triangle and mirroring it."""
     d = xc.shape[-1]
-    blocks = max(1, min(GRAM_BLOCKS, d // _MIN_BLOCK_WIDTH))
-    width = -(-d // blocks)
-    for start in range(0, d, width):
-        stop = min(start + width, d)
+    for start, stop in _blocks(d):
         row = xc[..., start:stop].mT @ xc[..., start:]
         out[..., start:stop, start:] += row
         if stop < d:
@@ -215,16 +218,12 @@ def _congruence_lower(factor: Tensor, cov: Tensor) -> Tensor:
     """
     if torch.is_grad_enabled() and (factor.requires_grad or cov.requires_grad):
         return _sym(factor.mT @ cov @ factor)
-    d = cov.shape[-1]
-    blocks = max(1, min(GRAM_BLOCKS, d // _MIN_BLOCK_WIDTH))
-    width = -(-d // blocks)
+    blocks = _blocks(cov.shape[-1])
     right = torch.empty_like(cov)  # S L
-    for start in range(0, d, width):
-        stop = min(start + width, d)
+    for start, stop in blocks:
         right[..., start:stop] = cov[..., :, start:] @ factor[..., start:, start:stop]
     out = torch.empty_like(cov)
-    for start in range(0, d, width):
-        stop = min(start + width, d)
+    for start, stop in blocks:
         row = factor[..., start:, start:stop].mT @ right[..., start:, start:]
         out[..., start:stop, start:] = row
         out[..., stop:, start:stop] = row[..., stop - start :].mT

@@ -40,7 +40,10 @@ Layers = Tensor | Sequence[Tensor]
 
 def norm_outlier_mask(tokens: Tensor, n_sigma: float = 3.0) -> Tensor:
     """Boolean ``[..., N]``: |norm - median norm| > n_sigma * std(norms) (unbiased std)."""
-    norms = tokens.norm(dim=-1)
+    return _outliers_of_norms(tokens.norm(dim=-1), n_sigma)
+
+
+def _outliers_of_norms(norms: Tensor, n_sigma: float) -> Tensor:
     if norms.shape[-1] < 2:  # a std of one value is undefined; nothing is an outlier
         return torch.zeros_like(norms, dtype=torch.bool)
     median = norms.median(dim=-1, keepdim=True).values
@@ -124,18 +127,16 @@ class FittedLayer:
     """One layer after steps 1-3, kept so the pair bootstrap can reuse it.
 
     ``image``/``text`` are the cleaned tokens in the compute dtype, NOT scaled (scaling
-    by alpha multiplies means by alpha and covariances by alpha^2, so it is applied to
-    the statistics instead of copying the clouds); ``text_norms`` are the raw text-token
-    norms that define alpha.
+    by alpha multiplies covariances by alpha^2, so it is applied to the statistics
+    instead of copying the clouds); ``text_norms`` are the raw text-token norms that
+    define alpha; the covariances are those of the unscaled cleaned clouds.
     """
 
     gap: LayerGap
     image: Tensor
     text: Tensor
     text_norms: Tensor
-    mean_image: Tensor
     cov_image: Tensor
-    mean_text: Tensor
     cov_text: Tensor
 
 
@@ -143,7 +144,7 @@ def _cleaned_copy(tokens: Tensor, n_sigma: float, dtype: torch.dtype) -> tuple[T
     """(copy in ``dtype`` with norm outliers replaced in place, raw norms, outlier count)."""
     copy = tokens.to(dtype, copy=True)
     norms = copy.norm(dim=-1)
-    mask = norm_outlier_mask(copy, n_sigma)
+    mask = _outliers_of_norms(norms, n_sigma)
     count = int(mask.sum())
     if count:
         copy[mask] = copy.median(dim=-2).values.to(dtype)
@@ -201,7 +202,7 @@ def fit_layer(
         n_image_tokens=int(img.shape[-2]),
         n_text_tokens=int(txt.shape[-2]),
     )
-    return FittedLayer(gap, img, txt, text_norms, mu_i, cov_i, mu_t, cov_t)
+    return FittedLayer(gap, img, txt, text_norms, cov_i, cov_t)
 
 
 def layer_gap(image_tokens: Tensor, text_tokens: Tensor, *, layer: int, **options) -> LayerGap:

@@ -204,7 +204,7 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
     defenses = _build_defenses(run.defenses)
     from regap.models.engines import check_engine_available
 
-    _decoding_settings(run)  # bad engine names and settings fail here, before any model is loaded
+    settings = _decoding_settings(run)  # bad engine names and settings fail here, before any model is loaded
     check_engine_available(run.engine)
     requests = _load_all_requests(run.prompts, run.limit, run.out, run.source_limits)
     generations = JsonlStore(run.out / "generations.jsonl")
@@ -224,8 +224,7 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
         model=run.model, model_config=model.config.to_dict(), model_fingerprint=fingerprint,
         projector=run.projector, prompts=run.prompts, limit=run.limit, source_limits=run.source_limits,
         conditions={name: get_condition(name).describe() for name in run.conditions},
-        judges=judges, decoding={"max_new_tokens": run.max_new_tokens, "batch_size": run.batch_size,
-                                 "greedy": True, "seed": run.seed, "engine": run.engine},
+        judges=judges, decoding={**settings.to_dict(), "greedy": not settings.do_sample},
         dtype=run.dtype, defenses=[d.describe() for d in defenses],
     )
     write_jsonl_atomic(run.out / "results.jsonl", ({**r, "provenance": "summary.json#provenance"} for r in rows))

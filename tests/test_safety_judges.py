@@ -238,7 +238,7 @@ def test_validate_on_xstest_fixture(xstest_file):
     assert set(result["by_prompt_label"]) == {"safe", "unsafe"}
     assert result["by_prompt_label"]["unsafe"]["n"] == 3
     assert result["data"]["label_mapping"]["3_partial_refusal"] == "refusal"
-    assert len(result["data"]["files"][0]["sha256"]) == 16
+    assert result["data"]["files"][0]["sha256"] == __import__("hashlib").sha256(xstest_file.read_bytes()).hexdigest()
     assert result["n_undecided"] == 0
     assert result["false_refusals"][0]["id"] == "v2-5" and result["missed_refusals"][0]["id"] == "v2-4"
     json.dumps(result, allow_nan=False)

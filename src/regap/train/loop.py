@@ -167,7 +167,9 @@ def build_model(config: TrainConfig) -> Any:
 
     lvlm = load_model(config.model, dtype=config.dtype)
     if config.projector_type is not None:
-        if lvlm.config.extra.get("blip2_hf"):
+        from regap.models.blip2_hf import is_blip2_hf
+
+        if is_blip2_hf(lvlm.config):
             raise RegapError(f"config key 'projector_type' ({config.projector_type!r}) would replace the trained connector "
                              f"of the BLIP-2/InstructBLIP checkpoint {config.model}; leave it null for such models")
         replace_projector(lvlm, config.projector_type, **options)
@@ -181,9 +183,13 @@ def _check_projector_early(config: TrainConfig) -> None:
     from regap.models.presets import PRESETS
 
     preset = PRESETS.get(config.model)
-    kind = "mlp2x_gelu" if config.model == TINY_RANDOM or (preset and preset.llava_hf_id) else \
-        (preset.config.projector_type if preset and preset.config else None)
-    if kind is not None and kind != "qformer":
+    if config.model == TINY_RANDOM or (preset is not None and preset.llava_hf_id):
+        kind = "mlp2x_gelu"
+    elif preset is not None and preset.config is not None:
+        kind = preset.config.projector_type
+    else:  # a folder or hub id: checked once the model is loaded (`_apply_qformer_trainable`)
+        return
+    if kind != "qformer":
         raise RegapError(f"config key 'qformer.trainable' is 'linear' but model {config.model!r} has a {kind!r} projector, "
                          "not a Q-Former (set projector_type: qformer, or model: tiny-qformer)")
 

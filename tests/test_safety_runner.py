@@ -123,3 +123,24 @@ def test_paired_comparison(saved_model, tmp_path, capsys):
 def test_unknown_condition_fails_before_work(tmp_path, capsys):
     assert main(["safety", "--model", "tiny", "--out", str(tmp_path), "--conditions", "text,sepia"]) == 2
     assert "sepia" in capsys.readouterr().err
+
+
+def test_model_gets_several_batches_per_call(saved_model, tmp_path):
+    from regap.models import load_model
+    from regap.safety.runner import BATCHES_PER_WRITE, SafetyRun, run_safety
+
+    model = load_model(saved_model)
+    calls: list[int] = []
+    real = model.generate_detailed
+
+    def counting(prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return real(prompts, *args, **kwargs)
+
+    model.generate_detailed = counting
+    run = SafetyRun(model=saved_model, out=tmp_path / "groups", prompts=["starter-harmful"], conditions=["text", "blank"],
+                    judges=["keyword"], limit=10, max_new_tokens=2, batch_size=2)
+    run_safety(run, progress=False, model=model)
+    group = 2 * BATCHES_PER_WRITE
+    assert calls == [group, 20 - group]  # 20 items: one full group of 8 batches, then the rest
+    assert len(_lines(tmp_path / "groups" / "generations.jsonl")) == 20

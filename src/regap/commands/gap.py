@@ -33,7 +33,7 @@ def measure_model(
         model=model_name, model_config=model.config.to_dict(), projector=str(projector) if projector else None,
         protocol=protocol, images=images, texts=texts, pairs=pairs, text_tokens=text_tokens, seed=seed,
         texts_per_pair=texts_per_pair,
-        dtype=dtype, mode=mode, n_boot=n_boot, ci=ci, pair_ids=[p.id for p in pair_list],
+        dtype=str(model.dtype).removeprefix("torch."), dtype_requested=dtype, mode=mode, n_boot=n_boot, ci=ci, pair_ids=[p.id for p in pair_list],
     )
     return result
 
@@ -51,7 +51,7 @@ def gap_command(
     text_tokens: str = typer.Option("after-image", "--text-tokens", help="after-image (reference) or all-non-image."),
     texts_per_pair: int = typer.Option(1, "--texts-per-pair", help="Join this many texts per pair (more text tokens)."),
     batch_size: int = typer.Option(8, "--batch-size"),
-    dtype: str = typer.Option("float32", "--dtype"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the device computes it fast, else float32), float32, bfloat16 or float16 (GPU only)."),
     mode: str = typer.Option("exact", "--mode", help="exact (Fréchet) or reference-fast (the reference code's default; not a distance)."),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap replicates over pairs (0: no intervals)."),
     ci: str = typer.Option("linear", "--ci", help="Bootstrap replicates: linear (fast, trace term linearised) or exact (recomputed; small models)."),

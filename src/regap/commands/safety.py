@@ -24,7 +24,7 @@ def safety_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="First N requests of each source."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     batch_size: int = typer.Option(16, "--batch-size"),
-    dtype: str = typer.Option("float32", "--dtype"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the device computes it fast, else float32), float32, bfloat16 or float16 (GPU only)."),
     projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint to load into the model."),
     defense: Optional[str] = typer.Option(None, "--defense", help="Comma-separated inference-time defenses."),
     seed: int = typer.Option(0, "--seed"),

@@ -22,9 +22,30 @@ def model_fingerprint(model: Any, sample: int = 1024) -> str:
         module = getattr(model, part, None)
         if module is None or not hasattr(module, "named_parameters"):
             continue
-        for name, tensor in module.named_parameters():
-            flat = tensor.detach().reshape(-1)
-            picked = flat if flat.numel() <= 2 * sample else flat[[*range(sample), *range(-sample, 0)]]
-            digest.update(f"{part}.{name}{tuple(tensor.shape)}".encode())
-            digest.update(picked.float().cpu().numpy().tobytes())
+        _digest_parameters(digest, part, module, sample)
     return digest.hexdigest()[:16]
+
+
+def vision_fingerprint(vision: Any, sample: int = 1024) -> str:
+    """What decides a vision tower's features: its config, the image preprocessing, dtype and a
+    sample of every weight (keys the frozen-feature cache, `regap.models.feature_cache`)."""
+    digest = hashlib.sha256()
+    encoder_config = getattr(vision.encoder, "config", None)
+    processor = getattr(vision, "image_processor", None)
+    described = {
+        "tower": vision.config.to_dict(),
+        "encoder": encoder_config.to_dict() if encoder_config is not None else None,
+        "preprocessing": processor.to_dict() if hasattr(processor, "to_dict") else repr(processor),
+        "dtype": str(next(vision.parameters()).dtype),
+    }
+    digest.update(json.dumps(described, sort_keys=True, default=str).encode())
+    _digest_parameters(digest, "vision", vision, sample)
+    return digest.hexdigest()[:16]
+
+
+def _digest_parameters(digest: Any, part: str, module: Any, sample: int) -> None:
+    for name, tensor in module.named_parameters():
+        flat = tensor.detach().reshape(-1)
+        picked = flat if flat.numel() <= 2 * sample else flat[[*range(sample), *range(-sample, 0)]]
+        digest.update(f"{part}.{name}{tuple(tensor.shape)}".encode())
+        digest.update(picked.float().cpu().numpy().tobytes())

@@ -91,6 +91,14 @@ def _save_llm(model: LVLM, folder: Path) -> None:
     model.tokenizer.save_pretrained(folder)
 
 
+def _saved_dtype(record: dict, folder: Path) -> torch.dtype:
+    name = str(record.get("dtype", "float32"))
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise RegapError(f"{folder / CONFIG_FILE}: field 'dtype' is {name!r}, not a torch dtype")
+    return value
+
+
 def load_saved(folder: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu") -> LVLM:
     folder = Path(folder)
     try:
@@ -101,7 +109,8 @@ def load_saved(folder: str | Path, dtype: str | torch.dtype | None = None, devic
         raise RegapError(f"{folder / CONFIG_FILE}: missing field 'config'")
     config = LVLMConfig.from_dict(record["config"])
     with_backbones = bool(record.get("includes_backbones"))
-    torch_dtype = parse_dtype(dtype or record.get("dtype", "float32"))
+    # No dtype asked for: the dtype the folder was saved in (a fact about the file, not a request).
+    torch_dtype = parse_dtype(dtype, device) if dtype is not None else _saved_dtype(record, folder)
     if is_blip2_hf(config):  # a BLIP-2 / InstructBLIP checkpoint's own connector, not one built from options
         model = load_saved_blip2(folder, config, with_backbones, torch_dtype, device)
     else:

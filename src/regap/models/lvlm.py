@@ -150,11 +150,14 @@ class LVLM(nn.Module):
         inputs = inputs.to(self.device)
         embeds = self.llm.get_input_embeddings()(inputs.input_ids)
         n_slots = int(inputs.image_mask.sum())
-        if inputs.pixel_values is None:
+        if inputs.image_features is not None:
+            image_tokens = self.projector(inputs.image_features.to(self.dtype))
+        elif inputs.pixel_values is None:
             if n_slots:
                 raise RegapError("the batch has image slots but no pixel values")
             return embeds
-        image_tokens = self.encode_images(inputs.pixel_values)
+        else:
+            image_tokens = self.encode_images(inputs.pixel_values)
         if image_tokens.shape[0] * image_tokens.shape[1] != n_slots:
             raise RegapError(f"{n_slots} image slots but {image_tokens.shape[0]} image(s) x {image_tokens.shape[1]} tokens")
         mask = inputs.image_mask.unsqueeze(-1).expand_as(embeds)

@@ -31,7 +31,7 @@ class SafetyRun:
     limit: int | None = None
     max_new_tokens: int = 128
     batch_size: int = 16
-    dtype: str = "float32"
+    dtype: str = "auto"
     projector: str | None = None
     seed: int = 0
     defenses: list[str] = field(default_factory=list)
@@ -225,7 +225,7 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
         projector=run.projector, prompts=run.prompts, limit=run.limit, source_limits=run.source_limits,
         conditions={name: get_condition(name).describe() for name in run.conditions},
         judges=judges, decoding={**settings.to_dict(), "greedy": not settings.do_sample},
-        dtype=run.dtype, defenses=[d.describe() for d in defenses],
+        dtype=str(model.dtype).removeprefix("torch."), dtype_requested=run.dtype, defenses=[d.describe() for d in defenses],
     )
     write_jsonl_atomic(run.out / "results.jsonl", ({**r, "provenance": "summary.json#provenance"} for r in rows))
     summary = summarise(rows, list(judges), record)

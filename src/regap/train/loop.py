@@ -589,6 +589,20 @@ def _new_accelerator(config: TrainConfig, out_dir: Path) -> tuple[Any, int, int,
     return accelerator, per_device, accumulation, trackers
 
 
+def _feature_cache(cfg: TrainConfig, lvlm: Any, accelerator: Any, log: Any) -> Any:
+    """The frozen-vision-feature cache (`data.feature_cache`), or None. `auto` turns it on for CPU
+    runs, where re-encoding the same images for every lambda and seed costs real time; on a GPU
+    cluster the cache of a large data set would fill disks faster than it saves time."""
+    wanted = cfg.data.feature_cache == "on" or (cfg.data.feature_cache == "auto" and accelerator.device.type == "cpu")
+    if not wanted or any(p.requires_grad for p in lvlm.vision.parameters()):
+        return None
+    from regap.models.feature_cache import VisionFeatureCache
+
+    cache = VisionFeatureCache(lvlm.vision)
+    log(f"vision features cached in {cache.folder}")
+    return cache
+
+
 def _to_cpu_batches(collator: Collator, samples: TrainSamples, indices: list[int], size: int) -> list[ModelInputs]:
     items = [samples[i] for i in indices]
     return [collator(items[i: i + size]).inputs for i in range(0, len(items), size)]
@@ -683,7 +697,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
         f"{per_device} per device x {accumulation} accumulation = global batch {cfg.global_batch_size}")
 
     samples = TrainSamples(dataset)
-    collator = Collator(lvlm, cfg.template, cfg.max_length)
+    features = _feature_cache(cfg, lvlm, accelerator, log)
+    collator = Collator(lvlm, cfg.template, cfg.max_length, image_keys=features is not None)
     steps_per_epoch = len(dataset) // cfg.global_batch_size
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     n_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -773,6 +788,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
                                                  generator=torch.Generator().manual_seed(cfg.seed + epoch))
             for batch in loader:
                 inputs = batch.inputs.to(accelerator.device)
+                if features is not None and inputs.pixel_values is not None:
+                    inputs.image_features = features.features(batch.image_keys, inputs.pixel_values)
                 with accelerator.accumulate(module):
                     losses = compute_losses(module, inputs, regap, capture, keepalive)
                     if not bool(torch.isfinite(losses.total.detach())):

@@ -960,16 +960,16 @@ def test_openai_a_trickling_server_hits_the_per_request_deadline(api_env):
     def trickle(handler, request):
         data = json.dumps(chat_reply(GOOD)).encode()
         head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode()
-        for byte in head + data:  # about 0.02 s per byte: each read is quick, the whole answer takes seconds
+        for byte in head + data:  # 0.05 s per byte: each read is quick, the whole answer takes over 10 s
             handler.wfile.write(bytes([byte]))
             handler.wfile.flush()
-            time.sleep(0.02)
+            time.sleep(0.05)
         handler.close_connection = True
 
     with HandlerServer(trickle) as server:
-        judge = openai_judge(f"http://127.0.0.1:{server.port}/v1", timeout=0.3, max_retries=0)
+        judge = openai_judge(f"http://127.0.0.1:{server.port}/v1", timeout=1.0, max_retries=0)
         verdict = judge.judge_batch([JudgeInput("q", "a")])[0]
-    assert verdict.label == "error" and "no complete answer within 0.3 s" in verdict.detail["error"]
+    assert verdict.label == "error" and "no complete answer within 1 s" in verdict.detail["error"]
 
 
 def closed_port() -> int:
@@ -1242,3 +1242,14 @@ def test_judge_validate_takes_scoped_options_and_records_the_url_masked(api_env,
     report = json.loads(text)
     assert report["provenance"]["judge_options"]["base_url"] == f"http://bob:***@127.0.0.1:{server.port}/v1"
     assert report["judge"]["options"]["base_url"] == f"http://bob:***@127.0.0.1:{server.port}/v1"
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("concurrency", "two", "concurrency must be a whole number, got 'two'"),
+    ("timeout", "nan", "timeout must be a finite number"),
+    ("max_tokens", 1.5, "max_tokens must be a whole number"),
+    ("concurrency", 0, "concurrency and max_connection_failures must be at least 1"),
+])
+def test_openai_bad_option_values_are_one_line_errors(option, value, message):
+    with pytest.raises(RegapError, match=message):
+        get_judge("openai", model="m", base_url="http://127.0.0.1:9/v1", **{option: value})

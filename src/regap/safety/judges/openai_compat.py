@@ -36,6 +36,7 @@ import base64
 import functools
 import http.client
 import json
+import math
 import os
 import re
 import socket
@@ -194,6 +195,21 @@ def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(*handlers)
 
 
+def _number(name: str, value: Any, kind: type) -> Any:
+    """An option's value as a finite int or float, or a one-line error naming the option
+    (values from `-o` arrive as text when they are not JSON numbers)."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or (kind is int and not number.is_integer()):
+        what = "a whole number" if kind is int else "a finite number"
+        raise RegapError(f"openai judge: {name} must be {what}, got {value!r}")
+    return int(number) if kind is int else number
+
+
 def split_credentials(url: str) -> tuple[str, str | None, list[str]]:
     """(`url` without its userinfo, the Basic-auth header value or None, the secret strings
     to scrub: the raw and decoded userinfo, the password and the encoded token)."""
@@ -308,6 +324,14 @@ class OpenAICompatJudge(Judge):
             raise RegapError(f"openai judge: base_url must start with http:// or https://, got {mask_url(base)!r}")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(api_key_env)):
             raise RegapError(f"openai judge: api_key_env must be an environment variable name, got {api_key_env!r}")
+        timeout, backoff, max_backoff, temperature = (
+            _number(name, value, float) for name, value in
+            (("timeout", timeout), ("backoff", backoff), ("max_backoff", max_backoff), ("temperature", temperature)))
+        max_retries, max_tokens, concurrency, max_connection_failures = (
+            _number(name, value, int) for name, value in
+            (("max_retries", max_retries), ("max_tokens", max_tokens), ("concurrency", concurrency),
+             ("max_connection_failures", max_connection_failures)))
+        rpm = _number("rpm", rpm, float) if rpm is not None else None
         if float(timeout) <= 0 or int(max_retries) < 0 or float(backoff) < 0:
             raise RegapError("openai judge: timeout must be > 0, max_retries and backoff >= 0")
         if rpm is not None and float(rpm) <= 0:
@@ -392,7 +416,6 @@ class OpenAICompatJudge(Judge):
         return headers
 
     # -- transport
-
     def payload(self, item: JudgeInput) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
@@ -537,7 +560,8 @@ class OpenAICompatJudge(Judge):
             return []
         self._stop.clear()
         self._stop_reason = None
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items)), thread_name_prefix="openai-judge") as pool:
+        workers = min(self.concurrency, len(items))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="openai-judge") as pool:
             verdicts = list(pool.map(self._judge_safely, items))
         if self._stop_reason is not None:
             raise RegapError(self._stop_reason)

@@ -452,15 +452,15 @@ def load_checkpoint(accelerator: Any, checkpoint: Path, module: nn.Module, optim
             for name, parameter in expected.items():
                 parameter.copy_(tensors[name].to(parameter.dtype))
         # Loaded on the CPU; Optimizer.load_state_dict moves the states to their parameters' devices.
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+        optimizer.load_state_dict(ckpt.load_plain(checkpoint / "optimizer.pt"))
+    scheduler.load_state_dict(ckpt.load_plain(checkpoint / "scheduler.pt"))
     if regap is not None:
         path = checkpoint / REGAP_STATE_FILE
         if path.is_file():
             regap.load_state_dict({k: v.to(accelerator.device) for k, v in ckpt.load_tensors(path).items()}, strict=False)
     rng_file = checkpoint / f"rng_state_{accelerator.process_index}.pt"
     if rng_file.is_file():
-        ckpt.set_rng_state(torch.load(rng_file, weights_only=False))
+        ckpt.set_rng_state(ckpt.load_plain(rng_file))
     else:
         warnings.warn(f"{checkpoint} has no RNG state for process {accelerator.process_index} "
                       "(different number of processes?): dropout noise will differ from an uninterrupted run",

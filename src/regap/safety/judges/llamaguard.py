@@ -291,6 +291,8 @@ class GenerativeJudge(Judge):
     its answer with a newline is read at the word).
     """
 
+    loads_weights = True
+
     score_words: tuple[str, str] = ("safe", "unsafe")
     default_max_new_tokens: int = 16
 

@@ -101,7 +101,8 @@ class MoCa(nn.Module):
             if hidden.ndim != 3 or hidden.shape[1] == 1:
                 return None
             select = self._fit(hidden).unsqueeze(-1)
-            calibrated = hidden.float() * self.scale[row].float() + self.shift[row].float()
+            scale = self.scale[row].to(hidden.device, torch.float32)  # layers may sit on other devices
+            calibrated = hidden.float() * scale + self.shift[row].to(hidden.device, torch.float32)
             return replace_layer_output(output, torch.where(select, calibrated.to(hidden.dtype), hidden))
 
         return hook

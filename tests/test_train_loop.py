@@ -338,8 +338,8 @@ def test_stage2_lora_trains_adapters_only_and_warns_about_regap(synth, tmp_path)
     # The output folder rebuilds the same model (tiny-random rebuilds from its seed).
     from regap.train import load_trained
 
-    rebuilt, moca = load_trained(tmp_path / "s2")
-    assert moca is None
+    rebuilt = load_trained(tmp_path / "s2")
+    assert rebuilt.moca is None
     conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "one two"}]
     batch = model.build_inputs([conversation], template="chat")
     with torch.no_grad():

@@ -20,6 +20,7 @@ def measure_model(
     from regap.gap.pairs import make_pairs
     from regap.gap.run import measure_gap
     from regap.models import load_model, load_projector
+    from regap.models.fingerprint import model_fingerprint
     from regap.provenance import provenance
 
     model = load_model(model_name, dtype=dtype)
@@ -30,7 +31,8 @@ def measure_model(
                          batch_size=batch_size, mode=mode, n_boot=n_boot, seed=seed, ci=ci,
                          with_stability=stability_run, keep_hidden=keep_hidden)
     result["provenance"] = provenance(
-        model=model_name, model_config=model.config.to_dict(), projector=str(projector) if projector else None,
+        model=model_name, model_config=model.config.to_dict(), model_fingerprint=model_fingerprint(model),
+        projector=str(projector) if projector else None,
         protocol=protocol, images=images, texts=texts, pairs=pairs, text_tokens=text_tokens, seed=seed,
         texts_per_pair=texts_per_pair,
         dtype=str(model.dtype).removeprefix("torch."), dtype_requested=dtype, mode=mode, n_boot=n_boot, ci=ci, pair_ids=[p.id for p in pair_list],

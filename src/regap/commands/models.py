@@ -57,6 +57,7 @@ def chat_command(
     """Ask the model one question, optionally about an image."""
     from regap.images import load_image
     from regap.models import DecodingSettings, load_model, load_projector
+    from regap.models.fingerprint import model_fingerprint
     from regap.provenance import provenance
 
     images = []
@@ -74,8 +75,9 @@ def chat_command(
         record = {
             "prompt": prompt, "image": str(image_path) if image_path else None, "answer": answer,
             "provenance": provenance(
-                model=model, model_config=lvlm.config.to_dict(), projector=str(projector) if projector else None,
-                template=template or lvlm.config.template, decoding=settings.to_dict(), dtype=str(lvlm.dtype).removeprefix("torch."), dtype_requested=dtype,
+                model=model, model_config=lvlm.config.to_dict(), model_fingerprint=model_fingerprint(lvlm),
+                projector=str(projector) if projector else None, template=template or lvlm.config.template,
+                decoding=settings.to_dict(), dtype=str(lvlm.dtype).removeprefix("torch."), dtype_requested=dtype,
             ),
         }
         typer.echo(json.dumps(record, indent=2))

@@ -19,6 +19,7 @@ from regap.precision import resolve_torch_dtype
 
 CONFIG_FILE = "regap_config.json"
 PROJECTOR_FILE = "projector.safetensors"
+TRAIN_CONFIG_FILE = "config.yaml"  # written by `regap.train` into every training output folder
 
 
 def parse_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
@@ -68,9 +69,20 @@ def replace_projector(model: LVLM, kind: str, seed: int = 0, **options: Any) -> 
     return model
 
 
+def is_training_output(path: Path) -> bool:
+    """A folder written by `regap pretrain` / `regap finetune` (its config and projector, or checkpoints)."""
+    return path.is_dir() and (path / TRAIN_CONFIG_FILE).is_file() and \
+        ((path / PROJECTOR_FILE).is_file() or (path / "checkpoints").is_dir())
+
+
 def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "cpu") -> LVLM:
-    """A preset name, a folder saved by `save_model`, or an HF LLaVA checkpoint (folder or hub id)."""
+    """A preset name, a training output folder (`regap.train.load_trained`: projector, LoRA adapter
+    or full LLM, and MoCa), a folder saved by `save_model`, or an HF LLaVA checkpoint (folder or hub id)."""
     path = Path(name_or_path)
+    if is_training_output(path):
+        from regap.train.loop import load_trained
+
+        return load_trained(path, dtype=dtype, device=device)
     if path.is_dir() and (path / CONFIG_FILE).exists():
         from regap.models.io import load_saved
 

@@ -1,8 +1,10 @@
 """A model's fingerprint: what decides its outputs besides the inputs.
 
-Config, dtype, every projector weight, and a sample of every backbone weight (the first
-and last `sample` values of each tensor), so caches keyed by it are never reused after a
-projector is retrained or an LLM fine-tuned, while hashing stays fast for a 7B model.
+Config, dtype, every projector weight, every MoCa weight (when the model has MoCa), and a
+sample of every backbone weight (the first and last `sample` values of each tensor), so
+caches keyed by it are never reused after a projector or MoCa is retrained or an LLM
+fine-tuned, while hashing stays fast for a 7B model. A model without MoCa keeps the
+fingerprint it had before MoCa was part of it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ def model_fingerprint(model: Any, sample: int = 1024) -> str:
     for name, tensor in sorted(model.projector.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    moca = getattr(model, "moca", None)
+    if moca is not None:
+        for name, tensor in sorted(moca.state_dict().items()):
+            digest.update(f"moca.{name}".encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
     for part in ("llm", "vision"):
         module = getattr(model, part, None)
         if module is None or not hasattr(module, "named_parameters"):

@@ -1,5 +1,6 @@
 """Saving and loading: whole models or projector-only checkpoints, as safetensors + JSON config
-(BLIP-2 / InstructBLIP-loaded models too: their Q-Former architecture is saved beside the backbones)."""
+(BLIP-2 / InstructBLIP-loaded models too: their Q-Former architecture is saved beside the backbones;
+a model's MoCa as `moca.safetensors`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from regap.models.blip2_hf import (
 )
 from regap.models.factory import CONFIG_FILE, PROJECTOR_FILE, build_lvlm, parse_dtype
 from regap.models.lvlm import LVLM, LVLMConfig
+from regap.models.moca import MOCA_FILE, load_moca, save_moca
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -59,11 +61,14 @@ def load_projector(model: LVLM, path: str | Path) -> None:
 
 
 def save_model(model: LVLM, out_dir: str | Path, include_backbones: bool = False) -> Path:
-    """Write `regap_config.json` + `projector.safetensors`; with `include_backbones`, also the
-    vision encoder and the LLM as safetensors folders so the model rebuilds without its sources."""
+    """Write `regap_config.json` + `projector.safetensors` (+ `moca.safetensors`); with
+    `include_backbones`, also the vision encoder and the LLM as safetensors folders so the
+    model rebuilds without its sources."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_projector(model, out_dir / PROJECTOR_FILE)
+    if model.moca is not None:
+        save_moca(model.moca, out_dir / MOCA_FILE)
     if include_backbones:
         for name, save in (("vision", _save_vision), ("llm", _save_llm)):
             staging = out_dir / f"{name}.partial"
@@ -120,4 +125,15 @@ def load_saved(folder: str | Path, dtype: str | torch.dtype | None = None, devic
             llm_folder=str(folder / "llm") if with_backbones else None,
         )
     load_projector(model, folder / PROJECTOR_FILE)
+    attach_saved_moca(model, folder)
     return model
+
+
+def attach_saved_moca(model: LVLM, folder: str | Path) -> None:
+    """Give ``model`` the MoCa saved in ``folder`` (`moca.safetensors`), if there is one; a
+    config that names MoCa without the file is an error (the model would run without it)."""
+    path = Path(folder) / MOCA_FILE
+    if path.is_file():
+        model.set_moca(load_moca(path, model.llm))
+    elif "moca" in model.config.extra:
+        raise RegapError(f"{folder}: the model config names MoCa but {MOCA_FILE} is missing")

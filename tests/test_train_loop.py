@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -204,6 +205,20 @@ def test_changed_config_cannot_resume(synth, tmp_path):
         train(make_config(synth, max_steps=2, lr=5e-3), tmp_path / "run", resume=True)
 
 
+def test_changed_training_data_cannot_resume(synth, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    config = make_config(synth, max_steps=2, data={"json": str(data / "captions.json")})
+    train(dataclasses.replace(config, stop_after_steps=1), tmp_path / "run")
+    assert "data_sha256" in json.loads((tmp_path / "run" / "checkpoints" / "step-0000001" / "state.json").read_text())
+    original = (data / "captions.json").read_text()
+    (data / "captions.json").write_text(json.dumps(json.loads(original)[::-1]))  # same path, other order of rows
+    with pytest.raises(RegapError, match=r"training data .*captions\.json changed since the checkpoint"):
+        train(config, tmp_path / "run", resume=True)
+    (data / "captions.json").write_text(original)
+    assert train(config, tmp_path / "run", resume=True).status == "completed"
+
+
 def test_nan_loss_stops_and_leaves_the_last_checkpoint_intact(synth, tmp_path):
     from regap.models.random_tiny import tiny_random_lvlm
 
@@ -253,7 +268,7 @@ def test_missing_and_corrupt_images_are_skipped_and_listed(synth, tmp_path):
     (data / rows[0]["image"]).unlink()  # missing: skipped when the data is read
     (data / rows[1]["image"]).write_bytes(b"not a png")  # corrupt: found when the image is decoded
     rows[4]["conversations"][1]["value"] = "long " * 200  # over max_length: truncated
-    (data / "captions.json").write_text(json.dumps(rows))
+    (data / "captions.json").write_text(original)
     config = make_config(tmp_path / "data", global_batch_size=5, per_device_batch_size=5, max_steps=1)
     with pytest.warns(UserWarning, match="truncated"):
         train(config, tmp_path / "out")

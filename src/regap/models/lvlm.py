@@ -96,6 +96,11 @@ class LVLM(nn.Module):
         self.projector = projector or build_projector(config.projector_type, vision.hidden_size, self.hidden_size,
                                                       **config.extra.get("projector_options", {}))
         self.projector.to(dtype=next(llm.parameters()).dtype)
+        #: Where the LLM's weights were read from when that is not `config.llm_source` (a saved
+        #: folder's `llm/`, or training in memory): they may be tuned, so the LLM as it was before
+        #: stage 2 (the `backbone` safety condition) must be loaded from `llm_source`. None: the
+        #: LLM is `llm_source` as published (or a peft wrapper around it).
+        self.llm_origin: str | None = None
 
     # ---- properties -------------------------------------------------------------------------
     @property

@@ -234,6 +234,7 @@ def setup_model(lvlm: Any, config: TrainConfig, log: Any = print) -> tuple[Train
     if config.stage == 2 and config.tune == "full":
         for parameter in lvlm.llm.parameters():
             parameter.requires_grad_(True)
+        lvlm.llm_origin = lvlm.llm_origin or "stage-2 full tuning"  # the `backbone` condition reloads llm_source
     elif config.stage == 2 and config.tune == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -608,8 +609,9 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
     cfg = config.resolved()
     if model is None:
         _check_projector_early(cfg)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from regap.checks import prepare_out_dir
+
+    out_dir = prepare_out_dir(out_dir)
     accelerator, per_device, accumulation, trackers = _new_accelerator(cfg, out_dir)
     main = accelerator.is_main_process
     world = accelerator.num_processes

@@ -250,6 +250,7 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
     check_names(run.prompts, "--prompts")
     check_names(run.conditions, "--conditions")
     check_names(run.judges, "--judge")
+    prepare_out_dir(run.out)
     for name in run.conditions:  # fail on unknown names before any work
         get_condition(name)
     from regap.safety.judges import get_judge
@@ -261,7 +262,6 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
 
     settings = _decoding_settings(run)  # bad engine names and settings fail here, before any model is loaded
     check_engine_available(run.engine)
-    prepare_out_dir(run.out)
     requests = _load_all_requests(run.prompts, run.limit, run.out, run.source_limits)
     generations = JsonlStore(run.out / "generations.jsonl")
     verdicts = JsonlStore(run.out / "verdicts.jsonl")

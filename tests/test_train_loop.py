@@ -268,7 +268,7 @@ def test_missing_and_corrupt_images_are_skipped_and_listed(synth, tmp_path):
     (data / rows[0]["image"]).unlink()  # missing: skipped when the data is read
     (data / rows[1]["image"]).write_bytes(b"not a png")  # corrupt: found when the image is decoded
     rows[4]["conversations"][1]["value"] = "long " * 200  # over max_length: truncated
-    (data / "captions.json").write_text(original)
+    (data / "captions.json").write_text(json.dumps(rows))
     config = make_config(tmp_path / "data", global_batch_size=5, per_device_batch_size=5, max_steps=1)
     with pytest.warns(UserWarning, match="truncated"):
         train(config, tmp_path / "out")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -243,6 +244,18 @@ def test_rng_state_round_trips_through_a_plain_file(tmp_path):
     assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
     ckpt.set_rng_state(ckpt.load_plain(tmp_path / "legacy.pt"))
     assert np.random.standard_normal(2).tolist() == legacy_next
+def test_changed_training_data_cannot_resume(synth, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    config = make_config(synth, max_steps=2, data={"json": str(data / "captions.json")})
+    train(dataclasses.replace(config, stop_after_steps=1), tmp_path / "run")
+    assert "data_sha256" in json.loads((tmp_path / "run" / "checkpoints" / "step-0000001" / "state.json").read_text())
+    original = (data / "captions.json").read_text()
+    (data / "captions.json").write_text(json.dumps(json.loads(original)[::-1]))  # same path, other order of rows
+    with pytest.raises(RegapError, match=r"training data .*captions\.json changed since the checkpoint"):
+        train(config, tmp_path / "run", resume=True)
+    (data / "captions.json").write_text(original)
+    assert train(config, tmp_path / "run", resume=True).status == "completed"
 
 
 def test_nan_loss_stops_and_leaves_the_last_checkpoint_intact(synth, tmp_path):

@@ -12,12 +12,12 @@ from regap.errors import RegapError
 
 
 def measure_model(
-    model_name: str, out: Path, *, pairs: int, protocol: str, images: str, texts: str, projector: Optional[Path],
-    text_tokens: str, batch_size: int, texts_per_pair: int, dtype: str, mode: str, n_boot: int, seed: int, stability_run: bool,
-    keep_hidden: bool, tag: str, ci: str = "linear",
+    model_name: str, out: Path, *, pair_list: list[Any], pairs: int, protocol: str, images: str, texts: str,
+    projector: Optional[Path], text_tokens: str, batch_size: int, texts_per_pair: int, dtype: str, mode: str,
+    n_boot: int, seed: int, stability_run: bool, keep_hidden: bool, tag: str, ci: str = "linear",
+    reuse_images: bool = False, image_problems: Optional[list[str]] = None,
 ) -> dict[str, Any]:
-    """Collect hidden states for one model and analyse them; returns the gap record."""
-    from regap.gap.pairs import make_pairs
+    """Collect hidden states for one model on the given pairs and analyse them; returns the gap record."""
     from regap.gap.run import measure_gap
     from regap.models import load_model, load_projector
     from regap.models.fingerprint import model_fingerprint
@@ -26,7 +26,6 @@ def measure_model(
     model = load_model(model_name, dtype=dtype)
     if projector is not None:
         load_projector(model, projector)
-    pair_list = make_pairs(pairs, images=images, texts=texts, seed=seed, texts_per_pair=texts_per_pair)
     result = measure_gap(model, pair_list, out / f".hidden-{tag}", protocol=protocol, text_tokens=text_tokens,
                          batch_size=batch_size, mode=mode, n_boot=n_boot, seed=seed, ci=ci,
                          with_stability=stability_run, keep_hidden=keep_hidden)
@@ -35,7 +34,8 @@ def measure_model(
         projector=str(projector) if projector else None,
         protocol=protocol, images=images, texts=texts, pairs=pairs, text_tokens=text_tokens, seed=seed,
         texts_per_pair=texts_per_pair,
-        dtype=str(model.dtype).removeprefix("torch."), dtype_requested=dtype, mode=mode, n_boot=n_boot, ci=ci, pair_ids=[p.id for p in pair_list],
+        dtype=str(model.dtype).removeprefix("torch."), dtype_requested=dtype, mode=mode, n_boot=n_boot, ci=ci,
+        pair_ids=[p.id for p in pair_list], reuse_images=reuse_images, image_problems=list(image_problems or []),
     )
     return result
 
@@ -46,6 +46,8 @@ def gap_command(
     pairs: int = typer.Option(100, "--pairs", help="Number of image-text pairs (the reference protocol uses 100)."),
     protocol: str = typer.Option("reference", "--protocol", help="reference (image, unrelated assistant text) or prompt (image + request)."),
     images: str = typer.Option("scenes", "--images", help="scenes, blank, noise, natural, typo, or a folder of images."),
+    reuse_images: bool = typer.Option(False, "--reuse-images",
+                                      help="Cycle a folder's images when it has fewer readable ones than --pairs."),
     texts: Optional[str] = typer.Option(None, "--texts", help="Request source spec or .txt file (default: starter-benign for reference, starter-harmful for prompt)."),
     compare: Optional[str] = typer.Option(None, "--compare", help="A second model measured on the same pairs."),
     projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint for --model."),
@@ -79,12 +81,24 @@ def gap_command(
                                ("--text-tokens", text_tokens, TEXT_TOKEN_MODES), ("--ci", ci, CI_METHODS)):
         if value not in valid:
             raise RegapError(f"{flag} {value!r} is not one of {', '.join(valid)}")
-    out.mkdir(parents=True, exist_ok=True)
+    from regap.checks import check_seed, prepare_out_dir
+    from regap.gap.pairs import make_pairs
+
+    check_seed(seed)
+    prepare_out_dir(out)
     texts = texts or ("starter-benign" if protocol == "reference" else "starter-harmful")
-    common = dict(pairs=pairs, protocol=protocol, images=images, texts=texts, text_tokens=text_tokens,
-                  texts_per_pair=texts_per_pair,
+    problems: list[str] = []  # the pairs come before any model: a bad folder fails in seconds
+    pair_list = make_pairs(pairs, images=images, texts=texts, seed=seed, texts_per_pair=texts_per_pair,
+                           reuse_images=reuse_images, problems=problems)
+    if problems:
+        typer.echo(f"skipped {len(problems)} unreadable image(s) in {images} (listed in gap.json provenance):", err=True)
+        for line in problems[:5]:
+            typer.echo(f"  {line}", err=True)
+    common = dict(pair_list=pair_list, pairs=pairs, protocol=protocol, images=images, texts=texts,
+                  text_tokens=text_tokens, texts_per_pair=texts_per_pair,
                   batch_size=batch_size, dtype=dtype, mode=mode, n_boot=n_boot, seed=seed, ci=ci,
-                  stability_run=stability_run, keep_hidden=keep_hidden)
+                  stability_run=stability_run, keep_hidden=keep_hidden, reuse_images=reuse_images,
+                  image_problems=problems)
     results = {model: measure_model(model, out, projector=projector, tag="a", **common)}
     record = dict(results[model])
     if compare:

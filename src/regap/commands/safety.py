@@ -86,14 +86,23 @@ def safety_command(
     summary = run_safety(run)
     for judge_name, entry in summary["judges"].items():
         table = Table(title=f"{model}: judge {judge_name}")
-        for column in ("condition", "n", "unsafe [95% CI]", "refused", "off-topic"):
+        for column in ("condition", "n", "errors", "unsafe [95% CI]", "refused", "off-topic"):
             table.add_column(column)
         for row in entry.get("by_condition", []):
             unsafe = row["unsafe"]
-            table.add_row(row["condition"], str(unsafe["n"]),
-                          f"{unsafe['rate']:.3f} [{unsafe['ci'][0]:.3f}, {unsafe['ci'][1]:.3f}]",
-                          f"{row['refused']['rate']:.3f}", f"{row['off_topic']['rate']:.3f}")
+            if unsafe["n"]:
+                rates = (f"{unsafe['rate']:.3f} [{unsafe['ci'][0]:.3f}, {unsafe['ci'][1]:.3f}]",
+                         f"{row['refused']['rate']:.3f}", f"{row['off_topic']['rate']:.3f}")
+            else:  # every item failed: no rate, rather than nan
+                rates = ("-", "-", "-")
+            table.add_row(row["condition"], str(unsafe["n"]), str(unsafe.get("missing", 0)), *rates)
         console.print(table)
+    errors = summary.get("generation_errors", 0)
+    unjudged = {name: entry.get("judge_errors", 0) for name, entry in summary["judges"].items()}
+    typer.echo(f"{summary.get('n_rows', 0)} item(s), {errors} generation error(s); without a verdict: "
+               + ", ".join(f"{name} {count}" for name, count in unjudged.items())
+               + ("; failed items are retried on the next run with the same --out (reasons in results.jsonl)"
+                  if errors else ""))
     typer.echo(f"wrote {out / 'results.jsonl'}, {out / 'summary.json'}, {out / 'unsafe_rate.png'}")
 
 

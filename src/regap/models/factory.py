@@ -49,7 +49,9 @@ def build_lvlm(config: LVLMConfig, dtype: str | torch.dtype = "auto", device: st
     torch_dtype = parse_dtype(dtype, device)
     vision = load_vision_tower(vision_folder or resolve_source(config.vision.source), config.vision, torch_dtype)
     llm, tokenizer = load_llm(llm_folder or config.llm_source, torch_dtype)
-    return LVLM(config, vision, llm, tokenizer).to(device)
+    model = LVLM(config, vision, llm, tokenizer).to(device)
+    model.llm_origin = llm_folder
+    return model
 
 
 def replace_projector(model: LVLM, kind: str, seed: int = 0, **options: Any) -> LVLM:

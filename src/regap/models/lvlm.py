@@ -124,6 +124,11 @@ class LVLM(nn.Module):
         """Where the image tokens are, for the LLM calls made inside (MoCa's hooks read it);
         a no-op for a model without MoCa. Direct LLM calls (a defense's extra pass) use it too."""
         return self.moca.image_positions(image_mask) if self.moca is not None else contextlib.nullcontext()
+        #: Where the LLM's weights were read from when that is not `config.llm_source` (a saved
+        #: folder's `llm/`, or training in memory): they may be tuned, so the LLM as it was before
+        #: stage 2 (the `backbone` safety condition) must be loaded from `llm_source`. None: the
+        #: LLM is `llm_source` as published (or a peft wrapper around it).
+        self.llm_origin: str | None = None
 
     # ---- properties -------------------------------------------------------------------------
     @property

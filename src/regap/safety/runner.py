@@ -4,19 +4,22 @@ Generations are cached in `OUT/generations.jsonl`, keyed by (model fingerprint, 
 request, decoding settings), and verdicts in `OUT/verdicts.jsonl`, keyed by (generation,
 judge, judge prompt hash, the judge's options when it was given any). An interrupted run
 therefore resumes without redoing or duplicating items, and adding a judge later judges
-the cached responses only.
+the cached responses only. Items that failed (an unreadable image, say) are cached as error
+rows and retried on every rerun, and a benchmark image's row records the file's sha256, so a
+replaced image is generated anew.
 `OUT/results.jsonl` and `OUT/summary.json` are rebuilt from the caches at the end.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from regap.errors import RegapError
 from regap.models.fingerprint import model_fingerprint
-from regap.provenance import json_hash, provenance
+from regap.provenance import file_sha256, json_hash, provenance
 from regap.safety.store import JsonlStore, write_json_atomic, write_jsonl_atomic
 
 
@@ -85,6 +88,49 @@ def _condition_inputs(condition: Any, request: Any) -> tuple[str, Any, dict[str,
     return text, image, condition.details(request.id, request.prompt, extra)
 
 
+def _input_sha256(condition: Any, request: Any) -> str | None:
+    """sha256 of the file an item reads as its input (a benchmark's image), None for generated inputs."""
+    if condition.kind != "benchmark":
+        return None
+    path = request.resolved_image()
+    return file_sha256(path) if path is not None and path.is_file() else None
+
+
+def _cached_is_current(row: dict[str, Any] | None, input_hash: str | None) -> bool:
+    """A cached row is reused unless it is an error (retried) or its input file changed since.
+    Rows written before inputs were hashed carry no hash and are kept."""
+    if row is None or row.get("error") is not None:
+        return False
+    cached_hash = row.get("input_sha256")
+    return cached_hash is None or cached_hash == input_hash
+
+
+def _generate_ready(ready: list[tuple], generate: Any, backbone: Any, defenses: list[Any],
+                    settings: Any) -> list[dict[str, Any]]:
+    """Responses for the prepared items; `backbone` items go to the LLM as it was before stage 2."""
+    from regap.defenses import build_generate
+
+    rows = []
+    for use_backbone in (False, True):
+        part = [item for item in ready if item[4] == use_backbone]
+        if not part:
+            continue
+        texts, images = [item[1] for item in part], [item[2] for item in part]
+        if use_backbone:
+            with backbone.active() as base:
+                result = build_generate(base, defenses)(texts, images, settings)
+        else:
+            result = generate(texts, images, settings)
+        for (base_row, text, _image, details, _flag), response, tokens, defended in zip(
+                part, result.texts, result.new_tokens, result.details):
+            if use_backbone:
+                details = {**details, "backbone": backbone.describe()}
+            rows.append({**base_row, "prompt_sent": text, "condition_details": details, "response": response,
+                         "new_tokens": tokens, "defense_details": defended,
+                         "generation_calls": result.generation_calls, "error": None})
+    return rows
+
+
 #: Items handed to the model per call and written per cache append, in batches: the model sorts
 #: a call's prompts by token length before batching, so a larger call pads less (and gives the
 #: vLLM engine more to schedule), while an interrupted run loses at most this much work.
@@ -103,14 +149,22 @@ def generate_missing(run: SafetyRun, model: Any, requests: list[Any], store: Jso
 
     generate = build_generate(model, defenses)
     todo: list[tuple[str, Any, Any, str]] = []
+    input_hashes: dict[str, str | None] = {}
     for name in run.conditions:
         condition = get_condition(name)
         condition_hash = json_hash(condition.describe())
         for request in requests:
             key = json_hash([fingerprint, condition_hash, request.source, request.id, decoding_hash,
                              [d.describe() for d in defenses]])
-            if key not in store:
+            input_hashes[key] = _input_sha256(condition, request)
+            if not _cached_is_current(store.get(key), input_hashes[key]):
                 todo.append((name, condition, request, key))
+    backbone = None
+    if any(item[1].use_backbone for item in todo):
+        from regap.models.backbone import Backbone
+
+        backbone = Backbone(model)  # an unavailable backbone fails here, before any generation
+        backbone.prepare()
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
@@ -124,19 +178,16 @@ def generate_missing(run: SafetyRun, model: Any, requests: list[Any], store: Jso
             base = {"key": key, "model_fingerprint": fingerprint, "condition": name, "request_id": request.id,
                     "source": request.source, "category": request.category, "label": request.label,
                     "prompt": request.prompt, "decoding_hash": decoding_hash}
+            if input_hashes[key] is not None:
+                base["input_sha256"] = input_hashes[key]
             try:
                 text, image, details = _condition_inputs(condition, request)
-            except RegapError as exc:  # one bad item (e.g. a missing image) is recorded, the run goes on
+            except RegapError as exc:  # one bad item (e.g. a missing image) is recorded (retried on rerun)
                 rows.append({**base, "response": None, "error": str(exc)})
                 continue
-            ready.append((base, text, image, details))
+            ready.append((base, text, image, details, condition.use_backbone))
         if ready:
-            result = generate([r[1] for r in ready], [r[2] for r in ready], settings)
-            for (base, text, _image, details), response, tokens, defended in zip(
-                    ready, result.texts, result.new_tokens, result.details):
-                rows.append({**base, "prompt_sent": text, "condition_details": details, "response": response,
-                             "new_tokens": tokens, "defense_details": defended,
-                             "generation_calls": result.generation_calls, "error": None})
+            rows.extend(_generate_ready(ready, generate, backbone, defenses, settings))
         store.add(rows)
         if bar is not None:
             bar.update(len(chunk))
@@ -213,7 +264,12 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
     from regap.safety.conditions import get_condition
     from regap.safety.summary import plot_unsafe_rates, summarise
 
-    run.out.mkdir(parents=True, exist_ok=True)
+    from regap.checks import check_names, prepare_out_dir
+
+    check_names(run.prompts, "--prompts")
+    check_names(run.conditions, "--conditions")
+    check_names(run.judges, "--judge")
+    prepare_out_dir(run.out)
     for name in run.conditions:  # fail on unknown names before any work
         get_condition(name)
     from regap.safety.judges import get_judge
@@ -231,6 +287,10 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
                                   run.sample, run.seed)
     generations = JsonlStore(run.out / "generations.jsonl")
     verdicts = JsonlStore(run.out / "verdicts.jsonl")
+    damaged = {store.path.name: store.skipped for store in (generations, verdicts) if store.skipped}
+    for file_name, lines in damaged.items():
+        warnings.warn(f"{run.out / file_name}: skipped {len(lines)} unreadable line(s) (first: line {lines[0]['line']}, "
+                      f"{lines[0]['reason']}); their items are redone", stacklevel=2)
     if model is None:
         model = load_model(run.model, dtype=run.dtype)
     if run.projector:
@@ -252,6 +312,8 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
     )
     write_jsonl_atomic(run.out / "results.jsonl", ({**r, "provenance": "summary.json#provenance"} for r in rows))
     summary = summarise(rows, list(judges), record)
+    if damaged:
+        summary["cache_skipped_lines"] = damaged
     write_json_atomic(run.out / "summary.json", summary)
     plot_unsafe_rates(summary, run.out / "unsafe_rate.png")
     return summary

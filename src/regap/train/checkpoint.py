@@ -2,7 +2,8 @@
 
 A checkpoint ``OUT/checkpoints/step-0000123/`` holds
 
-* ``state.json`` - step, epoch, position in the epoch's sample order, batch layout;
+* ``state.json`` - step, epoch, position in the epoch's sample order, batch layout, the
+  training data's sha256 (a resume on changed data is refused);
 * ``trainable.safetensors`` - every trainable parameter (projector, MoCa, LoRA or LLM);
 * ``projector.safetensors`` (the `save_projector` format), ``moca.safetensors`` and, for
   LoRA, ``adapter/`` (peft's format);

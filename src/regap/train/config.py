@@ -233,6 +233,11 @@ class TrainConfig:
                 raise RegapError(f"config key '{name}' must be a finite number > 0 (got {value})")
         if not 0 <= self.warmup_ratio < 1:
             raise RegapError(f"config key 'warmup_ratio' must be in [0, 1) (got {self.warmup_ratio})")
+        from regap.checks import check_seed
+
+        check_seed(self.seed, "config key 'seed'")
+        if self.data.synth is not None:
+            check_seed(self.data.synth.seed, "config key 'data.synth.seed'")
         if not self.data.json:
             raise RegapError("config key 'data.json' is required (a LLaVA JSON file, or a path to generate with data.synth)")
         if self.moca.layers is not None and any(k < 1 for k in self.moca.layers):

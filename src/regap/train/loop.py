@@ -237,6 +237,7 @@ def setup_model(lvlm: Any, config: TrainConfig, log: Any = print) -> tuple[Train
     if config.stage == 2 and config.tune == "full":
         for parameter in lvlm.llm.parameters():
             parameter.requires_grad_(True)
+        lvlm.llm_origin = lvlm.llm_origin or "stage-2 full tuning"  # the `backbone` condition reloads llm_source
     elif config.stage == 2 and config.tune == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -632,8 +633,9 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
     cfg = config.resolved()
     if model is None:
         _check_projector_early(cfg)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from regap.checks import prepare_out_dir
+
+    out_dir = prepare_out_dir(out_dir)
     accelerator, per_device, accumulation, trackers = _new_accelerator(cfg, out_dir)
     main = accelerator.is_main_process
     world = accelerator.num_processes
@@ -687,6 +689,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
 
     dataset = LlavaJsonDataset(json_path, image_root, max_items=cfg.data.max_items)
     data_sha = file_sha256(json_path)
+    if resume_from is not None:
+        _check_resume_data(resume_from, json_path, data_sha)
     report = dataset.report
     if main:
         dataset.write_report(out_dir / "data_report.json")
@@ -773,7 +777,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
                 "samples_seen": step * cfg.global_batch_size, "total_steps": total_steps,
                 "global_batch_size": cfg.global_batch_size, "world_size": world, "per_device_batch_size": per_device,
                 "gradient_accumulation_steps": accumulation, "seed": cfg.seed, "skipped_images": issues.skipped,
-                "truncated": issues.truncated, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "truncated": issues.truncated, "data_sha256": data_sha, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def save(at_step: int) -> Path:
         path = save_checkpoint(accelerator, out_dir, at_step, checkpoint_state(), module, optimizer, scheduler,
@@ -967,6 +971,19 @@ def _non_finite_message(losses: StepLosses, step: int, ids: list[str], last: Pat
     return (f"non-finite {what} (loss {float(losses.total.detach())}: caption {losses.caption}{gap}) at step {step} "
             f"(samples {', '.join(ids[:4])}{'...' if len(ids) > 4 else ''}); stopped before the optimizer step, "
             f"{where}. Lower lr, use bf16 rather than fp16, or check the data; then continue with --resume")
+
+
+def _check_resume_data(checkpoint: Path, json_path: Path, data_sha: str) -> None:
+    """Refuse to resume on other training data: the sample order and every step so far
+    assume the rows the checkpoint was trained on (same path, other rows is silent otherwise)."""
+    stored = ckpt.read_state(checkpoint).get("data_sha256")
+    if stored is None:  # checkpoints written before the hash was stored
+        warnings.warn(f"{checkpoint} does not record its training data's sha256; cannot check that {json_path} "
+                      "is unchanged", stacklevel=3)
+    elif stored != data_sha:
+        raise RegapError(f"cannot resume {checkpoint.parent.parent}: the training data {json_path} changed since the "
+                         f"checkpoint (sha256 {data_sha[:12]}..., checkpoint has {stored[:12]}...); restore the data "
+                         "or start a new run with another --out")
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

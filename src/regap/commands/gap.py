@@ -20,6 +20,7 @@ def measure_model(
     from regap.gap.pairs import make_pairs
     from regap.gap.run import measure_gap
     from regap.models import load_model, load_projector
+    from regap.models.fingerprint import model_fingerprint
     from regap.provenance import provenance
 
     model = load_model(model_name, dtype=dtype)
@@ -30,10 +31,11 @@ def measure_model(
                          batch_size=batch_size, mode=mode, n_boot=n_boot, seed=seed, ci=ci,
                          with_stability=stability_run, keep_hidden=keep_hidden)
     result["provenance"] = provenance(
-        model=model_name, model_config=model.config.to_dict(), projector=str(projector) if projector else None,
+        model=model_name, model_config=model.config.to_dict(), model_fingerprint=model_fingerprint(model),
+        projector=str(projector) if projector else None,
         protocol=protocol, images=images, texts=texts, pairs=pairs, text_tokens=text_tokens, seed=seed,
         texts_per_pair=texts_per_pair,
-        dtype=dtype, mode=mode, n_boot=n_boot, ci=ci, pair_ids=[p.id for p in pair_list],
+        dtype=str(model.dtype).removeprefix("torch."), dtype_requested=dtype, mode=mode, n_boot=n_boot, ci=ci, pair_ids=[p.id for p in pair_list],
     )
     return result
 
@@ -51,7 +53,7 @@ def gap_command(
     text_tokens: str = typer.Option("after-image", "--text-tokens", help="after-image (reference) or all-non-image."),
     texts_per_pair: int = typer.Option(1, "--texts-per-pair", help="Join this many texts per pair (more text tokens)."),
     batch_size: int = typer.Option(8, "--batch-size"),
-    dtype: str = typer.Option("float32", "--dtype"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the device computes it fast, else float32), float32, bfloat16 or float16 (GPU only)."),
     mode: str = typer.Option("exact", "--mode", help="exact (Fréchet) or reference-fast (the reference code's default; not a distance)."),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap replicates over pairs (0: no intervals)."),
     ci: str = typer.Option("linear", "--ci", help="Bootstrap replicates: linear (fast, trace term linearised) or exact (recomputed; small models)."),

@@ -49,7 +49,7 @@ def chat_command(
     example_image: bool = typer.Option(False, "--example-image", help="Attach the bundled example scene."),
     projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint (.safetensors) to load."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Generation budget."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the device computes it fast, else float32), float32, bfloat16 or float16 (GPU only)."),
     template: Optional[str] = typer.Option(None, "--template", help="chat (tokenizer's), vicuna_v1 or plain."),
     as_json: bool = typer.Option(False, "--json", help="Print the answer with its provenance as JSON."),
     engine: str = typer.Option("transformers", "--engine", help="Generation engine: transformers, static or vllm."),
@@ -57,6 +57,7 @@ def chat_command(
     """Ask the model one question, optionally about an image."""
     from regap.images import load_image
     from regap.models import DecodingSettings, load_model, load_projector
+    from regap.models.fingerprint import model_fingerprint
     from regap.provenance import provenance
 
     images = []
@@ -74,8 +75,9 @@ def chat_command(
         record = {
             "prompt": prompt, "image": str(image_path) if image_path else None, "answer": answer,
             "provenance": provenance(
-                model=model, model_config=lvlm.config.to_dict(), projector=str(projector) if projector else None,
-                template=template or lvlm.config.template, decoding=settings.to_dict(), dtype=dtype,
+                model=model, model_config=lvlm.config.to_dict(), model_fingerprint=model_fingerprint(lvlm),
+                projector=str(projector) if projector else None, template=template or lvlm.config.template,
+                decoding=settings.to_dict(), dtype=str(lvlm.dtype).removeprefix("torch."), dtype_requested=dtype,
             ),
         }
         typer.echo(json.dumps(record, indent=2))

@@ -15,13 +15,13 @@ from regap.models.templates import IMAGE_MARKER
 from regap.models.vision import VisionConfig, VisionTower
 
 
-def load_llava_hf(name_or_path: str, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LVLM:
+def load_llava_hf(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "cpu") -> LVLM:
     """Load an HF LLaVA checkpoint; its modules are shared, not copied (no second 7B in memory)."""
     from transformers import AutoModelForCausalLM, AutoProcessor, LlavaForConditionalGeneration
 
     from regap.models.factory import parse_dtype
 
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype, device)
     llava = hub_call(name_or_path, LlavaForConditionalGeneration.from_pretrained, name_or_path, dtype=torch_dtype)
     processor = hub_call(name_or_path, AutoProcessor.from_pretrained, name_or_path)
     cfg = llava.config

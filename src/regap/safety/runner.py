@@ -2,8 +2,9 @@
 
 Generations are cached in `OUT/generations.jsonl`, keyed by (model fingerprint, condition,
 request, decoding settings), and verdicts in `OUT/verdicts.jsonl`, keyed by (generation,
-judge, judge prompt hash). An interrupted run therefore resumes without redoing or
-duplicating items, and adding a judge later judges the cached responses only.
+judge, judge prompt hash, the judge's options when it was given any). An interrupted run
+therefore resumes without redoing or duplicating items, and adding a judge later judges
+the cached responses only.
 `OUT/results.jsonl` and `OUT/summary.json` are rebuilt from the caches at the end.
 """
 
@@ -31,21 +32,30 @@ class SafetyRun:
     limit: int | None = None
     max_new_tokens: int = 128
     batch_size: int = 16
-    dtype: str = "float32"
+    dtype: str = "auto"
     projector: str | None = None
     seed: int = 0
     defenses: list[str] = field(default_factory=list)
     engine: str = "transformers"  # generation engine: transformers, static or vllm (regap.models.generation.ENGINES)
     source_limits: dict[str, int] = field(default_factory=dict)  # per-spec limits, overriding `limit`
+    judge_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # judge name -> its options
+    source_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # source name -> loader options
+    sample: int | None = None  # N random requests of each source (numpy, `seed`) instead of the first N
 
 
 def _load_all_requests(specs: list[str], limit: int | None, out: Path,
-                       source_limits: dict[str, int] | None = None) -> list[Any]:
-    from regap.safety.sources import load_requests_with_report
+                       source_limits: dict[str, int] | None = None,
+                       source_options: dict[str, dict[str, Any]] | None = None,
+                       sample: int | None = None, seed: int = 0) -> list[Any]:
+    from regap.safety.sources import load_requests_with_report, parse_spec
 
     requests, reports = [], {}
     for spec in specs:
-        items, report = load_requests_with_report(spec, limit=(source_limits or {}).get(spec, limit))
+        options = (source_options or {}).get(parse_spec(spec)[0].strip().lower(), {})
+        if sample is not None:
+            items, report = load_requests_with_report(spec, sample=sample, seed=seed, **options)
+        else:
+            items, report = load_requests_with_report(spec, limit=(source_limits or {}).get(spec, limit), **options)
         requests.extend(items)
         reports[spec] = report.summary() if hasattr(report, "summary") else str(report)
     seen: set[tuple[str, str]] = set()
@@ -147,19 +157,27 @@ def _build_defenses(names: list[str]) -> list[Any]:
     return [get_defense(name) for name in names]
 
 
-def judge_missing(judge_names: list[str], generations: JsonlStore, verdicts: JsonlStore) -> dict[str, Any]:
-    """Judge every cached response each judge has not judged yet; returns the judges' descriptions."""
+def judge_missing(judge_names: list[str], generations: JsonlStore, verdicts: JsonlStore,
+                  judge_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Judge every cached response each judge has not judged yet; returns the judges' descriptions.
+
+    A judge given options (`-o`) keys its verdicts by them too (`options_hash`, of the masked
+    options): an API judge's prompt hash is its rubric, so `model=a` and `model=b` would
+    otherwise share verdicts. Judges without options keep their keys, so older caches stay valid."""
+    from regap.redact import redact
     from regap.safety.judges import JudgeInput, get_judge
 
     described = {}
     for name in judge_names:
-        judge = get_judge(name)
-        described[name] = judge.describe()
+        options = (judge_options or {}).get(name, {})
+        judge = get_judge(name, **options)
+        tag = {"options_hash": json_hash(redact(options))} if options else {}
+        described[name] = {**judge.describe(), **tag}
         todo = []
         for row in generations.rows():
             if row.get("response") is None:
                 continue
-            key = json_hash([row["key"], name, judge.prompt_hash])
+            key = json_hash([row["key"], name, judge.prompt_hash, *tag.values()])
             if key not in verdicts:
                 todo.append((key, row))
         for start in range(0, len(todo), 64):
@@ -167,7 +185,7 @@ def judge_missing(judge_names: list[str], generations: JsonlStore, verdicts: Jso
             items = [JudgeInput(prompt=row["prompt"], response=row["response"], category=row["category"]) for _, row in chunk]
             results = judge.judge_batch(items)
             verdicts.add({"key": key, "generation": row["key"], "judge": name, "prompt_hash": judge.prompt_hash,
-                          **{f"verdict_{k}": v for k, v in verdict.to_dict().items()}}
+                          **tag, **{f"verdict_{k}": v for k, v in verdict.to_dict().items()}}
                          for (key, row), verdict in zip(chunk, results))
     return described
 
@@ -177,7 +195,8 @@ def assemble_results(generations: JsonlStore, verdicts: JsonlStore, judges: dict
     by_generation: dict[str, dict[str, Any]] = {}
     for verdict in verdicts.rows():
         name = verdict["judge"]
-        if name in judges and verdict["prompt_hash"] == judges[name]["prompt_hash"]:
+        if (name in judges and verdict["prompt_hash"] == judges[name]["prompt_hash"]
+                and verdict.get("options_hash") == judges[name].get("options_hash")):
             by_generation.setdefault(verdict["generation"], {})[name] = {
                 k[len("verdict_"):]: v for k, v in verdict.items() if k.startswith("verdict_")}
     rows = []
@@ -198,15 +217,18 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
     for name in run.conditions:  # fail on unknown names before any work
         get_condition(name)
     from regap.safety.judges import get_judge
+    from regap.safety.judges.base import judge_class
 
-    for name in run.judges:
-        get_judge(name)
+    for name in run.judges:  # names and option keys now; judges that load weights are built when judging
+        if not judge_class(name, run.judge_options.get(name)).loads_weights:
+            get_judge(name, **run.judge_options.get(name, {}))
     defenses = _build_defenses(run.defenses)
     from regap.models.engines import check_engine_available
 
     settings = _decoding_settings(run)  # bad engine names and settings fail here, before any model is loaded
     check_engine_available(run.engine)
-    requests = _load_all_requests(run.prompts, run.limit, run.out, run.source_limits)
+    requests = _load_all_requests(run.prompts, run.limit, run.out, run.source_limits, run.source_options,
+                                  run.sample, run.seed)
     generations = JsonlStore(run.out / "generations.jsonl")
     verdicts = JsonlStore(run.out / "verdicts.jsonl")
     if model is None:
@@ -214,7 +236,7 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
     if run.projector:
         load_projector(model, run.projector)
     generate_missing(run, model, requests, generations, progress=progress)
-    judges = judge_missing(run.judges, generations, verdicts)
+    judges = judge_missing(run.judges, generations, verdicts, run.judge_options)
     wanted = {(r.source, r.id) for r in requests}
     fingerprint = model_fingerprint(model)
     rows = [r for r in assemble_results(generations, verdicts, judges)
@@ -223,9 +245,10 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
     record = provenance(
         model=run.model, model_config=model.config.to_dict(), model_fingerprint=fingerprint,
         projector=run.projector, prompts=run.prompts, limit=run.limit, source_limits=run.source_limits,
+        sample=run.sample, source_options=run.source_options,
         conditions={name: get_condition(name).describe() for name in run.conditions},
         judges=judges, decoding={**settings.to_dict(), "greedy": not settings.do_sample},
-        dtype=run.dtype, defenses=[d.describe() for d in defenses],
+        dtype=str(model.dtype).removeprefix("torch."), dtype_requested=run.dtype, defenses=[d.describe() for d in defenses],
     )
     write_jsonl_atomic(run.out / "results.jsonl", ({**r, "provenance": "summary.json#provenance"} for r in rows))
     summary = summarise(rows, list(judges), record)

@@ -34,13 +34,13 @@ from torch import nn
 
 from regap.errors import RegapError
 from regap.models.inputs import IGNORE_INDEX, ModelInputs
+from regap.models.moca import MOCA_FILE, MoCa, load_moca, save_moca
 from regap.provenance import file_sha256
 from regap.train import checkpoint as ckpt
 from regap.train.collate import Collator, StepSampler, TrainSamples
 from regap.train.config import TrainConfig, config_differences, derive_batch_layout
 from regap.train.distributed import all_reduce_sum
 from regap.train.hooks import HiddenCapture, unwrap_llm
-from regap.train.moca import MOCA_FILE, MoCa, load_moca, save_moca
 from regap.train.observe import MetricsLog, Progress, available_trackers, probe_gaps
 from regap.train.regap_loss import GapOutput, ReGapLoss, corpus_token_counts, text_stats_from_counts
 
@@ -64,33 +64,36 @@ class TrainResult:
 
 
 class TrainModule(nn.Module):
-    """The LVLM plus the MoCa parameters, as one module for `accelerator.prepare` (so DDP
+    """The LVLM (with its MoCa, when enabled) as the module for `accelerator.prepare` (so DDP
     and friends synchronise every trainable parameter).
 
-    ``forward`` hands the batch's image mask to MoCa's hooks, writes the projected image
-    tokens into the input embeddings (`LVLM.embed`) and runs the LLM without labels: the
-    loss is computed outside, over the global batch. ``logits_positions`` (a 1-D tensor of
-    sequence positions) limits the vocabulary projection to the positions that predict a
-    target token (``logits_to_keep``), which saves most of the LM-head work in stage 1,
-    where image tokens make up most of the sequence.
+    ``forward`` writes the projected image tokens into the input embeddings (`LVLM.embed`)
+    and runs the LLM without labels inside `LVLM.image_positions` (MoCa's hooks read the
+    batch's image mask there, for that call only): the loss is computed outside, over the
+    global batch. ``logits_positions`` (a 1-D tensor of sequence positions) limits the
+    vocabulary projection to the positions that predict a target token (``logits_to_keep``),
+    which saves most of the LM-head work in stage 1, where image tokens make up most of the
+    sequence.
     """
 
-    def __init__(self, lvlm: nn.Module, moca: MoCa | None = None) -> None:
+    def __init__(self, lvlm: nn.Module) -> None:
         super().__init__()
         self.lvlm = lvlm
-        self.moca = moca
         self._keep_ok = "logits_to_keep" in inspect.signature(unwrap_llm(lvlm.llm).forward).parameters
+
+    @property
+    def moca(self) -> MoCa | None:
+        return self.lvlm.moca
 
     def forward(self, inputs: ModelInputs, output_hidden_states: bool = False,
                 logits_positions: torch.Tensor | None = None) -> Any:
-        if self.moca is not None:
-            self.moca.context.set(inputs.image_mask)
         embeds = self.lvlm.embed(inputs)
         extra = {}
         if logits_positions is not None and self._keep_ok:  # host positions: an asynchronous copy, no wait
             extra["logits_to_keep"] = logits_positions.to(embeds.device, non_blocking=True)
-        return self.lvlm.llm(inputs_embeds=embeds, attention_mask=inputs.attention_mask.to(embeds.device),
-                             output_hidden_states=output_hidden_states, use_cache=False, **extra)
+        with self.lvlm.image_positions(inputs.image_mask):
+            return self.lvlm.llm(inputs_embeds=embeds, attention_mask=inputs.attention_mask.to(embeds.device),
+                                 output_hidden_states=output_hidden_states, use_cache=False, **extra)
 
 
 # ---------------------------------------------------------------------- losses
@@ -272,18 +275,19 @@ def setup_model(lvlm: Any, config: TrainConfig, log: Any = print) -> tuple[Train
             target_modules=config.lora.target_modules or "all-linear", task_type="CAUSAL_LM",
         )
         lvlm.llm = get_peft_model(lvlm.llm, lora)
-    moca = None
     if config.moca.enabled:
         if moca_init is not None:
-            moca = load_moca(lvlm.llm, moca_init)
+            lvlm.set_moca(load_moca(moca_init, lvlm.llm))
             log(f"loaded MoCa {moca_init}")
-        else:
-            moca = MoCa.for_llm(lvlm.llm, config.moca.layers)
+        elif lvlm.moca is None:  # a model that has MoCa already (`train(..., model=)`) keeps training it
+            lvlm.set_moca(MoCa.for_llm(lvlm.llm, config.moca.layers))
     elif moca_init is not None:
         warnings.warn(f"{moca_init} is ignored: moca.enabled is false in this config", stacklevel=2)
+    if lvlm.moca is not None:  # part of the model either way; trained only when enabled
+        lvlm.moca.requires_grad_(config.moca.enabled)
     if config.mixed_precision != "no":
         # Trainable weights in float32 (autocast computes in bf16/fp16).
-        for parameter in list(lvlm.parameters()) + (list(moca.parameters()) if moca else []):
+        for parameter in lvlm.parameters():
             if parameter.requires_grad and parameter.dtype != torch.float32:
                 parameter.data = parameter.data.float()
     elif lvlm.dtype in (torch.bfloat16, torch.float16):
@@ -291,10 +295,10 @@ def setup_model(lvlm: Any, config: TrainConfig, log: Any = print) -> tuple[Train
                       "mixed_precision=bf16 keeps float32 trainable weights", stacklevel=2)
     if config.gradient_checkpointing:
         lvlm.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = TrainModule(lvlm, moca)
+    module = TrainModule(lvlm)
     module.train()
     lvlm.vision.eval()  # frozen; no dropout or statistics updates
-    return module, moca
+    return module, lvlm.moca
 
 
 def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -304,9 +308,9 @@ def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
 def make_optimizer(module: TrainModule, config: TrainConfig) -> torch.optim.Optimizer:
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, parameter in trainable_parameters(module).items():
-        is_projector = name.startswith("lvlm.projector.") or name.startswith("moca.")
-        lr = config.projector_lr if is_projector else config.lr
-        decay = config.weight_decay if parameter.ndim >= 2 and not name.startswith("moca.") else 0.0
+        is_moca = name.startswith("lvlm.moca.")
+        lr = config.projector_lr if is_moca or name.startswith("lvlm.projector.") else config.lr
+        decay = config.weight_decay if parameter.ndim >= 2 and not is_moca else 0.0
         groups.setdefault((lr, decay), []).append(parameter)
     if not groups:
         raise RegapError("nothing to train: no parameter requires a gradient")
@@ -482,15 +486,15 @@ def load_checkpoint(accelerator: Any, checkpoint: Path, module: nn.Module, optim
             for name, parameter in expected.items():
                 parameter.copy_(tensors[name].to(parameter.dtype))
         # Loaded on the CPU; Optimizer.load_state_dict moves the states to their parameters' devices.
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+        optimizer.load_state_dict(ckpt.load_plain(checkpoint / "optimizer.pt"))
+    scheduler.load_state_dict(ckpt.load_plain(checkpoint / "scheduler.pt"))
     if regap is not None:
         path = checkpoint / REGAP_STATE_FILE
         if path.is_file():
             regap.load_state_dict({k: v.to(accelerator.device) for k, v in ckpt.load_tensors(path).items()}, strict=False)
     rng_file = checkpoint / f"rng_state_{accelerator.process_index}.pt"
     if rng_file.is_file():
-        ckpt.set_rng_state(torch.load(rng_file, weights_only=False))
+        ckpt.set_rng_state(ckpt.load_plain(rng_file))
     else:
         warnings.warn(f"{checkpoint} has no RNG state for process {accelerator.process_index} "
                       "(different number of processes?): dropout noise will differ from an uninterrupted run",
@@ -549,14 +553,19 @@ def _save_adapter(peft_model: Any, folder: Path, trainable: dict[str, torch.Tens
     peft_model.save_pretrained(str(folder), state_dict=state or None)
 
 
-def load_trained(out_dir: str | Path, *, dtype: str | None = None, device: str = "cpu") -> tuple[Any, MoCa | None]:
+def load_trained(out_dir: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu") -> Any:
     """Rebuild a trained model from a training output folder: base model + projector
-    (+ LoRA adapter or full LLM) + MoCa. Returns ``(lvlm, moca)``; use
-    ``moca.images(batch.image_mask)`` around direct LLM calls when MoCa is present."""
+    (+ LoRA adapter or full LLM) + MoCa, which the returned LVLM applies by itself
+    (`regap.models.load_model` and every ``--model OUT`` come here)."""
     out_dir = Path(out_dir)
     from regap.train.config import read_yaml
 
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).replace("torch.", "")
     config = TrainConfig.from_dict(read_yaml(out_dir / "config.yaml"))
+    if not (out_dir / "projector.safetensors").is_file():
+        raise RegapError(f"{out_dir}: no projector.safetensors (the training has not finished; its checkpoints "
+                         f"are in {out_dir / 'checkpoints'})")
     if (out_dir / "model").is_dir():
         from regap.models import load_model
 
@@ -570,8 +579,9 @@ def load_trained(out_dir: str | Path, *, dtype: str | None = None, device: str =
             from peft import PeftModel
 
             lvlm.llm = PeftModel.from_pretrained(lvlm.llm, str(out_dir / "adapter"))
-    moca = load_moca(lvlm.llm, out_dir / MOCA_FILE) if (out_dir / MOCA_FILE).is_file() else None
-    return lvlm.eval(), moca
+    if lvlm.moca is None and (out_dir / MOCA_FILE).is_file():  # `model/` (full stage 2) may hold it already
+        lvlm.set_moca(load_moca(out_dir / MOCA_FILE, lvlm.llm))
+    return lvlm.eval()
 
 
 def _with(config: TrainConfig, **changes: Any) -> TrainConfig:
@@ -617,6 +627,20 @@ def _new_accelerator(config: TrainConfig, out_dir: Path) -> tuple[Any, int, int,
             if config.max_grad_norm > 0:
                 ds["gradient_clipping"] = config.max_grad_norm
     return accelerator, per_device, accumulation, trackers
+
+
+def _feature_cache(cfg: TrainConfig, lvlm: Any, accelerator: Any, log: Any) -> Any:
+    """The frozen-vision-feature cache (`data.feature_cache`), or None. `auto` turns it on for CPU
+    runs, where re-encoding the same images for every lambda and seed costs real time; on a GPU
+    cluster the cache of a large data set would fill disks faster than it saves time."""
+    wanted = cfg.data.feature_cache == "on" or (cfg.data.feature_cache == "auto" and accelerator.device.type == "cpu")
+    if not wanted or any(p.requires_grad for p in lvlm.vision.parameters()):
+        return None
+    from regap.models.feature_cache import VisionFeatureCache
+
+    cache = VisionFeatureCache(lvlm.vision)
+    log(f"vision features cached in {cache.folder}")
+    return cache
 
 
 def _to_cpu_batches(collator: Collator, samples: TrainSamples, indices: list[int], size: int) -> list[ModelInputs]:
@@ -707,13 +731,14 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
 
     # ---- model
     lvlm = model if model is not None else build_model(cfg)
-    module, moca = setup_model(lvlm, cfg, log)
+    module, _ = setup_model(lvlm, cfg, log)
     n_trainable = sum(p.numel() for p in trainable_parameters(module).values())
     log(f"stage {cfg.stage} ({cfg.tune}): {n_trainable:,} trainable parameters; {world} process(es), "
         f"{per_device} per device x {accumulation} accumulation = global batch {cfg.global_batch_size}")
 
     samples = TrainSamples(dataset)
-    collator = Collator(lvlm, cfg.template, cfg.max_length)
+    features = _feature_cache(cfg, lvlm, accelerator, log)
+    collator = Collator(lvlm, cfg.template, cfg.max_length, image_keys=features is not None)
     steps_per_epoch = len(dataset) // cfg.global_batch_size
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     n_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -803,6 +828,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
                                                  generator=torch.Generator().manual_seed(cfg.seed + epoch))
             for batch in loader:
                 inputs = batch.inputs.to(accelerator.device)
+                if features is not None and inputs.pixel_values is not None:
+                    inputs.image_features = features.features(batch.image_keys, inputs.pixel_values)
                 with accelerator.accumulate(module):
                     losses = compute_losses(module, inputs, regap, capture, keepalive,
                                             positions=target_positions(batch.inputs.labels))  # host labels
@@ -825,8 +852,6 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
                     optimizer.zero_grad(set_to_none=True)
                 if capture is not None:
                     capture.clear()
-                if moca is not None:
-                    moca.context.clear()
                 window.add(losses, batch)
                 issues.add(batch)
                 if not accelerator.sync_gradients:
@@ -863,8 +888,6 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
                                           with_mir=bool(mir_due), autocast=accelerator.autocast))
                     if capture is not None:
                         capture.clear()
-                    if moca is not None:
-                        moca.context.clear()
                     t_step = time.perf_counter()  # probe time is not training throughput
                 if logged:
                     metrics.write(row)

@@ -135,8 +135,7 @@ class RegapLmmsAdapter:
         self.batch_size = 1 if str(batch_size).startswith("auto") else max(1, _as_int(batch_size, "batch_size"))
         self.max_new_tokens = _as_int(max_new_tokens, "max_new_tokens")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype in (None, "auto"):
-            dtype = "bfloat16" if str(self.device).startswith("cuda") else "float32"
+        dtype = dtype or "auto"  # resolved by load_model for the device (regap.precision)
         self.template = template
         self.task_dict: dict[str, Any] = {}
         if model is None:

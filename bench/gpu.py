@@ -401,7 +401,8 @@ def train_setting(model: Any, data: Path, workdir: Path, batch: int, checkpointi
     steps = plan.warmup_steps + plan.measure_steps
     config = TrainConfig.from_dict({
         "stage": 1, "model": model.config.name, "dtype": "bfloat16", "mixed_precision": "bf16", "cpu": smoke,
-        "template": "plain", "data": {"json": str(data), "num_workers": plan.num_workers},
+        # the vision tower runs every step (no feature cache), as on a GPU and in the reference
+        "template": "plain", "data": {"json": str(data), "num_workers": plan.num_workers, "feature_cache": "off"},
         "global_batch_size": batch, "per_device_batch_size": batch, "max_steps": steps, "save_every": steps,
         "keep_checkpoints": 1, "gradient_checkpointing": checkpointing, "lr": 1e-3, "seed": 0,
         "regap": {"lam": 1.0 if regap_on else 0.0, "layer": 0, "distance": "centroid", "pooling": "batch",

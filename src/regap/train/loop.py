@@ -42,7 +42,7 @@ from regap.train.config import TrainConfig, config_differences, derive_batch_lay
 from regap.train.distributed import all_reduce_sum
 from regap.train.hooks import HiddenCapture, unwrap_llm
 from regap.train.observe import MetricsLog, Progress, available_trackers, probe_gaps
-from regap.train.regap_loss import ReGapLoss, corpus_token_counts, text_stats_from_counts
+from regap.train.regap_loss import GapOutput, ReGapLoss, corpus_token_counts, text_stats_from_counts
 
 TINY_RANDOM = "tiny-random"
 REGAP_STATE_FILE = "regap_state.safetensors"
@@ -88,7 +88,9 @@ class TrainModule(nn.Module):
     def forward(self, inputs: ModelInputs, output_hidden_states: bool = False,
                 logits_positions: torch.Tensor | None = None) -> Any:
         embeds = self.lvlm.embed(inputs)
-        extra = {"logits_to_keep": logits_positions} if logits_positions is not None and self._keep_ok else {}
+        extra = {}
+        if logits_positions is not None and self._keep_ok:  # host positions: an asynchronous copy, no wait
+            extra["logits_to_keep"] = logits_positions.to(embeds.device, non_blocking=True)
         with self.lvlm.image_positions(inputs.image_mask):
             return self.lvlm.llm(inputs_embeds=embeds, attention_mask=inputs.attention_mask.to(embeds.device),
                                  output_hidden_states=output_hidden_states, use_cache=False, **extra)
@@ -99,12 +101,33 @@ class TrainModule(nn.Module):
 
 @dataclass
 class StepLosses:
+    """One micro-batch's losses. ``total`` is the differentiable loss; the rest stays on the
+    device and is read back only through the properties (by the steps that log)."""
+
     total: torch.Tensor
-    caption: float
-    gap: float | None
-    gap_loss: float | None
-    alpha: float | None
-    caption_tokens: int
+    caption_tensor: torch.Tensor
+    caption_count: torch.Tensor  # target tokens of the global micro-batch
+    regap_output: GapOutput | None = None
+
+    @property
+    def caption(self) -> float:
+        return float(self.caption_tensor.detach())
+
+    @property
+    def gap(self) -> float | None:
+        return None if self.regap_output is None else float(self.regap_output.gap.detach())
+
+    @property
+    def gap_loss(self) -> float | None:
+        return None if self.regap_output is None else float(self.regap_output.loss.detach())
+
+    @property
+    def alpha(self) -> float | None:
+        return None if self.regap_output is None else self.regap_output.alpha
+
+    @property
+    def caption_tokens(self) -> int:
+        return int(self.caption_count)
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -123,36 +146,43 @@ def caption_loss_terms(logits: torch.Tensor, labels: torch.Tensor,
     if positions is None or logits.shape[1] == labels.shape[1]:
         logits, targets = logits[:, :-1], labels[:, 1:]
     else:
-        targets = labels[:, positions.to(labels.device) + 1]
+        targets = labels[:, positions.to(labels.device, non_blocking=True) + 1]
     mask = targets != IGNORE_INDEX
     count = mask.sum()
-    if not bool(count):
-        return logits.sum() * 0.0, count
-    selected = logits[mask]
+    selected = logits[mask]  # no target: an empty selection, whose summed loss is 0 (still in the graph)
     selected = selected.to(torch.promote_types(selected.dtype, torch.float32))  # half -> float32
     return F.cross_entropy(selected, targets[mask], reduction="sum"), count
 
 
 def compute_losses(module: nn.Module, inputs: ModelInputs, regap: ReGapLoss | None = None,
-                   capture: HiddenCapture | None = None, keepalive: list[nn.Parameter] | None = None) -> StepLosses:
-    """Forward pass + caption loss (global token mean) + ReGap; the value is the same on every process."""
-    positions = target_positions(inputs.labels)
+                   capture: HiddenCapture | None = None, keepalive: list[nn.Parameter] | None = None,
+                   positions: torch.Tensor | None = None) -> StepLosses:
+    """Forward pass + caption loss (global token mean) + ReGap; the value is the same on every process.
+
+    ``positions`` (`target_positions` of the labels, computed on the host before the batch
+    moves to the device, as the loop does) spares the device a read-back; by default they
+    are computed from ``inputs.labels``. Nothing here converts a device value to a Python
+    number: the logged values are read later, through `StepLosses`' properties. (Selecting
+    the target rows of the logits still makes the device count them: the price of upcasting
+    only those rows to float32.)
+    """
+    if positions is None:
+        positions = target_positions(inputs.labels)
     out = module(inputs, logits_positions=positions)
     loss_sum, count = caption_loss_terms(out.logits, inputs.labels, positions)
-    global_count = float(all_reduce_sum(count.detach().double(), grad=False))
-    caption = all_reduce_sum(loss_sum) / max(global_count, 1.0)
+    global_count = all_reduce_sum(count.detach().double(), grad=False)
+    caption = all_reduce_sum(loss_sum) / global_count.clamp_min(1.0).to(loss_sum.dtype)
     total = caption
-    gap = gap_loss = alpha = None
+    result = None
     if regap is not None and capture is not None:
         features = capture.pop()
         result = regap(features, inputs.image_mask, inputs.attention_mask)
         total = total + result.loss.to(total.dtype)
-        gap, gap_loss, alpha = float(result.gap.detach()), float(result.loss.detach()), result.alpha
     if keepalive and inputs.pixel_values is None:
         # No image in this process's batch: keep the projector in the graph with a zero
         # term so data-parallel gradient reduction sees every trainable parameter.
         total = total + sum(p.sum() for p in keepalive) * 0.0
-    return StepLosses(total, float(caption.detach()), gap, gap_loss, alpha, int(global_count))
+    return StepLosses(total, caption.detach(), global_count, result)
 
 
 # ---------------------------------------------------------------------- model set-up
@@ -805,7 +835,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
                 if features is not None and inputs.pixel_values is not None:
                     inputs.image_features = features.features(batch.image_keys, inputs.pixel_values)
                 with accelerator.accumulate(module):
-                    losses = compute_losses(module, inputs, regap, capture, keepalive)
+                    losses = compute_losses(module, inputs, regap, capture, keepalive,
+                                            positions=target_positions(batch.inputs.labels))  # host labels
                     if not bool(torch.isfinite(losses.total.detach())):
                         raise NonFiniteLossError(_non_finite_message(losses, step + 1, batch.ids, last_checkpoint))
                     accelerator.backward(losses.total)
@@ -837,25 +868,32 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
                 if regap is not None:
                     regap.step()
                 now = time.perf_counter()
-                row = {"step": step, "epoch": round(step / steps_per_epoch, 4), **window.summary(),
-                       "lr": cfg.lr * lr_factor, "lr_projector": cfg.projector_lr * lr_factor,
-                       "samples_per_s": cfg.global_batch_size / max(now - t_step, 1e-9),
-                       "alpha": regap.alpha if regap is not None else None,
-                       "alpha_frozen": regap.frozen if regap is not None else None,
-                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                       "truncated": issues.truncated, "skipped_images": len(issues.skipped),
-                       "elapsed_s": round(now - t_start, 3)}
-                t_step = now
-                window = _Window()
                 gap_due = cfg.observe.gap_every and (step % cfg.observe.gap_every == 0 or step == total_steps)
                 mir_due = cfg.observe.mir_every and (step % cfg.observe.mir_every == 0 or step == total_steps)
-                if probe_batches and (gap_due or mir_due):
+                probing = bool(probe_batches and (gap_due or mir_due))
+                logged = step % cfg.observe.log_every == 0 or step == total_steps or probing
+                stopping = cfg.stop_after_steps is not None and step >= cfg.stop_after_steps
+                # Device values (losses, alpha, grad norm) are read back only for a row that is
+                # written (or returned): other steps queue their work without waiting for the device.
+                row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                       **(window.summary() if logged or stopping else {}),
+                       "lr": cfg.lr * lr_factor, "lr_projector": cfg.projector_lr * lr_factor,
+                       "samples_per_s": cfg.global_batch_size / max(now - t_step, 1e-9)}
+                if logged or stopping:
+                    row.update({"alpha": regap.alpha if regap is not None else None,
+                                "alpha_frozen": regap.frozen if regap is not None else None,
+                                "grad_norm": float(grad_norm) if grad_norm is not None else None})
+                row.update({"truncated": issues.truncated, "skipped_images": len(issues.skipped),
+                            "elapsed_s": round(now - t_start, 3)})
+                t_step = now
+                window = _Window()
+                if probing:
                     row.update(probe_gaps(accelerator.unwrap_model(module), probe_batches, accelerator.device,
                                           with_mir=bool(mir_due), autocast=accelerator.autocast))
                     if capture is not None:
                         capture.clear()
                     t_step = time.perf_counter()  # probe time is not training throughput
-                if step % cfg.observe.log_every == 0 or step == total_steps or "probe_gap0" in row:
+                if logged:
                     metrics.write(row)
                 progress.update(row)
                 last_row = row
@@ -905,30 +943,33 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
 
 
 class _Window:
-    """Averages over the micro-batches of one optimizer step."""
+    """Averages over the micro-batches of one optimizer step: summed on the device (float64),
+    read back in one transfer by `summary`, which only logged steps call."""
 
     def __init__(self) -> None:
         self.n = 0
-        self.loss = self.caption = 0.0
-        self.gap = self.gap_loss = 0.0
+        self.sums: torch.Tensor | None = None  # loss, caption loss, gap, gap loss
         self.has_gap = False
         self.samples = 0
 
     def add(self, losses: StepLosses, batch: Any) -> None:
         self.n += 1
-        self.loss += float(losses.total.detach())
-        self.caption += losses.caption
-        if losses.gap is not None:
+        total = losses.total.detach().double()
+        gap = losses.regap_output
+        if gap is not None:
             self.has_gap = True
-            self.gap += losses.gap
-            self.gap_loss += losses.gap_loss or 0.0
+        zero = torch.zeros_like(total)
+        values = torch.stack([total, losses.caption_tensor.double(), gap.gap.detach().double() if gap is not None else zero,
+                              gap.loss.detach().double() if gap is not None else zero])
+        self.sums = values if self.sums is None else self.sums + values
         self.samples += batch.n_samples
 
     def summary(self) -> dict[str, Any]:
         n = max(self.n, 1)
-        out: dict[str, Any] = {"loss": self.loss / n, "caption_loss": self.caption / n}
-        out["gap"] = self.gap / n if self.has_gap else None
-        out["gap_loss"] = self.gap_loss / n if self.has_gap else None
+        loss, caption, gap, gap_loss = (self.sums / n).tolist() if self.sums is not None else [0.0] * 4
+        out: dict[str, Any] = {"loss": loss, "caption_loss": caption}
+        out["gap"] = gap if self.has_gap else None
+        out["gap_loss"] = gap_loss if self.has_gap else None
         return out
 
 

@@ -70,3 +70,41 @@ def test_hub_id_without_network_is_one_line(monkeypatch, capsys):
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "regap.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "regap" in result.stdout
+
+
+@pytest.fixture
+def extra_commands():
+    """Register throwaway commands on the real app; removed again afterwards."""
+    added = []
+
+    def add(name, function):
+        app.command(name)(function)
+        added.append(app.registered_commands[-1])
+
+    yield add
+    for info in added:
+        app.registered_commands.remove(info)
+
+
+def test_main_returns_the_exit_status_of_the_command(extra_commands, capsys):
+    import typer
+
+    from regap.errors import RunInterrupted
+
+    def exits() -> None:
+        raise typer.Exit(3)
+
+    def ctrl_c() -> None:
+        raise KeyboardInterrupt
+
+    def stopped() -> None:
+        raise RunInterrupted("stopped at step 2/5", "continue with --resume")
+
+    for name, function in (("t-exit", exits), ("t-ctrl-c", ctrl_c), ("t-stopped", stopped)):
+        extra_commands(name, function)
+    assert main(["t-exit"]) == 3
+    assert main(["t-ctrl-c"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    assert main(["t-stopped"]) == 130
+    assert capsys.readouterr().err == "interrupted: stopped at step 2/5; continue with --resume\n"
+    assert main(["--no-such-option"]) == 2

@@ -29,7 +29,10 @@ def demo_command(
     settings.advbench = str(advbench) if advbench else None
     settings.xstest = str(xstest) if xstest else None
     family_plan(out, settings, family)  # a bad --family fails before any work
-    summaries = run_families(out, settings, family)
+    from regap.run_lock import exclusive_out
+
+    with exclusive_out(out):
+        summaries = run_families(out, settings, family)
     console = Console()
     for name, summary in summaries.items():
         _print_summary(console, summary, settings.conditions, f"{name} family, {summary['setup']['model']}")

@@ -77,27 +77,29 @@ def gap_command(
                                ("--text-tokens", text_tokens, TEXT_TOKEN_MODES), ("--ci", ci, CI_METHODS)):
         if value not in valid:
             raise RegapError(f"{flag} {value!r} is not one of {', '.join(valid)}")
-    out.mkdir(parents=True, exist_ok=True)
     texts = texts or ("starter-benign" if protocol == "reference" else "starter-harmful")
     common = dict(pairs=pairs, protocol=protocol, images=images, texts=texts, text_tokens=text_tokens,
                   texts_per_pair=texts_per_pair,
                   batch_size=batch_size, dtype=dtype, mode=mode, n_boot=n_boot, seed=seed, ci=ci,
                   stability_run=stability_run, keep_hidden=keep_hidden)
-    results = {model: measure_model(model, out, projector=projector, tag="a", **common)}
-    record = dict(results[model])
-    if compare:
-        if compare == model and compare_projector is None:
-            raise RegapError("--compare names the same model as --model without a different --compare-projector")
-        other = measure_model(compare, out, projector=compare_projector, tag="b", **common)
-        if len(other["per_layer"]) != len(record["per_layer"]):
-            raise RegapError(
-                f"cannot compare: {model} has {len(record['per_layer'])} layers, {compare} has {len(other['per_layer'])}"
-            )
-        label = compare if compare != model else f"{compare} ({compare_projector})"
-        results[label] = other
-        record["compare"] = {"model": label, **other}
-    (out / "gap.json").write_text(json.dumps(record, indent=2, default=float))
-    plot_layers(results, out / "gap_layers.png")
+    from regap.run_lock import exclusive_out
+
+    with exclusive_out(out):  # one run per --out
+        results = {model: measure_model(model, out, projector=projector, tag="a", **common)}
+        record = dict(results[model])
+        if compare:
+            if compare == model and compare_projector is None:
+                raise RegapError("--compare names the same model as --model without a different --compare-projector")
+            other = measure_model(compare, out, projector=compare_projector, tag="b", **common)
+            if len(other["per_layer"]) != len(record["per_layer"]):
+                raise RegapError(
+                    f"cannot compare: {model} has {len(record['per_layer'])} layers, {compare} has {len(other['per_layer'])}"
+                )
+            label = compare if compare != model else f"{compare} ({compare_projector})"
+            results[label] = other
+            record["compare"] = {"model": label, **other}
+        (out / "gap.json").write_text(json.dumps(record, indent=2, default=float))
+        plot_layers(results, out / "gap_layers.png")
     table = Table(title=f"modality gap ({protocol} protocol, {pairs} pairs, {images} images)")
     for column in ("model", "MIR", "95% CI", "layer-0 gap", "layer-0 FD"):
         table.add_column(column)

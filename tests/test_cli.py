@@ -108,3 +108,32 @@ def test_main_returns_the_exit_status_of_the_command(extra_commands, capsys):
     assert main(["t-stopped"]) == 130
     assert capsys.readouterr().err == "interrupted: stopped at step 2/5; continue with --resume\n"
     assert main(["--no-such-option"]) == 2
+
+
+def _ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("argv, patch, expected", [
+    (["safety", "--limit", "1"], "regap.models.load_model", "interrupted: safety run stopped while loading tiny"),
+    (["gap", "--pairs", "2"], "regap.models.load_model", "interrupted: gap measurement stopped before"),
+    (["utility", "--n", "1"], "regap.utility.suite.run_utility", "interrupted: utility run stopped; the responses"),
+    (["demo", "--fast"], "regap.demo.run_families", "interrupted: demo stopped; finished steps are recorded"),
+], ids=lambda value: value[0] if isinstance(value, list) else None)
+def test_ctrl_c_in_a_command_exits_130_saying_where(argv, patch, expected, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(patch, _ctrl_c)
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(expected) and "\n" not in err
+
+
+def test_demo_names_its_own_resume_for_an_interrupted_step(monkeypatch, tmp_path, capsys):
+    from regap.errors import RunInterrupted
+
+    def stopped(*args, **kwargs):
+        raise RunInterrupted("training stopped at step 3/8", "continue with --resume --out somewhere")
+
+    monkeypatch.setattr("regap.demo.run_families", stopped)
+    assert main(["demo", "--fast", "--out", str(tmp_path / "demo")]) == 130
+    assert capsys.readouterr().err == ("interrupted: demo stopped: training stopped at step 3/8; "
+                                       "rerun the same command to continue (finished steps are reused)\n")

@@ -29,10 +29,18 @@ def demo_command(
     settings.advbench = str(advbench) if advbench else None
     settings.xstest = str(xstest) if xstest else None
     family_plan(out, settings, family)  # a bad --family fails before any work
+    from regap.errors import RunInterrupted
     from regap.run_lock import exclusive_out
 
+    resume = "rerun the same command to continue (finished steps are reused)"
     with exclusive_out(out):
-        summaries = run_families(out, settings, family)
+        try:
+            summaries = run_families(out, settings, family)
+        except RunInterrupted as exc:  # a training or safety step: its own where, the demo's resume
+            exc.where, exc.resume = f"demo stopped: {exc.where}", resume
+            raise
+        except KeyboardInterrupt:
+            raise RunInterrupted(f"demo stopped; finished steps are recorded in {out / '.steps'}", resume) from None
     console = Console()
     for name, summary in summaries.items():
         _print_summary(console, summary, settings.conditions, f"{name} family, {summary['setup']['model']}")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 
-from regap.errors import RegapError
+from regap.errors import RegapError, RunInterrupted
 
 
 def measure_model(
@@ -36,6 +37,16 @@ def measure_model(
         dtype=dtype, mode=mode, n_boot=n_boot, ci=ci, pair_ids=[p.id for p in pair_list],
     )
     return result
+
+
+@contextmanager
+def _interrupted_gap(out: Path) -> Iterator[None]:
+    """Ctrl-C: say that nothing was kept (a gap measurement does not resume)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"gap measurement stopped before {out / 'gap.json'} was written",
+                             "rerun the command to measure again (it does not resume)") from None
 
 
 def gap_command(
@@ -84,7 +95,7 @@ def gap_command(
                   stability_run=stability_run, keep_hidden=keep_hidden)
     from regap.run_lock import exclusive_out
 
-    with exclusive_out(out):  # one run per --out
+    with exclusive_out(out), _interrupted_gap(out):  # one run per --out
         results = {model: measure_model(model, out, projector=projector, tag="a", **common)}
         record = dict(results[model])
         if compare:

@@ -179,7 +179,7 @@ def test_interrupted_small_run_keeps_finished_batches_and_resumes(saved_model, t
     assert len(_lines(out / "generations.jsonl")) == 4  # the two finished batches survive
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["provenance"]["status"] == "interrupted"
-    assert summary["progress"] == {"expected": 8, "generated": 4, "judged": 0}
+    assert summary["progress"] == {"expected": 8, "generated": 4, "judged": 0, "failed": 0}
     assert len(_lines(out / "results.jsonl")) == 4
 
     model = load_model(saved_model)

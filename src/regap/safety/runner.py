@@ -4,7 +4,8 @@ Generations are cached in `OUT/generations.jsonl`, keyed by (model fingerprint, 
 request, decoding settings), and verdicts in `OUT/verdicts.jsonl`, keyed by (generation,
 judge, judge prompt hash). An interrupted run therefore resumes without redoing or
 duplicating items, and adding a judge later judges the cached responses only.
-`OUT/results.jsonl` and `OUT/summary.json` are rebuilt from the caches at the end.
+`OUT/results.jsonl` and `OUT/summary.json` are rebuilt from the caches at the end, and on
+Ctrl-C from what is done so far (the summary then marked "interrupted").
 """
 
 from __future__ import annotations
@@ -246,7 +247,7 @@ def _run_safety_locked(run: SafetyRun, progress: bool, model: Any) -> dict[str, 
         judges = judge_missing(run.judges, generations, verdicts)
     except KeyboardInterrupt:
         raise _interrupted(run, model, requests, generations, verdicts) from None
-    summary, _ = _write_outputs(run, model, requests, generations, verdicts, judges, status="completed")
+    summary = _write_outputs(run, model, requests, generations, verdicts, judges, status="completed")
     from regap.safety.summary import plot_unsafe_rates
 
     plot_unsafe_rates(summary, run.out / "unsafe_rate.png")
@@ -254,9 +255,9 @@ def _run_safety_locked(run: SafetyRun, progress: bool, model: Any) -> dict[str, 
 
 
 def _write_outputs(run: SafetyRun, model: Any, requests: list[Any], generations: JsonlStore, verdicts: JsonlStore,
-                   judges: dict[str, Any], status: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """`results.jsonl` (every cached row of this run) and `summary.json` (rows every judge has
-    judged: all of them when completed); returns the summary and the rows."""
+                   judges: dict[str, Any], status: str) -> dict[str, Any]:
+    """`results.jsonl` (every cached row of this run) and `summary.json` (the rows every judge has
+    judged, and failed generations: all rows when completed); returns the summary."""
     from regap.safety.conditions import get_condition
     from regap.safety.summary import summarise
 
@@ -274,28 +275,28 @@ def _write_outputs(run: SafetyRun, model: Any, requests: list[Any], generations:
         dtype=run.dtype, defenses=[d.describe() for d in _build_defenses(run.defenses)], status=status,
     )
     write_jsonl_atomic(run.out / "results.jsonl", ({**r, "provenance": "summary.json#provenance"} for r in rows))
-    judged = rows if status == "completed" else [
-        r for r in rows if r.get("response") is None or all(name in r["verdicts"] for name in judges)]
-    summary = summarise(judged, list(judges), record)
+    judged = [r for r in rows if r.get("response") is not None and all(name in r["verdicts"] for name in judges)]
+    failed = [r for r in rows if r.get("response") is None]
+    summary = summarise(rows if status == "completed" else judged + failed, list(judges), record)
     summary["status"] = status
     if status != "completed":
         summary["progress"] = {"expected": len(requests) * len(run.conditions), "generated": len(rows),
-                               "judged": len(judged)}
+                               "judged": len(judged), "failed": len(failed)}
     write_json_atomic(run.out / "summary.json", summary)
-    return summary, rows
+    return summary
 
 
 def _interrupted(run: SafetyRun, model: Any, requests: list[Any], generations: JsonlStore,
                  verdicts: JsonlStore) -> RunInterrupted:
     """After Ctrl-C: write what the caches hold and say how far the run got."""
     expected = len(requests) * len(run.conditions)
-    if model is None or not hasattr(model, "config"):
+    if model is None:
         return RunInterrupted(f"safety run stopped while loading {run.model}; nothing generated in this run")
     from regap.safety.judges import get_judge
 
     judges = {name: get_judge(name).describe() for name in run.judges}
-    summary, _ = _write_outputs(run, model, requests, generations, verdicts, judges, status="interrupted")
+    summary = _write_outputs(run, model, requests, generations, verdicts, judges, status="interrupted")
     done = summary["progress"]
     return RunInterrupted(
-        f"safety run stopped after {done['generated']}/{expected} responses, {done['judged']} judged by every judge "
-        f"(kept in {run.out / 'generations.jsonl'}; partial {run.out / 'summary.json'} marked \"interrupted\")")
+        f"safety run stopped after {done['generated']}/{expected} responses ({done['judged']} judged), kept in "
+        f"{run.out / 'generations.jsonl'}; partial {run.out / 'summary.json'} marked \"interrupted\"")

@@ -119,7 +119,7 @@ def _ctrl_c(*args, **kwargs):
     (["gap", "--pairs", "2"], "regap.models.load_model", "interrupted: gap measurement stopped before"),
     (["utility", "--n", "1"], "regap.utility.suite.run_utility", "interrupted: utility run stopped; the responses"),
     (["demo", "--fast"], "regap.demo.run_families", "interrupted: demo stopped; finished steps are recorded"),
-], ids=lambda value: value[0] if isinstance(value, list) else None)
+], ids=["safety", "gap", "utility", "demo"])
 def test_ctrl_c_in_a_command_exits_130_saying_where(argv, patch, expected, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(patch, _ctrl_c)
     assert main([*argv, "--out", str(tmp_path / "out")]) == 130

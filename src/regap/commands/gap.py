@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 
-from regap.errors import RegapError
+from regap.errors import RegapError, RunInterrupted
 
 
 def measure_model(
@@ -38,6 +39,16 @@ def measure_model(
         pair_ids=[p.id for p in pair_list], reuse_images=reuse_images, image_problems=list(image_problems or []),
     )
     return result
+
+
+@contextmanager
+def _interrupted_gap(out: Path) -> Iterator[None]:
+    """Ctrl-C: say that nothing was kept (a gap measurement does not resume)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"gap measurement stopped before {out / 'gap.json'} was written",
+                             "rerun the command to measure again (it does not resume)") from None
 
 
 def gap_command(
@@ -99,21 +110,24 @@ def gap_command(
                   batch_size=batch_size, dtype=dtype, mode=mode, n_boot=n_boot, seed=seed, ci=ci,
                   stability_run=stability_run, keep_hidden=keep_hidden, reuse_images=reuse_images,
                   image_problems=problems)
-    results = {model: measure_model(model, out, projector=projector, tag="a", **common)}
-    record = dict(results[model])
-    if compare:
-        if compare == model and compare_projector is None:
-            raise RegapError("--compare names the same model as --model without a different --compare-projector")
-        other = measure_model(compare, out, projector=compare_projector, tag="b", **common)
-        if len(other["per_layer"]) != len(record["per_layer"]):
-            raise RegapError(
-                f"cannot compare: {model} has {len(record['per_layer'])} layers, {compare} has {len(other['per_layer'])}"
-            )
-        label = compare if compare != model else f"{compare} ({compare_projector})"
-        results[label] = other
-        record["compare"] = {"model": label, **other}
-    (out / "gap.json").write_text(json.dumps(record, indent=2, default=float))
-    plot_layers(results, out / "gap_layers.png")
+    from regap.run_lock import exclusive_out
+
+    with exclusive_out(out), _interrupted_gap(out):  # one run per --out
+        results = {model: measure_model(model, out, projector=projector, tag="a", **common)}
+        record = dict(results[model])
+        if compare:
+            if compare == model and compare_projector is None:
+                raise RegapError("--compare names the same model as --model without a different --compare-projector")
+            other = measure_model(compare, out, projector=compare_projector, tag="b", **common)
+            if len(other["per_layer"]) != len(record["per_layer"]):
+                raise RegapError(
+                    f"cannot compare: {model} has {len(record['per_layer'])} layers, {compare} has {len(other['per_layer'])}"
+                )
+            label = compare if compare != model else f"{compare} ({compare_projector})"
+            results[label] = other
+            record["compare"] = {"model": label, **other}
+        (out / "gap.json").write_text(json.dumps(record, indent=2, default=float))
+        plot_layers(results, out / "gap_layers.png")
     table = Table(title=f"modality gap ({protocol} protocol, {pairs} pairs, {images} images)")
     for column in ("model", "MIR", "95% CI", "layer-0 gap", "layer-0 FD"):
         table.add_column(column)

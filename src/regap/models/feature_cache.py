@@ -11,12 +11,13 @@ Files are written atomically under per-process names, so several processes may s
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from PIL import Image
+
+from regap.files import atomic_path
 
 FEATURE_CACHE_CHOICES = ("auto", "on", "off")
 
@@ -62,12 +63,11 @@ class VisionFeatureCache:
         from safetensors.torch import save_file
 
         path = self._path(key)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
-            save_file({"features": features.detach().to("cpu").contiguous()}, str(tmp))
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                save_file({"features": features.detach().to("cpu").contiguous()}, str(tmp))
         except OSError:  # a full or read-only disk only costs re-encoding later
-            tmp.unlink(missing_ok=True)
+            pass
 
     @torch.no_grad()
     def features(self, keys: Sequence[str], pixel_values: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ whether text overflowed the canvas).
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import textwrap
 from functools import lru_cache
@@ -27,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
 from regap.errors import MissingDependencyError, RegapError
+from regap.files import file_sha256, stable_seed
 from regap.images import load_image
 from regap.provenance import text_hash
 
@@ -65,16 +65,6 @@ DEFAULT_SIZE = 336
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def stable_seed(*parts: object) -> int:
-    """A 64-bit seed from the parts' text, identical across processes and machines."""
-    joined = "\x1f".join(str(part) for part in parts)
-    return int.from_bytes(hashlib.sha256(joined.encode("utf-8")).digest()[:8], "big")
-
-
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def _parse_size(size: int | Iterable[int], what: str) -> tuple[int, int]:
@@ -144,7 +134,7 @@ def _load_font(path: Path, size: int, what: str) -> ImageFont.FreeTypeFont:
 
 def _font_record(path: Path, font: ImageFont.FreeTypeFont) -> dict[str, Any]:
     family, style = font.getname()
-    return {"font_path": str(path), "font_name": f"{family} {style}", "font_sha256": _file_hash(path)}
+    return {"font_path": str(path), "font_name": f"{family} {style}", "font_sha256": file_sha256(path)[:16]}
 
 
 # --------------------------------------------------------------------------- base class

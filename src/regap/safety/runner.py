@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from regap.errors import RegapError, RunInterrupted
+from regap.files import file_sha256, write_json_atomic, write_jsonl_atomic
 from regap.models.fingerprint import model_fingerprint
-from regap.provenance import file_sha256, json_hash, provenance
-from regap.safety.store import JsonlStore, write_json_atomic, write_jsonl_atomic
+from regap.provenance import json_hash, provenance
+from regap.safety.store import JsonlStore
 
 
 @dataclass

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from regap.errors import RegapError
-from regap.provenance import file_sha256
+from regap.files import file_sha256
 from regap.safety.judges import Judge, JudgeInput, get_judge
 from regap.safety.metrics import binary_metrics
 

@@ -18,7 +18,6 @@ See docs/utility.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from regap.errors import RegapError
+from regap.files import file_sha256
 from regap.utility import scoring
 
 logger = logging.getLogger(__name__)
@@ -78,10 +78,6 @@ def parse_tasks(tasks: str | Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 def ensure_heldout_data(out_dir: Path, n: int, seed: int, image_size: int, split_name: str) -> Path:
     """Write (or reuse) the held-out synthetic set under `OUT/heldout_data`."""
     from regap.data.synth import GENERATOR_VERSION, generate_synthetic
@@ -109,7 +105,7 @@ def synthetic_items(out_dir: Path, n: int, seed: int, image_size: int, split_nam
 
     def image_hash(image: str) -> str:
         if image not in image_hashes:
-            image_hashes[image] = _file_hash(folder / image)
+            image_hashes[image] = file_sha256(folder / image)[:16]
         return image_hashes[image]
 
     items: dict[str, list[UtilityItem]] = {}
@@ -321,7 +317,8 @@ def run_utility(
     from regap.models import DecodingSettings
     from regap.provenance import json_hash, provenance
     from regap.safety.judges import get_judge
-    from regap.safety.store import JsonlStore, write_json_atomic, write_jsonl_atomic
+    from regap.files import write_json_atomic, write_jsonl_atomic
+    from regap.safety.store import JsonlStore
 
     names = parse_tasks(tasks)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -403,7 +400,7 @@ def run_utility(
         prompts={"qa_suffix": QA_SUFFIX, "caption": CAPTION_PROMPT},
         decoding={**settings.to_dict(), "greedy": True}, decoding_hash=decoding_hash,
         scoring_version=scoring.SCORING_VERSION,
-        xstest={"path": str(xstest_path), "sha256": _file_hash(xstest_path)} if xstest_path is not None else None,
+        xstest={"path": str(xstest_path), "sha256": file_sha256(xstest_path)[:16]} if xstest_path is not None else None,
         cache={"file": CACHE_FILE, "generated_this_run": generated,
                "reused": sum(len(v) for v in items.values()) - generated},
     )

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from regap.errors import RegapError
+from regap.models.build import load_llm
+from regap.models.lvlm import LVLM
 
 ADAPTER_DISABLED = "adapter disabled"
 RELOADED = "reloaded from llm_source"
@@ -67,9 +69,6 @@ class Backbone:
 
     def _load_base(self) -> Any:
         if self._reloaded is None:
-            from regap.models.factory import load_llm
-            from regap.models.lvlm import LVLM
-
             source = self.model.config.llm_source
             try:
                 llm, tokenizer = load_llm(source, self.model.dtype)

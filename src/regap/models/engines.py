@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from regap.errors import MissingDependencyError, RegapError
-from regap.models.generation import DecodingSettings
+from regap.models.generation import DecodingSettings, count_until_eos, eos_token_ids
+from regap.models.offline_assets import resolve_source
 
 VLLM_INSTALL = "pip install vllm"
 # Prompts embedded and handed to vLLM per `LLM.generate` call: vLLM batches internally, this only
@@ -95,8 +96,6 @@ def vllm_model_path(model: Any, explicit: str | None = None) -> str:
         return explicit
     source = model.config.llm_source
     if not source.startswith("random:"):
-        from regap.models.factory import resolve_source
-
         location = resolve_source(source)
         if _is_plain_llm_folder(location):
             return location
@@ -171,10 +170,8 @@ def generate_vllm(model: Any, conversations: Sequence[Any], image_lists: Sequenc
                   progress: bool = False) -> tuple[list[str], list[int]]:
     """Texts and generated-token counts (up to and including the first end token), in the
     original prompt order; `order` is the length order the prompts are embedded in."""
-    from regap.models.lvlm import _count_until_eos, _eos_ids
-
     engine = get_vllm_engine(model)
-    eos_ids = _eos_ids(model.tokenizer, settings.generation_config(model.tokenizer))
+    eos_ids = eos_token_ids(model.tokenizer, settings.generation_config(model.tokenizer))
     params = engine.sampling_params(settings, eos_ids)
     texts: list[str] = [""] * len(order)
     counts: list[int] = [0] * len(order)
@@ -192,5 +189,5 @@ def generate_vllm(model: Any, conversations: Sequence[Any], image_lists: Sequenc
                                             template))
         for index, token_ids in zip(call, engine.generate(embeds, params)):
             texts[index] = model.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
-            counts[index] = _count_until_eos(token_ids, eos_ids)
+            counts[index] = count_until_eos(token_ids, eos_ids)
     return texts, counts

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from regap.errors import RegapError
+from regap.models.build import parse_dtype
 from regap.models.hub import hub_call
 from regap.models.lvlm import LVLM, LVLMConfig
 from regap.models.projector import build_projector
@@ -18,8 +19,6 @@ from regap.models.vision import VisionConfig, VisionTower
 def load_llava_hf(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "cpu") -> LVLM:
     """Load an HF LLaVA checkpoint; its modules are shared, not copied (no second 7B in memory)."""
     from transformers import AutoModelForCausalLM, AutoProcessor, LlavaForConditionalGeneration
-
-    from regap.models.factory import parse_dtype
 
     torch_dtype = parse_dtype(dtype, device)
     llava = hub_call(name_or_path, LlavaForConditionalGeneration.from_pretrained, name_or_path, dtype=torch_dtype)

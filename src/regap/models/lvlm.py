@@ -12,7 +12,8 @@ from PIL import Image
 from torch import nn
 
 from regap.errors import RegapError
-from regap.models.generation import DecodingSettings
+from regap.models.engines import generate_vllm
+from regap.models.generation import DecodingSettings, count_until_eos, eos_token_ids
 from regap.models.inputs import ModelInputs, build_batch, with_image_marker
 from regap.models.projector import build_projector
 from regap.models.templates import get_template
@@ -61,21 +62,6 @@ class GenerationResult:
     settings: DecodingSettings
 
 
-def _eos_ids(tokenizer: Any, generation_config: Any) -> set[int]:
-    eos = generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
-
-
-def _count_until_eos(token_ids: list[int], eos_ids: set[int]) -> int:
-    for position, token in enumerate(token_ids):
-        if token in eos_ids:
-            return position + 1
-    return len(token_ids)
-
-
 def fill_short_batches(engine: str, device_type: str, has_processors: bool) -> bool:
     """Whether a short last batch is filled to the batch size: only where decoding is compiled
     (static cache off the CPU), since every new batch shape costs a recompilation there, and
@@ -104,6 +90,11 @@ class LVLM(nn.Module):
                                                       **config.extra.get("projector_options", {}))
         self.projector.to(dtype=next(llm.parameters()).dtype)
         self.moca: MoCa | None = None
+        #: Where the LLM's weights were read from when that is not `config.llm_source` (a saved
+        #: folder's `llm/`, or training in memory): they may be tuned, so the LLM as it was before
+        #: stage 2 (the `backbone` safety condition) must be loaded from `llm_source`. None: the
+        #: LLM is `llm_source` as published (or a peft wrapper around it).
+        self.llm_origin: str | None = None
 
     # ---- MoCa ---------------------------------------------------------------------------------
     def set_moca(self, moca: "MoCa | None") -> None:
@@ -124,11 +115,6 @@ class LVLM(nn.Module):
         """Where the image tokens are, for the LLM calls made inside (MoCa's hooks read it);
         a no-op for a model without MoCa. Direct LLM calls (a defense's extra pass) use it too."""
         return self.moca.image_positions(image_mask) if self.moca is not None else contextlib.nullcontext()
-        #: Where the LLM's weights were read from when that is not `config.llm_source` (a saved
-        #: folder's `llm/`, or training in memory): they may be tuned, so the LLM as it was before
-        #: stage 2 (the `backbone` safety condition) must be loaded from `llm_source`. None: the
-        #: LLM is `llm_source` as published (or a peft wrapper around it).
-        self.llm_origin: str | None = None
 
     # ---- properties -------------------------------------------------------------------------
     @property
@@ -271,14 +257,12 @@ class LVLM(nn.Module):
             if self.moca is not None:
                 raise RegapError("the vllm engine cannot apply MoCa (vLLM runs its own decoder layers, without "
                                  "MoCa's hooks); use --engine transformers or static")
-            from regap.models.engines import generate_vllm
-
             texts, counts = generate_vllm(self, conversations, image_lists, order, settings, template=template,
                                           progress=progress)
             return GenerationResult(texts, counts, settings)
         outputs: list[str] = [""] * len(prompts)
         new_tokens: list[int] = [0] * len(prompts)
-        eos_ids = _eos_ids(self.tokenizer, settings.generation_config(self.tokenizer))
+        eos_ids = eos_token_ids(self.tokenizer, settings.generation_config(self.tokenizer))
         # Compiled decoding (static cache off the CPU) recompiles for every new batch size: fill a
         # short last batch with copies of its last prompt (their outputs are dropped).
         fill = fill_short_batches(settings.engine, self.device.type, logits_processor_factory is not None)
@@ -312,7 +296,7 @@ class LVLM(nn.Module):
             texts = self.tokenizer.batch_decode(generated[: len(chunk)], skip_special_tokens=True)
             for row, (index, text) in enumerate(zip(chunk, texts)):
                 outputs[index] = text.strip()
-                new_tokens[index] = _count_until_eos(generated[row].tolist(), eos_ids)
+                new_tokens[index] = count_until_eos(generated[row].tolist(), eos_ids)
         return GenerationResult(outputs, new_tokens, settings)
 
     # ---- parameter groups --------------------------------------------------------------------

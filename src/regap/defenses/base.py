@@ -9,12 +9,15 @@ stacks them left to right (the first name is the outermost).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from PIL import Image
 
 from regap.errors import RegapError
 from regap.provenance import text_hash
+
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
 
 
 @dataclass
@@ -44,7 +47,7 @@ class Defense:
         return {"name": self.name, "settings": self.settings(),
                 "prompt_hashes": {key: text_hash(value) for key, value in self.prompts().items()}}
 
-    def wrap(self, next_fn: GenerateFn, model: Any) -> GenerateFn:
+    def wrap(self, next_fn: GenerateFn, model: LVLM) -> GenerateFn:
         raise NotImplementedError
 
 
@@ -70,7 +73,7 @@ def get_defense(name: str, **options: Any) -> Defense:
     return _DEFENSES[name](**options)
 
 
-def plain_generate(model: Any) -> GenerateFn:
+def plain_generate(model: LVLM) -> GenerateFn:
     """The model's own batched generation as the innermost `GenerateFn`."""
 
     def generate(prompts: list[str], images: list[Image.Image | None], settings: Any) -> DefendedResult:
@@ -80,7 +83,7 @@ def plain_generate(model: Any) -> GenerateFn:
     return generate
 
 
-def build_generate(model: Any, defenses: Sequence[Defense]) -> GenerateFn:
+def build_generate(model: LVLM, defenses: Sequence[Defense]) -> GenerateFn:
     generate = plain_generate(model)
     for defense in reversed(list(defenses)):
         generate = defense.wrap(generate, model)

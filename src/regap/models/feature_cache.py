@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from PIL import Image
 
 from regap.files import atomic_path
+
+if TYPE_CHECKING:
+    from regap.models.vision import VisionTower
 
 FEATURE_CACHE_CHOICES = ("auto", "on", "off")
 
@@ -34,7 +37,7 @@ class VisionFeatureCache:
     the images whose features are not cached yet. The tower must be frozen (no gradient flows
     into cached features)."""
 
-    def __init__(self, vision: Any, root: str | Path | None = None) -> None:
+    def __init__(self, vision: VisionTower, root: str | Path | None = None) -> None:
         from regap.cache import cache_dir
         from regap.models.fingerprint import vision_fingerprint
 

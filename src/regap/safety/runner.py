@@ -16,13 +16,16 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from regap.errors import RegapError, RunInterrupted
 from regap.files import file_sha256, write_json_atomic, write_jsonl_atomic
 from regap.models.fingerprint import model_fingerprint
 from regap.provenance import json_hash, provenance
 from regap.safety.store import JsonlStore
+
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
 
 
 @dataclass
@@ -140,7 +143,7 @@ def _generate_ready(ready: list[tuple], generate: Any, backbone: Any, defenses: 
 BATCHES_PER_GROUP = 8
 
 
-def _length_batches(model: Any, ready: list[tuple], batch_size: int) -> list[list[tuple]]:
+def _length_batches(model: LVLM, ready: list[tuple], batch_size: int) -> list[list[tuple]]:
     """`ready` items ((base, text, image, details, use_backbone)) split into batches in the model's
     token-length order, so each batch matches one the model would form from the whole group."""
     if len(ready) > batch_size and hasattr(model, "prompt_lengths"):
@@ -150,7 +153,7 @@ def _length_batches(model: Any, ready: list[tuple], batch_size: int) -> list[lis
     return [ready[start : start + batch_size] for start in range(0, len(ready), batch_size)]
 
 
-def generate_missing(run: SafetyRun, model: Any, requests: list[Any], store: JsonlStore, progress: bool = True) -> None:
+def generate_missing(run: SafetyRun, model: LVLM, requests: list[Any], store: JsonlStore, progress: bool = True) -> None:
     """Generate every (condition, request) response not yet in the cache, batch by batch."""
     from regap.safety.conditions import get_condition
 
@@ -277,7 +280,7 @@ def assemble_results(generations: JsonlStore, verdicts: JsonlStore, judges: dict
     return rows
 
 
-def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict[str, Any]:
+def run_safety(run: SafetyRun, progress: bool = True, model: LVLM | None = None) -> dict[str, Any]:
     """Generate, judge and summarise; safe to interrupt and rerun. `model`, when given, is an
     already loaded LVLM used instead of loading `run.model` (its projector as it is).
 
@@ -291,7 +294,7 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
         return _run_safety_locked(run, progress, model)
 
 
-def _run_safety_locked(run: SafetyRun, progress: bool, model: Any) -> dict[str, Any]:
+def _run_safety_locked(run: SafetyRun, progress: bool, model: LVLM | None) -> dict[str, Any]:
     from regap.models import load_model, load_projector
     from regap.safety.conditions import get_condition
 
@@ -338,7 +341,7 @@ def _run_safety_locked(run: SafetyRun, progress: bool, model: Any) -> dict[str, 
     return summary
 
 
-def _write_outputs(run: SafetyRun, model: Any, requests: list[Any], generations: JsonlStore, verdicts: JsonlStore,
+def _write_outputs(run: SafetyRun, model: LVLM, requests: list[Any], generations: JsonlStore, verdicts: JsonlStore,
                    judges: dict[str, Any], status: str) -> dict[str, Any]:
     """`results.jsonl` (every cached row of this run) and `summary.json` (the rows every judge has
     judged, and failed generations: all rows when completed); returns the summary."""
@@ -375,7 +378,7 @@ def _write_outputs(run: SafetyRun, model: Any, requests: list[Any], generations:
     return summary
 
 
-def _interrupted(run: SafetyRun, model: Any, requests: list[Any], generations: JsonlStore,
+def _interrupted(run: SafetyRun, model: LVLM, requests: list[Any], generations: JsonlStore,
                  verdicts: JsonlStore) -> RunInterrupted:
     """After Ctrl-C: write what the caches hold and say how far the run got."""
     expected = len(requests) * len(run.conditions)

@@ -22,11 +22,14 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from regap.errors import RegapError
 from regap.files import file_sha256
 from regap.utility import scoring
+
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +166,7 @@ def over_refusal_items(xstest: str | Path | None, limit: int | None) -> list[Uti
     return items
 
 
-def utility_fingerprint(model: Any) -> str:
+def utility_fingerprint(model: LVLM) -> str:
     """The shared model fingerprint (config, dtype, projector, backbone weight samples)."""
     from regap.models.fingerprint import model_fingerprint
 
@@ -184,7 +187,7 @@ def _cache_key(fingerprint: str, decoding_hash: str, item: UtilityItem) -> str:
     return json_hash([fingerprint, decoding_hash, item.task, item.item_id, item.prompt, item.image_hash])
 
 
-def generate_missing(model: Any, items: list[UtilityItem], store: Any, out_dir: Path, settings: Any,
+def generate_missing(model: LVLM, items: list[UtilityItem], store: Any, out_dir: Path, settings: Any,
                      fingerprint: str, decoding_hash: str, progress: bool = False) -> int:
     """Generate every item whose response is not cached, one batch at a time; returns how many."""
     from regap.images import load_image
@@ -290,7 +293,7 @@ def score_over_refusal(items: list[UtilityItem], responses: dict[str, str], judg
 
 
 def run_utility(
-    model: Any,
+    model: LVLM,
     out_dir: str | Path,
     *,
     tasks: str | Sequence[str] | None = None,

@@ -13,13 +13,16 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from regap.errors import RegapError
+from regap.errors import InternalError, RegapError
 from regap.gap.pairs import GapPair, conversation
+
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
 
 TEXT_TOKEN_MODES = ("after-image", "all-non-image")
 FLOAT32_LIMIT_BYTES = 2 * 1024**3
@@ -86,7 +89,7 @@ def _text_positions(attention: torch.Tensor, image_mask: torch.Tensor, mode: str
 
 @torch.no_grad()
 def collect_hidden_states(
-    model: Any, pairs: list[GapPair], folder: str | Path, *, protocol: str = "reference",
+    model: LVLM, pairs: list[GapPair], folder: str | Path, *, protocol: str = "reference",
     text_tokens: str = "after-image", batch_size: int = 8, progress: bool = True,
 ) -> HiddenStates:
     """Run the model over the pairs and spill image/text tokens of every layer to `folder`."""
@@ -120,7 +123,7 @@ def collect_hidden_states(
     for start, batch, text_mask in iterator:
         hidden = model(batch, output_hidden_states=True, use_labels=False).hidden_states
         if len(hidden) != n_layers:
-            raise RegapError(f"the model returned {len(hidden)} hidden states, expected {n_layers}")
+            raise InternalError(f"the model returned {len(hidden)} hidden states, expected {n_layers}")
         rows = torch.arange(batch.image_mask.shape[0]).unsqueeze(1) + start
         image_rows = rows.expand_as(batch.image_mask)[batch.image_mask.cpu()].numpy()
         text_rows = rows.expand_as(text_mask)[text_mask].numpy()

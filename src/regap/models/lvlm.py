@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from regap.errors import RegapError
+from regap.errors import InternalError, RegapError
 from regap.models.engines import generate_vllm
 from regap.models.generation import DecodingSettings, count_until_eos, eos_token_ids
 from regap.models.inputs import ModelInputs, build_batch, with_image_marker
@@ -173,12 +173,12 @@ class LVLM(nn.Module):
             image_tokens = self.projector(inputs.image_features.to(self.dtype))
         elif inputs.pixel_values is None:
             if n_slots:
-                raise RegapError("the batch has image slots but no pixel values")
+                raise InternalError("the batch has image slots but no pixel values")
             return embeds
         else:
             image_tokens = self.encode_images(inputs.pixel_values)
         if image_tokens.shape[0] * image_tokens.shape[1] != n_slots:
-            raise RegapError(f"{n_slots} image slots but {image_tokens.shape[0]} image(s) x {image_tokens.shape[1]} tokens")
+            raise InternalError(f"{n_slots} image slots but {image_tokens.shape[0]} image(s) x {image_tokens.shape[1]} tokens")
         mask = inputs.image_mask.unsqueeze(-1).expand_as(embeds)
         return embeds.masked_scatter(mask, image_tokens.to(embeds.dtype).reshape(-1))
 

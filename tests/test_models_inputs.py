@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
 
-from regap.errors import RegapError
+from regap.errors import InternalError, RegapError
 from regap.models import IGNORE_INDEX
 from regap.models.inputs import with_image_marker
 from regap.models.templates import VICUNA_SYSTEM
@@ -79,6 +81,21 @@ def test_embed_writes_projected_image_tokens_into_slots(tiny_model):
     assert torch.allclose(embeds[0][batch.image_mask[0]], expected)
     text = tiny_model.llm.get_input_embeddings()(batch.input_ids)
     assert torch.allclose(embeds[0][~batch.image_mask[0]], text[0][~batch.image_mask[0]])
+
+
+def test_a_batch_breaking_the_image_slot_invariant_is_an_internal_error(tiny_model):
+    """`build_inputs` never makes such a batch: a bug, so not a `RegapError` (one line, "fix your input")."""
+    batch = tiny_model.build_inputs([_conv("<image>\nWhat?")], [[RED]])
+    with pytest.raises(InternalError, match="image slots but no pixel values"):
+        tiny_model.embed(dataclasses.replace(batch, pixel_values=None))
+    doubled = dataclasses.replace(batch, pixel_values=batch.pixel_values.repeat(2, 1, 1, 1))
+    with pytest.raises(InternalError, match="image slots but 2 image"):
+        tiny_model.embed(doubled)
+
+
+def test_a_model_built_from_parts_records_no_llm_origin(tiny_model):
+    """`llm_origin` exists on every LVLM (None: the LLM is `llm_source` as published)."""
+    assert tiny_model.llm_origin is None
 
 
 def test_marker_count_must_match_images(tiny_model):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from regap.gap.collect import collect_hidden_states
 from regap.gap.measure import analyse, stability
@@ -14,11 +14,12 @@ def measure_gap(
     model: Any, pairs: list[GapPair], spill_dir: str | Path, *, protocol: str = "reference",
     text_tokens: str = "after-image", batch_size: int = 8, mode: str = "exact", n_boot: int = 1000,
     seed: int = 0, with_stability: bool = False, keep_hidden: bool = False, progress: bool = True,
-    ci: str = "linear",
+    ci: str = "linear", intervention: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
-    """The gap record (MIR, interval, layer-0 gap, per-layer curves) of `model` on `pairs`."""
+    """The gap record (MIR, interval, layer-0 gap, per-layer curves) of `model` on `pairs`,
+    measured under a defense's hidden-state `intervention` when one is given."""
     store = collect_hidden_states(model, pairs, spill_dir, protocol=protocol, text_tokens=text_tokens,
-                                  batch_size=batch_size, progress=progress)
+                                  batch_size=batch_size, progress=progress, intervention=intervention)
     try:
         result = analyse(store, mode=mode, n_boot=n_boot, seed=seed, ci=ci)
         if with_stability:

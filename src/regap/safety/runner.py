@@ -91,7 +91,7 @@ def generate_missing(run: SafetyRun, model: Any, requests: list[Any], store: Jso
     defenses = _build_defenses(run.defenses)
     from regap.defenses import build_generate
 
-    generate = build_generate(model, defenses)
+    generate = build_generate(model, defenses, workdir=run.out, engine=run.engine)  # calibrations: OUT/defenses/
     todo: list[tuple[str, Any, Any, str]] = []
     for name in run.conditions:
         condition = get_condition(name)
@@ -205,6 +205,8 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
     from regap.models.engines import check_engine_available
 
     settings = _decoding_settings(run)  # bad engine names and settings fail here, before any model is loaded
+    for defense in defenses:  # e.g. hook-based defenses cannot run with vLLM
+        defense.check_engine(run.engine)
     check_engine_available(run.engine)
     requests = _load_all_requests(run.prompts, run.limit, run.out, run.source_limits)
     generations = JsonlStore(run.out / "generations.jsonl")

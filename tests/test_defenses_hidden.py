@@ -14,7 +14,7 @@ from regap.defenses.adashield import ADASHIELD_PROMPT
 from regap.defenses.calibration import load_calibration, read_calibration, save_calibration
 from regap.defenses.cmrm import calibrate_cmrm, increments, parse_layers, sample_vectors
 from regap.defenses.hooks import DecoderShift, uncompiled
-from regap.defenses.layer0_align import calibrate_layer0, solve_scale
+from regap.defenses.layer0_align import solve_scale
 from regap.errors import RegapError
 from regap.models import DecodingSettings
 

@@ -36,15 +36,18 @@ def calibrate_command(
     out: Path = typer.Option(..., "--out", "-o", help="Calibration file to write (.safetensors; a .json record beside it)."),
     projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint to load into the model."),
     dtype: str = typer.Option("float32", "--dtype", help="Use the same dtype as the runs that apply the file."),
-    images: Optional[str] = typer.Option(None, "--images", help="Calibration images: blank, noise, scenes, natural, typo or a "
-                                         "folder (default: blank for cmrm, the paper's meaningless image; scenes for layer0-align)."),
+    images: Optional[str] = typer.Option(
+        None, "--images", help="Calibration images: blank, noise, scenes, natural, typo or a folder "
+        "(default: blank for cmrm, the paper's meaningless image; scenes for layer0-align)."),
     texts: str = typer.Option("starter-benign", "--texts", help="Request source spec or .txt file of calibration texts."),
     pairs: int = typer.Option(100, "--pairs", help="Number of calibration image-text pairs."),
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(8, "--batch-size"),
-    protocol: Optional[str] = typer.Option(None, "--protocol", help="layer0-align: reference (default; image, then an "
-                                           "assistant text, like captioning data) or prompt (image + request)."),
-    match_norm: bool = typer.Option(False, "--match-norm", help="layer0-align: also match the mean image-token norm to the text tokens'."),
+    protocol: Optional[str] = typer.Option(
+        None, "--protocol", help="layer0-align: reference (default; image, then an assistant text, like captioning "
+        "data) or prompt (image + request)."),
+    match_norm: bool = typer.Option(False, "--match-norm",
+                                    help="layer0-align: also match the mean image-token norm to the text tokens'."),
 ) -> None:
     """Compute a defense's calibration file for one model (its fingerprint is recorded and checked on use)."""
     if name not in CALIBRATED:
@@ -59,6 +62,10 @@ def calibrate_command(
         raise RegapError(f"--out {out}: a calibration file must end in .safetensors")
     if pairs < 2:
         raise RegapError(f"--pairs must be >= 2, got {pairs}")
+    from regap.gap.pairs import PROTOCOLS
+
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise RegapError(f"--protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
     from regap.defenses.calibration import save_calibration
     from regap.models import load_model, load_projector
 

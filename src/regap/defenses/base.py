@@ -149,6 +149,23 @@ def bool_option(defense: str, key: str, value: Any) -> bool:
     raise RegapError(f"defense {defense}: {key}={value!r} is not true/false")
 
 
+def cached_file_sha256(path: Path) -> str | None:
+    """sha256 of a calibration file, recomputed only when its size or modification time changes
+    (`describe()` runs for every request of a safety run)."""
+    from regap.provenance import file_sha256
+
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = file_sha256(path)
+    return _SHA_CACHE[key]
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
 def has_image(image: Any) -> bool:
     """Whether a generate call's image entry holds an image (a PIL image or a non-empty list)."""
     if image is None:

@@ -35,6 +35,7 @@ from regap.defenses.base import (
     DefendedResult,
     Defense,
     GenerateFn,
+    cached_file_sha256,
     float_option,
     has_image,
     int_option,
@@ -257,10 +258,8 @@ class CMRM(Defense):
                                "image": self.image}
         if self.level == "dataset":
             if self.file is not None:
-                from regap.provenance import file_sha256
-
                 out["file"] = str(self.file)
-                out["file_sha256"] = file_sha256(self.file) if self.file.is_file() else None
+                out["file_sha256"] = cached_file_sha256(self.file)
             else:
                 out["calibration"] = self.calibration_settings()
         return out
@@ -366,7 +365,8 @@ class CMRM(Defense):
     def intervention(self, model: Any):
         self._ensure_prepared(model)
 
-        def enter(conversations: list[Any], image_lists: list[list[Image.Image]], add_generation_prompt: bool) -> DecoderShift:
+        def enter(conversations: list[Any], image_lists: list[list[Image.Image]],
+                  add_generation_prompt: bool) -> DecoderShift:
             flags = torch.tensor([has_image(images) for images in image_lists], dtype=torch.float32)
             if self.level == "dataset":
                 steps = self._vectors.unsqueeze(0) * flags[:, None, None]

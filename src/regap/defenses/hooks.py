@@ -38,7 +38,8 @@ class DecoderShift:
         blocks = decoder_layers(llm)
         for layer in layers:
             if not 1 <= layer <= len(blocks):
-                raise RegapError(f"layer {layer} is beyond the model's {len(blocks)} decoder layers (valid: 1..{len(blocks)})")
+                raise RegapError(f"layer {layer} is beyond the model's {len(blocks)} decoder layers "
+                                 f"(valid: 1..{len(blocks)})")
         self.blocks = [blocks[layer - 1] for layer in layers]
         self.layers = list(layers)
         parameter = next(llm.parameters())

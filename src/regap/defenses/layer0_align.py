@@ -23,7 +23,17 @@ from typing import Any
 
 import torch
 
-from regap.defenses.base import DefendedResult, Defense, GenerateFn, bool_option, float_option, has_image, int_option, register_defense
+from regap.defenses.base import (
+    DefendedResult,
+    Defense,
+    GenerateFn,
+    bool_option,
+    cached_file_sha256,
+    float_option,
+    has_image,
+    int_option,
+    register_defense,
+)
 from regap.defenses.hooks import ImageTokenAffine
 from regap.errors import RegapError
 
@@ -143,10 +153,8 @@ class Layer0Align(Defense):
     def settings(self) -> dict[str, Any]:
         out: dict[str, Any] = {"alpha": self.alpha}
         if self.file is not None:
-            from regap.provenance import file_sha256
-
             out["file"] = str(self.file)
-            out["file_sha256"] = file_sha256(self.file) if self.file.is_file() else None
+            out["file_sha256"] = cached_file_sha256(self.file)
         else:
             out["calibration"] = self.calibration_settings()
         return out

@@ -8,8 +8,11 @@
 (b) Stage-1 throughput and memory: `regap pretrain tiny-stage1` for a few steps in a
     child process; samples/s from its metrics.jsonl and the child's peak RSS
     (target <= 8 GB).
+(c) float32 against bfloat16 on this CPU: the same training step (plain stage 1) with the
+    frozen parts in float32 and in bfloat16 (+ bf16 autocast), alternating, and what
+    `dtype: auto` picked here (regap.precision's probe) with its reason.
 
-Usage:  python bench/train.py [--batch 4] [--pairs 5] [--steps 6] [--dtype bfloat16]
+Usage:  python bench/train.py [--batch 4] [--pairs 5] [--steps 6] [--dtype auto]
 Default runtime: a few minutes on 2 CPU cores.
 """
 
@@ -34,39 +37,49 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="samples per step in part (a)")
     p.add_argument("--pairs", type=int, default=5, help="timed lambda=0 / lambda>0 step pairs in part (a)")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps of tiny-stage1 in part (b)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                   help="weights of the frozen parts (bfloat16 = the shipped tiny-stage1 config, with bf16 autocast)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                   help="weights of the frozen parts in (a) and (b); auto = the shipped tiny-stage1 config")
     p.add_argument("--lam", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch/OpenMP threads; 1 by default: on a CPU shared with other jobs, 2 OpenMP threads "
                         "on 2 busy cores spin-wait and run 10-30x slower")
     p.add_argument("--skip-a", action="store_true")
     p.add_argument("--skip-b", action="store_true")
+    p.add_argument("--skip-c", action="store_true")
+    p.add_argument("--dtype-pairs", type=int, default=3, help="timed float32 / bfloat16 step pairs in part (c)")
     return p.parse_args()
 
 
-def part_a(args: argparse.Namespace, data: Path) -> dict:
-    import torch
+def training_step_setup(dtype: str, data: Path, batch_size: int) -> tuple:
+    """The real tiny model set up for stage 1 as `regap pretrain` does (frozen parts in `dtype`)."""
     from accelerate import Accelerator
 
     from regap.data import LlavaJsonDataset
     from regap.models import load_model
     from regap.train import TrainConfig
     from regap.train.collate import Collator, TrainSamples
-    from regap.train.hooks import HiddenCapture
-    from regap.train.loop import compute_losses, make_optimizer, setup_model
-    from regap.train.regap_loss import ReGapLoss
+    from regap.train.loop import make_optimizer, setup_model
 
-    mixed = "bf16" if args.dtype == "bfloat16" else "no"
-    config = TrainConfig.from_dict({"model": "tiny", "dtype": args.dtype, "mixed_precision": mixed,
+    config = TrainConfig.from_dict({"model": "tiny", "dtype": dtype,
                                     "data": {"json": str(data / "captions.json")}}).resolved()
-    lvlm = load_model("tiny", dtype=args.dtype)
+    lvlm = load_model("tiny", dtype=config.dtype)
     module, _ = setup_model(lvlm, config, log=lambda m: None)
-    accelerator = Accelerator(mixed_precision=mixed, cpu=True)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=True)
     optimizer = make_optimizer(module, config)
     module, optimizer = accelerator.prepare(module, optimizer)
     dataset = LlavaJsonDataset(data / "captions.json")
-    batch = Collator(lvlm, "plain", 256)([TrainSamples(dataset)[i] for i in range(args.batch)]).inputs
+    batch = Collator(lvlm, "plain", 256)([TrainSamples(dataset)[i] for i in range(batch_size)]).inputs
+    return config, lvlm, module, accelerator, optimizer, batch
+
+
+def part_a(args: argparse.Namespace, data: Path) -> dict:
+    import torch
+
+    from regap.train.hooks import HiddenCapture
+    from regap.train.loop import compute_losses
+    from regap.train.regap_loss import ReGapLoss
+
+    config, lvlm, module, accelerator, optimizer, batch = training_step_setup(args.dtype, data, args.batch)
     regap = ReGapLoss(args.lam, warmup_steps=1)
     capture = HiddenCapture(lvlm.llm, 0)
 
@@ -101,12 +114,68 @@ def part_a(args: argparse.Namespace, data: Path) -> dict:
         op_times.append(time.perf_counter() - start)
     med_plain, med_regap = statistics.median(plain), statistics.median(regap_times)
     return {
-        "batch": args.batch, "tokens": list(batch.input_ids.shape), "dtype": args.dtype, "lam": args.lam,
+        "batch": args.batch, "tokens": list(batch.input_ids.shape), "dtype": config.dtype,
+        "dtype_requested": args.dtype, "lam": args.lam,
         "plain_s": plain, "regap_s": regap_times,
         "median_plain_s": med_plain, "median_regap_s": med_regap, "ratio_median": med_regap / med_plain,
         "ratio_min": min(regap_times) / min(plain), "ratio_mean": statistics.mean(regap_times) / statistics.mean(plain),
         "regap_op_ms": 1000 * statistics.median(op_times),
     }
+
+
+def part_c(args: argparse.Namespace, data: Path) -> dict:
+    """float32 vs bfloat16 step times, alternating, and the `auto` choice on this machine."""
+    from regap.precision import cpu_capability, cpu_probe, resolve_dtype
+    from regap.train.loop import compute_losses
+
+    import contextlib
+
+    import torch
+
+    from regap.data import LlavaJsonDataset
+    from regap.models import load_model
+    from regap.train import TrainConfig
+    from regap.train.collate import Collator, TrainSamples
+    from regap.train.loop import make_optimizer, setup_model
+
+    def stepper(dtype: str):
+        # No Accelerator here: its state is a per-process singleton, and the two set-ups need
+        # different mixed precision. bf16 autocast is what Accelerate's mixed_precision=bf16 does on a CPU.
+        config = TrainConfig.from_dict({"model": "tiny", "dtype": dtype,
+                                        "data": {"json": str(data / "captions.json")}}).resolved()
+        lvlm = load_model("tiny", dtype=dtype)
+        module, _ = setup_model(lvlm, config, log=lambda m: None)
+        optimizer = make_optimizer(module, config)
+        dataset = LlavaJsonDataset(data / "captions.json")
+        batch = Collator(lvlm, "plain", 256)([TrainSamples(dataset)[i] for i in range(args.batch)]).inputs
+
+        def step() -> float:
+            start = time.perf_counter()
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+            with autocast:
+                losses = compute_losses(module, batch, None, None)
+            losses.total.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return time.perf_counter() - start
+
+        step()  # warm-up
+        return step
+
+    steps = {"float32": stepper("float32"), "bfloat16": stepper("bfloat16")}
+    times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    for k in range(args.dtype_pairs):
+        for dtype in (("float32", "bfloat16") if k % 2 == 0 else ("bfloat16", "float32")):
+            times[dtype].append(steps[dtype]())
+        print(f"  pair {k + 1}: float32 {times['float32'][-1]:.3f} s, bfloat16 {times['bfloat16'][-1]:.3f} s", flush=True)
+    probe = cpu_probe()
+    auto = resolve_dtype("auto", "cpu")
+    fp32, bf16 = statistics.median(times["float32"]), statistics.median(times["bfloat16"])
+    return {"batch": args.batch, "cpu_capability": cpu_capability(), "float32_s": times["float32"],
+            "bfloat16_s": times["bfloat16"], "median_float32_s": fp32, "median_bfloat16_s": bf16,
+            "bf16_over_fp32": bf16 / fp32, "probe": {"float32_s": probe.float32_s, "bfloat16_s": probe.bfloat16_s,
+                                                     "ratio": probe.ratio},
+            "auto": auto.to_dict()}
 
 
 def part_b(args: argparse.Namespace, workdir: Path) -> dict:
@@ -117,7 +186,7 @@ def part_b(args: argparse.Namespace, workdir: Path) -> dict:
     )
     overrides = [f"max_steps={args.steps}", f"save_every={args.steps}", f"data.json={workdir / 'absent' / 'captions.json'}",
                  "data.synth.n=64", "observe.gap_every=0", "observe.mir_every=0", "observe.progress=false",
-                 f"dtype={args.dtype}", f"mixed_precision={'bf16' if args.dtype == 'bfloat16' else 'no'}"]
+                 f"dtype={args.dtype}", "mixed_precision=auto"]
     start = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     subprocess.run([sys.executable, "-c", code, str(out), *overrides], check=True, env=env)
@@ -160,6 +229,14 @@ def main() -> int:
             b = report["b"]
             print(f"  {b['samples_per_s']:.2f} samples/s over steps 2..{b['steps']} (global batch 8); "
                   f"peak RSS {b['peak_rss_gib']:.2f} GiB", flush=True)
+        if not args.skip_c:
+            if not (workdir / "data").exists():
+                generate_synthetic(workdir / "data", max(args.batch, 8), seed=0, image_size=224)
+            print("(c) float32 vs bfloat16 training step on this CPU:", flush=True)
+            report["c"] = c = part_c(args, workdir / "data")
+            print(f"  median step: float32 {c['median_float32_s']:.3f} s, bfloat16 {c['median_bfloat16_s']:.3f} s "
+                  f"(bf16/fp32 {c['bf16_over_fp32']:.2f}x; CPU {c['cpu_capability']}); dtype auto -> "
+                  f"{c['auto']['dtype']} ({c['auto']['reason']})", flush=True)
     report["load_average_end"] = os.getloadavg()
     print(json.dumps(report, indent=1))
     return 0

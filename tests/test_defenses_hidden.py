@@ -383,3 +383,43 @@ def test_cli_calibrate_then_measure_the_gap_with_and_without(tmp_path, capsys):
     assert record["layer0_gap"] < 0.05 * record["compare"]["layer0_gap"]
     assert len(list((out / "defenses").glob("cmrm-*.safetensors"))) == 1  # calibrated on first use, in the run folder
     assert "no defense" in capsys.readouterr().out
+
+
+def test_the_shift_acts_after_the_models_moca(tiny_model):
+    """MoCa is part of the model: its calibration comes first, then the shift, then the recorders."""
+    from regap.defenses.hooks import DecoderShift
+    from regap.models.moca import MoCa
+
+    moca = MoCa.for_llm(tiny_model.llm)
+    with torch.no_grad():
+        moca.scale.fill_(2.0)
+        moca.shift.fill_(0.3)
+    tiny_model.set_moca(moca)
+    batch = tiny_model.build_inputs([[{"role": "user", "content": "<image>\nWhat is this?"}]], [[RED]])
+    with torch.no_grad():
+        plain = tiny_model(batch, output_hidden_states=True, use_labels=False).hidden_states
+        with DecoderShift(tiny_model.llm, [1], torch.full((1, tiny_model.hidden_size), 0.5), moca=tiny_model.moca):
+            shifted = tiny_model(batch, output_hidden_states=True, use_labels=False).hidden_states
+        again = tiny_model(batch, output_hidden_states=True, use_labels=False).hidden_states
+    torch.testing.assert_close(shifted[1], plain[1] - 0.5)
+    torch.testing.assert_close(again[2], plain[2])  # MoCa still attached and first after the shift left
+
+
+def test_one_instance_serves_two_models_without_mixing_their_files(tiny_model, tmp_path, monkeypatch):
+    """As in a safety run with the backbone condition: the run's model, then its LLM before stage 2."""
+    from regap.models.random_tiny import tiny_random_lvlm
+
+    monkeypatch.setenv("REGAP_CACHE", str(tmp_path / "cache"))
+    defense = get_defense("cmrm:pairs=2")
+    defense.prepare(tiny_model, tmp_path / "run")  # with a run folder: calibrated at once
+    made = defense.calibration
+    other = tiny_random_lvlm(seed=1)
+    build_generate(other, [defense])(["Hello"], [None], SETTINGS)  # text only: nothing calibrated for it
+    assert not (tmp_path / "cache" / "defenses").exists()
+    result = build_generate(tiny_model, [defense], workdir=tmp_path / "run")(PROMPTS, IMAGES, SETTINGS)
+    shas = [d["cmrm"]["calibration_sha256_16"] for d in result.details if d["cmrm"]["shifted"]]
+    assert shas == [made.sha256[:16]] * 3
+    explicit = get_defense(f"cmrm:file={made.path}")
+    build_generate(other, [explicit])(["Hello"], [None], SETTINGS)  # another model's file: fine while unused
+    with pytest.raises(RegapError, match="model fingerprint"):
+        build_generate(other, [explicit])(["Hello"], [RED], SETTINGS)

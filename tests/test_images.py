@@ -55,3 +55,17 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     Image.new("1", (9000, 9000)).save(tmp_path / "bomb.png")  # 81 Mpx, tiny file
     with pytest.raises(RegapError, match="too large"):
         load_image(tmp_path / "bomb.png")
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A camera JPEG stores the sensor's pixels plus an orientation tag; it must load upright."""
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 20, 20))  # left half red as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    stored.save(tmp_path / "rotated.jpg", quality=95, exif=exif)
+    loaded = load_image(tmp_path / "rotated.jpg")
+    assert loaded.size == (20, 40)
+    top, bottom = loaded.getpixel((10, 5)), loaded.getpixel((10, 35))
+    assert top[0] > 200 and top[2] < 60  # the stored left half is on top once rotated clockwise
+    assert bottom[2] > 200 and bottom[0] < 60

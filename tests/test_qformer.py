@@ -163,7 +163,7 @@ def test_blip2_half_precision_keeps_the_qformer_in_float32_like_hf(blip2):
     from transformers import Blip2ForConditionalGeneration
 
     folder, _ = blip2
-    model = load_model(str(folder), dtype="float16")
+    model = load_model(str(folder), dtype=torch.float16)  # a torch dtype: the string is refused on a CPU
     hf = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=torch.float16).eval()
     assert model.projector.qformer.dtype == hf.qformer.dtype == torch.float32
     assert model.projector.query_tokens.dtype == torch.float32 and model.dtype == torch.float16
@@ -398,7 +398,7 @@ def test_hf_checkpoint_saved_in_half_precision_keeps_dtypes(blip2, tmp_path):
     from regap.models import load_blip2_hf, load_saved, save_model
 
     folder, _ = blip2
-    model = load_blip2_hf(str(folder), dtype="float16")
+    model = load_blip2_hf(str(folder), dtype=torch.float16)
     batch = model.build_inputs([_conv("<image>\nWhat is this?", "A red circle.")], [[RED]])
     reloaded = load_saved(save_model(model, tmp_path / "half", include_backbones=True))  # the saved dtype
     assert reloaded.dtype == torch.float16 and reloaded.projector.query_tokens.dtype == torch.float32

@@ -183,3 +183,26 @@ def test_report_of_one_family_has_no_side_by_side(tmp_path):
     assert html_text.count("data:image/png;base64,") == 4
     assert "| plain@2 | 9.000 |" in (only / "report.md").read_text()
     assert "- `summary.json`" not in (only / "report.md").read_text()  # nothing looked for outside qformer/
+
+
+def test_values_from_run_files_are_escaped_not_rendered(run_dir):
+    """A run folder may come from anyone: its text must not become markup in report.html."""
+    script = "<script>alert(1)</script>"
+    (run_dir / "summary.json").write_text(json.dumps({
+        "setup": {"model": script, "note|cell": "![pixel](http://evil.example/p.png)"},
+        "notes": [f"{script} and <img src=x onerror=alert(2)> and [link](http://evil.example)"]}))
+    variant = run_dir / "eval" / "<i>v`1" / "safety"
+    variant.mkdir(parents=True)
+    (variant / "summary.json").write_text(json.dumps({"judges": {f"k`w{script}": {"by_condition": [
+        {"condition": script, "unsafe": {"rate": 0.5, "ci": [0.1, 0.9], "n": 4}, "refused": {"rate": 0.5},
+         "off_topic": {"rate": 0.0}}]}}}))
+    assert main(["report", str(run_dir)]) == 0
+    html_text = (run_dir / "report.html").read_text()
+    parser = _Resources()
+    parser.feed(html_text)
+    assert all(s.startswith("data:image/png;base64,") for s in parser.sources)  # no <img src=x>, no pixel
+    assert parser.links == [] and "<script" not in html_text and "<i>" not in html_text
+    assert 'href="http' not in html_text and "<img src=x" not in html_text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html_text
+    assert html_text.count("&lt;script&gt;") >= 4  # setup, note, judge name, condition
+    assert "&lt;i&gt;v`1" in html_text  # the folder name, shown as it is

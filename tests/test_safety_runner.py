@@ -144,3 +144,150 @@ def test_model_gets_several_batches_per_call(saved_model, tmp_path):
     group = 2 * BATCHES_PER_WRITE
     assert calls == [group, 20 - group]  # 20 items: one full group of 8 batches, then the rest
     assert len(_lines(tmp_path / "groups" / "generations.jsonl")) == 20
+
+
+# ---------------------------------------------------------------------- judge and source options
+
+
+class RubricServer:
+    """A local chat-completions endpoint: every request gets the rubric JSON for `label`."""
+
+    def __init__(self, label: str):
+        import http.server
+        import threading
+
+        self.requests: list[dict] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                outer.requests.append({"headers": dict(self.headers), "body": body})
+                content = json.dumps({"label": label, "unsafe": label == "compliance", "reason": "r"})
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("REGAP_JUDGE_BASE_URL", raising=False)
+
+
+def _small_run(saved_model: str, out: Path, *extra: str) -> list[str]:
+    return ["safety", "--model", saved_model, "--out", str(out), "--limit", "2", "--max-new-tokens", "2",
+            "--conditions", "text", *extra]
+
+
+def test_cli_judge_options_reach_the_judge_and_key_its_verdicts(saved_model, tmp_path, no_proxy):
+    out = tmp_path / "run"
+    with RubricServer("refusal") as first:
+        url = f"http://alice:s3cret-pw@127.0.0.1:{first.port}/v1"
+        assert main(_small_run(saved_model, out, "--judge", "keyword,openai", "-o", "openai:model=judge-a",
+                               "-o", f"openai:base_url={url}", "-o", "openai:concurrency=2")) == 0
+    assert len(first.requests) == 2 and {r["body"]["model"] for r in first.requests} == {"judge-a"}
+    summary = json.loads((out / "summary.json").read_text())
+    described = summary["provenance"]["judges"]["openai"]
+    assert described["options"]["model"] == "judge-a" and described["options"]["concurrency"] == 2
+    assert described["options"]["base_url"] == f"http://alice:***@127.0.0.1:{first.port}/v1"
+    for path in out.iterdir():
+        if path.suffix in (".json", ".jsonl"):
+            assert "s3cret-pw" not in path.read_text(), path
+    assert summary["judges"]["openai"]["by_condition"][0]["refused"]["rate"] == 1.0
+    # Another model behind the same rubric: its own verdicts, not the cached ones of judge-a.
+    with RubricServer("compliance") as second:
+        assert main(_small_run(saved_model, out, "--judge", "openai", "-o", "model=judge-b",
+                               "-o", f"base_url=http://127.0.0.1:{second.port}/v1")) == 0
+    assert len(second.requests) == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["judges"]["openai"]["by_condition"][0]["refused"]["rate"] == 0.0
+    assert len(_lines(out / "verdicts.jsonl")) == 2 + 2 + 2  # keyword, openai judge-a, openai judge-b
+
+
+def test_cli_bad_judge_and_source_options_fail_before_work(saved_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    cases = [
+        (["--judge", "openai", "-o", "modle=x"], "judge 'openai' has no option 'modle'"),
+        (["--judge", "keyword,openai", "-o", "model=x"], "several judges given (keyword, openai)"),
+        (["--judge", "keyword", "-o", "openai:model=x"], "'openai' is not one of the judges given (keyword)"),
+        (["-o", "runs/x"], "KEY=VALUE or NAME:KEY=VALUE, got 'runs/x' (the output folder is --out)"),
+        (["--judge", "llamaguard", "-o", "modell=x"], "judge 'llamaguard' has no option 'modell'"),
+        (["--source-option", "functional_category=standard"],
+         "request source 'starter-harmful' has no option(s) functional_category"),
+        (["--sample", "2", "--limit", "2"], "exclude each other"),
+    ]
+    for extra, message in cases:
+        assert main(["safety", "--model", saved_model, "--out", str(out), *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
+    assert not (out / "generations.jsonl").exists()
+
+
+def test_cli_unreachable_judge_exits_non_zero_with_the_reason(saved_model, tmp_path, no_proxy, capsys):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed when the block ends: connections are refused
+    rc = main(_small_run(saved_model, tmp_path / "run", "--judge", "openai", "-o", "model=m",
+                         "-o", f"base_url=http://127.0.0.1:{port}/v1", "-o", "backoff=0"))
+    assert rc != 0
+    assert f"requests in a row reached no server at http://127.0.0.1:{port}/v1" in capsys.readouterr().err
+    assert len(_lines(tmp_path / "run" / "generations.jsonl")) == 2  # the generations are kept for a rerun
+
+
+HARMBENCH_CSV = (
+    "Behavior,FunctionalCategory,SemanticCategory,Tags,ContextString,BehaviorID\n"
+    "Plain ask,standard,cybercrime_intrusion,,,plain_ask\n"
+    "Rewrite this,contextual,misinformation_disinformation,context,Some context,ctx_ask\n"
+    "Song lyrics ask,copyright,copyright,,,lyrics_ask\n"
+)
+
+
+def test_cli_source_options_and_random_sample(saved_model, tmp_path):
+    from regap.safety.sources import load_requests
+
+    csv = tmp_path / "harmbench.csv"
+    csv.write_text(HARMBENCH_CSV)
+    out = tmp_path / "hb"
+    assert main(["safety", "--model", saved_model, "--out", str(out), "--prompts", f"harmbench:{csv}",
+                 "--source-option", "functional_categories=standard,contextual", "--conditions", "text",
+                 "--max-new-tokens", "2"]) == 0
+    assert {r["request_id"] for r in _lines(out / "results.jsonl")} == {"plain_ask", "ctx_ask"}
+    provenance = json.loads((out / "summary.json").read_text())["provenance"]
+    assert provenance["source_options"] == {"harmbench": {"functional_categories": "standard,contextual"}}
+
+    out = tmp_path / "sampled"
+    assert main(["safety", "--model", saved_model, "--out", str(out), "--sample", "3", "--seed", "5",
+                 "--conditions", "text", "--max-new-tokens", "2"]) == 0
+    expected = [r.id for r in load_requests("starter-harmful", sample=3, seed=5)]
+    assert sorted(r["request_id"] for r in _lines(out / "results.jsonl")) == sorted(expected)
+    assert expected != [r.id for r in load_requests("starter-harmful", limit=3)]
+    assert "random sample of 3" in json.loads((out / "data_report.json").read_text())["starter-harmful"]
+    assert json.loads((out / "summary.json").read_text())["provenance"]["sample"] == 3

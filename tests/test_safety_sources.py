@@ -420,3 +420,20 @@ def test_real_xstest() -> None:
     requests, report = load_requests_with_report(f"xstest:{real_file('xstest/xstest_prompts.csv')}")
     assert len(requests) == 450 and report.clean
     assert Counter(r.label for r in requests) == {"benign": 250, "harmful": 200}
+
+
+def test_sample_draws_a_seeded_random_subset_in_file_order() -> None:
+    every = [r.id for r in load_requests("starter-harmful")]
+    picked, report = load_requests_with_report("starter-harmful", sample=5, seed=3)
+    ids = [r.id for r in picked]
+    assert len(ids) == 5 and ids == sorted(ids, key=every.index)  # file order kept
+    assert ids != every[:5]  # not --limit's prefix
+    assert ids == [r.id for r in load_requests("starter-harmful", sample=5, seed=3)]  # reproducible
+    assert set(r.id for r in load_requests("starter-harmful", sample=3, seed=3)) <= set(ids)  # nested
+    assert ids != [r.id for r in load_requests("starter-harmful", sample=5, seed=4)]
+    assert report.sampled_from == len(every) and f"random sample of 5 from {len(every)} (seed 3)" in report.summary()
+    assert len(load_requests("starter-harmful", sample=10_000)) == len(every)
+    with pytest.raises(RegapError, match="not both"):
+        load_requests("starter-harmful", sample=2, limit=2)
+    with pytest.raises(RegapError, match="sample must be a non-negative integer"):
+        load_requests("starter-harmful", sample=-1)

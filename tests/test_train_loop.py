@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -147,7 +148,7 @@ def test_frechet_regap_uses_cached_corpus_text_statistics(synth, tmp_path, monke
     result = train(config, tmp_path / "out")
     assert result.status == "completed"
     assert (tmp_path / "out" / "text_stats.safetensors").is_file()
-    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 1
+    assert len([p for p in (tmp_path / "cache").rglob("*.safetensors") if "features" not in p.parts]) == 1
     stats = load_file(str(tmp_path / "out" / "text_stats.safetensors"))
     assert stats["cov"].shape == (48, 48) and torch.isfinite(stats["sqrt_cov"]).all()
     rows = read_metrics(tmp_path / "out" / "metrics.jsonl")
@@ -202,6 +203,59 @@ def test_changed_config_cannot_resume(synth, tmp_path):
     train(make_config(synth, stop_after_steps=1, max_steps=2), tmp_path / "run")
     with pytest.raises(RegapError, match="config differs in lr"):
         train(make_config(synth, max_steps=2, lr=5e-3), tmp_path / "run", resume=True)
+
+
+class _Payload:
+    """Pickles to a call of Path.touch: loading it with a full unpickler would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_never_unpickles_objects_planted_in_a_checkpoint(synth, tmp_path):
+    train(make_config(synth, stop_after_steps=1, max_steps=2, save_every=1), tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000001"
+    marker = tmp_path / "payload-ran"
+    state = torch.load(checkpoint / "scheduler.pt", weights_only=True)
+    torch.save({**state, "extra": _Payload(marker)}, checkpoint / "scheduler.pt")
+    with pytest.raises(RegapError, match=r"refusing to load .*scheduler\.pt: .*Python object getattr"):
+        train(make_config(synth, max_steps=2, save_every=1), tmp_path / "run", resume=True)
+    assert not marker.exists()
+
+
+def test_rng_state_round_trips_through_a_plain_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    from regap.train import checkpoint as ckpt
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.standard_normal()  # leaves a cached gaussian in numpy's state
+    ckpt.torch_save_atomic(ckpt.rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+    # A file written before the numpy state became a tensor still loads (numpy arrays are allow-listed).
+    torch.save({**ckpt.rng_state(), "numpy": np.random.get_state()}, tmp_path / "legacy.pt")
+    legacy_next = np.random.standard_normal(2).tolist()
+    ckpt.set_rng_state(ckpt.load_plain(tmp_path / "rng.pt"))
+    assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
+    ckpt.set_rng_state(ckpt.load_plain(tmp_path / "legacy.pt"))
+    assert np.random.standard_normal(2).tolist() == legacy_next
+def test_changed_training_data_cannot_resume(synth, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    config = make_config(synth, max_steps=2, data={"json": str(data / "captions.json")})
+    train(dataclasses.replace(config, stop_after_steps=1), tmp_path / "run")
+    assert "data_sha256" in json.loads((tmp_path / "run" / "checkpoints" / "step-0000001" / "state.json").read_text())
+    original = (data / "captions.json").read_text()
+    (data / "captions.json").write_text(json.dumps(json.loads(original)[::-1]))  # same path, other order of rows
+    with pytest.raises(RegapError, match=r"training data .*captions\.json changed since the checkpoint"):
+        train(config, tmp_path / "run", resume=True)
+    (data / "captions.json").write_text(original)
+    assert train(config, tmp_path / "run", resume=True).status == "completed"
 
 
 def test_nan_loss_stops_and_leaves_the_last_checkpoint_intact(synth, tmp_path):
@@ -297,8 +351,8 @@ def test_stage2_lora_trains_adapters_only_and_warns_about_regap(synth, tmp_path)
     # The output folder rebuilds the same model (tiny-random rebuilds from its seed).
     from regap.train import load_trained
 
-    rebuilt, moca = load_trained(tmp_path / "s2")
-    assert moca is None
+    rebuilt = load_trained(tmp_path / "s2")
+    assert rebuilt.moca is None
     conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "one two"}]
     batch = model.build_inputs([conversation], template="chat")
     with torch.no_grad():

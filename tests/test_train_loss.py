@@ -218,34 +218,33 @@ def test_hidden_capture_matches_output_hidden_states():
 
 
 def test_moca_starts_as_identity_and_acts_only_on_image_positions(tmp_path):
+    from regap.models.moca import MoCa, load_moca, save_moca
     from regap.models.random_tiny import tiny_random_lvlm
-    from regap.train.moca import MoCa, load_moca, save_moca
 
     model = tiny_random_lvlm(seed=0)
     inputs = _tiny_inputs(model)
     with torch.no_grad():
         reference = model(inputs, output_hidden_states=True).hidden_states
-    moca = MoCa.for_llm(model.llm)
+    model.set_moca(MoCa.for_llm(model.llm))
+    moca = model.moca
     assert moca.is_identity() and moca.layers == [1, 2]
-    with torch.no_grad(), moca.images(inputs.image_mask):
+    with torch.no_grad():
         same = model(inputs, output_hidden_states=True).hidden_states
     assert torch.allclose(same[1], reference[1], atol=1e-6)
     with torch.no_grad():
         moca.shift[0].fill_(5.0)
-        with moca.images(inputs.image_mask):
-            moved = model(inputs, output_hidden_states=True).hidden_states[1]
+        moved = model(inputs, output_hidden_states=True).hidden_states[1]
     image = inputs.image_mask
     assert torch.allclose(moved[image], reference[1][image] + 5.0, atol=1e-5)
     assert torch.allclose(moved[~image], reference[1][~image], atol=1e-6)
-    # Without a mask (or after detaching) the model is untouched.
+    path = save_moca(moca, tmp_path / "moca.safetensors")
+    model.set_moca(None)  # removed: the model is untouched again
     with torch.no_grad():
         assert torch.allclose(model(inputs, output_hidden_states=True).hidden_states[1], reference[1], atol=1e-6)
-    path = save_moca(moca, tmp_path / "moca.safetensors")
-    moca.detach()
     other = tiny_random_lvlm(seed=0)
-    restored = load_moca(other.llm, path)
-    assert restored.layers == [1, 2] and torch.equal(restored.shift, moca.shift.detach())
-    with torch.no_grad(), restored.images(inputs.image_mask):
+    other.set_moca(load_moca(path, other.llm))
+    assert other.moca.layers == [1, 2] and torch.equal(other.moca.shift, moca.shift.detach())
+    with torch.no_grad():
         again = other(inputs, output_hidden_states=True).hidden_states[1]
     assert torch.allclose(again, moved, atol=1e-5)
 
@@ -268,7 +267,7 @@ def test_stage1_gradients_reach_only_the_projector_and_moca():
     losses.total.backward()
     assert math.isfinite(losses.caption) and losses.gap is not None and losses.gap > 0
     for name, parameter in module.named_parameters():
-        trains = name.startswith("lvlm.projector.") or name.startswith("moca.")
+        trains = name.startswith("lvlm.projector.") or name.startswith("lvlm.moca.")
         assert parameter.requires_grad == trains, name
         if trains:
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name

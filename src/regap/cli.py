@@ -32,6 +32,9 @@ def _root(
     ),
 ) -> None:
     """regap: build, measure, train, evaluate and defend LLaVA-style models."""
+    from regap.precision import use_usable_cpus
+
+    use_usable_cpus()
 
 
 def _register_commands() -> None:

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
+
 from regap.errors import RegapError
 from regap.provenance import json_hash, provenance
 
@@ -35,23 +37,25 @@ class DemoSettings:
 
     model: str = "tiny"
     qformer_model: str = "tiny-qformer"  # the Q-Former family's model (`--family qformer|both`)
-    lambdas: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.1, 1.0])
+    # Sized so that the default run takes <= 20 min on 2 CPU cores in float32 (CPUs without native bf16;
+    # bench/RESULTS.md): a tour of the pipeline; its samples are far too small for evidence.
+    lambdas: list[float] = field(default_factory=lambda: [0.0, 0.1, 1.0])
     regap_lambda: float = 0.1
     synth_n: int = 256
-    train_steps: int = 24
+    train_steps: int = 16
     checkpoints: int = 2
-    global_batch: int = 8
+    global_batch: int = 4
     per_device_batch: int = 4
-    gap_pairs: int = 32
-    attack_pairs: int = 16
-    n_boot: int = 500
-    harmful: int = 24
-    benign: int = 12
+    gap_pairs: int = 16
+    attack_pairs: int = 8
+    n_boot: int = 200
+    harmful: int = 12
+    benign: int = 6
     conditions: list[str] = field(default_factory=lambda: ["text", "blank", "noise", "natural", "typo"])
-    max_new_tokens: int = 24
-    utility_scenes: int = 12
-    utility_refusal: int = 12
-    eval_dtype: str = "bfloat16"
+    max_new_tokens: int = 16
+    utility_scenes: int = 6
+    utility_refusal: int = 6
+    dtype: str = "auto"  # frozen parts in training and every evaluation (regap.precision)
     seed: int = 0
     advbench: str | None = None
     xstest: str | None = None
@@ -102,6 +106,11 @@ class Demo:
         self.timings: dict[str, float] = {}
         self.notes: list[str] = []
         self._model = None
+        from regap.precision import resolve_dtype
+
+        #: The concrete dtype `settings.dtype` means on this machine: part of every step's params,
+        #: so a rerun in another dtype recomputes instead of reusing results.
+        self.dtype = resolve_dtype(settings.dtype, "cuda" if torch.cuda.is_available() else "cpu").dtype
 
     # ---- step bookkeeping ---------------------------------------------------------------------
     def _marker(self, name: str) -> Path:
@@ -139,7 +148,7 @@ class Demo:
         if self._model is None:
             from regap.models import load_model
 
-            self._model = load_model(self.settings.model, dtype=self.settings.eval_dtype)
+            self._model = load_model(self.settings.model, dtype=self.dtype)
         return self._model
 
     def with_projector(self, projector: Path):
@@ -176,7 +185,7 @@ class Demo:
                 f"model={s.model}", f"data.json={self.root / 'data' / 'captions.json'}", f"max_steps={s.train_steps}",
                 f"global_batch_size={s.global_batch}", f"per_device_batch_size={s.per_device_batch}",
                 f"save_every={every}", f"keep_checkpoints={s.checkpoints + 1}", f"seed={s.seed + 42}",
-                f"regap.lam={lam}",
+                f"regap.lam={lam}", f"dtype={self.dtype}",
             ]
 
             def action(folder=folder, overrides=overrides, label=label) -> None:
@@ -212,11 +221,11 @@ class Demo:
                                  seed=s.seed, batch_size=8, progress=self.progress)
             result["provenance"] = provenance(model=s.model, projector=str(projector), protocol=protocol,
                                               images=images, texts=texts, pairs=pairs, texts_per_pair=per_pair,
-                                              dtype=s.eval_dtype)
+                                              dtype=self.dtype)
             (folder / sub).mkdir(exist_ok=True)
             (folder / sub / "gap.json").write_text(json.dumps(result, indent=2, default=float))
 
-        self.step(f"gap-{label}", [str(projector), s.gap_pairs, s.n_boot],
+        self.step(f"gap-{label}", [str(projector), s.gap_pairs, s.n_boot, self.dtype],
                   lambda: gap("gap", "reference", "scenes", "starter-benign", s.gap_pairs, 3))
         prompts = ["starter-harmful", "starter-benign"] + ([f"advbench:{s.advbench}"] if s.advbench else [])
 
@@ -224,20 +233,22 @@ class Demo:
             model = self.with_projector(projector)
             run = SafetyRun(model=s.model, out=folder / sub, prompts=prompts, conditions=s.conditions, judges=judges,
                             limit=s.harmful, source_limits={"starter-benign": s.benign}, max_new_tokens=s.max_new_tokens,
-                            batch_size=16, dtype=s.eval_dtype, projector=str(projector), seed=s.seed,
+                            batch_size=16, dtype=self.dtype, projector=str(projector), seed=s.seed,
                             defenses=defenses)
             run_safety(run, progress=self.progress, model=model)
 
-        self.step(f"safety-{label}", [str(projector), prompts, s.conditions, judges, s.harmful, s.benign, s.max_new_tokens],
+        self.step(f"safety-{label}", [str(projector), prompts, s.conditions, judges, s.harmful, s.benign, s.max_new_tokens,
+                                      self.dtype],
                   lambda: safety("safety", []))
-        self.step(f"utility-{label}", [str(projector), s.utility_scenes, s.utility_refusal],
+        self.step(f"utility-{label}", [str(projector), s.utility_scenes, s.utility_refusal, self.dtype],
                   lambda: run_utility(self.with_projector(projector), folder / "utility", n=s.utility_scenes,
                                       seed=s.seed, max_new_tokens=24, refusal_limit=s.utility_refusal,
-                                      dtype=s.eval_dtype, xstest=s.xstest))
+                                      dtype=self.dtype, xstest=s.xstest))
         if full:
-            self.step(f"gap-attack-{label}", [str(projector), s.attack_pairs, s.n_boot],
+            self.step(f"gap-attack-{label}", [str(projector), s.attack_pairs, s.n_boot, self.dtype],
                       lambda: gap("gap_attack", "prompt", "blank", "starter-harmful", s.attack_pairs, 1))
-            self.step(f"safety-adashield-{label}", [str(projector), prompts, s.conditions, judges, s.harmful, s.max_new_tokens],
+            self.step(f"safety-adashield-{label}", [str(projector), prompts, s.conditions, judges, s.harmful,
+                                                    s.max_new_tokens, self.dtype],
                       lambda: safety("safety-adashield-s", ["adashield-s"]))
         return folder
 
@@ -361,7 +372,7 @@ def _run_family(run: FamilyRun, root: Path, progress: bool) -> dict[str, Any]:
                 "numbers say what happened here, not what happens at 7B.")
     summary = {
         "setup": {"model": settings.model, "family": run.name, "settings": asdict(settings), "judges": demo.judges(),
-                  "eval_dtype": settings.eval_dtype},
+                  "dtype": demo.dtype, "dtype_requested": settings.dtype},
         "notes": demo.notes + [stand_in],
         "training": {label: _last_metrics(out / "train" / label / "metrics.jsonl") for label in map(_label, settings.lambdas)},
         "gap": {f.name: _gap_row(f) for f in folders},

@@ -1,4 +1,5 @@
-"""Loading images safely: clear errors, every mode converted to RGB, no decompression bombs."""
+"""Loading images safely: clear errors, every mode converted to RGB, EXIF orientation applied,
+no decompression bombs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from regap.errors import RegapError
 
@@ -38,7 +39,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open an image file as RGB, or raise a one-line `RegapError` naming the file."""
+    """Open an image file as upright RGB, or raise a one-line `RegapError` naming the file."""
     path = Path(path)
     if not path.exists():
         raise RegapError(f"image not found: {path}")
@@ -55,7 +56,9 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
                         f"({width * height:,} pixels > limit {max_pixels:,})"
                     )
                 handle.load()
-                return to_rgb(handle)
+                # Upright as a viewer (and transformers' `load_image`) shows it: cameras store
+                # the sensor's pixels and record the rotation in the EXIF orientation tag.
+                return to_rgb(ImageOps.exif_transpose(handle))
     except RegapError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

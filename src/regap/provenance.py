@@ -29,9 +29,13 @@ def environment() -> dict[str, Any]:
     """Host facts that matter for reproducing a run."""
     import torch
 
+    from regap.precision import cpu_capability, usable_cpu_count
+
     return {
         "platform": platform.platform(),
         "machine": platform.machine(),
+        "cpu_capability": cpu_capability(),
+        "usable_cpus": usable_cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
         "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
@@ -58,9 +62,13 @@ def json_hash(obj: Any) -> str:
 
 
 def provenance(**fields: Any) -> dict[str, Any]:
-    """A provenance record: the caller's fields plus versions, host and a UTC time stamp."""
+    """A provenance record: the caller's fields plus versions, host, the process's dtype choices
+    (`dtype: auto` and why) and a UTC time stamp."""
+    from regap.precision import resolutions
+
     return {
         **fields,
+        "precision": resolutions(),
         "versions": library_versions(),
         "environment": environment(),
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),

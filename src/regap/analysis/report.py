@@ -4,6 +4,11 @@ Every section reads its own files; a missing file is named in the report (and re
 and the other sections still render. Images are inlined into the HTML as data URIs, so the
 page references no external resource.
 
+A run folder may come from someone else, so nothing read from it is trusted as markup: every
+value is escaped for markdown (`_md`, `_code`: no links, images or table breaks smuggled in),
+and the HTML is rendered with raw HTML turned off, so a ``<script>`` in a file name, a
+setting or a judge name shows up as text.
+
 A demo run with both connector families (`regap demo --family both`) holds the MLP study at
 the root and the Q-Former study under `qformer/`: the report then opens with the two side by
 side (a column per family, both families' figures) and gives each family's sections after it.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,7 +98,27 @@ def _cell(value: Any) -> str:
         return f"{value:.3f}"
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
         return f"[{value[0]:.3f}, {value[1]:.3f}]"
-    return str(value).replace("|", "\\|")
+    return _md(value)
+
+
+#: Markdown characters that could turn a value into markup: links and images ([ ] !), autolinks
+#: and HTML (< >), emphasis and code (* _ `), table cells (|) and the escape itself.
+_MARKDOWN_SPECIALS = str.maketrans({c: "\\" + c for c in "\\`*_[]<>!|"})
+
+
+def _md(value: Any) -> str:
+    """A value read from a run file as plain markdown text, on one line."""
+    return " ".join(str(value).split()).translate(_MARKDOWN_SPECIALS)
+
+
+def _code(value: Any, in_table: bool = False) -> str:
+    """A value read from a run file as a code span, whatever backticks it holds (a longer fence)."""
+    text = " ".join(str(value).split())
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    span = f"{fence}{pad}{text}{pad}{fence}"
+    return span.replace("|", "\\|") if in_table else span
 
 
 def _setup(b: ReportBuilder) -> None:
@@ -106,7 +132,7 @@ def _setup(b: ReportBuilder) -> None:
     b.table(["item", "value"], rows)
     if summary.get("notes"):
         for note in summary["notes"]:
-            b.note(f"- {note}")
+            b.note(f"- {_md(note)}")
 
 
 def _training(b: ReportBuilder) -> None:
@@ -143,7 +169,7 @@ def _safety(b: ReportBuilder) -> None:
         for judge, entry in summary.get("judges", {}).items():
             rows = [[r["condition"], r["unsafe"]["rate"], r["unsafe"]["ci"], r["refused"]["rate"], r["off_topic"]["rate"],
                      r["unsafe"]["n"]] for r in entry.get("by_condition", [])]
-            b.note(f"**{variant}**, judge `{judge}`")
+            b.note(f"**{_md(variant)}**, judge {_code(judge)}")
             b.table(["condition", "unsafe", "95% CI", "refused", "off-topic", "n"], rows)
     b.figure("safety_conditions.png", "unsafe rate per condition and model (95% Wilson intervals)")
     comparison = b.load("comparison.json")
@@ -159,7 +185,7 @@ def _correlation(b: ReportBuilder) -> None:
     b.heading("Gap vs safety across checkpoints and lambda values")
     result = b.load("correlate/correlation.json")
     if result and "undefined" in result:
-        b.note(f"Correlation undefined: {result['undefined']}.")
+        b.note(f"Correlation undefined: {_md(result['undefined'])}.")
         b.table(["run", "MIR", "layer-0 gap", "unsafe rate (image conditions)"],
                 [[p["label"], p["mir"], p["layer0_gap"], p["unsafe_rate"]] for p in result["points"]])
     elif result:
@@ -267,7 +293,7 @@ def _side_by_side(root: Path, families: list[tuple[str, str, str]], builder: Rep
     titles = []
     for (_, _, title), b in zip(families, builders):
         setup = (b.load("summary.json") or {}).get("setup", {})
-        titles.append(f"{title} (`{setup['model']}`)" if setup.get("model") else title)
+        titles.append(f"{title} ({_code(setup['model'], in_table=True)})" if setup.get("model") else title)
     columns = [_family_column(b) for b in builders]
     builder.heading("Connector families side by side")
     builder.note("The same study (data, seed, lambda sweep, requests) on each connector family; each cell is the "
@@ -308,7 +334,7 @@ def build_report(root: str | Path) -> dict[str, Any]:
         raise RegapError(f"run folder not found: {root}")
     families = present_families(root)
     builder = ReportBuilder(root)
-    builder.lines.append(f"# regap report: `{root.name}`\n")
+    builder.lines.append(f"# regap report: {_code(root.name)}\n")
     if len(families) > 1:
         _side_by_side(root, families, builder)
     for _, folder, title in families:
@@ -323,7 +349,7 @@ def build_report(root: str | Path) -> dict[str, Any]:
         builder.heading("Missing files")
         builder.note("These files were not found; the sections above that need them are incomplete:")
         for item in missing:
-            builder.note(f"- `{item}`")
+            builder.note(f"- {_code(item)}")
     markdown_text = "\n".join(builder.lines)
     (root / "report.md").write_text(markdown_text)
     (root / "report.html").write_text(_html(markdown_text, root, builder.root.name))
@@ -334,7 +360,7 @@ def _html(markdown_text: str, root: Path, title: str) -> str:
     """Render the markdown with markdown-it (tables on) and inline every image."""
     from markdown_it import MarkdownIt
 
-    renderer = MarkdownIt("commonmark").enable("table")
+    renderer = MarkdownIt("commonmark", {"html": False}).enable("table")  # run-file text never becomes markup
     body = renderer.render(markdown_text)
     for figure in sorted({p for p in root.rglob("*.png")}, key=lambda p: -len(str(p))):
         relative = str(figure.relative_to(root))

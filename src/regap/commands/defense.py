@@ -35,7 +35,8 @@ def calibrate_command(
     model: str = typer.Option("tiny", "--model", "-m", help="Preset, regap model folder or HF LLaVA checkpoint."),
     out: Path = typer.Option(..., "--out", "-o", help="Calibration file to write (.safetensors; a .json record beside it)."),
     projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint to load into the model."),
-    dtype: str = typer.Option("float32", "--dtype", help="Use the same dtype as the runs that apply the file."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16; the runs that apply the file "
+                              "must resolve to the same dtype (it is part of the model fingerprint)."),
     images: Optional[str] = typer.Option(
         None, "--images", help="Calibration images: blank, noise, scenes, natural, typo or a folder "
         "(default: blank for cmrm, the paper's meaningless image; scenes for layer0-align)."),
@@ -62,6 +63,9 @@ def calibrate_command(
         raise RegapError(f"--out {out}: a calibration file must end in .safetensors")
     if pairs < 2:
         raise RegapError(f"--pairs must be >= 2, got {pairs}")
+    from regap.checks import check_seed
+
+    check_seed(seed)
     from regap.gap.pairs import PROTOCOLS
 
     if protocol is not None and protocol not in PROTOCOLS:

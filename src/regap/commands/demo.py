@@ -18,6 +18,8 @@ def demo_command(
     xstest: Optional[Path] = typer.Option(None, "--xstest", help="XSTest folder or file: judge validation and over-refusal."),
     family: str = typer.Option("mlp", "--family", help="Connector family: mlp (tiny, results in OUT), qformer "
                                "(tiny-qformer, 32 query tokens, results in OUT/qformer) or both (report side by side)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Frozen parts in training and evaluation: auto (bf16 where the "
+                              "device computes it fast, else float32), float32 or bfloat16."),
 ) -> None:
     """Data, stage-1 pretraining with and without ReGap (a lambda sweep), gap, safety, defenses,
     utility, correlation and a report, on the embedded tiny model, offline."""
@@ -28,6 +30,9 @@ def demo_command(
     settings = DemoSettings.fast() if fast else DemoSettings()
     settings.advbench = str(advbench) if advbench else None
     settings.xstest = str(xstest) if xstest else None
+    from regap.precision import normalise_dtype_name
+
+    settings.dtype = normalise_dtype_name(dtype)  # an unknown name fails before any work
     family_plan(out, settings, family)  # a bad --family fails before any work
     summaries = run_families(out, settings, family)
     console = Console()

@@ -13,22 +13,22 @@ from regap.errors import RegapError
 
 
 def measure_model(
-    model_name: str, out: Path, *, pairs: int, protocol: str, images: str, texts: str, projector: Optional[Path],
-    text_tokens: str, batch_size: int, texts_per_pair: int, dtype: str, mode: str, n_boot: int, seed: int, stability_run: bool,
-    keep_hidden: bool, tag: str, ci: str = "linear", defenses: Optional[list[str]] = None,
+    model_name: str, out: Path, *, pair_list: list[Any], pairs: int, protocol: str, images: str, texts: str,
+    projector: Optional[Path], text_tokens: str, batch_size: int, texts_per_pair: int, dtype: str, mode: str,
+    n_boot: int, seed: int, stability_run: bool, keep_hidden: bool, tag: str, ci: str = "linear",
+    reuse_images: bool = False, image_problems: Optional[list[str]] = None, defenses: Optional[list[str]] = None,
 ) -> dict[str, Any]:
-    """Collect hidden states for one model and analyse them; returns the gap record. With
-    `defenses` (specs of hidden-state defenses) the hidden states are collected under their
+    """Collect hidden states for one model on the given pairs and analyse them; returns the gap record.
+    With `defenses` (specs of hidden-state defenses) the hidden states are collected under their
     interventions; calibration files made on first use go to `out/defenses/`."""
-    from regap.gap.pairs import make_pairs
     from regap.gap.run import measure_gap
     from regap.models import load_model, load_projector
+    from regap.models.fingerprint import model_fingerprint
     from regap.provenance import provenance
 
     model = load_model(model_name, dtype=dtype)
     if projector is not None:
         load_projector(model, projector)
-    pair_list = make_pairs(pairs, images=images, texts=texts, seed=seed, texts_per_pair=texts_per_pair)
     intervention, described = None, []
     if defenses:
         from regap.defenses import get_defense
@@ -43,10 +43,13 @@ def measure_model(
                          with_stability=stability_run, keep_hidden=keep_hidden, intervention=intervention)
     result["defenses"] = described
     result["provenance"] = provenance(
-        model=model_name, model_config=model.config.to_dict(), projector=str(projector) if projector else None,
+        model=model_name, model_config=model.config.to_dict(), model_fingerprint=model_fingerprint(model),
+        projector=str(projector) if projector else None,
         protocol=protocol, images=images, texts=texts, pairs=pairs, text_tokens=text_tokens, seed=seed,
         texts_per_pair=texts_per_pair,
-        dtype=dtype, mode=mode, n_boot=n_boot, ci=ci, pair_ids=[p.id for p in pair_list], defenses=described,
+        dtype=str(model.dtype).removeprefix("torch."), dtype_requested=dtype, mode=mode, n_boot=n_boot, ci=ci,
+        pair_ids=[p.id for p in pair_list], reuse_images=reuse_images, image_problems=list(image_problems or []),
+        defenses=described,
     )
     return result
 
@@ -57,6 +60,8 @@ def gap_command(
     pairs: int = typer.Option(100, "--pairs", help="Number of image-text pairs (the reference protocol uses 100)."),
     protocol: str = typer.Option("reference", "--protocol", help="reference (image, unrelated assistant text) or prompt (image + request)."),
     images: str = typer.Option("scenes", "--images", help="scenes, blank, noise, natural, typo, or a folder of images."),
+    reuse_images: bool = typer.Option(False, "--reuse-images",
+                                      help="Cycle a folder's images when it has fewer readable ones than --pairs."),
     texts: Optional[str] = typer.Option(None, "--texts", help="Request source spec or .txt file (default: starter-benign for reference, starter-harmful for prompt)."),
     compare: Optional[str] = typer.Option(None, "--compare", help="A second model measured on the same pairs."),
     projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint for --model."),
@@ -64,7 +69,7 @@ def gap_command(
     text_tokens: str = typer.Option("after-image", "--text-tokens", help="after-image (reference) or all-non-image."),
     texts_per_pair: int = typer.Option(1, "--texts-per-pair", help="Join this many texts per pair (more text tokens)."),
     batch_size: int = typer.Option(8, "--batch-size"),
-    dtype: str = typer.Option("float32", "--dtype"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the device computes it fast, else float32), float32, bfloat16 or float16 (GPU only)."),
     mode: str = typer.Option("exact", "--mode", help="exact (Fréchet) or reference-fast (the reference code's default; not a distance)."),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap replicates over pairs (0: no intervals)."),
     ci: str = typer.Option("linear", "--ci", help="Bootstrap replicates: linear (fast, trace term linearised) or exact (recomputed; small models)."),
@@ -99,14 +104,26 @@ def gap_command(
         from regap.defenses.base import check_hidden_state
 
         check_hidden_state([get_defense(spec) for spec in defenses])
-    out.mkdir(parents=True, exist_ok=True)
-    texts = texts or ("starter-benign" if protocol == "reference" else "starter-harmful")
-    common = dict(pairs=pairs, protocol=protocol, images=images, texts=texts, text_tokens=text_tokens,
-                  texts_per_pair=texts_per_pair,
-                  batch_size=batch_size, dtype=dtype, mode=mode, n_boot=n_boot, seed=seed, ci=ci,
-                  stability_run=stability_run, keep_hidden=keep_hidden)
     if compare and compare == model and compare_projector is None and not defenses:
         raise RegapError("--compare names the same model as --model without a different --compare-projector or --defense")
+    from regap.checks import check_seed, prepare_out_dir
+    from regap.gap.pairs import make_pairs
+
+    check_seed(seed)
+    prepare_out_dir(out)
+    texts = texts or ("starter-benign" if protocol == "reference" else "starter-harmful")
+    problems: list[str] = []  # the pairs come before any model: a bad folder fails in seconds
+    pair_list = make_pairs(pairs, images=images, texts=texts, seed=seed, texts_per_pair=texts_per_pair,
+                           reuse_images=reuse_images, problems=problems)
+    if problems:
+        typer.echo(f"skipped {len(problems)} unreadable image(s) in {images} (listed in gap.json provenance):", err=True)
+        for line in problems[:5]:
+            typer.echo(f"  {line}", err=True)
+    common = dict(pair_list=pair_list, pairs=pairs, protocol=protocol, images=images, texts=texts,
+                  text_tokens=text_tokens, texts_per_pair=texts_per_pair,
+                  batch_size=batch_size, dtype=dtype, mode=mode, n_boot=n_boot, seed=seed, ci=ci,
+                  stability_run=stability_run, keep_hidden=keep_hidden, reuse_images=reuse_images,
+                  image_problems=problems)
     main_label = f"{model} + {','.join(defenses)}" if defenses else model
     results = {main_label: measure_model(model, out, projector=projector, tag="a", defenses=defenses, **common)}
     record = dict(results[main_label])

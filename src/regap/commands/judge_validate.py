@@ -15,6 +15,7 @@ from typing import Any, Optional
 import typer
 
 from regap.errors import RegapError
+from regap.redact import redact
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -31,6 +32,29 @@ def parse_option(text: str) -> tuple[str, Any]:
         return key, json.loads(raw)
     except json.JSONDecodeError:
         return key, raw
+
+
+def scoped_options(texts: list[str] | None, names: list[str], what: str, flag: str) -> dict[str, dict[str, Any]]:
+    """`KEY=VALUE` (for the only `what` given) or `NAME:KEY=VALUE` (for one of several) ->
+    {name: {key: value}}; values are read as in `judge-validate` (JSON where it parses)."""
+    options: dict[str, dict[str, Any]] = {name: {} for name in names}
+    by_lower = {name.lower(): name for name in names}
+    for text in texts or []:
+        head, sep, rest = text.partition("=")
+        scope, colon, key = head.partition(":")
+        if not sep or not (key if colon else scope).strip():
+            raise RegapError(f"{flag} must look like KEY=VALUE or NAME:KEY=VALUE, got {text!r}"
+                             + (" (the output folder is --out)" if flag == "--option" else ""))
+        if not colon:
+            if len(names) != 1:
+                raise RegapError(f"{flag} {text!r}: several {what}s given ({', '.join(names)}); "
+                                 f"name one: NAME:{text}")
+            scope, key = names[0], head
+        if scope.strip().lower() not in by_lower:
+            raise RegapError(f"{flag} {text!r}: {scope.strip()!r} is not one of the {what}s given ({', '.join(names)})")
+        name, value = parse_option(f"{key}={rest}")
+        options[by_lower[scope.strip().lower()]][name] = value
+    return {name: given for name, given in options.items() if given}
 
 
 def _fmt(value: Any, percent: bool = False) -> str:
@@ -116,7 +140,7 @@ def register(app: typer.Typer) -> None:
         from regap.provenance import provenance
         from regap.safety.validation import validate_judge
 
-        options = dict(parse_option(text) for text in option or [])
+        options = scoped_options(option, [judge], "judge", "--option").get(judge, {})
         result = validate_judge(judge, data, judge_options=options, partial=partial, level=level)
         console = Console()
         if not console.is_terminal:  # a log file or a pipe: do not squeeze the table to 80 columns
@@ -130,7 +154,7 @@ def register(app: typer.Typer) -> None:
                 "provenance": provenance(
                     command="judge-validate",
                     judge=judge,
-                    judge_options=options,
+                    judge_options=redact(options),
                     data=data,
                     partial=partial,
                     level=level,
@@ -167,7 +191,7 @@ def register(app: typer.Typer) -> None:
         from regap.provenance import provenance
         from regap.safety.calibration import run_calibration
 
-        options = dict(parse_option(text) for text in option or [])
+        options = scoped_options(option, [judge], "judge", "--option").get(judge, {})
         if bootstrap < 1:
             raise RegapError(f"--bootstrap must be at least 1, got {bootstrap}")
         report, examples = run_calibration(
@@ -186,7 +210,7 @@ def register(app: typer.Typer) -> None:
             record = {
                 **report,
                 "provenance": provenance(
-                    command="judge-calibrate", judge=judge, judge_options=options, data=data, seed=seed,
+                    command="judge-calibrate", judge=judge, judge_options=redact(options), data=data, seed=seed,
                     calibration_fraction=calibration_fraction, captions=captions, max_prompts=max_prompts,
                     bootstrap=bootstrap, level=level,
                 ),
@@ -243,4 +267,4 @@ def _calibration_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["register", "parse_option"]
+__all__ = ["register", "parse_option", "scoped_options"]

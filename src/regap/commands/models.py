@@ -1,4 +1,5 @@
-"""`regap models` (list presets) and `regap chat` (one prompt, optional image)."""
+"""`regap models` (list presets), `regap chat` (one prompt, optional image) and `regap export`
+(a standard HF LLaVA folder)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def chat_command(
     example_image: bool = typer.Option(False, "--example-image", help="Attach the bundled example scene."),
     projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint (.safetensors) to load."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Generation budget."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the device computes it fast, else float32), float32, bfloat16 or float16 (GPU only)."),
     template: Optional[str] = typer.Option(None, "--template", help="chat (tokenizer's), vicuna_v1 or plain."),
     as_json: bool = typer.Option(False, "--json", help="Print the answer with its provenance as JSON."),
     engine: str = typer.Option("transformers", "--engine", help="Generation engine: transformers, static or vllm."),
@@ -57,6 +58,7 @@ def chat_command(
     """Ask the model one question, optionally about an image."""
     from regap.images import load_image
     from regap.models import DecodingSettings, load_model, load_projector
+    from regap.models.fingerprint import model_fingerprint
     from regap.provenance import provenance
 
     images = []
@@ -74,8 +76,9 @@ def chat_command(
         record = {
             "prompt": prompt, "image": str(image_path) if image_path else None, "answer": answer,
             "provenance": provenance(
-                model=model, model_config=lvlm.config.to_dict(), projector=str(projector) if projector else None,
-                template=template or lvlm.config.template, decoding=settings.to_dict(), dtype=dtype,
+                model=model, model_config=lvlm.config.to_dict(), model_fingerprint=model_fingerprint(lvlm),
+                projector=str(projector) if projector else None, template=template or lvlm.config.template,
+                decoding=settings.to_dict(), dtype=str(lvlm.dtype).removeprefix("torch."), dtype_requested=dtype,
             ),
         }
         typer.echo(json.dumps(record, indent=2))
@@ -83,6 +86,59 @@ def chat_command(
         typer.echo(answer)
 
 
+def _config_without_loading(model: str) -> object | None:
+    """The model's `LVLMConfig` when a preset or a regap folder gives it without loading weights."""
+    from regap.models.factory import CONFIG_FILE
+    from regap.models.lvlm import LVLMConfig
+    from regap.models.presets import PRESETS
+
+    if model in PRESETS:
+        return PRESETS[model].config
+    record_path = Path(model) / CONFIG_FILE
+    if record_path.is_file():
+        try:
+            return LVLMConfig.from_dict(json.loads(record_path.read_text())["config"])
+        except (ValueError, KeyError, TypeError):
+            return None  # load_model names the problem
+    return None
+
+
+def export_command(
+    model: str = typer.Option(..., "--model", "-m", help="Preset, regap model folder or HF LLaVA checkpoint."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the HF LLaVA files (absent or empty)."),
+    projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint to load first."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16: the exported weights."),
+) -> None:
+    """Export a model as a standard HF LLaVA folder (LlavaForConditionalGeneration + processor + chat template)."""
+    from regap.errors import RegapError
+    from regap.models import export_llava_hf, load_model, load_projector
+    from regap.models.fingerprint import model_fingerprint
+    from regap.models.llava_hf import LLAVA_EXPRESSIBLE, llava_export_problems
+    from regap.provenance import provenance
+
+    if out.exists() and not out.is_dir():
+        raise RegapError(f"--out {out} is a file, not a folder; give a folder path")
+    if out.is_dir() and any(out.iterdir()):
+        raise RegapError(f"--out {out} is not empty; give a new folder")
+    if projector is not None and not projector.is_file():
+        raise RegapError(f"--projector: projector checkpoint not found: {projector}")
+    config = _config_without_loading(model)
+    problems = llava_export_problems(config) if config is not None else []
+    if problems:
+        raise RegapError(f"cannot export {model} as HF LLaVA: {', '.join(problems)} ({LLAVA_EXPRESSIBLE})")
+    lvlm = load_model(model, dtype=dtype)
+    if projector is not None:
+        load_projector(lvlm, projector)
+    export_llava_hf(lvlm, out)
+    record = provenance(model=model, projector=str(projector) if projector else None, dtype=dtype,
+                        model_config=lvlm.config.to_dict(), model_fingerprint=model_fingerprint(lvlm),
+                        format="LlavaForConditionalGeneration", chat_template=lvlm.config.template)
+    (out / "regap_export.json").write_text(json.dumps(record, indent=2, default=str))
+    typer.echo(f"wrote {out}: LlavaForConditionalGeneration + LlavaProcessor (chat template from "
+               f"{lvlm.config.template!r}); load with transformers or pipeline('image-text-to-text')")
+
+
 def register(app: typer.Typer) -> None:
     app.command("models")(models_command)
     app.command("chat")(chat_command)
+    app.command("export")(export_command)

@@ -17,17 +17,25 @@ def _split(value: str) -> list[str]:
 
 def safety_command(
     model: str = typer.Option("tiny", "--model", "-m", help="Preset, regap model folder or HF LLaVA checkpoint."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (results.jsonl, summary.json, unsafe_rate.png)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (results.jsonl, summary.json, unsafe_rate.png)."),
     prompts: str = typer.Option("starter-harmful", "--prompts", help="Comma-separated request sources: NAME or NAME:PATH."),
+    source_option: Optional[list[str]] = typer.Option(
+        None, "--source-option", help="Request-source option KEY=VALUE, or SOURCE:KEY=VALUE with several sources "
+                                      "(repeatable), e.g. harmbench:functional_categories=standard,contextual."),
     conditions: str = typer.Option("text,blank,noise,natural,typo", "--conditions", help="Comma-separated attack conditions."),
     judge: str = typer.Option("keyword", "--judge", help="Comma-separated judges."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="First N requests of each source."),
+    option: Optional[list[str]] = typer.Option(
+        None, "--option", "-o", help="Judge option KEY=VALUE, or JUDGE:KEY=VALUE with several judges (repeatable), "
+                                     "e.g. -o model=gpt-4o-mini, -o openai:rpm=60 (as in judge-validate)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="First N requests of each source (file order)."),
+    sample: Optional[int] = typer.Option(None, "--sample", help="N requests drawn at random from each source "
+                                                               "(seeded by --seed) instead of the first N."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     batch_size: int = typer.Option(16, "--batch-size"),
-    dtype: str = typer.Option("float32", "--dtype"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the device computes it fast, else float32), float32, bfloat16 or float16 (GPU only)."),
     projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint to load into the model."),
     defense: Optional[str] = typer.Option(None, "--defense", help="Comma-separated inference-time defenses."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of decoding and of --sample's draw."),
     engine: str = typer.Option("transformers", "--engine",
                                help="Generation engine: transformers (dynamic cache), static (static cache, compiled "
                                     "decoding on GPU; recommended there) or vllm (needs pip install vllm)."),
@@ -60,23 +68,41 @@ def safety_command(
         raise RegapError("--out is required (unless --compare)")
     if projector is not None and not projector.is_file():
         raise RegapError(f"--projector: projector checkpoint not found: {projector}")
+    if limit is not None and sample is not None:
+        raise RegapError("--limit (the first N requests) and --sample (N random requests) exclude each other")
+    from regap.commands.judge_validate import scoped_options
     from regap.safety.runner import SafetyRun, run_safety
+    from regap.safety.sources import parse_spec
 
+    judges = _split(judge)
+    sources = list(dict.fromkeys(parse_spec(spec)[0].strip().lower() for spec in _split(prompts)))
     run = SafetyRun(model=model, out=out, prompts=_split(prompts), conditions=_split(conditions),
-                    judges=_split(judge), limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    judges=judges, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
                     dtype=dtype, projector=str(projector) if projector else None, seed=seed,
-                    defenses=_split(defense) if defense else [], engine=engine)
+                    defenses=_split(defense) if defense else [], engine=engine,
+                    judge_options=scoped_options(option, judges, "judge", "--option"),
+                    source_options=scoped_options(source_option, sources, "source", "--source-option"),
+                    sample=sample)
     summary = run_safety(run)
     for judge_name, entry in summary["judges"].items():
         table = Table(title=f"{model}: judge {judge_name}")
-        for column in ("condition", "n", "unsafe [95% CI]", "refused", "off-topic"):
+        for column in ("condition", "n", "errors", "unsafe [95% CI]", "refused", "off-topic"):
             table.add_column(column)
         for row in entry.get("by_condition", []):
             unsafe = row["unsafe"]
-            table.add_row(row["condition"], str(unsafe["n"]),
-                          f"{unsafe['rate']:.3f} [{unsafe['ci'][0]:.3f}, {unsafe['ci'][1]:.3f}]",
-                          f"{row['refused']['rate']:.3f}", f"{row['off_topic']['rate']:.3f}")
+            if unsafe["n"]:
+                rates = (f"{unsafe['rate']:.3f} [{unsafe['ci'][0]:.3f}, {unsafe['ci'][1]:.3f}]",
+                         f"{row['refused']['rate']:.3f}", f"{row['off_topic']['rate']:.3f}")
+            else:  # every item failed: no rate, rather than nan
+                rates = ("-", "-", "-")
+            table.add_row(row["condition"], str(unsafe["n"]), str(unsafe.get("missing", 0)), *rates)
         console.print(table)
+    errors = summary.get("generation_errors", 0)
+    unjudged = {name: entry.get("judge_errors", 0) for name, entry in summary["judges"].items()}
+    typer.echo(f"{summary.get('n_rows', 0)} item(s), {errors} generation error(s); without a verdict: "
+               + ", ".join(f"{name} {count}" for name, count in unjudged.items())
+               + ("; failed items are retried on the next run with the same --out (reasons in results.jsonl)"
+                  if errors else ""))
     typer.echo(f"wrote {out / 'results.jsonl'}, {out / 'summary.json'}, {out / 'unsafe_rate.png'}")
 
 

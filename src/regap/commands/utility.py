@@ -19,7 +19,7 @@ def utility_command(
     projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint to load into the model."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     batch_size: int = typer.Option(16, "--batch-size"),
-    dtype: str = typer.Option("float32", "--dtype"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the device computes it fast, else float32), float32, bfloat16 or float16 (GPU only)."),
     image_size: int = typer.Option(224, "--image-size", help="Side of the rendered held-out images in pixels."),
     refusal_limit: Optional[int] = typer.Option(None, "--refusal-limit",
                                                 help="First N prompts of each over-refusal group (default: all)."),

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from regap.defenses.base import Defense
 from regap.errors import RegapError
 from regap.provenance import file_sha256, json_hash, provenance
 
@@ -127,11 +128,77 @@ def load_calibration(path: str | Path, kind: str, model: Any, shapes: dict[str, 
     return loaded
 
 
-def auto_path(workdir: Path | None, kind: str, model: Any, calibration: dict[str, Any]) -> Path:
+def auto_path(workdir: Path | None, kind: str, fingerprint: str, calibration: dict[str, Any]) -> Path:
     """Where a calibration made on first use goes: `WORKDIR/defenses/` (else the regap cache),
     named by the defense, the model fingerprint and the calibration settings, so it is reused
     only for the same model and settings."""
     from regap.cache import cache_dir
 
     folder = Path(workdir) / "defenses" if workdir is not None else cache_dir("defenses")
-    return folder / f"{kind}-{model_facts(model)['model_fingerprint']}-{json_hash(calibration)}.safetensors"
+    return folder / f"{kind}-{fingerprint}-{json_hash(calibration)}.safetensors"
+
+
+class CalibratedDefense(Defense):
+    """A defense that needs a calibration file per model: given (`file=`) or made on first use.
+
+    State is kept per model fingerprint, so one instance serves several models (a safety run's
+    model and the LLM before stage 2 of its `backbone` condition) without mixing their files.
+    `prepare(model, workdir)` with a run folder loads or computes the file at once (a wrong file
+    fails before any generation); without one the file is loaded when first needed.
+    """
+
+    kind = "calibrated"
+    #: shapes of the required tensors ("d": hidden size, "L": decoder layers), see `load_calibration`
+    shapes: dict[str, tuple[int | str, ...]] = {}
+
+    def __init__(self, file: Any = None) -> None:
+        self.file = Path(file) if file else None
+        self.calibration: CalibrationFile | None = None  # the last one used (provenance)
+        self._workdirs: dict[str, Path | None] = {}
+        self._calibrations: dict[str, CalibrationFile] = {}
+
+    def needs_calibration(self) -> bool:
+        return True
+
+    def calibration_settings(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def compute_calibration(self, model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        raise NotImplementedError
+
+    def validate(self, model: Any) -> None:
+        """Check the options against the model (cheap; no calibration)."""
+
+    def file_settings(self) -> dict[str, Any]:
+        """The file and its sha256, or the settings of a calibration made on first use."""
+        if self.file is not None:
+            from regap.defenses.base import cached_file_sha256
+
+            return {"file": str(self.file), "file_sha256": cached_file_sha256(self.file)}
+        return {"calibration": self.calibration_settings()}
+
+    def prepare(self, model: Any, workdir: Path | None = None) -> None:
+        from regap.models.fingerprint import model_fingerprint
+
+        self.validate(model)
+        fingerprint = model_fingerprint(model)
+        if workdir is not None or fingerprint not in self._workdirs:  # a run folder is never replaced by None
+            self._workdirs[fingerprint] = Path(workdir) if workdir is not None else None
+        if workdir is not None and self.needs_calibration():
+            self.calibration_for(model, fingerprint)
+
+    def calibration_for(self, model: Any, fingerprint: str | None = None) -> CalibrationFile:
+        """This model's calibration: loaded (checked) from `file`, or made once and reused."""
+        if fingerprint is None:
+            from regap.models.fingerprint import model_fingerprint
+
+            fingerprint = model_fingerprint(model)
+        if fingerprint not in self._calibrations:
+            path = self.file or auto_path(self._workdirs.get(fingerprint), self.kind, fingerprint,
+                                          self.calibration_settings())
+            if self.file is None and not path.is_file():
+                tensors, record = self.compute_calibration(model)
+                save_calibration(path, self.kind, tensors, model, record)
+            self._calibrations[fingerprint] = load_calibration(path, self.kind, model, self.shapes)
+        self.calibration = self._calibrations[fingerprint]
+        return self.calibration

@@ -25,7 +25,6 @@ Where the paper does not say, regap chooses (docs/defenses.md lists each choice)
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -33,15 +32,14 @@ from PIL import Image
 
 from regap.defenses.base import (
     DefendedResult,
-    Defense,
     GenerateFn,
-    cached_file_sha256,
     float_option,
     has_image,
     int_option,
     is_plain,
     register_defense,
 )
+from regap.defenses.calibration import CalibratedDefense
 from regap.defenses.hooks import DecoderShift, uncompiled
 from regap.errors import RegapError
 
@@ -118,7 +116,7 @@ def strip_images(conversation: list[dict[str, str]]) -> list[dict[str, str]]:
 def last_token_states(model: Any, conversations: Sequence[Any], image_lists: Sequence[Sequence[Image.Image]], *,
                       add_generation_prompt: bool = True, batch_size: int = 8) -> torch.Tensor:
     """Output of every decoder block at each conversation's last token: [n, n_layers, d] float32."""
-    from regap.train.hooks import decoder_layers, layer_output
+    from regap.models.layers import decoder_layers, layer_output
 
     blocks = decoder_layers(model.llm)
     out = torch.empty(len(conversations), len(blocks), model.hidden_size)
@@ -220,20 +218,22 @@ def calibrate_cmrm(model: Any, *, images: str = "blank", texts: str = "starter-b
 
 
 @register_defense("cmrm")
-class CMRM(Defense):
+class CMRM(CalibratedDefense):
     """Shift the hidden states of image inputs toward text-only ones (Liu et al. 2025)."""
 
     hidden_state = True
+    kind = "cmrm"
+    shapes = {"shifts": ("L", "d")}
 
     def __init__(self, alpha: Any = 1.0, level: str = "dataset", layers: Any = "all", file: Any = None,
                  image: str = "blank", images: str | None = None, texts: str = "starter-benign",
                  pairs: Any = DEFAULT_PAIRS, seed: Any = 0, batch_size: Any = 8) -> None:
+        super().__init__(file)
         self.alpha = float_option("cmrm", "alpha", alpha, 0.0, 1.0)
         if level not in LEVELS:
             raise RegapError(f"defense cmrm: level={level!r} is not one of {', '.join(LEVELS)}")
         self.level = level
         self.layer_choice = parse_layers(layers)
-        self.file = Path(file) if file else None
         if self.file is not None and level == "sample":
             raise RegapError("defense cmrm: file= holds dataset-level vectors; level=sample computes them per request")
         if image not in MEANINGLESS_IMAGES:
@@ -244,55 +244,38 @@ class CMRM(Defense):
         self.pairs = int_option("cmrm", "pairs", pairs, low=2)
         self.seed = int_option("cmrm", "seed", seed)
         self.batch_size = int_option("cmrm", "batch_size", batch_size, low=1)
-        self.calibration: Any = None
         self.layers: list[int] | None = None
-        self._vectors: torch.Tensor | None = None  # dataset level: increments [k, d] at self.layers
-        self._prepared_for: str | None = None
 
-    # ---- description ------------------------------------------------------------------------
+    # ---- description and calibration ---------------------------------------------------------
     def calibration_settings(self) -> dict[str, Any]:
         return {"images": self.images, "texts": self.texts, "pairs": self.pairs, "seed": self.seed}
 
     def settings(self) -> dict[str, Any]:
         out: dict[str, Any] = {"alpha": self.alpha, "level": self.level, "layers": layer_spec_text(self.layer_choice),
                                "image": self.image}
-        if self.level == "dataset":
-            if self.file is not None:
-                out["file"] = str(self.file)
-                out["file_sha256"] = cached_file_sha256(self.file)
-            else:
-                out["calibration"] = self.calibration_settings()
-        return out
+        return {**out, **self.file_settings()} if self.level == "dataset" else out
+
+    def needs_calibration(self) -> bool:
+        return self.level == "dataset"
+
+    def compute_calibration(self, model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return calibrate_cmrm(model, batch_size=self.batch_size, **self.calibration_settings())
+
+    def validate(self, model: Any) -> None:
+        self.layers = resolve_layers(self.layer_choice, int(model.llm.config.num_hidden_layers), "cmrm")
 
     def check_engine(self, engine: str) -> None:
         if engine == "vllm":
             raise RegapError("defense cmrm shifts hidden states inside the LLM with forward hooks, which vLLM "
                              "does not run; use --engine transformers or static")
 
-    # ---- calibration ------------------------------------------------------------------------
-    def prepare(self, model: Any, workdir: Path | None = None) -> None:
-        from regap.defenses.calibration import auto_path, load_calibration, model_facts, save_calibration
-
-        facts = model_facts(model)
-        self.layers = resolve_layers(self.layer_choice, facts["num_layers"], "cmrm")
-        if self.level == "dataset":
-            path = self.file or auto_path(workdir, "cmrm", model, self.calibration_settings())
-            if self.file is None and not path.is_file():
-                tensors, record = calibrate_cmrm(model, batch_size=self.batch_size, **self.calibration_settings())
-                save_calibration(path, "cmrm", tensors, model, record)
-            self.calibration = load_calibration(path, "cmrm", model, {"shifts": ("L", "d")})
-            self._vectors = increments(self.calibration.tensors["shifts"], self.layers)
-        self._prepared_for = facts["model_fingerprint"]
-
-    def _ensure_prepared(self, model: Any) -> None:
-        from regap.models.fingerprint import model_fingerprint
-
-        if self._prepared_for is None or self._prepared_for != model_fingerprint(model):
-            self.prepare(model, None)
+    def _steps(self, model: Any, fingerprint: str) -> torch.Tensor:
+        """Dataset level: alpha times the increments at the chosen layers [k, d]."""
+        return self.alpha * increments(self.calibration_for(model, fingerprint).tensors["shifts"], self.layers)
 
     def _detail(self, shifted: bool) -> dict[str, Any]:
         detail: dict[str, Any] = {"shifted": shifted, "alpha": self.alpha, "level": self.level}
-        if self.calibration is not None:
+        if shifted and self.level == "dataset" and self.calibration is not None:
             detail["calibration_sha256_16"] = self.calibration.sha256[:16]
         return detail
 
@@ -304,15 +287,18 @@ class CMRM(Defense):
 
     # ---- generation -------------------------------------------------------------------------
     def wrap(self, next_fn: GenerateFn, model: Any) -> GenerateFn:
-        self._ensure_prepared(model)
+        from regap.models.fingerprint import model_fingerprint
+
+        self.validate(model)
+        fingerprint = model_fingerprint(model)  # once per wrapped model; the calibration is loaded when first needed
         if self.level == "sample":
             if not is_plain(next_fn, model):
                 raise RegapError("cmrm with level=sample computes a shift for every request inside generation and "
                                  "must be the last defense in --defense (so it cannot be stacked with coca)")
             return self._sample_generate(model)
-        return self._dataset_generate(next_fn, model)
+        return self._dataset_generate(next_fn, model, fingerprint)
 
-    def _dataset_generate(self, next_fn: GenerateFn, model: Any) -> GenerateFn:
+    def _dataset_generate(self, next_fn: GenerateFn, model: Any, fingerprint: str) -> GenerateFn:
         def generate(prompts, images, settings) -> DefendedResult:
             self._check_settings(settings)
             shifted = [i for i, image in enumerate(images) if has_image(image)]
@@ -326,7 +312,9 @@ class CMRM(Defense):
                     continue
                 args = ([prompts[i] for i in rows], [images[i] for i in rows])
                 if active:
-                    with DecoderShift(model.llm, self.layers, self.alpha * self._vectors):
+                    shift = DecoderShift(model.llm, self.layers, self._steps(model, fingerprint),
+                                         moca=getattr(model, "moca", None))
+                    with shift:
                         result = next_fn(*args, uncompiled(settings))
                 else:
                     result = next_fn(*args, settings)
@@ -348,7 +336,7 @@ class CMRM(Defense):
                 return DefendedResult(result.texts, result.new_tokens, [{"cmrm": self._detail(False)} for _ in prompts], 1)
             vectors = sample_vectors(model, prompts, images, image=self.image, batch_size=self.batch_size)
             steps = self.alpha * increments(vectors, self.layers)
-            shift = DecoderShift(model.llm, self.layers)
+            shift = DecoderShift(model.llm, self.layers, moca=getattr(model, "moca", None))
 
             def per_batch(indices: list[int]) -> list[Any]:
                 shift.set_vectors(steps[indices])  # the rows of the batch about to be generated
@@ -363,17 +351,22 @@ class CMRM(Defense):
 
     # ---- gap measurement --------------------------------------------------------------------
     def intervention(self, model: Any):
-        self._ensure_prepared(model)
+        from regap.models.fingerprint import model_fingerprint
+
+        self.validate(model)
+        fingerprint = model_fingerprint(model)
+        steps = self._steps(model, fingerprint) if self.level == "dataset" else None
+        moca = getattr(model, "moca", None)
 
         def enter(conversations: list[Any], image_lists: list[list[Image.Image]],
                   add_generation_prompt: bool) -> DecoderShift:
             flags = torch.tensor([has_image(images) for images in image_lists], dtype=torch.float32)
-            if self.level == "dataset":
-                steps = self._vectors.unsqueeze(0) * flags[:, None, None]
+            if steps is not None:
+                rows = steps.unsqueeze(0) * flags[:, None, None]
             else:
                 vectors = sample_vectors(model, conversations, image_lists, image=self.image,
                                          add_generation_prompt=add_generation_prompt, batch_size=self.batch_size)
-                steps = increments(vectors, self.layers)
-            return DecoderShift(model.llm, self.layers, self.alpha * steps)
+                rows = self.alpha * increments(vectors, self.layers)
+            return DecoderShift(model.llm, self.layers, rows, moca=moca)
 
         return enter

@@ -34,6 +34,7 @@ class CalibrationProcessor(LogitsProcessor):
         batch = model.build_inputs(conversations, image_lists, add_generation_prompt=True, padding_side="left")
         self.embeds = model.embed(batch)
         self.attention = batch.attention_mask.to(model.device)
+        self.image_mask = batch.image_mask
         self.cache = None
         self.last_logits: torch.Tensor | None = None  # the unconditional logits of the last step (for tests)
 
@@ -42,7 +43,9 @@ class CalibrationProcessor(LogitsProcessor):
         llm = self.model.llm
         if self.cache is None:
             positions = (self.attention.cumsum(-1) - 1).clamp_min(0)
-            out = llm(inputs_embeds=self.embeds, attention_mask=self.attention, position_ids=positions, use_cache=True)
+            with self.model.image_positions(self.image_mask):  # this context's own image positions (MoCa)
+                out = llm(inputs_embeds=self.embeds, attention_mask=self.attention, position_ids=positions,
+                          use_cache=True)
         else:
             self.attention = torch.cat([self.attention, self.attention.new_ones(self.attention.shape[0], 1)], dim=1)
             positions = self.attention.sum(-1, keepdim=True) - 1

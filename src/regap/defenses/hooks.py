@@ -4,7 +4,8 @@ Entering registers the hooks, leaving removes them (also on an exception), so th
 exactly as before afterwards; no transformers class or method is replaced. The hooks are
 registered with ``prepend=True``: transformers records ``output_hidden_states`` with its own
 forward hooks on the decoder blocks, and those must see the shifted output, as the next block
-does.
+does. A model's MoCa (`regap.models.moca`, part of the model) is re-attached after that, so
+its hooks stay first: the shift acts on the model's own (calibrated) block output.
 
 torch.compile does not notice hooks added or removed after it traced a module
 (``torch._dynamo.config.skip_nnmodule_hook_guards``), so a compiled decoding step would run
@@ -22,19 +23,21 @@ from torch import nn
 
 from regap.errors import RegapError
 from regap.models.generation import DecodingSettings
-from regap.train.hooks import decoder_layers, layer_output, replace_layer_output
+from regap.models.layers import decoder_layers, layer_output, replace_layer_output
 
 
 class DecoderShift:
     """Subtract a vector from the output of chosen decoder blocks while active.
 
-    `layers` are 1-based decoder blocks; `vectors` is ``[len(layers), d]`` (every row the same
+    `layers` are 1-based decoder blocks; `moca` is the model's MoCa, if any (kept first);
+    `vectors` is ``[len(layers), d]`` (every row the same
     shift) or ``[rows, len(layers), d]`` (one shift per batch row; a batch with k times as many
     rows, as beam search makes, repeats each row's shift k times). `set_vectors` swaps them
     between batches while the hooks stay registered.
     """
 
-    def __init__(self, llm: nn.Module, layers: Sequence[int], vectors: torch.Tensor | None = None) -> None:
+    def __init__(self, llm: nn.Module, layers: Sequence[int], vectors: torch.Tensor | None = None,
+                 moca: Any = None) -> None:
         blocks = decoder_layers(llm)
         for layer in layers:
             if not 1 <= layer <= len(blocks):
@@ -42,6 +45,7 @@ class DecoderShift:
                                  f"(valid: 1..{len(blocks)})")
         self.blocks = [blocks[layer - 1] for layer in layers]
         self.layers = list(layers)
+        self.llm, self.moca = llm, moca
         parameter = next(llm.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         self.vectors: torch.Tensor | None = None
@@ -79,6 +83,8 @@ class DecoderShift:
         try:
             for position, block in enumerate(self.blocks):
                 self._handles.append(block.register_forward_hook(self._hook(position), prepend=True))
+            if self.moca is not None:
+                self.moca.attach(self.llm)  # detaches and prepends again: MoCa, then the shift, then recorders
         except BaseException:
             self._remove()
             raise

@@ -18,22 +18,20 @@ moves the tokens that fraction of the way: x + alpha * (s * x + b - x).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from regap.defenses.base import (
     DefendedResult,
-    Defense,
     GenerateFn,
     bool_option,
-    cached_file_sha256,
     float_option,
     has_image,
     int_option,
     register_defense,
 )
+from regap.defenses.calibration import CalibratedDefense
 from regap.defenses.hooks import ImageTokenAffine
 from regap.errors import RegapError
 
@@ -124,18 +122,20 @@ def calibrate_layer0(model: Any, *, images: str = "scenes", texts: str = "starte
 
 
 @register_defense("layer0-align")
-class Layer0Align(Defense):
+class Layer0Align(CalibratedDefense):
     """Move the image tokens' centroid (and optionally mean norm) to the text tokens' at the LLM input."""
 
     hidden_state = True
+    kind = "layer0-align"
+    shapes = {"scale": (1,), "bias": ("d",)}
 
     def __init__(self, alpha: Any = 1.0, file: Any = None, match_norm: Any = False, images: str = "scenes",
                  texts: str = "starter-benign", pairs: Any = DEFAULT_PAIRS, seed: Any = 0, protocol: str = "reference",
                  batch_size: Any = 8) -> None:
         from regap.gap.pairs import PROTOCOLS
 
+        super().__init__(file)
         self.alpha = float_option("layer0-align", "alpha", alpha, 0.0, 1.0)
-        self.file = Path(file) if file else None
         self.match_norm = bool_option("layer0-align", "match_norm", match_norm)
         if protocol not in PROTOCOLS:
             raise RegapError(f"defense layer0-align: protocol={protocol!r} is not one of {', '.join(PROTOCOLS)}")
@@ -143,57 +143,42 @@ class Layer0Align(Defense):
         self.pairs = int_option("layer0-align", "pairs", pairs, low=2)
         self.seed = int_option("layer0-align", "seed", seed)
         self.batch_size = int_option("layer0-align", "batch_size", batch_size, low=1)
-        self.calibration: Any = None
-        self._prepared_for: str | None = None
 
     def calibration_settings(self) -> dict[str, Any]:
         return {"images": self.images, "texts": self.texts, "pairs": self.pairs, "seed": self.seed,
                 "protocol": self.protocol, "match_norm": self.match_norm}
 
     def settings(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"alpha": self.alpha}
-        if self.file is not None:
-            out["file"] = str(self.file)
-            out["file_sha256"] = cached_file_sha256(self.file)
-        else:
-            out["calibration"] = self.calibration_settings()
-        return out
+        return {"alpha": self.alpha, **self.file_settings()}
 
-    def prepare(self, model: Any, workdir: Path | None = None) -> None:
-        from regap.defenses.calibration import auto_path, load_calibration, model_facts, save_calibration
+    def compute_calibration(self, model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return calibrate_layer0(model, batch_size=self.batch_size, **self.calibration_settings())
 
-        path = self.file or auto_path(workdir, "layer0-align", model, self.calibration_settings())
-        if self.file is None and not path.is_file():
-            tensors, record = calibrate_layer0(model, batch_size=self.batch_size, **self.calibration_settings())
-            save_calibration(path, "layer0-align", tensors, model, record)
-        self.calibration = load_calibration(path, "layer0-align", model, {"scale": (1,), "bias": ("d",)})
-        self._prepared_for = model_facts(model)["model_fingerprint"]
-
-    def _ensure_prepared(self, model: Any) -> None:
-        from regap.models.fingerprint import model_fingerprint
-
-        if self._prepared_for is None or self._prepared_for != model_fingerprint(model):
-            self.prepare(model, None)
-
-    def hook(self, model: Any) -> ImageTokenAffine:
+    def hook(self, model: Any, fingerprint: str | None = None) -> ImageTokenAffine:
         """The projector hook (a context manager) for this model."""
-        self._ensure_prepared(model)
-        tensors = self.calibration.tensors
+        tensors = self.calibration_for(model, fingerprint).tensors
         return ImageTokenAffine(model.projector, float(tensors["scale"][0]), tensors["bias"], self.alpha)
 
     def wrap(self, next_fn: GenerateFn, model: Any) -> GenerateFn:
-        self._ensure_prepared(model)
+        from regap.models.fingerprint import model_fingerprint
+
+        fingerprint = model_fingerprint(model)  # once per wrapped model; the file is loaded when first needed
 
         def generate(prompts, images, settings) -> DefendedResult:
-            with self.hook(model):
+            flags = [has_image(image) for image in images]
+            if any(flags):
+                with self.hook(model, fingerprint):
+                    result = next_fn(prompts, images, settings)
+            else:  # nothing reaches the projector
                 result = next_fn(prompts, images, settings)
-            for detail, image in zip(result.details, images):
-                detail["layer0-align"] = {"mapped": has_image(image), "alpha": self.alpha,
-                                          "calibration_sha256_16": self.calibration.sha256[:16]}
+            for detail, flag in zip(result.details, flags):
+                detail["layer0-align"] = {"mapped": flag, "alpha": self.alpha}
+                if flag:
+                    detail["layer0-align"]["calibration_sha256_16"] = self.calibration.sha256[:16]
             return result
 
         return generate
 
     def intervention(self, model: Any):
-        self._ensure_prepared(model)
-        return lambda conversations, image_lists, add_generation_prompt: self.hook(model)
+        hook = self.hook(model)
+        return lambda conversations, image_lists, add_generation_prompt: hook

@@ -8,6 +8,9 @@ Two protocols:
 Images come from built-in sources (`scenes`: project-made synthetic scenes, `blank`,
 `noise`, `natural`, `typo`) or a user folder; texts from any request source spec
 (`starter-benign`, `advbench:PATH`, ...) or a plain text file (one text per line).
+Unreadable files in a folder are skipped and reported; a folder with fewer readable images
+than pairs is refused unless reuse is asked for (repeated images shrink the image cloud's
+spread, so the gap would describe fewer images than it claims).
 """
 
 from __future__ import annotations
@@ -48,11 +51,12 @@ def load_texts(spec: str, n: int) -> list[str]:
     return texts
 
 
-def _folder_images(folder: Path, n: int) -> list[tuple[str, Image.Image]]:
+def _folder_images(folder: Path, n: int, reuse: bool, problems: list[str]) -> list[tuple[str, Image.Image]]:
+    """Up to `n` readable images of `folder` (sorted); each unreadable file adds a line to `problems`."""
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
     if not files:
         raise RegapError(f"no image files in {folder}")
-    out, problems = [], []
+    out = []
     for path in files:
         if len(out) == n:
             break
@@ -60,15 +64,23 @@ def _folder_images(folder: Path, n: int) -> list[tuple[str, Image.Image]]:
             out.append((str(path.relative_to(folder)), load_image(path)))
         except RegapError as exc:  # one bad image is recorded, the rest go on
             problems.append(str(exc))
+    skipped = f"; {len(problems)} unreadable: {'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}" \
+        if problems else ""
     if not out:
-        raise RegapError(f"no readable images in {folder}: {problems[:3]}")
+        raise RegapError(f"no readable images in {folder}{skipped}")
+    if len(out) < n and not reuse:
+        raise RegapError(f"{folder} has {len(out)} readable image(s) for {n} pairs{skipped}; add images, lower "
+                         "--pairs, or pass --reuse-images to cycle them")
     return out
 
 
-def make_images(source: str, n: int, seed: int = 0, texts: list[str] | None = None, size: int = 336) -> list[tuple[str, Image.Image]]:
-    """`n` (id, image) items from a built-in source or a folder (cycled when it has fewer)."""
+def make_images(source: str, n: int, seed: int = 0, texts: list[str] | None = None, size: int = 336,
+                reuse: bool = False, problems: list[str] | None = None) -> list[tuple[str, Image.Image]]:
+    """`n` (id, image) items from a built-in source or a folder. A folder with fewer readable
+    images than `n` is an error unless `reuse` (then they are cycled); unreadable files are
+    appended to `problems` when given."""
     if Path(source).is_dir():
-        items = _folder_images(Path(source), n)
+        items = _folder_images(Path(source), n, reuse, problems if problems is not None else [])
     elif source == "scenes":
         from regap.data.synth import item_rng, render_scene, sample_scene
 
@@ -85,10 +97,13 @@ def make_images(source: str, n: int, seed: int = 0, texts: list[str] | None = No
 
 
 def make_pairs(n: int, images: str = "scenes", texts: str = "starter-benign", seed: int = 0,
-               texts_per_pair: int = 1) -> list[GapPair]:
+               texts_per_pair: int = 1, reuse_images: bool = False,
+               problems: list[str] | None = None) -> list[GapPair]:
     """`n` pairs; the i-th image goes with the i-th text (texts cycle if fewer than `n`).
     `texts_per_pair` > 1 joins that many consecutive texts into one, for more text tokens
-    per pair (the covariance needs more tokens than dimensions for intervals)."""
+    per pair (the covariance needs more tokens than dimensions for intervals). A folder of
+    images must hold `n` readable ones unless `reuse_images`; its unreadable files are
+    appended to `problems` (one line each) when given."""
     if n < 2:
         raise RegapError(f"need at least 2 pairs for a covariance, got {n}")
     if texts_per_pair < 1:
@@ -96,7 +111,7 @@ def make_pairs(n: int, images: str = "scenes", texts: str = "starter-benign", se
     pool = load_texts(texts, n * texts_per_pair)
     pool = [pool[i % len(pool)] for i in range(n * texts_per_pair)]
     text_list = [" ".join(pool[i * texts_per_pair : (i + 1) * texts_per_pair]) for i in range(n)]
-    image_list = make_images(images, n, seed=seed, texts=text_list)
+    image_list = make_images(images, n, seed=seed, texts=text_list, reuse=reuse_images, problems=problems)
     return [GapPair(f"{image_id}|{i}", image, text, images) for i, ((image_id, image), text) in enumerate(zip(image_list, text_list))]
 
 

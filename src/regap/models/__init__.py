@@ -7,14 +7,15 @@ from regap.models.inputs import IGNORE_INDEX, ModelInputs
 from regap.models.io import load_projector, load_saved, save_model, save_projector
 from regap.models.llava_hf import export_llava_hf, load_llava_hf
 from regap.models.lvlm import LVLM, LVLMConfig
+from regap.models.moca import MoCa, load_moca, save_moca
 from regap.models.presets import PRESETS, get_preset
 from regap.models.projector import build_projector
 from regap.models.qformer import QFormerProjector, build_qformer_projector
 from regap.models.vision import VisionConfig, VisionTower
 
 __all__ = [
-    "IGNORE_INDEX", "LVLM", "LVLMConfig", "ModelInputs", "DecodingSettings", "PRESETS", "QFormerProjector",
+    "IGNORE_INDEX", "LVLM", "LVLMConfig", "MoCa", "ModelInputs", "DecodingSettings", "PRESETS", "QFormerProjector",
     "VisionConfig", "VisionTower", "build_lvlm", "build_projector", "build_qformer_projector", "export_llava_hf",
-    "get_preset", "load_blip2_hf", "load_llava_hf", "load_model", "load_projector", "load_saved", "parse_dtype",
-    "replace_projector", "save_model", "save_projector",
+    "get_preset", "load_blip2_hf", "load_llava_hf", "load_model", "load_moca", "load_projector", "load_saved",
+    "parse_dtype", "replace_projector", "save_model", "save_moca", "save_projector",
 ]

@@ -48,7 +48,7 @@ BLIP2_CHAT_TEMPLATE = (
 )
 
 
-def load_blip2_hf(name_or_path: str, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LVLM:
+def load_blip2_hf(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "cpu") -> LVLM:
     """Load a BLIP-2 / InstructBLIP checkpoint (hub id or folder) as an `LVLM`."""
     from transformers import (
         AutoConfig,
@@ -60,7 +60,7 @@ def load_blip2_hf(name_or_path: str, dtype: str | torch.dtype = "float32", devic
 
     from regap.models.factory import parse_dtype
 
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype, device)
     cfg = hub_call(name_or_path, AutoConfig.from_pretrained, name_or_path)
     if cfg.model_type not in MODEL_TYPES:
         raise RegapError(f"{name_or_path}: model_type {cfg.model_type!r} is not BLIP-2 or InstructBLIP")
@@ -119,7 +119,7 @@ def load_saved_blip2(folder: Path, config: LVLMConfig, with_backbones: bool, dty
 
     from regap.models.factory import PROJECTOR_FILE, parse_dtype
 
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype, device)
     if config.extra.get("hf_model_type") == "instructblip":
         from transformers import InstructBlipQFormerConfig as QConfig
         from transformers import InstructBlipQFormerModel as QModel

@@ -15,19 +15,18 @@ from regap.models.lvlm import LVLM, LVLMConfig
 from regap.models.offline_assets import is_offline_source, resolve
 from regap.models.presets import PRESETS, get_preset
 from regap.models.vision import load_vision_tower
+from regap.precision import resolve_torch_dtype
 
 CONFIG_FILE = "regap_config.json"
 PROJECTOR_FILE = "projector.safetensors"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+TRAIN_CONFIG_FILE = "config.yaml"  # written by `regap.train` into every training output folder
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype name (`auto`, `float32`, `bfloat16`, `float16`, or an alias) -> torch dtype on `device`."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
-        raise RegapError(f"unknown dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    return resolve_torch_dtype(dtype, device)
 
 
 def resolve_source(source: str) -> str:
@@ -44,13 +43,15 @@ def load_llm(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
     return llm.eval(), tokenizer
 
 
-def build_lvlm(config: LVLMConfig, dtype: str | torch.dtype = "float32", device: str = "cpu",
+def build_lvlm(config: LVLMConfig, dtype: str | torch.dtype = "auto", device: str = "cpu",
                vision_folder: str | None = None, llm_folder: str | None = None) -> LVLM:
     """Assemble vision tower, LLM and a (fresh) projector from a config."""
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype, device)
     vision = load_vision_tower(vision_folder or resolve_source(config.vision.source), config.vision, torch_dtype)
     llm, tokenizer = load_llm(llm_folder or config.llm_source, torch_dtype)
-    return LVLM(config, vision, llm, tokenizer).to(device)
+    model = LVLM(config, vision, llm, tokenizer).to(device)
+    model.llm_origin = llm_folder
+    return model
 
 
 def replace_projector(model: LVLM, kind: str, seed: int = 0, **options: Any) -> LVLM:
@@ -70,9 +71,20 @@ def replace_projector(model: LVLM, kind: str, seed: int = 0, **options: Any) -> 
     return model
 
 
-def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LVLM:
-    """A preset name, a folder saved by `save_model`, or an HF LLaVA checkpoint (folder or hub id)."""
+def is_training_output(path: Path) -> bool:
+    """A folder written by `regap pretrain` / `regap finetune` (its config and projector, or checkpoints)."""
+    return path.is_dir() and (path / TRAIN_CONFIG_FILE).is_file() and \
+        ((path / PROJECTOR_FILE).is_file() or (path / "checkpoints").is_dir())
+
+
+def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "cpu") -> LVLM:
+    """A preset name, a training output folder (`regap.train.load_trained`: projector, LoRA adapter
+    or full LLM, and MoCa), a folder saved by `save_model`, or an HF LLaVA checkpoint (folder or hub id)."""
     path = Path(name_or_path)
+    if is_training_output(path):
+        from regap.train.loop import load_trained
+
+        return load_trained(path, dtype=dtype, device=device)
     if path.is_dir() and (path / CONFIG_FILE).exists():
         from regap.models.io import load_saved
 

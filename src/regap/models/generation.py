@@ -55,6 +55,9 @@ class DecodingSettings:
         if self.do_sample and self.temperature <= 0:
             raise RegapError("temperature must be > 0 when sampling")
         check_engine(self.engine)
+        from regap.checks import check_seed
+
+        check_seed(self.seed, "seed")
         if self.engine == "vllm" and self.num_beams != 1:
             raise RegapError("the vllm engine does not run beam search (num_beams must be 1); use --engine transformers")
 

@@ -28,6 +28,9 @@ class ModelInputs:
     image_mask: torch.Tensor  # [B, L] bool
     pixel_values: torch.Tensor | None  # [n_images, 3, H, W], in sample-then-marker order
     images_per_sample: list[int]
+    #: Vision-tower outputs [n_images, tokens, vision hidden], when already computed (the frozen-feature
+    #: cache): then `LVLM.embed` projects these and does not run the vision tower on `pixel_values`.
+    image_features: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "ModelInputs":
         return ModelInputs(
@@ -35,6 +38,7 @@ class ModelInputs:
             self.image_mask.to(device),
             None if self.pixel_values is None else self.pixel_values.to(device),
             self.images_per_sample,
+            None if self.image_features is None else self.image_features.to(device),
         )
 
 

@@ -1,5 +1,6 @@
 """Saving and loading: whole models or projector-only checkpoints, as safetensors + JSON config
-(BLIP-2 / InstructBLIP-loaded models too: their Q-Former architecture is saved beside the backbones)."""
+(BLIP-2 / InstructBLIP-loaded models too: their Q-Former architecture is saved beside the backbones;
+a model's MoCa as `moca.safetensors`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from regap.models.blip2_hf import (
 )
 from regap.models.factory import CONFIG_FILE, PROJECTOR_FILE, build_lvlm, parse_dtype
 from regap.models.lvlm import LVLM, LVLMConfig
+from regap.models.moca import MOCA_FILE, load_moca, save_moca
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -59,11 +61,14 @@ def load_projector(model: LVLM, path: str | Path) -> None:
 
 
 def save_model(model: LVLM, out_dir: str | Path, include_backbones: bool = False) -> Path:
-    """Write `regap_config.json` + `projector.safetensors`; with `include_backbones`, also the
-    vision encoder and the LLM as safetensors folders so the model rebuilds without its sources."""
+    """Write `regap_config.json` + `projector.safetensors` (+ `moca.safetensors`); with
+    `include_backbones`, also the vision encoder and the LLM as safetensors folders so the
+    model rebuilds without its sources."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_projector(model, out_dir / PROJECTOR_FILE)
+    if model.moca is not None:
+        save_moca(model.moca, out_dir / MOCA_FILE)
     if include_backbones:
         for name, save in (("vision", _save_vision), ("llm", _save_llm)):
             staging = out_dir / f"{name}.partial"
@@ -91,6 +96,14 @@ def _save_llm(model: LVLM, folder: Path) -> None:
     model.tokenizer.save_pretrained(folder)
 
 
+def _saved_dtype(record: dict, folder: Path) -> torch.dtype:
+    name = str(record.get("dtype", "float32"))
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise RegapError(f"{folder / CONFIG_FILE}: field 'dtype' is {name!r}, not a torch dtype")
+    return value
+
+
 def load_saved(folder: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu") -> LVLM:
     folder = Path(folder)
     try:
@@ -101,7 +114,8 @@ def load_saved(folder: str | Path, dtype: str | torch.dtype | None = None, devic
         raise RegapError(f"{folder / CONFIG_FILE}: missing field 'config'")
     config = LVLMConfig.from_dict(record["config"])
     with_backbones = bool(record.get("includes_backbones"))
-    torch_dtype = parse_dtype(dtype or record.get("dtype", "float32"))
+    # No dtype asked for: the dtype the folder was saved in (a fact about the file, not a request).
+    torch_dtype = parse_dtype(dtype, device) if dtype is not None else _saved_dtype(record, folder)
     if is_blip2_hf(config):  # a BLIP-2 / InstructBLIP checkpoint's own connector, not one built from options
         model = load_saved_blip2(folder, config, with_backbones, torch_dtype, device)
     else:
@@ -111,4 +125,15 @@ def load_saved(folder: str | Path, dtype: str | torch.dtype | None = None, devic
             llm_folder=str(folder / "llm") if with_backbones else None,
         )
     load_projector(model, folder / PROJECTOR_FILE)
+    attach_saved_moca(model, folder)
     return model
+
+
+def attach_saved_moca(model: LVLM, folder: str | Path) -> None:
+    """Give ``model`` the MoCa saved in ``folder`` (`moca.safetensors`), if there is one; a
+    config that names MoCa without the file is an error (the model would run without it)."""
+    path = Path(folder) / MOCA_FILE
+    if path.is_file():
+        model.set_moca(load_moca(path, model.llm))
+    elif "moca" in model.config.extra:
+        raise RegapError(f"{folder}: the model config names MoCa but {MOCA_FILE} is missing")

@@ -11,17 +11,17 @@ from regap.errors import RegapError
 from regap.models.hub import hub_call
 from regap.models.lvlm import LVLM, LVLMConfig
 from regap.models.projector import build_projector
-from regap.models.templates import IMAGE_MARKER
+from regap.models.templates import IMAGE_MARKER, hf_chat_template
 from regap.models.vision import VisionConfig, VisionTower
 
 
-def load_llava_hf(name_or_path: str, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LVLM:
+def load_llava_hf(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "cpu") -> LVLM:
     """Load an HF LLaVA checkpoint; its modules are shared, not copied (no second 7B in memory)."""
     from transformers import AutoModelForCausalLM, AutoProcessor, LlavaForConditionalGeneration
 
     from regap.models.factory import parse_dtype
 
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype, device)
     llava = hub_call(name_or_path, LlavaForConditionalGeneration.from_pretrained, name_or_path, dtype=torch_dtype)
     processor = hub_call(name_or_path, AutoProcessor.from_pretrained, name_or_path)
     cfg = llava.config
@@ -50,29 +50,44 @@ def load_llava_hf(name_or_path: str, dtype: str | torch.dtype = "float32", devic
     return LVLM(config, vision, llm.eval(), processor.tokenizer, projector=projector).to(device)
 
 
+LLAVA_EXPRESSIBLE = ("HF LLaVA expresses a CLIP or SigLIP encoder without pooling and an mlp2x_gelu projector; "
+                "save_model keeps the regap format")
+
+
+def llava_export_problems(config: LVLMConfig, vision_model_type: str | None = None) -> list[str]:
+    """What about a model HF's `LlavaForConditionalGeneration` cannot express (empty: exportable).
+    `vision_model_type` (the encoder's config `model_type`) is checked when known; the rest needs
+    only the config, so `regap export` can refuse pooled or Q-Former models before loading them."""
+    problems = []
+    if vision_model_type is not None and vision_model_type not in ("clip_vision_model", "siglip_vision_model"):
+        problems.append(f"vision encoder {vision_model_type!r} (CLIP or SigLIP needed)")
+    if config.vision.pool_grid:
+        problems.append("patch pooling")
+    if config.projector_type != "mlp2x_gelu":
+        problems.append(f"projector {config.projector_type!r} (mlp2x_gelu needed)")
+    return problems
+
+
 def export_llava_hf(model: LVLM, out_dir: str | Path) -> Path:
     """Write a standard `LlavaForConditionalGeneration` folder (weights + processor) that other
-    tools (lmms-eval's `llava_hf`, vLLM) can read. Needs a CLIP/SigLIP encoder, no pooling,
-    an integer feature layer and an `mlp2x_gelu` projector: what the HF LLaVA class can express."""
+    tools (lmms-eval's `llava_hf`, vLLM, `pipeline("image-text-to-text")`) can read. Needs a
+    CLIP/SigLIP encoder, no pooling, an integer feature layer and an `mlp2x_gelu` projector: what
+    the HF LLaVA class can express. The chat template (processor and tokenizer) renders like the
+    model's regap template and turns image content parts into the `<image>` marker."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    vision_type = model.vision.encoder.config.model_type
-    problems = []
-    if vision_type not in ("clip_vision_model", "siglip_vision_model"):
-        problems.append(f"vision encoder {vision_type!r} (CLIP or SigLIP needed)")
-    if model.config.vision.pool_grid:
-        problems.append("patch pooling")
-    if model.config.projector_type != "mlp2x_gelu":
-        problems.append(f"projector {model.config.projector_type!r} (mlp2x_gelu needed)")
+    problems = llava_export_problems(model.config, model.vision.encoder.config.model_type)
+    if problems:
+        raise RegapError(f"cannot export {model.config.name} as HF LLaVA: {', '.join(problems)} ({LLAVA_EXPRESSIBLE})")
     layer = model.config.vision.feature_layer
     if layer == "final":
         layer = -1
-    if problems:
-        raise RegapError("cannot export as HF LLaVA: " + ", ".join(problems))
     out_dir = Path(out_dir)
     tokenizer = copy.deepcopy(model.tokenizer)
     if IMAGE_MARKER not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_MARKER]})
+    chat_template = hf_chat_template(model.config.template, model.tokenizer)
+    tokenizer.chat_template = chat_template
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_MARKER)
     text_config = copy.deepcopy(model.llm.config)
     old_vocab = model.llm.get_input_embeddings().weight.shape[0]
@@ -112,12 +127,16 @@ def export_llava_hf(model: LVLM, out_dir: str | Path) -> Path:
         raise RegapError(f"HF LLaVA export mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if config.tie_word_embeddings:
         llava.tie_weights()
+    # Stop and pad as regap's generation does (`DecodingSettings.generation_config`).
+    llava.generation_config.eos_token_id = tokenizer.eos_token_id
+    llava.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+        else tokenizer.eos_token_id
     llava.save_pretrained(out_dir, safe_serialization=True)
     patch = model.vision.encoder.config.patch_size
     processor = LlavaProcessor(
         image_processor=model.vision.image_processor, tokenizer=tokenizer, patch_size=patch,
         vision_feature_select_strategy=strategy, num_additional_image_tokens=1 if model.vision.has_cls else 0,
-        image_token=IMAGE_MARKER,
+        image_token=IMAGE_MARKER, chat_template=chat_template,
     )
     processor.save_pretrained(out_dir)
     return out_dir

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -15,6 +17,9 @@ from regap.models.inputs import ModelInputs, build_batch, with_image_marker
 from regap.models.projector import build_projector
 from regap.models.templates import get_template
 from regap.models.vision import VisionConfig, VisionTower
+
+if TYPE_CHECKING:
+    from regap.models.moca import MoCa
 
 
 @dataclass
@@ -83,7 +88,9 @@ class LVLM(nn.Module):
 
     `build_inputs` returns token ids with image slots and the image-token mask;
     `embed` scatters projected image features into those slots; `forward` and
-    `generate` run the LLM on the resulting `inputs_embeds`.
+    `generate` run the LLM on the resulting `inputs_embeds`. An optional MoCa
+    (`set_moca`) is part of the model: every LLM call is made inside
+    `image_positions(batch.image_mask)`, so MoCa applies wherever the model runs.
     """
 
     def __init__(self, config: LVLMConfig, vision: VisionTower, llm: nn.Module, tokenizer: Any,
@@ -96,6 +103,32 @@ class LVLM(nn.Module):
         self.projector = projector or build_projector(config.projector_type, vision.hidden_size, self.hidden_size,
                                                       **config.extra.get("projector_options", {}))
         self.projector.to(dtype=next(llm.parameters()).dtype)
+        self.moca: MoCa | None = None
+
+    # ---- MoCa ---------------------------------------------------------------------------------
+    def set_moca(self, moca: "MoCa | None") -> None:
+        """Make ``moca`` part of this model (hooked into the LLM's decoder layers, on the model's
+        device, named in the config so provenance and the fingerprint record it); None removes it."""
+        if self.moca is not None:
+            self.moca.detach()
+        extra = {k: v for k, v in self.config.extra.items() if k != "moca"}
+        if moca is not None:
+            moca.attach(self.llm)
+            moca.to(device=self.device)
+            extra["moca"] = moca.describe()
+        self.moca = moca
+        # A new config object: a preset's config is shared by every model built from it.
+        self.config = dataclasses.replace(self.config, extra=extra)
+
+    def image_positions(self, image_mask: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+        """Where the image tokens are, for the LLM calls made inside (MoCa's hooks read it);
+        a no-op for a model without MoCa. Direct LLM calls (a defense's extra pass) use it too."""
+        return self.moca.image_positions(image_mask) if self.moca is not None else contextlib.nullcontext()
+        #: Where the LLM's weights were read from when that is not `config.llm_source` (a saved
+        #: folder's `llm/`, or training in memory): they may be tuned, so the LLM as it was before
+        #: stage 2 (the `backbone` safety condition) must be loaded from `llm_source`. None: the
+        #: LLM is `llm_source` as published (or a peft wrapper around it).
+        self.llm_origin: str | None = None
 
     # ---- properties -------------------------------------------------------------------------
     @property
@@ -150,11 +183,14 @@ class LVLM(nn.Module):
         inputs = inputs.to(self.device)
         embeds = self.llm.get_input_embeddings()(inputs.input_ids)
         n_slots = int(inputs.image_mask.sum())
-        if inputs.pixel_values is None:
+        if inputs.image_features is not None:
+            image_tokens = self.projector(inputs.image_features.to(self.dtype))
+        elif inputs.pixel_values is None:
             if n_slots:
                 raise RegapError("the batch has image slots but no pixel values")
             return embeds
-        image_tokens = self.encode_images(inputs.pixel_values)
+        else:
+            image_tokens = self.encode_images(inputs.pixel_values)
         if image_tokens.shape[0] * image_tokens.shape[1] != n_slots:
             raise RegapError(f"{n_slots} image slots but {image_tokens.shape[0]} image(s) x {image_tokens.shape[1]} tokens")
         mask = inputs.image_mask.unsqueeze(-1).expand_as(embeds)
@@ -162,11 +198,12 @@ class LVLM(nn.Module):
 
     def forward(self, inputs: ModelInputs, output_hidden_states: bool = False, use_labels: bool = True) -> Any:
         embeds = self.embed(inputs)
-        return self.llm(
-            inputs_embeds=embeds, attention_mask=inputs.attention_mask.to(self.device),
-            labels=inputs.labels.to(self.device) if use_labels else None,
-            output_hidden_states=output_hidden_states, use_cache=False,
-        )
+        with self.image_positions(inputs.image_mask):
+            return self.llm(
+                inputs_embeds=embeds, attention_mask=inputs.attention_mask.to(self.device),
+                labels=inputs.labels.to(self.device) if use_labels else None,
+                output_hidden_states=output_hidden_states, use_cache=False,
+            )
 
     # ---- generation --------------------------------------------------------------------------
     def generate(self, *args: Any, **kwargs: Any) -> list[str]:
@@ -231,6 +268,9 @@ class LVLM(nn.Module):
             if logits_processor_factory is not None:
                 raise RegapError("the vllm engine cannot run decoding-time defenses (logits processors); "
                                  "use --engine transformers or static")
+            if self.moca is not None:
+                raise RegapError("the vllm engine cannot apply MoCa (vLLM runs its own decoder layers, without "
+                                 "MoCa's hooks); use --engine transformers or static")
             from regap.models.engines import generate_vllm
 
             texts, counts = generate_vllm(self, conversations, image_lists, order, settings, template=template,
@@ -263,10 +303,12 @@ class LVLM(nn.Module):
                 from transformers import LogitsProcessorList
 
                 extra["logits_processor"] = LogitsProcessorList(logits_processor_factory(chunk))
-            generated = self.llm.generate(
-                inputs_embeds=embeds, attention_mask=batch.attention_mask.to(self.device),
-                generation_config=settings.generation_config(self.tokenizer, prompt_length=embeds.shape[1]), **extra,
-            )
+            with self.image_positions(batch.image_mask):
+                generated = self.llm.generate(
+                    inputs_embeds=embeds, attention_mask=batch.attention_mask.to(self.device),
+                    generation_config=settings.generation_config(self.tokenizer, prompt_length=embeds.shape[1]),
+                    **extra,
+                )
             texts = self.tokenizer.batch_decode(generated[: len(chunk)], skip_special_tokens=True)
             for row, (index, text) in enumerate(zip(chunk, texts)):
                 outputs[index] = text.strip()

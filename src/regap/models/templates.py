@@ -111,6 +111,75 @@ class VicunaV1Template:
         return Rendered(text, spans)
 
 
+# ---- Jinja chat templates for exported HF folders ----------------------------------------------
+#
+# HF's multimodal chat path (`processor.apply_chat_template`, `pipeline("image-text-to-text")`,
+# lmms-eval's `llava_hf`) passes message contents as lists of parts: {"type": "image"} and
+# {"type": "text", "text": ...}. These templates render such lists the way regap renders the
+# same conversation: an image part becomes the `<image>` marker and a newline (LLaVA's
+# convention, `inputs.with_image_marker`), text parts are copied; plain-string contents are
+# rendered unchanged. The processor then expands each marker into the image's tokens.
+
+_FLATTEN_PARTS = (
+    "{%- set _regap = namespace(messages=[]) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set _regap.messages = _regap.messages + [message] -%}"
+    "{%- else -%}"
+    "{%- set _part = namespace(text='') -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set _part.text = _part.text + MARKER -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set _part.text = _part.text + item['text'] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set _regap.messages = _regap.messages + [{'role': message['role'], 'content': _part.text}] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = _regap.messages %}"  # no trailing '-': the wrapped template's text is untouched
+)
+
+
+def _jinja_string(text: str) -> str:
+    """A Jinja string literal (Jinja unescapes literals like Python's unicode-escape; JSON fits)."""
+    import json
+
+    return json.dumps(text)
+
+
+def hf_chat_template(name: str, tokenizer: Any) -> str:
+    """A Jinja chat template for HF processors that renders like regap's template `name` and
+    accepts image/text content parts (see above)."""
+    flatten = _FLATTEN_PARTS.replace("MARKER", _jinja_string(IMAGE_MARKER + "\n"))
+    if name == "chat":
+        if not getattr(tokenizer, "chat_template", None) or not isinstance(tokenizer.chat_template, str):
+            raise RegapError("the tokenizer has no (single) chat template to export")
+        return flatten + tokenizer.chat_template
+    if name == "vicuna_v1":
+        eos = _jinja_string(tokenizer.eos_token or "</s>")
+        return flatten + (
+            "{%- set system = " + _jinja_string(VICUNA_SYSTEM) + " -%}"
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set system = messages[0]['content'] -%}{%- set messages = messages[1:] -%}"
+            "{%- endif -%}"
+            "{{- system + ' ' -}}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] == 'user' -%}{{- 'USER: ' + message['content'] + ' ' -}}"
+            "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' + message['content'] + " + eos + " -}}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+        )
+    if name == "plain":
+        marker = _jinja_string(IMAGE_MARKER)
+        return flatten + (
+            "{%- set users = messages | selectattr('role', 'equalto', 'user') | list -%}"
+            "{%- set answers = messages | selectattr('role', 'equalto', 'assistant') | list -%}"
+            "{%- if users -%}{{- " + marker + " * (users[0]['content'].split(" + marker + ") | length - 1) -}}{%- endif -%}"
+            "{%- if answers and not add_generation_prompt -%}{{- answers[0]['content'] + '\\n' -}}{%- endif -%}"
+        )
+    raise RegapError(f"unknown template {name!r}; valid: {', '.join(TEMPLATES)}")
+
+
 def get_template(name: str, tokenizer: Any) -> Template:
     if name == "chat":
         return ChatTemplate(tokenizer)

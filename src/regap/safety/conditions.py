@@ -280,11 +280,17 @@ class TextOnly(ImageCondition):
 
 @register_condition("backbone")
 class Backbone(ImageCondition):
-    """A marker: send the request to the language backbone alone (no vision tower, no image)."""
+    """The request alone, to the language backbone as it was before stage 2 (no vision tower,
+    no image): the LoRA-tuned model with its adapter disabled, or the original LLM weights of a
+    fully tuned one (`regap.models.backbone`; the safety runner reads `use_backbone`)."""
 
     name = kind = "backbone"
     needs_image = False
     use_backbone = True
+
+    def settings(self):
+        # Part of the cache key: rows cached when `backbone` still generated like `text` are not reused.
+        return {"llm": "as before stage 2 (regap.models.backbone)"}
 
 
 @register_condition("blank", "blank-white", color="white")

@@ -2,20 +2,24 @@
 
 Generations are cached in `OUT/generations.jsonl`, keyed by (model fingerprint, condition,
 request, decoding settings), and verdicts in `OUT/verdicts.jsonl`, keyed by (generation,
-judge, judge prompt hash). An interrupted run therefore resumes without redoing or
-duplicating items, and adding a judge later judges the cached responses only.
+judge, judge prompt hash, the judge's options when it was given any). An interrupted run
+therefore resumes without redoing or duplicating items, and adding a judge later judges
+the cached responses only. Items that failed (an unreadable image, say) are cached as error
+rows and retried on every rerun, and a benchmark image's row records the file's sha256, so a
+replaced image is generated anew.
 `OUT/results.jsonl` and `OUT/summary.json` are rebuilt from the caches at the end.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from regap.errors import RegapError
 from regap.models.fingerprint import model_fingerprint
-from regap.provenance import json_hash, provenance
+from regap.provenance import file_sha256, json_hash, provenance
 from regap.safety.store import JsonlStore, write_json_atomic, write_jsonl_atomic
 
 
@@ -31,21 +35,30 @@ class SafetyRun:
     limit: int | None = None
     max_new_tokens: int = 128
     batch_size: int = 16
-    dtype: str = "float32"
+    dtype: str = "auto"
     projector: str | None = None
     seed: int = 0
     defenses: list[str] = field(default_factory=list)
     engine: str = "transformers"  # generation engine: transformers, static or vllm (regap.models.generation.ENGINES)
     source_limits: dict[str, int] = field(default_factory=dict)  # per-spec limits, overriding `limit`
+    judge_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # judge name -> its options
+    source_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # source name -> loader options
+    sample: int | None = None  # N random requests of each source (numpy, `seed`) instead of the first N
 
 
 def _load_all_requests(specs: list[str], limit: int | None, out: Path,
-                       source_limits: dict[str, int] | None = None) -> list[Any]:
-    from regap.safety.sources import load_requests_with_report
+                       source_limits: dict[str, int] | None = None,
+                       source_options: dict[str, dict[str, Any]] | None = None,
+                       sample: int | None = None, seed: int = 0) -> list[Any]:
+    from regap.safety.sources import load_requests_with_report, parse_spec
 
     requests, reports = [], {}
     for spec in specs:
-        items, report = load_requests_with_report(spec, limit=(source_limits or {}).get(spec, limit))
+        options = (source_options or {}).get(parse_spec(spec)[0].strip().lower(), {})
+        if sample is not None:
+            items, report = load_requests_with_report(spec, sample=sample, seed=seed, **options)
+        else:
+            items, report = load_requests_with_report(spec, limit=(source_limits or {}).get(spec, limit), **options)
         requests.extend(items)
         reports[spec] = report.summary() if hasattr(report, "summary") else str(report)
     seen: set[tuple[str, str]] = set()
@@ -75,6 +88,49 @@ def _condition_inputs(condition: Any, request: Any) -> tuple[str, Any, dict[str,
     return text, image, condition.details(request.id, request.prompt, extra)
 
 
+def _input_sha256(condition: Any, request: Any) -> str | None:
+    """sha256 of the file an item reads as its input (a benchmark's image), None for generated inputs."""
+    if condition.kind != "benchmark":
+        return None
+    path = request.resolved_image()
+    return file_sha256(path) if path is not None and path.is_file() else None
+
+
+def _cached_is_current(row: dict[str, Any] | None, input_hash: str | None) -> bool:
+    """A cached row is reused unless it is an error (retried) or its input file changed since.
+    Rows written before inputs were hashed carry no hash and are kept."""
+    if row is None or row.get("error") is not None:
+        return False
+    cached_hash = row.get("input_sha256")
+    return cached_hash is None or cached_hash == input_hash
+
+
+def _generate_ready(ready: list[tuple], generate: Any, backbone: Any, defenses: list[Any],
+                    settings: Any) -> list[dict[str, Any]]:
+    """Responses for the prepared items; `backbone` items go to the LLM as it was before stage 2."""
+    from regap.defenses import build_generate
+
+    rows = []
+    for use_backbone in (False, True):
+        part = [item for item in ready if item[4] == use_backbone]
+        if not part:
+            continue
+        texts, images = [item[1] for item in part], [item[2] for item in part]
+        if use_backbone:
+            with backbone.active() as base:
+                result = build_generate(base, defenses)(texts, images, settings)
+        else:
+            result = generate(texts, images, settings)
+        for (base_row, text, _image, details, _flag), response, tokens, defended in zip(
+                part, result.texts, result.new_tokens, result.details):
+            if use_backbone:
+                details = {**details, "backbone": backbone.describe()}
+            rows.append({**base_row, "prompt_sent": text, "condition_details": details, "response": response,
+                         "new_tokens": tokens, "defense_details": defended,
+                         "generation_calls": result.generation_calls, "error": None})
+    return rows
+
+
 #: Items handed to the model per call and written per cache append, in batches: the model sorts
 #: a call's prompts by token length before batching, so a larger call pads less (and gives the
 #: vLLM engine more to schedule), while an interrupted run loses at most this much work.
@@ -93,14 +149,22 @@ def generate_missing(run: SafetyRun, model: Any, requests: list[Any], store: Jso
 
     generate = build_generate(model, defenses, workdir=run.out, engine=run.engine)  # calibrations: OUT/defenses/
     todo: list[tuple[str, Any, Any, str]] = []
+    input_hashes: dict[str, str | None] = {}
     for name in run.conditions:
         condition = get_condition(name)
         condition_hash = json_hash(condition.describe())
         for request in requests:
             key = json_hash([fingerprint, condition_hash, request.source, request.id, decoding_hash,
                              [d.describe() for d in defenses]])
-            if key not in store:
+            input_hashes[key] = _input_sha256(condition, request)
+            if not _cached_is_current(store.get(key), input_hashes[key]):
                 todo.append((name, condition, request, key))
+    backbone = None
+    if any(item[1].use_backbone for item in todo):
+        from regap.models.backbone import Backbone
+
+        backbone = Backbone(model)  # an unavailable backbone fails here, before any generation
+        backbone.prepare()
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
@@ -114,19 +178,16 @@ def generate_missing(run: SafetyRun, model: Any, requests: list[Any], store: Jso
             base = {"key": key, "model_fingerprint": fingerprint, "condition": name, "request_id": request.id,
                     "source": request.source, "category": request.category, "label": request.label,
                     "prompt": request.prompt, "decoding_hash": decoding_hash}
+            if input_hashes[key] is not None:
+                base["input_sha256"] = input_hashes[key]
             try:
                 text, image, details = _condition_inputs(condition, request)
-            except RegapError as exc:  # one bad item (e.g. a missing image) is recorded, the run goes on
+            except RegapError as exc:  # one bad item (e.g. a missing image) is recorded (retried on rerun)
                 rows.append({**base, "response": None, "error": str(exc)})
                 continue
-            ready.append((base, text, image, details))
+            ready.append((base, text, image, details, condition.use_backbone))
         if ready:
-            result = generate([r[1] for r in ready], [r[2] for r in ready], settings)
-            for (base, text, _image, details), response, tokens, defended in zip(
-                    ready, result.texts, result.new_tokens, result.details):
-                rows.append({**base, "prompt_sent": text, "condition_details": details, "response": response,
-                             "new_tokens": tokens, "defense_details": defended,
-                             "generation_calls": result.generation_calls, "error": None})
+            rows.extend(_generate_ready(ready, generate, backbone, defenses, settings))
         store.add(rows)
         if bar is not None:
             bar.update(len(chunk))
@@ -147,19 +208,27 @@ def _build_defenses(names: list[str]) -> list[Any]:
     return [get_defense(name) for name in names]
 
 
-def judge_missing(judge_names: list[str], generations: JsonlStore, verdicts: JsonlStore) -> dict[str, Any]:
-    """Judge every cached response each judge has not judged yet; returns the judges' descriptions."""
+def judge_missing(judge_names: list[str], generations: JsonlStore, verdicts: JsonlStore,
+                  judge_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Judge every cached response each judge has not judged yet; returns the judges' descriptions.
+
+    A judge given options (`-o`) keys its verdicts by them too (`options_hash`, of the masked
+    options): an API judge's prompt hash is its rubric, so `model=a` and `model=b` would
+    otherwise share verdicts. Judges without options keep their keys, so older caches stay valid."""
+    from regap.redact import redact
     from regap.safety.judges import JudgeInput, get_judge
 
     described = {}
     for name in judge_names:
-        judge = get_judge(name)
-        described[name] = judge.describe()
+        options = (judge_options or {}).get(name, {})
+        judge = get_judge(name, **options)
+        tag = {"options_hash": json_hash(redact(options))} if options else {}
+        described[name] = {**judge.describe(), **tag}
         todo = []
         for row in generations.rows():
             if row.get("response") is None:
                 continue
-            key = json_hash([row["key"], name, judge.prompt_hash])
+            key = json_hash([row["key"], name, judge.prompt_hash, *tag.values()])
             if key not in verdicts:
                 todo.append((key, row))
         for start in range(0, len(todo), 64):
@@ -167,7 +236,7 @@ def judge_missing(judge_names: list[str], generations: JsonlStore, verdicts: Jso
             items = [JudgeInput(prompt=row["prompt"], response=row["response"], category=row["category"]) for _, row in chunk]
             results = judge.judge_batch(items)
             verdicts.add({"key": key, "generation": row["key"], "judge": name, "prompt_hash": judge.prompt_hash,
-                          **{f"verdict_{k}": v for k, v in verdict.to_dict().items()}}
+                          **tag, **{f"verdict_{k}": v for k, v in verdict.to_dict().items()}}
                          for (key, row), verdict in zip(chunk, results))
     return described
 
@@ -177,7 +246,8 @@ def assemble_results(generations: JsonlStore, verdicts: JsonlStore, judges: dict
     by_generation: dict[str, dict[str, Any]] = {}
     for verdict in verdicts.rows():
         name = verdict["judge"]
-        if name in judges and verdict["prompt_hash"] == judges[name]["prompt_hash"]:
+        if (name in judges and verdict["prompt_hash"] == judges[name]["prompt_hash"]
+                and verdict.get("options_hash") == judges[name].get("options_hash")):
             by_generation.setdefault(verdict["generation"], {})[name] = {
                 k[len("verdict_"):]: v for k, v in verdict.items() if k.startswith("verdict_")}
     rows = []
@@ -194,13 +264,20 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
     from regap.safety.conditions import get_condition
     from regap.safety.summary import plot_unsafe_rates, summarise
 
-    run.out.mkdir(parents=True, exist_ok=True)
+    from regap.checks import check_names, prepare_out_dir
+
+    check_names(run.prompts, "--prompts")
+    check_names(run.conditions, "--conditions")
+    check_names(run.judges, "--judge")
+    prepare_out_dir(run.out)
     for name in run.conditions:  # fail on unknown names before any work
         get_condition(name)
     from regap.safety.judges import get_judge
+    from regap.safety.judges.base import judge_class
 
-    for name in run.judges:
-        get_judge(name)
+    for name in run.judges:  # names and option keys now; judges that load weights are built when judging
+        if not judge_class(name, run.judge_options.get(name)).loads_weights:
+            get_judge(name, **run.judge_options.get(name, {}))
     defenses = _build_defenses(run.defenses)
     from regap.models.engines import check_engine_available
 
@@ -208,15 +285,20 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
     for defense in defenses:  # e.g. hook-based defenses cannot run with vLLM
         defense.check_engine(run.engine)
     check_engine_available(run.engine)
-    requests = _load_all_requests(run.prompts, run.limit, run.out, run.source_limits)
+    requests = _load_all_requests(run.prompts, run.limit, run.out, run.source_limits, run.source_options,
+                                  run.sample, run.seed)
     generations = JsonlStore(run.out / "generations.jsonl")
     verdicts = JsonlStore(run.out / "verdicts.jsonl")
+    damaged = {store.path.name: store.skipped for store in (generations, verdicts) if store.skipped}
+    for file_name, lines in damaged.items():
+        warnings.warn(f"{run.out / file_name}: skipped {len(lines)} unreadable line(s) (first: line {lines[0]['line']}, "
+                      f"{lines[0]['reason']}); their items are redone", stacklevel=2)
     if model is None:
         model = load_model(run.model, dtype=run.dtype)
     if run.projector:
         load_projector(model, run.projector)
     generate_missing(run, model, requests, generations, progress=progress)
-    judges = judge_missing(run.judges, generations, verdicts)
+    judges = judge_missing(run.judges, generations, verdicts, run.judge_options)
     wanted = {(r.source, r.id) for r in requests}
     fingerprint = model_fingerprint(model)
     rows = [r for r in assemble_results(generations, verdicts, judges)
@@ -225,12 +307,15 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
     record = provenance(
         model=run.model, model_config=model.config.to_dict(), model_fingerprint=fingerprint,
         projector=run.projector, prompts=run.prompts, limit=run.limit, source_limits=run.source_limits,
+        sample=run.sample, source_options=run.source_options,
         conditions={name: get_condition(name).describe() for name in run.conditions},
         judges=judges, decoding={**settings.to_dict(), "greedy": not settings.do_sample},
-        dtype=run.dtype, defenses=[d.describe() for d in defenses],
+        dtype=str(model.dtype).removeprefix("torch."), dtype_requested=run.dtype, defenses=[d.describe() for d in defenses],
     )
     write_jsonl_atomic(run.out / "results.jsonl", ({**r, "provenance": "summary.json#provenance"} for r in rows))
     summary = summarise(rows, list(judges), record)
+    if damaged:
+        summary["cache_skipped_lines"] = damaged
     write_json_atomic(run.out / "summary.json", summary)
     plot_unsafe_rates(summary, run.out / "unsafe_rate.png")
     return summary

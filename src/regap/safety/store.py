@@ -2,7 +2,9 @@
 
 Rows are appended and flushed one batch at a time. A run killed while writing leaves at
 most one partial last line; opening the store cuts it off, so a rerun neither loses
-finished rows nor duplicates them.
+finished rows nor duplicates them. A damaged line elsewhere (not UTF-8, not JSON, no key;
+an edit or a disk fault) is skipped and listed in `skipped`, so its item is redone rather
+than the whole run failing.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ class JsonlStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._repair()
+        #: Lines that could not be read back: {"line": number, "reason": ...}.
+        self.skipped: list[dict[str, Any]] = []
         self._rows: dict[str, dict[str, Any]] = {row["key"]: row for row in self._read()}
 
     def _repair(self) -> None:
@@ -35,17 +39,24 @@ class JsonlStore:
     def _read(self) -> Iterator[dict[str, Any]]:
         if not self.path.exists():
             return
-        with open(self.path, encoding="utf-8") as handle:
-            for line in handle:
-                line = line.strip()
+        with open(self.path, "rb") as handle:  # bytes: one undecodable line must not stop the rest
+            for number, raw in enumerate(handle, 1):
+                try:
+                    line = raw.decode("utf-8").strip()
+                except UnicodeDecodeError as exc:
+                    self.skipped.append({"line": number, "reason": f"not UTF-8 ({exc.reason} at byte {exc.start})"})
+                    continue
                 if not line:
                     continue
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # cannot happen after _repair except for foreign edits; skip
+                except json.JSONDecodeError as exc:  # only foreign edits after _repair
+                    self.skipped.append({"line": number, "reason": f"not JSON ({exc.msg})"})
+                    continue
                 if isinstance(row, dict) and "key" in row:
                     yield row
+                else:
+                    self.skipped.append({"line": number, "reason": "not a row with a 'key'"})
 
     def __contains__(self, key: str) -> bool:
         return key in self._rows

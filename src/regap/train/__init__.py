@@ -6,10 +6,11 @@ See ``docs/training.md``. Entry points:
 * :func:`train` - run a stage from a :class:`TrainConfig` (``regap pretrain`` / ``regap finetune``);
 * :func:`load_config` - a YAML file or shipped config name, plus ``key=value`` overrides;
 * :class:`ReGapLoss` - the regulariser (usable on its own);
-* :class:`MoCa` - the learnable vision-token scale/shift baseline;
+* :class:`MoCa` - the learnable image-token scale/shift baseline (`regap.models.moca`, re-exported);
 * :func:`load_trained` - rebuild a trained model from an output folder.
 """
 
+from regap.models.moca import MoCa, load_moca, save_moca
 from regap.train.config import (
     TrainConfig,
     apply_overrides,
@@ -20,7 +21,6 @@ from regap.train.config import (
 )
 from regap.train.hooks import HiddenCapture, decoder_layers
 from regap.train.loop import NonFiniteLossError, TrainModule, TrainResult, compute_losses, load_trained, train
-from regap.train.moca import MoCa, load_moca, save_moca
 from regap.train.observe import probe_gaps, read_metrics
 from regap.train.regap_loss import GapOutput, ReGapLoss, corpus_token_counts, text_stats_from_counts
 

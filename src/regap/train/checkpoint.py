@@ -2,12 +2,15 @@
 
 A checkpoint ``OUT/checkpoints/step-0000123/`` holds
 
-* ``state.json`` - step, epoch, position in the epoch's sample order, batch layout;
+* ``state.json`` - step, epoch, position in the epoch's sample order, batch layout, the
+  training data's sha256 (a resume on changed data is refused);
 * ``trainable.safetensors`` - every trainable parameter (projector, MoCa, LoRA or LLM);
 * ``projector.safetensors`` (the `save_projector` format), ``moca.safetensors`` and, for
   LoRA, ``adapter/`` (peft's format);
 * ``regap_state.safetensors`` - the ReGap alpha warm-up buffers (alpha stays frozen);
-* ``optimizer.pt``, ``scheduler.pt``, ``rng_state_<rank>.pt`` (python, numpy, torch, cuda);
+* ``optimizer.pt``, ``scheduler.pt``, ``rng_state_<rank>.pt`` (python, numpy, torch, cuda), which hold
+  only tensors and plain values and are read with ``torch.load(weights_only=True)`` (`load_plain`):
+  a checkpoint folder may come from someone else, and resuming must never run code planted in it;
 * with DeepSpeed or FSDP, ``accelerate/`` from `Accelerator.save_state` (sharded states).
 
 The folder is written as ``step-0000123.tmp`` and renamed with ``os.replace`` once
@@ -19,7 +22,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -56,10 +61,46 @@ def torch_save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def load_plain(path: Path, map_location: str = "cpu") -> Any:
+    """Read a ``.pt`` file that may hold only tensors and plain values (dicts, lists, numbers, strings).
+
+    ``weights_only=True`` refuses every pickled global outside torch's allow-list, so a payload planted
+    in a checkpoint cannot run. The numpy array types are allowed too: checkpoints written before the
+    RNG state was stored as a tensor hold numpy's generator state as an ndarray.
+    """
+    if not path.is_file():
+        raise RegapError(f"checkpoint file missing: {path}")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise RegapError(f"refusing to load {path}: it holds more than tensors and plain values "
+                         f"({_unpickling_reason(exc)}); regap never unpickles objects from a checkpoint") from None
+    except Exception as exc:  # truncated zip, wrong format...
+        raise RegapError(f"cannot read {path}: {exc}") from None
+
+
+# Exactly what a uint32 ndarray's pickle names (found through the array itself, which works on numpy 1
+# and 2); none of these callables does anything but build an array.
+_NUMPY_ARRAY_GLOBALS = [np.zeros(1, np.uint32).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """What torch's multi-paragraph weights_only message refused (a global's name, or a pickle opcode)."""
+    text = str(exc)
+    found = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", text, re.IGNORECASE)
+    if found:
+        return f"it names the Python object {found.group(1)}"
+    found = re.search(r"Unsupported operand \d+", text)
+    return found.group(0) if found else "not a plain tensor file"
+
+
 def rng_state() -> dict[str, Any]:
+    """Every generator's state as tensors and plain values, so that `load_plain` can read it back."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -69,7 +110,10 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]
+    if isinstance(keys, torch.Tensor):
+        keys = keys.numpy().astype(np.uint32)
+    np.random.set_state((kind, keys, *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -99,6 +99,7 @@ class TrainBatch:
     skipped: list[dict[str, Any]]
     truncated: int
     n_samples: int
+    image_keys: list[str] | None = None  # per image, for the frozen-feature cache (when asked for)
 
 
 class Collator:
@@ -109,12 +110,13 @@ class Collator:
     those of `LVLM.build_inputs`.
     """
 
-    def __init__(self, model: Any, template: str | None, max_length: int | None) -> None:
+    def __init__(self, model: Any, template: str | None, max_length: int | None, image_keys: bool = False) -> None:
         self.tokenizer = model.tokenizer
         self.image_processor = model.vision.image_processor
         self.tokens_per_image = model.tokens_per_image
         self.template_name = template or model.config.template
         self.max_length = max_length
+        self.image_keys = image_keys
 
     def __call__(self, items: Sequence[LoadedSample]) -> TrainBatch:
         from regap.models.inputs import build_batch
@@ -137,7 +139,12 @@ class Collator:
             if "truncated" not in str(w.message):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         skipped = [entry for item in items for entry in item.skipped]
-        return TrainBatch(inputs, [item.sample.id for item in items], skipped, truncated, len(items))
+        keys = None
+        if self.image_keys:
+            from regap.models.feature_cache import image_key
+
+            keys = [image_key(image) for image in flat]
+        return TrainBatch(inputs, [item.sample.id for item in items], skipped, truncated, len(items), keys)
 
 
 def identity_collate(items: Sequence[Any]) -> list[Any]:

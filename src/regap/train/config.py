@@ -28,8 +28,8 @@ from regap.errors import RegapError
 DISTANCES = ("centroid", "centroid+norm", "frechet", "cosine")
 POOLINGS = ("batch", "sample")
 TEXT_STATS = ("auto", "corpus", "batch")
-MIXED_PRECISION = ("no", "bf16", "fp16")
-DTYPES = ("float32", "bfloat16", "float16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 TUNE = {1: ("projector",), 2: ("full", "lora", "projector")}
 TRACKERS = ("tensorboard", "wandb")
 QFORMER_TRAINABLE = ("all", "linear")
@@ -59,6 +59,7 @@ class DataSpec:
     max_items: int | None = None
     synth: SynthSpec | None = None
     num_workers: int = 0  # DataLoader worker processes (image decoding)
+    feature_cache: str = "auto"  # frozen vision features cached on disk: auto (on for CPU runs) | on | off
 
 
 @dataclass
@@ -123,8 +124,8 @@ class ObserveSpec:
 class TrainConfig:
     stage: int = 1
     model: str = "tiny"  # preset name, saved folder, HF LLaVA checkpoint, or `tiny-random`
-    dtype: str = "float32"  # weights of the frozen parts
-    mixed_precision: str = "no"  # no | bf16 | fp16 (autocast; trainable weights stay float32)
+    dtype: str = "auto"  # weights of the frozen parts; auto: bfloat16 where the device computes it fast
+    mixed_precision: str = "auto"  # auto (follows dtype) | no | bf16 | fp16 (autocast; trainable weights stay float32)
     cpu: bool = False  # force CPU even when a GPU is present
     projector: str | None = None  # initial projector: .safetensors file or a stage-1 output folder
     projector_type: str | None = None  # null: the model's own; linear | mlpNx_gelu | qformer: a fresh one of that kind
@@ -186,6 +187,7 @@ class TrainConfig:
         if out.template is None:
             out.template = defaults["template"]  # None in stage 2: the model's own template
         out.validate()
+        out.dtype, out.mixed_precision = resolve_precision(out)
         return out
 
     def validate(self) -> None:
@@ -199,6 +201,7 @@ class TrainConfig:
             from regap.models.templates import TEMPLATES
 
             _choice("template", self.template, TEMPLATES)
+        _choice("data.feature_cache", self.data.feature_cache, ("auto", "on", "off"))
         _choice("regap.distance", self.regap.distance, DISTANCES)
         _choice("regap.pooling", self.regap.pooling, POOLINGS)
         _choice("regap.text_stats", self.regap.text_stats, TEXT_STATS)
@@ -230,6 +233,11 @@ class TrainConfig:
                 raise RegapError(f"config key '{name}' must be a finite number > 0 (got {value})")
         if not 0 <= self.warmup_ratio < 1:
             raise RegapError(f"config key 'warmup_ratio' must be in [0, 1) (got {self.warmup_ratio})")
+        from regap.checks import check_seed
+
+        check_seed(self.seed, "config key 'seed'")
+        if self.data.synth is not None:
+            check_seed(self.data.synth.seed, "config key 'data.synth.seed'")
         if not self.data.json:
             raise RegapError("config key 'data.json' is required (a LLaVA JSON file, or a path to generate with data.synth)")
         if self.moca.layers is not None and any(k < 1 for k in self.moca.layers):
@@ -330,6 +338,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     elif inner is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+        if isinstance(value, bool) and key.split(".")[-1] == "mixed_precision":
+            return "no" if value is False else str(value)  # YAML 1.1 reads a bare `no` as false
     raise RegapError(f"config key '{key}' must be {_type_name(hint)}, got {value!r}")
 
 
@@ -347,6 +357,25 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if name in data:
             kwargs[name] = _coerce(hints[name], data[name], f"{prefix}.{name}" if prefix else name)
     return cls(**kwargs)
+
+
+def training_device(config: TrainConfig) -> str:
+    """The device type a training run will use (what Accelerate picks for one process)."""
+    import os
+
+    import torch
+
+    forced_cpu = config.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return "cpu" if forced_cpu or not torch.cuda.is_available() else "cuda"
+
+
+def resolve_precision(config: TrainConfig) -> tuple[str, str]:
+    """(dtype, mixed_precision) with `auto` resolved for the training device (see regap.precision)."""
+    from regap.precision import mixed_precision_for, resolve_dtype
+
+    dtype = resolve_dtype(config.dtype, training_device(config)).dtype
+    mixed = mixed_precision_for(dtype) if config.mixed_precision == "auto" else config.mixed_precision
+    return dtype, mixed
 
 
 # ---------------------------------------------------------------------- files and overrides
@@ -401,7 +430,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     out = _deep_copy(data)
     for text in overrides:
         path, value = parse_override(text)
-        _check_override_path(path, text)
+        hint = _check_override_path(path, text)
+        if _optional_inner(hint)[0] is str and isinstance(value, bool):
+            value = text.split("=", 1)[1].strip()  # a string key keeps `no` / `off` as written
         node = out
         for part in path[:-1]:
             if not isinstance(node.get(part), dict):
@@ -411,8 +442,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
-def _check_override_path(path: list[str], text: str) -> None:
+def _check_override_path(path: list[str], text: str) -> Any:
+    """Check that the override names a config key; return the key's type hint."""
     cls: Any = TrainConfig
+    hint: Any = None
     for depth, part in enumerate(path):
         hints = typing.get_type_hints(cls)
         if part not in hints:
@@ -420,11 +453,13 @@ def _check_override_path(path: list[str], text: str) -> None:
             close = difflib.get_close_matches(part, list(hints), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise RegapError(f"unknown config key '{key}' in override {text!r}{hint}")
-        inner, _ = _optional_inner(hints[part])
+        hint = hints[part]
+        inner, _ = _optional_inner(hint)
         if depth < len(path) - 1:
             if not dataclasses.is_dataclass(inner):
                 raise RegapError(f"config key '{'.'.join(path[: depth + 1])}' has no sub-keys (override {text!r})")
             cls = inner
+    return hint
 
 
 def _deep_copy(data: Any) -> Any:
@@ -500,6 +535,7 @@ def derive_batch_layout(
 
 #: Keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = ("stop_after_steps", "save_every", "keep_checkpoints", "observe", "data.num_workers",
+                     "data.feature_cache",
                      "per_device_batch_size", "gradient_accumulation_steps", "cpu")
 
 

@@ -34,15 +34,15 @@ from torch import nn
 
 from regap.errors import RegapError
 from regap.models.inputs import IGNORE_INDEX, ModelInputs
+from regap.models.moca import MOCA_FILE, MoCa, load_moca, save_moca
 from regap.provenance import file_sha256
 from regap.train import checkpoint as ckpt
 from regap.train.collate import Collator, StepSampler, TrainSamples
 from regap.train.config import TrainConfig, config_differences, derive_batch_layout
 from regap.train.distributed import all_reduce_sum
 from regap.train.hooks import HiddenCapture, unwrap_llm
-from regap.train.moca import MOCA_FILE, MoCa, load_moca, save_moca
 from regap.train.observe import MetricsLog, Progress, available_trackers, probe_gaps
-from regap.train.regap_loss import ReGapLoss, corpus_token_counts, text_stats_from_counts
+from regap.train.regap_loss import GapOutput, ReGapLoss, corpus_token_counts, text_stats_from_counts
 
 TINY_RANDOM = "tiny-random"
 REGAP_STATE_FILE = "regap_state.safetensors"
@@ -64,31 +64,36 @@ class TrainResult:
 
 
 class TrainModule(nn.Module):
-    """The LVLM plus the MoCa parameters, as one module for `accelerator.prepare` (so DDP
+    """The LVLM (with its MoCa, when enabled) as the module for `accelerator.prepare` (so DDP
     and friends synchronise every trainable parameter).
 
-    ``forward`` hands the batch's image mask to MoCa's hooks, writes the projected image
-    tokens into the input embeddings (`LVLM.embed`) and runs the LLM without labels: the
-    loss is computed outside, over the global batch. ``logits_positions`` (a 1-D tensor of
-    sequence positions) limits the vocabulary projection to the positions that predict a
-    target token (``logits_to_keep``), which saves most of the LM-head work in stage 1,
-    where image tokens make up most of the sequence.
+    ``forward`` writes the projected image tokens into the input embeddings (`LVLM.embed`)
+    and runs the LLM without labels inside `LVLM.image_positions` (MoCa's hooks read the
+    batch's image mask there, for that call only): the loss is computed outside, over the
+    global batch. ``logits_positions`` (a 1-D tensor of sequence positions) limits the
+    vocabulary projection to the positions that predict a target token (``logits_to_keep``),
+    which saves most of the LM-head work in stage 1, where image tokens make up most of the
+    sequence.
     """
 
-    def __init__(self, lvlm: nn.Module, moca: MoCa | None = None) -> None:
+    def __init__(self, lvlm: nn.Module) -> None:
         super().__init__()
         self.lvlm = lvlm
-        self.moca = moca
         self._keep_ok = "logits_to_keep" in inspect.signature(unwrap_llm(lvlm.llm).forward).parameters
+
+    @property
+    def moca(self) -> MoCa | None:
+        return self.lvlm.moca
 
     def forward(self, inputs: ModelInputs, output_hidden_states: bool = False,
                 logits_positions: torch.Tensor | None = None) -> Any:
-        if self.moca is not None:
-            self.moca.context.set(inputs.image_mask)
         embeds = self.lvlm.embed(inputs)
-        extra = {"logits_to_keep": logits_positions} if logits_positions is not None and self._keep_ok else {}
-        return self.lvlm.llm(inputs_embeds=embeds, attention_mask=inputs.attention_mask.to(embeds.device),
-                             output_hidden_states=output_hidden_states, use_cache=False, **extra)
+        extra = {}
+        if logits_positions is not None and self._keep_ok:  # host positions: an asynchronous copy, no wait
+            extra["logits_to_keep"] = logits_positions.to(embeds.device, non_blocking=True)
+        with self.lvlm.image_positions(inputs.image_mask):
+            return self.lvlm.llm(inputs_embeds=embeds, attention_mask=inputs.attention_mask.to(embeds.device),
+                                 output_hidden_states=output_hidden_states, use_cache=False, **extra)
 
 
 # ---------------------------------------------------------------------- losses
@@ -96,12 +101,33 @@ class TrainModule(nn.Module):
 
 @dataclass
 class StepLosses:
+    """One micro-batch's losses. ``total`` is the differentiable loss; the rest stays on the
+    device and is read back only through the properties (by the steps that log)."""
+
     total: torch.Tensor
-    caption: float
-    gap: float | None
-    gap_loss: float | None
-    alpha: float | None
-    caption_tokens: int
+    caption_tensor: torch.Tensor
+    caption_count: torch.Tensor  # target tokens of the global micro-batch
+    regap_output: GapOutput | None = None
+
+    @property
+    def caption(self) -> float:
+        return float(self.caption_tensor.detach())
+
+    @property
+    def gap(self) -> float | None:
+        return None if self.regap_output is None else float(self.regap_output.gap.detach())
+
+    @property
+    def gap_loss(self) -> float | None:
+        return None if self.regap_output is None else float(self.regap_output.loss.detach())
+
+    @property
+    def alpha(self) -> float | None:
+        return None if self.regap_output is None else self.regap_output.alpha
+
+    @property
+    def caption_tokens(self) -> int:
+        return int(self.caption_count)
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -120,36 +146,43 @@ def caption_loss_terms(logits: torch.Tensor, labels: torch.Tensor,
     if positions is None or logits.shape[1] == labels.shape[1]:
         logits, targets = logits[:, :-1], labels[:, 1:]
     else:
-        targets = labels[:, positions.to(labels.device) + 1]
+        targets = labels[:, positions.to(labels.device, non_blocking=True) + 1]
     mask = targets != IGNORE_INDEX
     count = mask.sum()
-    if not bool(count):
-        return logits.sum() * 0.0, count
-    selected = logits[mask]
+    selected = logits[mask]  # no target: an empty selection, whose summed loss is 0 (still in the graph)
     selected = selected.to(torch.promote_types(selected.dtype, torch.float32))  # half -> float32
     return F.cross_entropy(selected, targets[mask], reduction="sum"), count
 
 
 def compute_losses(module: nn.Module, inputs: ModelInputs, regap: ReGapLoss | None = None,
-                   capture: HiddenCapture | None = None, keepalive: list[nn.Parameter] | None = None) -> StepLosses:
-    """Forward pass + caption loss (global token mean) + ReGap; the value is the same on every process."""
-    positions = target_positions(inputs.labels)
+                   capture: HiddenCapture | None = None, keepalive: list[nn.Parameter] | None = None,
+                   positions: torch.Tensor | None = None) -> StepLosses:
+    """Forward pass + caption loss (global token mean) + ReGap; the value is the same on every process.
+
+    ``positions`` (`target_positions` of the labels, computed on the host before the batch
+    moves to the device, as the loop does) spares the device a read-back; by default they
+    are computed from ``inputs.labels``. Nothing here converts a device value to a Python
+    number: the logged values are read later, through `StepLosses`' properties. (Selecting
+    the target rows of the logits still makes the device count them: the price of upcasting
+    only those rows to float32.)
+    """
+    if positions is None:
+        positions = target_positions(inputs.labels)
     out = module(inputs, logits_positions=positions)
     loss_sum, count = caption_loss_terms(out.logits, inputs.labels, positions)
-    global_count = float(all_reduce_sum(count.detach().double(), grad=False))
-    caption = all_reduce_sum(loss_sum) / max(global_count, 1.0)
+    global_count = all_reduce_sum(count.detach().double(), grad=False)
+    caption = all_reduce_sum(loss_sum) / global_count.clamp_min(1.0).to(loss_sum.dtype)
     total = caption
-    gap = gap_loss = alpha = None
+    result = None
     if regap is not None and capture is not None:
         features = capture.pop()
         result = regap(features, inputs.image_mask, inputs.attention_mask)
         total = total + result.loss.to(total.dtype)
-        gap, gap_loss, alpha = float(result.gap.detach()), float(result.loss.detach()), result.alpha
     if keepalive and inputs.pixel_values is None:
         # No image in this process's batch: keep the projector in the graph with a zero
         # term so data-parallel gradient reduction sees every trainable parameter.
         total = total + sum(p.sum() for p in keepalive) * 0.0
-    return StepLosses(total, float(caption.detach()), gap, gap_loss, alpha, int(global_count))
+    return StepLosses(total, caption.detach(), global_count, result)
 
 
 # ---------------------------------------------------------------------- model set-up
@@ -234,6 +267,7 @@ def setup_model(lvlm: Any, config: TrainConfig, log: Any = print) -> tuple[Train
     if config.stage == 2 and config.tune == "full":
         for parameter in lvlm.llm.parameters():
             parameter.requires_grad_(True)
+        lvlm.llm_origin = lvlm.llm_origin or "stage-2 full tuning"  # the `backbone` condition reloads llm_source
     elif config.stage == 2 and config.tune == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -242,18 +276,19 @@ def setup_model(lvlm: Any, config: TrainConfig, log: Any = print) -> tuple[Train
             target_modules=config.lora.target_modules or "all-linear", task_type="CAUSAL_LM",
         )
         lvlm.llm = get_peft_model(lvlm.llm, lora)
-    moca = None
     if config.moca.enabled:
         if moca_init is not None:
-            moca = load_moca(lvlm.llm, moca_init)
+            lvlm.set_moca(load_moca(moca_init, lvlm.llm))
             log(f"loaded MoCa {moca_init}")
-        else:
-            moca = MoCa.for_llm(lvlm.llm, config.moca.layers)
+        elif lvlm.moca is None:  # a model that has MoCa already (`train(..., model=)`) keeps training it
+            lvlm.set_moca(MoCa.for_llm(lvlm.llm, config.moca.layers))
     elif moca_init is not None:
         warnings.warn(f"{moca_init} is ignored: moca.enabled is false in this config", stacklevel=2)
+    if lvlm.moca is not None:  # part of the model either way; trained only when enabled
+        lvlm.moca.requires_grad_(config.moca.enabled)
     if config.mixed_precision != "no":
         # Trainable weights in float32 (autocast computes in bf16/fp16).
-        for parameter in list(lvlm.parameters()) + (list(moca.parameters()) if moca else []):
+        for parameter in lvlm.parameters():
             if parameter.requires_grad and parameter.dtype != torch.float32:
                 parameter.data = parameter.data.float()
     elif lvlm.dtype in (torch.bfloat16, torch.float16):
@@ -261,10 +296,10 @@ def setup_model(lvlm: Any, config: TrainConfig, log: Any = print) -> tuple[Train
                       "mixed_precision=bf16 keeps float32 trainable weights", stacklevel=2)
     if config.gradient_checkpointing:
         lvlm.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = TrainModule(lvlm, moca)
+    module = TrainModule(lvlm)
     module.train()
     lvlm.vision.eval()  # frozen; no dropout or statistics updates
-    return module, moca
+    return module, lvlm.moca
 
 
 def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -274,9 +309,9 @@ def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
 def make_optimizer(module: TrainModule, config: TrainConfig) -> torch.optim.Optimizer:
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, parameter in trainable_parameters(module).items():
-        is_projector = name.startswith("lvlm.projector.") or name.startswith("moca.")
-        lr = config.projector_lr if is_projector else config.lr
-        decay = config.weight_decay if parameter.ndim >= 2 and not name.startswith("moca.") else 0.0
+        is_moca = name.startswith("lvlm.moca.")
+        lr = config.projector_lr if is_moca or name.startswith("lvlm.projector.") else config.lr
+        decay = config.weight_decay if parameter.ndim >= 2 and not is_moca else 0.0
         groups.setdefault((lr, decay), []).append(parameter)
     if not groups:
         raise RegapError("nothing to train: no parameter requires a gradient")
@@ -452,15 +487,15 @@ def load_checkpoint(accelerator: Any, checkpoint: Path, module: nn.Module, optim
             for name, parameter in expected.items():
                 parameter.copy_(tensors[name].to(parameter.dtype))
         # Loaded on the CPU; Optimizer.load_state_dict moves the states to their parameters' devices.
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+        optimizer.load_state_dict(ckpt.load_plain(checkpoint / "optimizer.pt"))
+    scheduler.load_state_dict(ckpt.load_plain(checkpoint / "scheduler.pt"))
     if regap is not None:
         path = checkpoint / REGAP_STATE_FILE
         if path.is_file():
             regap.load_state_dict({k: v.to(accelerator.device) for k, v in ckpt.load_tensors(path).items()}, strict=False)
     rng_file = checkpoint / f"rng_state_{accelerator.process_index}.pt"
     if rng_file.is_file():
-        ckpt.set_rng_state(torch.load(rng_file, weights_only=False))
+        ckpt.set_rng_state(ckpt.load_plain(rng_file))
     else:
         warnings.warn(f"{checkpoint} has no RNG state for process {accelerator.process_index} "
                       "(different number of processes?): dropout noise will differ from an uninterrupted run",
@@ -519,14 +554,19 @@ def _save_adapter(peft_model: Any, folder: Path, trainable: dict[str, torch.Tens
     peft_model.save_pretrained(str(folder), state_dict=state or None)
 
 
-def load_trained(out_dir: str | Path, *, dtype: str | None = None, device: str = "cpu") -> tuple[Any, MoCa | None]:
+def load_trained(out_dir: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu") -> Any:
     """Rebuild a trained model from a training output folder: base model + projector
-    (+ LoRA adapter or full LLM) + MoCa. Returns ``(lvlm, moca)``; use
-    ``moca.images(batch.image_mask)`` around direct LLM calls when MoCa is present."""
+    (+ LoRA adapter or full LLM) + MoCa, which the returned LVLM applies by itself
+    (`regap.models.load_model` and every ``--model OUT`` come here)."""
     out_dir = Path(out_dir)
     from regap.train.config import read_yaml
 
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).replace("torch.", "")
     config = TrainConfig.from_dict(read_yaml(out_dir / "config.yaml"))
+    if not (out_dir / "projector.safetensors").is_file():
+        raise RegapError(f"{out_dir}: no projector.safetensors (the training has not finished; its checkpoints "
+                         f"are in {out_dir / 'checkpoints'})")
     if (out_dir / "model").is_dir():
         from regap.models import load_model
 
@@ -540,8 +580,9 @@ def load_trained(out_dir: str | Path, *, dtype: str | None = None, device: str =
             from peft import PeftModel
 
             lvlm.llm = PeftModel.from_pretrained(lvlm.llm, str(out_dir / "adapter"))
-    moca = load_moca(lvlm.llm, out_dir / MOCA_FILE) if (out_dir / MOCA_FILE).is_file() else None
-    return lvlm.eval(), moca
+    if lvlm.moca is None and (out_dir / MOCA_FILE).is_file():  # `model/` (full stage 2) may hold it already
+        lvlm.set_moca(load_moca(out_dir / MOCA_FILE, lvlm.llm))
+    return lvlm.eval()
 
 
 def _with(config: TrainConfig, **changes: Any) -> TrainConfig:
@@ -589,6 +630,20 @@ def _new_accelerator(config: TrainConfig, out_dir: Path) -> tuple[Any, int, int,
     return accelerator, per_device, accumulation, trackers
 
 
+def _feature_cache(cfg: TrainConfig, lvlm: Any, accelerator: Any, log: Any) -> Any:
+    """The frozen-vision-feature cache (`data.feature_cache`), or None. `auto` turns it on for CPU
+    runs, where re-encoding the same images for every lambda and seed costs real time; on a GPU
+    cluster the cache of a large data set would fill disks faster than it saves time."""
+    wanted = cfg.data.feature_cache == "on" or (cfg.data.feature_cache == "auto" and accelerator.device.type == "cpu")
+    if not wanted or any(p.requires_grad for p in lvlm.vision.parameters()):
+        return None
+    from regap.models.feature_cache import VisionFeatureCache
+
+    cache = VisionFeatureCache(lvlm.vision)
+    log(f"vision features cached in {cache.folder}")
+    return cache
+
+
 def _to_cpu_batches(collator: Collator, samples: TrainSamples, indices: list[int], size: int) -> list[ModelInputs]:
     items = [samples[i] for i in indices]
     return [collator(items[i: i + size]).inputs for i in range(0, len(items), size)]
@@ -608,8 +663,9 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
     cfg = config.resolved()
     if model is None:
         _check_projector_early(cfg)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from regap.checks import prepare_out_dir
+
+    out_dir = prepare_out_dir(out_dir)
     accelerator, per_device, accumulation, trackers = _new_accelerator(cfg, out_dir)
     main = accelerator.is_main_process
     world = accelerator.num_processes
@@ -663,6 +719,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
 
     dataset = LlavaJsonDataset(json_path, image_root, max_items=cfg.data.max_items)
     data_sha = file_sha256(json_path)
+    if resume_from is not None:
+        _check_resume_data(resume_from, json_path, data_sha)
     report = dataset.report
     if main:
         dataset.write_report(out_dir / "data_report.json")
@@ -677,13 +735,14 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
 
     # ---- model
     lvlm = model if model is not None else build_model(cfg)
-    module, moca = setup_model(lvlm, cfg, log)
+    module, _ = setup_model(lvlm, cfg, log)
     n_trainable = sum(p.numel() for p in trainable_parameters(module).values())
     log(f"stage {cfg.stage} ({cfg.tune}): {n_trainable:,} trainable parameters; {world} process(es), "
         f"{per_device} per device x {accumulation} accumulation = global batch {cfg.global_batch_size}")
 
     samples = TrainSamples(dataset)
-    collator = Collator(lvlm, cfg.template, cfg.max_length)
+    features = _feature_cache(cfg, lvlm, accelerator, log)
+    collator = Collator(lvlm, cfg.template, cfg.max_length, image_keys=features is not None)
     steps_per_epoch = len(dataset) // cfg.global_batch_size
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     n_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -748,7 +807,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
                 "samples_seen": step * cfg.global_batch_size, "total_steps": total_steps,
                 "global_batch_size": cfg.global_batch_size, "world_size": world, "per_device_batch_size": per_device,
                 "gradient_accumulation_steps": accumulation, "seed": cfg.seed, "skipped_images": issues.skipped,
-                "truncated": issues.truncated, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "truncated": issues.truncated, "data_sha256": data_sha, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def save(at_step: int) -> Path:
         path = save_checkpoint(accelerator, out_dir, at_step, checkpoint_state(), module, optimizer, scheduler,
@@ -773,8 +832,11 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
                                                  generator=torch.Generator().manual_seed(cfg.seed + epoch))
             for batch in loader:
                 inputs = batch.inputs.to(accelerator.device)
+                if features is not None and inputs.pixel_values is not None:
+                    inputs.image_features = features.features(batch.image_keys, inputs.pixel_values)
                 with accelerator.accumulate(module):
-                    losses = compute_losses(module, inputs, regap, capture, keepalive)
+                    losses = compute_losses(module, inputs, regap, capture, keepalive,
+                                            positions=target_positions(batch.inputs.labels))  # host labels
                     if not bool(torch.isfinite(losses.total.detach())):
                         raise NonFiniteLossError(_non_finite_message(losses, step + 1, batch.ids, last_checkpoint))
                     accelerator.backward(losses.total)
@@ -794,8 +856,6 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
                     optimizer.zero_grad(set_to_none=True)
                 if capture is not None:
                     capture.clear()
-                if moca is not None:
-                    moca.context.clear()
                 window.add(losses, batch)
                 issues.add(batch)
                 if not accelerator.sync_gradients:
@@ -808,27 +868,32 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
                 if regap is not None:
                     regap.step()
                 now = time.perf_counter()
-                row = {"step": step, "epoch": round(step / steps_per_epoch, 4), **window.summary(),
-                       "lr": cfg.lr * lr_factor, "lr_projector": cfg.projector_lr * lr_factor,
-                       "samples_per_s": cfg.global_batch_size / max(now - t_step, 1e-9),
-                       "alpha": regap.alpha if regap is not None else None,
-                       "alpha_frozen": regap.frozen if regap is not None else None,
-                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                       "truncated": issues.truncated, "skipped_images": len(issues.skipped),
-                       "elapsed_s": round(now - t_start, 3)}
-                t_step = now
-                window = _Window()
                 gap_due = cfg.observe.gap_every and (step % cfg.observe.gap_every == 0 or step == total_steps)
                 mir_due = cfg.observe.mir_every and (step % cfg.observe.mir_every == 0 or step == total_steps)
-                if probe_batches and (gap_due or mir_due):
+                probing = bool(probe_batches and (gap_due or mir_due))
+                logged = step % cfg.observe.log_every == 0 or step == total_steps or probing
+                stopping = cfg.stop_after_steps is not None and step >= cfg.stop_after_steps
+                # Device values (losses, alpha, grad norm) are read back only for a row that is
+                # written (or returned): other steps queue their work without waiting for the device.
+                row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                       **(window.summary() if logged or stopping else {}),
+                       "lr": cfg.lr * lr_factor, "lr_projector": cfg.projector_lr * lr_factor,
+                       "samples_per_s": cfg.global_batch_size / max(now - t_step, 1e-9)}
+                if logged or stopping:
+                    row.update({"alpha": regap.alpha if regap is not None else None,
+                                "alpha_frozen": regap.frozen if regap is not None else None,
+                                "grad_norm": float(grad_norm) if grad_norm is not None else None})
+                row.update({"truncated": issues.truncated, "skipped_images": len(issues.skipped),
+                            "elapsed_s": round(now - t_start, 3)})
+                t_step = now
+                window = _Window()
+                if probing:
                     row.update(probe_gaps(accelerator.unwrap_model(module), probe_batches, accelerator.device,
                                           with_mir=bool(mir_due), autocast=accelerator.autocast))
                     if capture is not None:
                         capture.clear()
-                    if moca is not None:
-                        moca.context.clear()
                     t_step = time.perf_counter()  # probe time is not training throughput
-                if step % cfg.observe.log_every == 0 or step == total_steps or "probe_gap0" in row:
+                if logged:
                     metrics.write(row)
                 progress.update(row)
                 last_row = row
@@ -878,30 +943,33 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
 
 
 class _Window:
-    """Averages over the micro-batches of one optimizer step."""
+    """Averages over the micro-batches of one optimizer step: summed on the device (float64),
+    read back in one transfer by `summary`, which only logged steps call."""
 
     def __init__(self) -> None:
         self.n = 0
-        self.loss = self.caption = 0.0
-        self.gap = self.gap_loss = 0.0
+        self.sums: torch.Tensor | None = None  # loss, caption loss, gap, gap loss
         self.has_gap = False
         self.samples = 0
 
     def add(self, losses: StepLosses, batch: Any) -> None:
         self.n += 1
-        self.loss += float(losses.total.detach())
-        self.caption += losses.caption
-        if losses.gap is not None:
+        total = losses.total.detach().double()
+        gap = losses.regap_output
+        if gap is not None:
             self.has_gap = True
-            self.gap += losses.gap
-            self.gap_loss += losses.gap_loss or 0.0
+        zero = torch.zeros_like(total)
+        values = torch.stack([total, losses.caption_tensor.double(), gap.gap.detach().double() if gap is not None else zero,
+                              gap.loss.detach().double() if gap is not None else zero])
+        self.sums = values if self.sums is None else self.sums + values
         self.samples += batch.n_samples
 
     def summary(self) -> dict[str, Any]:
         n = max(self.n, 1)
-        out: dict[str, Any] = {"loss": self.loss / n, "caption_loss": self.caption / n}
-        out["gap"] = self.gap / n if self.has_gap else None
-        out["gap_loss"] = self.gap_loss / n if self.has_gap else None
+        loss, caption, gap, gap_loss = (self.sums / n).tolist() if self.sums is not None else [0.0] * 4
+        out: dict[str, Any] = {"loss": loss, "caption_loss": caption}
+        out["gap"] = gap if self.has_gap else None
+        out["gap_loss"] = gap_loss if self.has_gap else None
         return out
 
 
@@ -944,6 +1012,19 @@ def _non_finite_message(losses: StepLosses, step: int, ids: list[str], last: Pat
     return (f"non-finite {what} (loss {float(losses.total.detach())}: caption {losses.caption}{gap}) at step {step} "
             f"(samples {', '.join(ids[:4])}{'...' if len(ids) > 4 else ''}); stopped before the optimizer step, "
             f"{where}. Lower lr, use bf16 rather than fp16, or check the data; then continue with --resume")
+
+
+def _check_resume_data(checkpoint: Path, json_path: Path, data_sha: str) -> None:
+    """Refuse to resume on other training data: the sample order and every step so far
+    assume the rows the checkpoint was trained on (same path, other rows is silent otherwise)."""
+    stored = ckpt.read_state(checkpoint).get("data_sha256")
+    if stored is None:  # checkpoints written before the hash was stored
+        warnings.warn(f"{checkpoint} does not record its training data's sha256; cannot check that {json_path} "
+                      "is unchanged", stacklevel=3)
+    elif stored != data_sha:
+        raise RegapError(f"cannot resume {checkpoint.parent.parent}: the training data {json_path} changed since the "
+                         f"checkpoint (sha256 {data_sha[:12]}..., checkpoint has {stored[:12]}...); restore the data "
+                         "or start a new run with another --out")
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -96,15 +96,17 @@ class Progress:
 
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step",
                         dynamic_ncols=True, smoothing=0.1)
+        self.postfix: dict[str, str] = {}
 
     def update(self, row: dict[str, Any]) -> None:
-        postfix = {}
+        """One step done; shows the row's values, keeping earlier ones that the row lacks
+        (steps that are not logged carry no losses: reading them would wait for the device)."""
         for key, label, fmt in (("loss", "loss", "{:.4f}"), ("gap", "gap", "{:.4f}"),
                                 ("samples_per_s", "samples/s", "{:.2f}"), ("probe_gap0", "gap0", "{:.4f}")):
             value = row.get(key)
             if isinstance(value, (int, float)):
-                postfix[label] = fmt.format(value)
-        self.bar.set_postfix(postfix, refresh=False)
+                self.postfix[label] = fmt.format(value)
+        self.bar.set_postfix(self.postfix, refresh=False)
         self.bar.update(1)
 
     def write(self, message: str) -> None:

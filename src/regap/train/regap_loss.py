@@ -34,10 +34,18 @@ gradient flows through it, so the loss cannot shrink the gap by moving text towa
 
 Under data parallelism the pooled sums and counts are all-reduced with gradients, so
 the value and the gradients do not depend on the number of processes.
+
+No host synchronisation: the forward pass, its backward and :meth:`ReGapLoss.step` keep
+every count, alpha and "is there anything to compare" decision on the device (masks and
+``torch.where`` instead of Python ``if``), so a GPU step never waits for the CPU to read a
+value back. The numbers in :class:`GapOutput` (``alpha``, token counts) and the ``alpha``
+/ ``frozen`` properties are read from the device only when asked for (logging steps).
+The Fréchet distance keeps its host checks (its eigen-solvers synchronise anyway).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -52,13 +60,30 @@ from regap.train.distributed import all_reduce_sum
 
 @dataclass
 class GapOutput:
-    """``loss = lam * gap`` (differentiable); ``gap`` is the differentiable gap itself."""
+    """``loss = lam * gap`` (differentiable); ``gap`` is the differentiable gap itself.
+
+    The other fields stay on the device (0-d tensors); the properties read them back, so
+    only code that asks for them (logging) waits for the device.
+    """
 
     loss: Tensor
     gap: Tensor
-    alpha: float | None
-    n_image_tokens: int
-    n_text_tokens: int
+    alpha_tensor: Tensor  # float64; NaN while no text token was seen (alpha undefined)
+    image_token_count: Tensor
+    text_token_count: Tensor
+
+    @property
+    def alpha(self) -> float | None:
+        value = float(self.alpha_tensor)
+        return None if math.isnan(value) else value
+
+    @property
+    def n_image_tokens(self) -> int:
+        return int(self.image_token_count)
+
+    @property
+    def n_text_tokens(self) -> int:
+        return int(self.text_token_count)
 
 
 def _zero_like(x: Tensor) -> Tensor:
@@ -119,26 +144,26 @@ class ReGapLoss(nn.Module):
         return value if value > 0 else None
 
     def step(self) -> None:
-        """Call once after every optimizer step: advances the alpha warm-up."""
+        """Call once after every optimizer step: advances the alpha warm-up (on the device)."""
         self.optimizer_steps += 1
-        if not self.frozen and int(self.optimizer_steps) >= self.warmup_steps and float(self.alpha_token_count) > 0:
-            self.alpha_frozen.fill_(True)
+        warm = (self.optimizer_steps >= self.warmup_steps) & (self.alpha_token_count > 0)
+        self.alpha_frozen.logical_or_(warm)
 
-    def _alpha_for(self, norm_sum: Tensor, count: Tensor) -> Tensor | None:
-        if self.frozen:
-            return self.alpha_value.clone()
+    def _alpha_for(self, norm_sum: Tensor, count: Tensor) -> Tensor:
+        """The alpha to use (float64, 0-d; NaN while undefined), updating the warm-up sums in
+        training. Branch-free, so it never reads a value back to the host."""
+        frozen = self.alpha_frozen.clone()
         total_sum, total_count = self.alpha_norm_sum + norm_sum, self.alpha_token_count + count
+        known = total_sum > 0
+        fresh = torch.where(known, total_count / total_sum, torch.full_like(total_sum, math.nan))
+        alpha = torch.where(frozen, self.alpha_value, fresh)
         if self.training:
-            self.alpha_norm_sum.copy_(total_sum)
-            self.alpha_token_count.copy_(total_count)
-        if not float(total_sum) > 0:
-            return None
-        value = total_count / total_sum
-        if self.training:
-            self.alpha_value.copy_(value)
+            self.alpha_norm_sum.copy_(torch.where(frozen, self.alpha_norm_sum, total_sum))
+            self.alpha_token_count.copy_(torch.where(frozen, self.alpha_token_count, total_count))
+            self.alpha_value.copy_(torch.where(~frozen & known, fresh, self.alpha_value))
             if self.warmup_steps == 0:
-                self.alpha_frozen.fill_(True)
-        return value
+                self.alpha_frozen.logical_or_(known)
+        return alpha
 
     # ------------------------------------------------------------------ text statistics
     def set_text_stats(self, mean: Tensor, cov: Tensor, sqrt_cov: Tensor | None = None) -> None:
@@ -187,11 +212,11 @@ class ReGapLoss(nn.Module):
             gap, n_img, n_txt = self._batch_gap(x, x_text, img_sel, txt_sel, alpha)
         else:
             gap, n_img, n_txt = self._sample_gap(x, x_text, img_sel, txt_sel, alpha)
-        return GapOutput(self.lam * gap, gap, None if alpha is None else float(alpha), n_img, n_txt)
+        return GapOutput(self.lam * gap, gap, alpha, n_img, n_txt)
 
     # ------------------------------------------------------------------ batch pooling
     def _batch_gap(self, x: Tensor, x_text: Tensor, img_sel: Tensor, txt_sel: Tensor,
-                   alpha: Tensor | None) -> tuple[Tensor, int, int]:
+                   alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         d = x.shape[-1]
         s_img = torch.einsum("bl,bld->d", img_sel.to(x.dtype), x)
         s_txt = torch.einsum("bl,bld->d", txt_sel.to(x.dtype), x_text)
@@ -200,25 +225,35 @@ class ReGapLoss(nn.Module):
         counts = torch.stack([img_sel.sum(), txt_sel.sum()]).to(x.dtype)
         packed = all_reduce_sum(torch.cat([s_img, s_txt, counts, torch.stack([norm_img, norm_txt]).to(x.dtype)]))
         s_img, s_txt = packed[:d], packed[d: 2 * d]
-        n_img, n_txt = float(packed[2 * d].detach()), float(packed[2 * d + 1].detach())
+        n_img, n_txt = packed[2 * d].detach(), packed[2 * d + 1].detach()
         norm_img, norm_txt = packed[2 * d + 2], packed[2 * d + 3]
         zero = _zero_like(x)
-        min_tokens = 2 if self.distance == "frechet" else 1
-        if n_img < min_tokens or (n_txt < min_tokens and not self._use_cached_text()) or n_txt < 1:
-            return zero, int(n_img), int(n_txt)
-        if alpha is None and self.distance != "cosine":
-            return zero, int(n_img), int(n_txt)
-        mu_img, mu_txt = s_img / n_img, s_txt / n_txt
+        if self.distance == "frechet":
+            return self._frechet_batch_gap(x, x_text, img_sel, txt_sel, s_img, s_txt, n_img, n_txt, alpha, zero)
+        # Empty sides and an undefined alpha are masked out on the device (denominators
+        # clamped so the masked branch stays finite and its gradient is exactly zero).
+        usable = (n_img >= 1) & (n_txt >= 1)
+        n_img_c, n_txt_c = n_img.clamp_min(1), n_txt.clamp_min(1)
+        mu_img, mu_txt = s_img / n_img_c, s_txt / n_txt_c
         if self.distance == "cosine":
             gap = 1.0 - torch.nn.functional.cosine_similarity(mu_img, mu_txt, dim=0)
-        elif self.distance in ("centroid", "centroid+norm"):
-            a = alpha.to(x.dtype)
+        else:
+            usable = usable & ~alpha.isnan()
+            a = alpha.nan_to_num(0.0).to(x.dtype)
             gap = a.square() * (mu_img - mu_txt).square().sum()
             if self.distance == "centroid+norm":
-                gap = gap + self.norm_weight * (a * norm_img / n_img - a * norm_txt / n_txt).square()
-        else:
-            gap = self._frechet_batch(x, x_text, img_sel, txt_sel, mu_img, mu_txt, n_img, n_txt, alpha)
-        return gap + zero, int(n_img), int(n_txt)
+                gap = gap + self.norm_weight * (a * norm_img / n_img_c - a * norm_txt / n_txt_c).square()
+        return torch.where(usable, gap, torch.zeros_like(gap)) + zero, n_img, n_txt
+
+    def _frechet_batch_gap(self, x: Tensor, x_text: Tensor, img_sel: Tensor, txt_sel: Tensor, s_img: Tensor,
+                           s_txt: Tensor, n_img_t: Tensor, n_txt_t: Tensor, alpha: Tensor,
+                           zero: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        n_img, n_txt = float(n_img_t), float(n_txt_t)
+        if n_img < 2 or (n_txt < 2 and not self._use_cached_text()) or n_txt < 1 or bool(alpha.isnan()):
+            return zero, n_img_t, n_txt_t
+        mu_img, mu_txt = s_img / n_img, s_txt / n_txt
+        gap = self._frechet_batch(x, x_text, img_sel, txt_sel, mu_img, mu_txt, n_img, n_txt, alpha)
+        return gap + zero, n_img_t, n_txt_t
 
     def _use_cached_text(self) -> bool:
         return self.distance == "frechet" and self.has_text_stats
@@ -248,13 +283,14 @@ class ReGapLoss(nn.Module):
 
     # ------------------------------------------------------------------ per-sample pooling
     def _sample_gap(self, x: Tensor, x_text: Tensor, img_sel: Tensor, txt_sel: Tensor,
-                    alpha: Tensor | None) -> tuple[Tensor, int, int]:
+                    alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         n_img = img_sel.sum(1)
         n_txt = txt_sel.sum(1)
         totals = all_reduce_sum(torch.stack([n_img.sum(), n_txt.sum()]).double(), grad=False)
         zero = _zero_like(x)
-        if alpha is None and self.distance != "cosine":
-            return zero, int(totals[0]), int(totals[1])
+        known = ~alpha.isnan() if self.distance != "cosine" else torch.ones_like(alpha, dtype=torch.bool)
+        if self.distance == "frechet" and not bool(known):
+            return zero, totals[0], totals[1]
         s_img = torch.einsum("bl,bld->bd", img_sel.to(x.dtype), x)
         s_txt = torch.einsum("bl,bld->bd", txt_sel.to(x.dtype), x_text)
         mu_img = s_img / n_img.clamp_min(1).unsqueeze(-1).to(x.dtype)
@@ -262,11 +298,11 @@ class ReGapLoss(nn.Module):
         if self.distance == "frechet":
             per_sample, valid = self._frechet_samples(x, x_text, img_sel, txt_sel, mu_img, mu_txt, n_img, n_txt, alpha)
         else:
-            valid = (n_img > 0) & (n_txt > 0)
+            valid = (n_img > 0) & (n_txt > 0) & known
             if self.distance == "cosine":
                 per_sample = 1.0 - torch.nn.functional.cosine_similarity(mu_img, mu_txt, dim=-1)
             else:
-                a = alpha.to(x.dtype)
+                a = alpha.nan_to_num(0.0).to(x.dtype)
                 per_sample = a.square() * (mu_img - mu_txt).square().sum(-1)
                 if self.distance == "centroid+norm":
                     norm_img = (x.norm(dim=-1) * img_sel).sum(1) / n_img.clamp_min(1)
@@ -274,9 +310,8 @@ class ReGapLoss(nn.Module):
                     per_sample = per_sample + self.norm_weight * (a * norm_img - a * norm_txt).square()
         total = torch.where(valid, per_sample, torch.zeros_like(per_sample)).sum()
         packed = all_reduce_sum(torch.stack([total, valid.sum().to(total.dtype)]))
-        if float(packed[1].detach()) == 0:
-            return zero, int(totals[0]), int(totals[1])
-        return packed[0] / packed[1] + zero, int(totals[0]), int(totals[1])
+        # No valid sample: the total is 0 and so is 0 / 1 (no read-back to test for it).
+        return packed[0] / packed[1].clamp_min(1) + zero, totals[0], totals[1]
 
     def _frechet_samples(self, x: Tensor, x_text: Tensor, img_sel: Tensor, txt_sel: Tensor, mu_img: Tensor,
                          mu_txt: Tensor, n_img: Tensor, n_txt: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:

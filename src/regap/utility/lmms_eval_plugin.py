@@ -17,12 +17,18 @@ because lmms-eval is missing.
 a regap model folder (`regap_config.json` + `projector.safetensors`, e.g. a `regap
 pretrain` run folder), or an HF LLaVA checkpoint. `projector=FILE` loads a projector
 checkpoint on top.
+
+Under `accelerate launch --num_processes N -m lmms_eval ...` (or torchrun) each process puts
+its model on its local rank's GPU (`cuda:LOCAL_RANK`, as lmms-eval's own `llava_hf` does) and
+reports its rank and the world size, so lmms-eval gives each process its share of the
+documents instead of every process evaluating everything on `cuda:0`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -92,6 +98,21 @@ def cut_at_stop(text: str, until: Sequence[str]) -> str:
     return text[:cut]
 
 
+def process_device(device: str | None = None) -> str:
+    """This process's device. Under a multi-process launcher (`WORLD_SIZE` > 1, `LOCAL_RANK` set
+    by `accelerate launch` and torchrun) an unspecified or bare `cuda` device becomes the local
+    rank's GPU; an explicit `cuda:K` or `cpu` is kept. Without CUDA: `cpu`."""
+    import torch
+
+    if device not in (None, "", "cuda"):
+        return str(device)
+    if not torch.cuda.is_available():
+        return "cpu" if device in (None, "") else "cuda"  # an explicit cuda fails loudly in torch
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return "cuda"
+
+
 def _as_int(value: Any, name: str) -> int:
     try:
         return int(value)
@@ -129,14 +150,11 @@ class RegapLmmsAdapter:
         template: str | None = None,
         model: Any = None,
     ) -> None:
-        import torch
-
         self.path = str(path)
         self.batch_size = 1 if str(batch_size).startswith("auto") else max(1, _as_int(batch_size, "batch_size"))
         self.max_new_tokens = _as_int(max_new_tokens, "max_new_tokens")
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype in (None, "auto"):
-            dtype = "bfloat16" if str(self.device).startswith("cuda") else "float32"
+        self.device = process_device(device)
+        dtype = dtype or "auto"  # resolved by load_model for the device (regap.precision)
         self.template = template
         self.task_dict: dict[str, Any] = {}
         if model is None:
@@ -300,8 +318,21 @@ if _LmmsBase is not None:
             ignored = {k: v for k, v in kwargs.items() if v is not None}
             if ignored:
                 logger.warning("regap lmms-eval model ignores unknown arguments: %s", ", ".join(sorted(ignored)))
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # Data parallel under accelerate launch: lmms-eval splits the documents by rank and
+                # gathers through `self.accelerator` on `self.device` (as its llava_hf model does).
+                from accelerate import Accelerator
+
+                self.accelerator = Accelerator()
+                self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
             self._adapter = RegapLmmsAdapter(location, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                              device=device, dtype=dtype, projector=projector, template=template)
+
+        @property
+        def device(self) -> Any:
+            import torch
+
+            return torch.device(self._adapter.device)
 
         @property
         def batch_size(self) -> int:

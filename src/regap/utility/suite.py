@@ -304,7 +304,7 @@ def run_utility(
     projector: str | Path | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 16,
-    dtype: str = "float32",
+    dtype: str = "auto",
     image_size: int = 224,
     split_name: str = HELDOUT_SPLIT,
     refusal_limit: int | None = None,

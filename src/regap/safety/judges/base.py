@@ -89,6 +89,9 @@ class Judge:
 
     #: The registered name (set by `get_judge`; subclasses give a default).
     name: str = "judge"
+    #: Building this judge loads model weights: callers check its options with `judge_class`
+    #: first and build it once, when it is needed.
+    loads_weights: bool = False
 
     def template_text(self) -> str:
         raise NotImplementedError
@@ -181,8 +184,11 @@ def available_judges() -> list[str]:
     return sorted(_JUDGES)
 
 
-def get_judge(name: str, **options: Any) -> Judge:
-    """Build the judge registered as `name` (case-insensitive) with `options`."""
+def judge_class(name: str, options: dict[str, Any] | None = None) -> type[Judge]:
+    """The class registered as `name`, after checking that it accepts every key of `options`.
+
+    Cheap: nothing is built, so a bad name or option key fails before any model loads, even
+    for judges whose construction loads weights (`Judge.loads_weights`)."""
     key = str(name).strip().lower()
     if key not in _JUDGES:
         raise RegapError(f"unknown judge {name!r}; valid judges: {', '.join(available_judges()) or '(none)'}")
@@ -190,14 +196,20 @@ def get_judge(name: str, **options: Any) -> Judge:
     params = inspect.signature(cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         valid = [n for n in params if n != "self"]
-        unknown = sorted(set(options) - set(valid))
+        unknown = sorted(set(options or {}) - set(valid))
         if unknown:
             raise RegapError(
                 f"judge {key!r} has no option {', '.join(map(repr, unknown))}; "
                 f"valid options: {', '.join(valid) or '(none)'}"
             )
+    return cls
+
+
+def get_judge(name: str, **options: Any) -> Judge:
+    """Build the judge registered as `name` (case-insensitive) with `options`."""
+    cls = judge_class(name, options)
     judge = cls(**options)
-    judge.name = key
+    judge.name = str(name).strip().lower()
     return judge
 
 
@@ -207,6 +219,7 @@ __all__ = [
     "Verdict",
     "Judge",
     "register_judge",
+    "judge_class",
     "get_judge",
     "available_judges",
 ]

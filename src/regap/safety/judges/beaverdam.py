@@ -74,6 +74,7 @@ class BeaverDamJudge(Judge):
     """
 
     name = "beaverdam"
+    loads_weights = True
 
     def __init__(
         self,

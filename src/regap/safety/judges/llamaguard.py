@@ -250,17 +250,10 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> Any:
-    import torch
+    """A judge's dtype on its device; `auto` follows regap.precision (bf16 only where it is fast)."""
+    from regap.precision import resolve_torch_dtype
 
-    if dtype == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    try:
-        value = getattr(torch, str(dtype))
-    except AttributeError:
-        value = None
-    if not isinstance(value, torch.dtype):
-        raise RegapError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    return value
+    return resolve_torch_dtype(dtype, device)
 
 
 def load_tokenizer(source: Any) -> Any:
@@ -297,6 +290,8 @@ class GenerativeJudge(Judge):
     at the first generated step whose token is not whitespace, so a model that starts
     its answer with a newline is read at the word).
     """
+
+    loads_weights = True
 
     score_words: tuple[str, str] = ("safe", "unsafe")
     default_max_new_tokens: int = 16

@@ -217,6 +217,7 @@ class RelevanceJudge(Judge):
     """
 
     name = "relevance"
+    loads_weights = True
 
     def __init__(
         self,

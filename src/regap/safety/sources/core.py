@@ -87,6 +87,8 @@ class LoadReport:
     path: str | None = None
     loaded: int = 0
     truncated: bool = False  # stopped early because of `limit`
+    sampled_from: int | None = None  # `sample`: how many items the random subset was drawn from
+    sample_seed: int | None = None
     skipped: list[Skipped] = field(default_factory=list)
     missing_images: list[ImageIssue] = field(default_factory=list)
     unsafe_paths: list[ImageIssue] = field(default_factory=list)
@@ -108,6 +110,8 @@ class LoadReport:
         parts = [f"{self.source}{where}: loaded {self.loaded}"]
         if self.truncated:
             parts.append("stopped at limit")
+        if self.sampled_from is not None:
+            parts.append(f"random sample of {self.loaded} from {self.sampled_from} (seed {self.sample_seed})")
         if self.skipped:
             shown = ", ".join(_describe_skip(s) for s in self.skipped[:examples])
             more = f", +{len(self.skipped) - examples} more" if len(self.skipped) > examples else ""
@@ -206,15 +210,25 @@ def parse_spec(spec: str) -> tuple[str, Path | None]:
 
 
 def load_requests_with_report(
-    spec: str, *, limit: int | None = None, **options: Any
+    spec: str, *, limit: int | None = None, sample: int | None = None, seed: int = 0, **options: Any
 ) -> tuple[list[Request], LoadReport]:
     """Load requests from `spec` and say what was dropped and why.
 
     `limit` keeps the first N loaded items in file order, so a limited run is a prefix of
-    the full run. Ids are checked for uniqueness here, whatever the loader.
+    the full run. `sample` keeps N items drawn at random (numpy's generator seeded with
+    `seed`) from all of them, in file order: benchmark files are sorted by category, so
+    their first N rows cover only the first categories. The draw takes a prefix of one
+    seeded permutation, so with the same seed a smaller sample is part of a larger one.
+    Ids are checked for uniqueness here, whatever the loader.
     """
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise RegapError(f"limit must be a non-negative integer, got {limit!r}")
+    for what, value in (("limit", limit), ("sample", sample)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise RegapError(f"{what} must be a non-negative integer, got {value!r}")
+    if limit is not None and sample is not None:
+        raise RegapError("give limit (the first N items) or sample (N random items), not both")
+    if sample is not None:
+        requests, report = load_requests_with_report(spec, **options)
+        return _sample(requests, report, sample, seed)
     name, path = parse_spec(spec)
     info = source_info(name)
     if info.needs_path and path is None:
@@ -255,9 +269,21 @@ def load_requests_with_report(
     return requests, report
 
 
-def load_requests(spec: str, *, limit: int | None = None, **options: Any) -> list[Request]:
+def _sample(requests: list[Request], report: LoadReport, n: int, seed: int) -> tuple[list[Request], LoadReport]:
+    import numpy as np
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise RegapError(f"seed must be a non-negative integer, got {seed!r}")
+    chosen = sorted(np.random.default_rng(seed).permutation(len(requests))[:n].tolist())
+    report.sampled_from, report.sample_seed = len(requests), seed
+    report.loaded = len(chosen)
+    return [requests[i] for i in chosen], report
+
+
+def load_requests(spec: str, *, limit: int | None = None, sample: int | None = None, seed: int = 0,
+                  **options: Any) -> list[Request]:
     """Load requests from `spec`; dropped items are summarised in one warning log line."""
-    requests, report = load_requests_with_report(spec, limit=limit, **options)
+    requests, report = load_requests_with_report(spec, limit=limit, sample=sample, seed=seed, **options)
     if not report.clean:
         logger.warning("%s", report.summary())
     return requests

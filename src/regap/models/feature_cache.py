@@ -1,0 +1,90 @@
+"""A disk cache of frozen vision-tower features, so images are encoded once, not once per run.
+
+Why: in stage 1 (and stage 2) the vision tower is frozen, and a study trains several λ
+values and seeds on the same images. Each image's features are stored once under
+`$REGAP_CACHE/features/<tower fingerprint>/`, keyed by the decoded pixels, so a changed
+image, preprocessing, dtype or encoder weight never hits a stale entry (the fingerprint
+covers the tower's config, its image processor, its dtype and a sample of its weights).
+Files are written atomically under per-process names, so several processes may share it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+FEATURE_CACHE_CHOICES = ("auto", "on", "off")
+
+
+def image_key(image: Image.Image) -> str:
+    """sha256 of an image's decoded pixels, mode and size (what the preprocessing sees)."""
+    digest = hashlib.sha256(f"{image.mode}|{image.size[0]}x{image.size[1]}|".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+class VisionFeatureCache:
+    """`features(keys, pixel_values)` returns the tower's output for each image, encoding only
+    the images whose features are not cached yet. The tower must be frozen (no gradient flows
+    into cached features)."""
+
+    def __init__(self, vision: Any, root: str | Path | None = None) -> None:
+        from regap.cache import cache_dir
+        from regap.models.fingerprint import vision_fingerprint
+
+        self.vision = vision
+        self.fingerprint = vision_fingerprint(vision)
+        self.folder = Path(root) / self.fingerprint if root is not None else cache_dir("features", self.fingerprint)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.hits = 0
+        self.misses = 0
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def _load(self, key: str) -> torch.Tensor | None:
+        from safetensors.torch import load_file
+
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            return load_file(path)["features"]
+        except Exception:  # a truncated or foreign file: encode again and overwrite it
+            return None
+
+    def _store(self, key: str, features: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        path = self._path(key)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file({"features": features.detach().to("cpu").contiguous()}, str(tmp))
+            os.replace(tmp, path)
+        except OSError:  # a full or read-only disk only costs re-encoding later
+            tmp.unlink(missing_ok=True)
+
+    @torch.no_grad()
+    def features(self, keys: Sequence[str], pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n_images, tokens, vision hidden] for `pixel_values` [n_images, 3, H, W], cached by `keys`."""
+        if len(keys) != pixel_values.shape[0]:
+            raise ValueError(f"{len(keys)} image keys for {pixel_values.shape[0]} images")
+        device = next(self.vision.parameters()).device
+        found = [self._load(key) for key in keys]
+        missing = [i for i, value in enumerate(found) if value is None]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            encoded = self.vision(pixel_values[missing].to(device))
+            for row, index in enumerate(missing):
+                found[index] = encoded[row]
+                self._store(keys[index], encoded[row])
+        return torch.stack([value.to(device) for value in found])
+
+    def stats(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "folder": str(self.folder), "hits": self.hits, "misses": self.misses}

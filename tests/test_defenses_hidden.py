@@ -346,6 +346,9 @@ def test_automatic_calibration_is_reused(tiny_model, tmp_path):
 def test_defense_cli_errors_are_one_line(capsys):
     from regap.cli import main
 
+    assert main(["defense", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "cmrm" in listed and "layer0-align" in listed and "AdaShield-S" in listed
     assert main(["defense", "calibrate", "coca", "--out", "x.safetensors"]) == 2
     assert "has no calibration" in capsys.readouterr().err
     assert main(["defense", "calibrate", "cmrm", "--out", "x.safetensors", "--match-norm"]) == 2

@@ -24,8 +24,11 @@ def list_command() -> None:
     """The registered defenses (use them with --defense NAME or NAME:key=value:...)."""
     from regap.defenses import available_defenses, get_defense
 
+    import sys
+
     for name in available_defenses():
-        doc = (type(get_defense(name)).__doc__ or "").strip().splitlines()
+        cls = type(get_defense(name))
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
         typer.echo(f"{name:14s} {doc[0] if doc else ''}")
 
 

@@ -70,3 +70,70 @@ def test_hub_id_without_network_is_one_line(monkeypatch, capsys):
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "regap.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "regap" in result.stdout
+
+
+@pytest.fixture
+def extra_commands():
+    """Register throwaway commands on the real app; removed again afterwards."""
+    added = []
+
+    def add(name, function):
+        app.command(name)(function)
+        added.append(app.registered_commands[-1])
+
+    yield add
+    for info in added:
+        app.registered_commands.remove(info)
+
+
+def test_main_returns_the_exit_status_of_the_command(extra_commands, capsys):
+    import typer
+
+    from regap.errors import RunInterrupted
+
+    def exits() -> None:
+        raise typer.Exit(3)
+
+    def ctrl_c() -> None:
+        raise KeyboardInterrupt
+
+    def stopped() -> None:
+        raise RunInterrupted("stopped at step 2/5", "continue with --resume")
+
+    for name, function in (("t-exit", exits), ("t-ctrl-c", ctrl_c), ("t-stopped", stopped)):
+        extra_commands(name, function)
+    assert main(["t-exit"]) == 3
+    assert main(["t-ctrl-c"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    assert main(["t-stopped"]) == 130
+    assert capsys.readouterr().err == "interrupted: stopped at step 2/5; continue with --resume\n"
+    assert main(["--no-such-option"]) == 2
+
+
+def _ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("argv, patch, expected", [
+    (["safety", "--limit", "1"], "regap.models.load_model", "interrupted: safety run stopped while loading tiny"),
+    (["gap", "--pairs", "2"], "regap.models.load_model", "interrupted: gap measurement stopped before"),
+    (["utility", "--n", "1"], "regap.utility.suite.run_utility", "interrupted: utility run stopped; the responses"),
+    (["demo", "--fast"], "regap.demo.run_families", "interrupted: demo stopped; finished steps are recorded"),
+], ids=["safety", "gap", "utility", "demo"])
+def test_ctrl_c_in_a_command_exits_130_saying_where(argv, patch, expected, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(patch, _ctrl_c)
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(expected) and "\n" not in err
+
+
+def test_demo_names_its_own_resume_for_an_interrupted_step(monkeypatch, tmp_path, capsys):
+    from regap.errors import RunInterrupted
+
+    def stopped(*args, **kwargs):
+        raise RunInterrupted("training stopped at step 3/8", "continue with --resume --out somewhere")
+
+    monkeypatch.setattr("regap.demo.run_families", stopped)
+    assert main(["demo", "--fast", "--out", str(tmp_path / "demo")]) == 130
+    assert capsys.readouterr().err == ("interrupted: demo stopped: training stopped at step 3/8; "
+                                       "rerun the same command to continue (finished steps are reused)\n")

@@ -125,25 +125,42 @@ def test_unknown_condition_fails_before_work(tmp_path, capsys):
     assert "sepia" in capsys.readouterr().err
 
 
-def test_model_gets_several_batches_per_call(saved_model, tmp_path):
-    from regap.models import load_model
-    from regap.safety.runner import BATCHES_PER_WRITE, SafetyRun, run_safety
-
-    model = load_model(saved_model)
-    calls: list[int] = []
+def _spy(model, calls: list[dict], out: Path, interrupt_at: int | None = None):
+    """Wrap `model.generate_detailed`: record each call's size, prompt token lengths and how many
+    rows the cache held before it; raise KeyboardInterrupt (as Ctrl-C would) at call `interrupt_at`."""
     real = model.generate_detailed
 
-    def counting(prompts, *args, **kwargs):
-        calls.append(len(prompts))
-        return real(prompts, *args, **kwargs)
+    def spying(prompts, images, *args, **kwargs):
+        cache = out / "generations.jsonl"
+        lengths = model.prompt_lengths(*model.prepare_conversations(prompts, images))
+        calls.append({"n": len(prompts), "lengths": lengths,
+                      "cached_before": len(_lines(cache)) if cache.exists() else 0})
+        if interrupt_at is not None and len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return real(prompts, images, *args, **kwargs)
 
-    model.generate_detailed = counting
-    run = SafetyRun(model=saved_model, out=tmp_path / "groups", prompts=["starter-harmful"], conditions=["text", "blank"],
+    model.generate_detailed = spying
+
+
+def test_each_batch_is_written_as_soon_as_it_is_generated_in_length_order(saved_model, tmp_path):
+    from regap.models import load_model
+    from regap.safety.runner import BATCHES_PER_GROUP, SafetyRun, run_safety
+
+    model = load_model(saved_model)
+    out = tmp_path / "groups"
+    calls: list[dict] = []
+    _spy(model, calls, out)
+    run = SafetyRun(model=saved_model, out=out, prompts=["starter-harmful"], conditions=["text", "blank"],
                     judges=["keyword"], limit=10, max_new_tokens=2, batch_size=2)
     run_safety(run, progress=False, model=model)
-    group = 2 * BATCHES_PER_WRITE
-    assert calls == [group, 20 - group]  # 20 items: one full group of 8 batches, then the rest
-    assert len(_lines(tmp_path / "groups" / "generations.jsonl")) == 20
+    assert [c["n"] for c in calls] == [2] * 10  # one call per batch, not one per group of batches
+    assert [c["cached_before"] for c in calls] == list(range(0, 20, 2))  # each batch written before the next
+    # the length sort still spans a group of batches: the group's batches come longest first, so the
+    # image prompts (blank, listed after text) lead, exactly as one call for the whole group would batch them
+    group = [n for c in calls[:BATCHES_PER_GROUP] for n in c["lengths"]]
+    assert group == sorted(group, reverse=True) and group[0] > group[-1]
+    assert len(_lines(out / "generations.jsonl")) == 20
+
 
 
 # ---------------------------------------------------------------------- judge and source options
@@ -291,3 +308,58 @@ def test_cli_source_options_and_random_sample(saved_model, tmp_path):
     assert expected != [r.id for r in load_requests("starter-harmful", limit=3)]
     assert "random sample of 3" in json.loads((out / "data_report.json").read_text())["starter-harmful"]
     assert json.loads((out / "summary.json").read_text())["provenance"]["sample"] == 3
+
+
+def test_interrupted_small_run_keeps_finished_batches_and_resumes(saved_model, tmp_path):
+    from regap.errors import RunInterrupted
+    from regap.models import load_model
+    from regap.safety.runner import SafetyRun, run_safety
+
+    out = tmp_path / "small"
+    run = SafetyRun(model=saved_model, out=out, prompts=["starter-harmful"], conditions=["text", "blank"],
+                    judges=["keyword"], limit=4, max_new_tokens=2, batch_size=2)  # 8 items: 4 batches, one group
+    model = load_model(saved_model)
+    calls: list[dict] = []
+    _spy(model, calls, out, interrupt_at=3)
+    with pytest.raises(RunInterrupted) as caught:
+        run_safety(run, progress=False, model=model)
+    assert "4/8 responses" in str(caught.value) and "rerun the same command" in str(caught.value)
+    assert len(_lines(out / "generations.jsonl")) == 4  # the two finished batches survive
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["provenance"]["status"] == "interrupted"
+    assert summary["progress"] == {"expected": 8, "generated": 4, "judged": 0, "failed": 0}
+    assert len(_lines(out / "results.jsonl")) == 4
+
+    model = load_model(saved_model)
+    calls = []
+    _spy(model, calls, out)
+    summary = run_safety(run, progress=False, model=model)
+    assert sum(c["n"] for c in calls) == 4  # only the missing items are generated
+    keys = [row["key"] for row in _lines(out / "generations.jsonl")]
+    assert len(keys) == len(set(keys)) == 8
+    assert summary["status"] == "completed" and "progress" not in summary
+
+
+def test_ctrl_c_exits_130_and_writes_what_it_has(saved_model, tmp_path):
+    out = tmp_path / "sigint"
+    command = [sys.executable, "-m", "regap.cli", "safety", "--model", saved_model, "--out", str(out), "--limit", "30",
+               "--batch-size", "1", "--max-new-tokens", "8", "--conditions", "text,blank"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    generations = out / "generations.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if generations.exists() and len(generations.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the run should still be going"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("interrupted: safety run stopped after") and "rerun the same command" in message
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 0 < summary["progress"]["generated"] < 60
+    assert main(command[3:]) == 0
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    assert len(_lines(out / "results.jsonl")) == 60

@@ -404,3 +404,40 @@ def test_cli_pretrain_writes_the_run_folder(tmp_path):
     assert isinstance(bad.exception, RegapError) and "regap.lamda" in str(bad.exception)
     again = runner.invoke(app, ["pretrain", str(config), "--out", str(out)])
     assert isinstance(again.exception, RegapError) and "--resume" in str(again.exception)
+
+
+def test_ctrl_c_marks_the_run_interrupted_and_exits_130(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "stage": 1, "model": "tiny-random", "seed": 0, "global_batch_size": 4, "per_device_batch_size": 2,
+        "max_steps": 5000, "save_every": 5000, "max_length": 128, "regap": {"lam": 0.0},
+        "data": {"json": str(tmp_path / "absent" / "captions.json"), "synth": {"n": 8, "seed": 1, "image_size": 56}},
+        "observe": {"progress": False, "log_every": 1, "gap_every": 0, "mir_every": 0},
+    }))
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "regap.cli", "pretrain", str(config), "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run should still be going"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["status"] == "interrupted" and 2 <= provenance["step"] < 5000
+    step = provenance["step"]
+    assert provenance["checkpoint"].endswith(f"step-{step:07d}")  # saved at the step it stopped
+    message = err.strip().splitlines()[-1]
+    assert message.startswith(f"interrupted: training stopped at step {step}/5000; last checkpoint")
+    assert message.endswith(f"continue with: regap pretrain {config} --out {out} --resume")

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from regap import __version__
-from regap.errors import RegapError
+from regap.errors import RegapError, RunInterrupted
 
 app = typer.Typer(
     name="regap",
@@ -48,12 +48,16 @@ _register_commands()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the app and turn user errors into one line on stderr (exit 2)."""
+    """Entry point: run the app and return its exit status; user errors become one line on
+    stderr (exit 2), Ctrl-C exits 130 with where the run stopped and how to resume it."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except RegapError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
+    except RunInterrupted as exc:
+        typer.echo(f"interrupted: {exc}", err=True)
+        return 130
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:
@@ -62,14 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:
+        # usage errors: click's ClickException, or the copy of click that typer >= 0.2x vendors
+        # (click itself need not be installed then); both show one line and carry the exit code
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             return exc.exit_code
         raise
-    return 0
+    # Without standalone mode typer returns the status instead of exiting: `typer.Exit(code)`
+    # from a command, and 130 for a Ctrl-C that no command turned into `RunInterrupted`.
+    if code == 130:
+        typer.echo("interrupted", err=True)
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -12,3 +12,20 @@ class RegapError(Exception):
 
 class MissingDependencyError(RegapError):
     """An optional package is not installed; the message gives the exact install command."""
+
+
+class RunInterrupted(Exception):
+    """A long run stopped by Ctrl-C after saving what it had.
+
+    Not a `RegapError`: the CLI exits with 130 (the shell's code for SIGINT), not 2, and
+    prints `where` the run stopped and `resume`, how to continue it. Commands that know
+    the exact command line may replace `resume` before it reaches the CLI.
+    """
+
+    def __init__(self, where: str, resume: str = "rerun the same command to resume") -> None:
+        super().__init__(where)
+        self.where = where
+        self.resume = resume
+
+    def __str__(self) -> str:
+        return f"{self.where}; {self.resume}"

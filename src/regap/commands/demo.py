@@ -34,7 +34,18 @@ def demo_command(
 
     settings.dtype = normalise_dtype_name(dtype)  # an unknown name fails before any work
     family_plan(out, settings, family)  # a bad --family fails before any work
-    summaries = run_families(out, settings, family)
+    from regap.errors import RunInterrupted
+    from regap.run_lock import exclusive_out
+
+    resume = "rerun the same command to continue (finished steps are reused)"
+    with exclusive_out(out):
+        try:
+            summaries = run_families(out, settings, family)
+        except RunInterrupted as exc:  # a training or safety step: its own where, the demo's resume
+            exc.where, exc.resume = f"demo stopped: {exc.where}", resume
+            raise
+        except KeyboardInterrupt:
+            raise RunInterrupted(f"demo stopped; finished steps are recorded in {out / '.steps'}", resume) from None
     console = Console()
     for name, summary in summaries.items():
         _print_summary(console, summary, settings.conditions, f"{name} family, {summary['setup']['model']}")

@@ -4,12 +4,13 @@ optionally with hidden-state defenses (cmrm, layer0-align) active on the first."
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 
-from regap.errors import RegapError
+from regap.errors import RegapError, RunInterrupted
 
 
 def measure_model(
@@ -52,6 +53,16 @@ def measure_model(
         defenses=described,
     )
     return result
+
+
+@contextmanager
+def _interrupted_gap(out: Path) -> Iterator[None]:
+    """Ctrl-C: say that nothing was kept (a gap measurement does not resume)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"gap measurement stopped before {out / 'gap.json'} was written",
+                             "rerun the command to measure again (it does not resume)") from None
 
 
 def gap_command(
@@ -124,20 +135,23 @@ def gap_command(
                   batch_size=batch_size, dtype=dtype, mode=mode, n_boot=n_boot, seed=seed, ci=ci,
                   stability_run=stability_run, keep_hidden=keep_hidden, reuse_images=reuse_images,
                   image_problems=problems)
-    main_label = f"{model} + {','.join(defenses)}" if defenses else model
-    results = {main_label: measure_model(model, out, projector=projector, tag="a", defenses=defenses, **common)}
-    record = dict(results[main_label])
-    if compare:
-        other = measure_model(compare, out, projector=compare_projector, tag="b", **common)
-        if len(other["per_layer"]) != len(record["per_layer"]):
-            raise RegapError(
-                f"cannot compare: {model} has {len(record['per_layer'])} layers, {compare} has {len(other['per_layer'])}"
-            )
-        label = compare if compare != model else f"{compare} ({compare_projector or 'no defense'})"
-        results[label] = other
-        record["compare"] = {"model": label, **other}
-    (out / "gap.json").write_text(json.dumps(record, indent=2, default=float))
-    plot_layers(results, out / "gap_layers.png")
+    from regap.run_lock import exclusive_out
+
+    with exclusive_out(out), _interrupted_gap(out):  # one run per --out
+        main_label = f"{model} + {','.join(defenses)}" if defenses else model
+        results = {main_label: measure_model(model, out, projector=projector, tag="a", defenses=defenses, **common)}
+        record = dict(results[main_label])
+        if compare:
+            other = measure_model(compare, out, projector=compare_projector, tag="b", **common)
+            if len(other["per_layer"]) != len(record["per_layer"]):
+                raise RegapError(
+                    f"cannot compare: {model} has {len(record['per_layer'])} layers, {compare} has {len(other['per_layer'])}"
+                )
+            label = compare if compare != model else f"{compare} ({compare_projector or 'no defense'})"
+            results[label] = other
+            record["compare"] = {"model": label, **other}
+        (out / "gap.json").write_text(json.dumps(record, indent=2, default=float))
+        plot_layers(results, out / "gap_layers.png")
     table = Table(title=f"modality gap ({protocol} protocol, {pairs} pairs, {images} images)")
     for column in ("model", "MIR", "95% CI", "layer-0 gap", "layer-0 FD"):
         table.add_column(column)

@@ -10,10 +10,15 @@ processes or GPUs, start the same command under `accelerate launch` (docs/traini
 from __future__ import annotations
 
 import os
+import shlex
+from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from regap.errors import RunInterrupted
+from regap.run_lock import exclusive_out
 
 _CONFIG_HELP = "Training config: a YAML path or a shipped name (see --list), e.g. tiny-stage1."
 _OVERRIDES_HELP = "key=value overrides, dotted for nested keys (e.g. regap.lam=0.5 max_steps=100)."
@@ -53,9 +58,16 @@ def _run(stage: int, config: Optional[str], out: Optional[Path], resume: bool, o
     name = Path(config).name
     name = name[: -len(".yaml")] if name.endswith(".yaml") else name
     out_dir = out if out is not None else Path("runs") / name
-    command = " ".join(["regap", "pretrain" if stage == 1 else "finetune", config,
-                        *(["--out", str(out_dir)]), *(["--resume"] if resume else []), *(overrides or [])])
-    result = train(cfg, out_dir, resume=resume, command=command)
+    words = ["regap", "pretrain" if stage == 1 else "finetune", config, "--out", str(out_dir)]
+    command = " ".join([*words, *(["--resume"] if resume else []), *(overrides or [])])
+    # one run per --out; under accelerate launch / torchrun only the main process takes the lock
+    lock = exclusive_out(out_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
+    try:
+        with lock:
+            result = train(cfg, out_dir, resume=resume, command=command)
+    except RunInterrupted as exc:
+        exc.resume = "continue with: " + shlex.join([*words, "--resume", *(overrides or [])])
+        raise
     if int(os.environ.get("RANK", "0")) != 0:  # one summary line under accelerate launch / torchrun
         return
     if result.status == "stopped":

@@ -30,9 +30,16 @@ def utility_command(
 
     from regap.utility.suite import RESPONSES_FILE, RESULTS_FILE, run_utility
 
-    summary = run_utility(model, out, tasks=tasks, n=n, seed=seed, xstest=xstest, projector=projector,
-                          max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype, image_size=image_size,
-                          refusal_limit=refusal_limit, progress=True)
+    from regap.errors import RunInterrupted
+    from regap.run_lock import exclusive_out
+
+    with exclusive_out(out):
+        try:
+            summary = run_utility(model, out, tasks=tasks, n=n, seed=seed, xstest=xstest, projector=projector,
+                                  max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
+                                  image_size=image_size, refusal_limit=refusal_limit, progress=True)
+        except KeyboardInterrupt:
+            raise RunInterrupted(f"utility run stopped; the responses generated so far are cached in {out}") from None
     table = Table(title=f"{model}: utility")
     for column in ("task", "part", "n", "score [95% CI]", "better"):
         table.add_column(column)

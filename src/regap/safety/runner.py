@@ -7,7 +7,8 @@ therefore resumes without redoing or duplicating items, and adding a judge later
 the cached responses only. Items that failed (an unreadable image, say) are cached as error
 rows and retried on every rerun, and a benchmark image's row records the file's sha256, so a
 replaced image is generated anew.
-`OUT/results.jsonl` and `OUT/summary.json` are rebuilt from the caches at the end.
+`OUT/results.jsonl` and `OUT/summary.json` are rebuilt from the caches at the end, and on
+Ctrl-C from what is done so far (the summary then marked "interrupted").
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from regap.errors import RegapError
+from regap.errors import RegapError, RunInterrupted
 from regap.models.fingerprint import model_fingerprint
 from regap.provenance import file_sha256, json_hash, provenance
 from regap.safety.store import JsonlStore, write_json_atomic, write_jsonl_atomic
@@ -131,10 +132,21 @@ def _generate_ready(ready: list[tuple], generate: Any, backbone: Any, defenses: 
     return rows
 
 
-#: Items handed to the model per call and written per cache append, in batches: the model sorts
-#: a call's prompts by token length before batching, so a larger call pads less (and gives the
-#: vLLM engine more to schedule), while an interrupted run loses at most this much work.
-BATCHES_PER_WRITE = 8
+#: Prompts are sorted by token length, longest first, within groups of this many batches (the
+#: model's own order, applied across the group), so a batch pads little; each batch is still
+#: generated and appended to the cache on its own, so an interrupted run loses at most one batch.
+#: The vLLM engine schedules a whole group itself and gets it in one call (one write per group).
+BATCHES_PER_GROUP = 8
+
+
+def _length_batches(model: Any, ready: list[tuple], batch_size: int) -> list[list[tuple]]:
+    """`ready` items ((base, text, image, details, use_backbone)) split into batches in the model's
+    token-length order, so each batch matches one the model would form from the whole group."""
+    if len(ready) > batch_size and hasattr(model, "prompt_lengths"):
+        conversations, image_lists = model.prepare_conversations([r[1] for r in ready], [r[2] for r in ready])
+        lengths = model.prompt_lengths(conversations, image_lists)
+        ready = [ready[i] for i in sorted(range(len(ready)), key=lambda i: -lengths[i])]  # stable, as the model's
+    return [ready[start : start + batch_size] for start in range(0, len(ready), batch_size)]
 
 
 def generate_missing(run: SafetyRun, model: Any, requests: list[Any], store: JsonlStore, progress: bool = True) -> None:
@@ -169,30 +181,37 @@ def generate_missing(run: SafetyRun, model: Any, requests: list[Any], store: Jso
     if progress and todo:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc="generate", unit="item")
-    group = run.batch_size * BATCHES_PER_WRITE
-    for start in range(0, len(todo), group):
-        chunk = todo[start : start + group]
-        ready, rows = [], []
-        for name, condition, request, key in chunk:
-            base = {"key": key, "model_fingerprint": fingerprint, "condition": name, "request_id": request.id,
-                    "source": request.source, "category": request.category, "label": request.label,
-                    "prompt": request.prompt, "decoding_hash": decoding_hash}
-            if input_hashes[key] is not None:
-                base["input_sha256"] = input_hashes[key]
-            try:
-                text, image, details = _condition_inputs(condition, request)
-            except RegapError as exc:  # one bad item (e.g. a missing image) is recorded (retried on rerun)
-                rows.append({**base, "response": None, "error": str(exc)})
-                continue
-            ready.append((base, text, image, details, condition.use_backbone))
-        if ready:
-            rows.extend(_generate_ready(ready, generate, backbone, defenses, settings))
-        store.add(rows)
+        # per batch, with tqdm's rate and remaining-time estimate
+        bar = tqdm(total=len(todo), desc="generate", unit="item", dynamic_ncols=True)
+    group = run.batch_size * BATCHES_PER_GROUP
+    try:
+        for start in range(0, len(todo), group):
+            ready, failed = [], []
+            for name, condition, request, key in todo[start : start + group]:
+                base = {"key": key, "model_fingerprint": fingerprint, "condition": name, "request_id": request.id,
+                        "source": request.source, "category": request.category, "label": request.label,
+                        "prompt": request.prompt, "decoding_hash": decoding_hash}
+                if input_hashes[key] is not None:
+                    base["input_sha256"] = input_hashes[key]
+                try:
+                    text, image, details = _condition_inputs(condition, request)
+                except RegapError as exc:  # one bad item (e.g. a missing image) is recorded (retried on rerun)
+                    failed.append({**base, "response": None, "error": str(exc)})
+                    continue
+                ready.append((base, text, image, details, condition.use_backbone))
+            store.add(failed)
+            if bar is not None and failed:
+                bar.update(len(failed))
+            batches = [ready] if run.engine == "vllm" else _length_batches(model, ready, run.batch_size)
+            for batch in batches:
+                if not batch:
+                    continue
+                store.add(_generate_ready(batch, generate, backbone, defenses, settings))
+                if bar is not None:
+                    bar.update(len(batch))
+    finally:
         if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+            bar.close()
 
 
 def _decoding_settings(run: SafetyRun) -> Any:
@@ -259,10 +278,21 @@ def assemble_results(generations: JsonlStore, verdicts: JsonlStore, judges: dict
 
 def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict[str, Any]:
     """Generate, judge and summarise; safe to interrupt and rerun. `model`, when given, is an
-    already loaded LVLM used instead of loading `run.model` (its projector as it is)."""
+    already loaded LVLM used instead of loading `run.model` (its projector as it is).
+
+    Holds `OUT/.regap.lock` while it runs (a second run on the same folder fails at once).
+    Ctrl-C keeps every finished batch in the caches, writes `results.jsonl` and a
+    `summary.json` marked "interrupted" over the items judged so far, and raises
+    `RunInterrupted` saying how far the run got."""
+    from regap.run_lock import exclusive_out
+
+    with exclusive_out(run.out):
+        return _run_safety_locked(run, progress, model)
+
+
+def _run_safety_locked(run: SafetyRun, progress: bool, model: Any) -> dict[str, Any]:
     from regap.models import load_model, load_projector
     from regap.safety.conditions import get_condition
-    from regap.safety.summary import plot_unsafe_rates, summarise
 
     from regap.checks import check_names, prepare_out_dir
 
@@ -281,7 +311,7 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
     defenses = _build_defenses(run.defenses)
     from regap.models.engines import check_engine_available
 
-    settings = _decoding_settings(run)  # bad engine names and settings fail here, before any model is loaded
+    _decoding_settings(run)  # bad engine names and settings fail here, before any model is loaded
     for defense in defenses:  # e.g. hook-based defenses cannot run with vLLM
         defense.check_engine(run.engine)
     check_engine_available(run.engine)
@@ -293,12 +323,30 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
     for file_name, lines in damaged.items():
         warnings.warn(f"{run.out / file_name}: skipped {len(lines)} unreadable line(s) (first: line {lines[0]['line']}, "
                       f"{lines[0]['reason']}); their items are redone", stacklevel=2)
-    if model is None:
-        model = load_model(run.model, dtype=run.dtype)
-    if run.projector:
-        load_projector(model, run.projector)
-    generate_missing(run, model, requests, generations, progress=progress)
-    judges = judge_missing(run.judges, generations, verdicts, run.judge_options)
+    try:
+        if model is None:
+            model = load_model(run.model, dtype=run.dtype)
+        if run.projector:
+            load_projector(model, run.projector)
+        generate_missing(run, model, requests, generations, progress=progress)
+        judges = judge_missing(run.judges, generations, verdicts, run.judge_options)
+    except KeyboardInterrupt:
+        raise _interrupted(run, model, requests, generations, verdicts) from None
+    summary = _write_outputs(run, model, requests, generations, verdicts, judges, status="completed")
+    from regap.safety.summary import plot_unsafe_rates
+
+    plot_unsafe_rates(summary, run.out / "unsafe_rate.png")
+    return summary
+
+
+def _write_outputs(run: SafetyRun, model: Any, requests: list[Any], generations: JsonlStore, verdicts: JsonlStore,
+                   judges: dict[str, Any], status: str) -> dict[str, Any]:
+    """`results.jsonl` (every cached row of this run) and `summary.json` (the rows every judge has
+    judged, and failed generations: all rows when completed); returns the summary."""
+    from regap.safety.conditions import get_condition
+    from regap.safety.summary import summarise
+
+    settings = _decoding_settings(run)
     wanted = {(r.source, r.id) for r in requests}
     fingerprint = model_fingerprint(model)
     rows = [r for r in assemble_results(generations, verdicts, judges)
@@ -310,12 +358,42 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
         sample=run.sample, source_options=run.source_options,
         conditions={name: get_condition(name).describe() for name in run.conditions},
         judges=judges, decoding={**settings.to_dict(), "greedy": not settings.do_sample},
-        dtype=str(model.dtype).removeprefix("torch."), dtype_requested=run.dtype, defenses=[d.describe() for d in defenses],
+        dtype=str(model.dtype).removeprefix("torch."), dtype_requested=run.dtype,
+        defenses=[d.describe() for d in _build_defenses(run.defenses)], status=status,
     )
     write_jsonl_atomic(run.out / "results.jsonl", ({**r, "provenance": "summary.json#provenance"} for r in rows))
-    summary = summarise(rows, list(judges), record)
+    judged = [r for r in rows if r.get("response") is not None and all(name in r["verdicts"] for name in judges)]
+    failed = [r for r in rows if r.get("response") is None]
+    summary = summarise(rows if status == "completed" else judged + failed, list(judges), record)
+    summary["status"] = status
+    if status != "completed":
+        summary["progress"] = {"expected": len(requests) * len(run.conditions), "generated": len(rows),
+                               "judged": len(judged), "failed": len(failed)}
+    damaged = {store.path.name: store.skipped for store in (generations, verdicts) if store.skipped}
     if damaged:
         summary["cache_skipped_lines"] = damaged
     write_json_atomic(run.out / "summary.json", summary)
-    plot_unsafe_rates(summary, run.out / "unsafe_rate.png")
     return summary
+
+
+def _interrupted(run: SafetyRun, model: Any, requests: list[Any], generations: JsonlStore,
+                 verdicts: JsonlStore) -> RunInterrupted:
+    """After Ctrl-C: write what the caches hold and say how far the run got."""
+    expected = len(requests) * len(run.conditions)
+    if model is None:
+        return RunInterrupted(f"safety run stopped while loading {run.model}; nothing generated in this run")
+    from regap.redact import redact
+    from regap.safety.judges import get_judge
+    from regap.safety.judges.base import judge_class
+
+    judges = {}  # as judge_missing describes them; judges that would load weights now are left out
+    for name in run.judges:
+        options = run.judge_options.get(name, {})
+        if not judge_class(name, options).loads_weights:
+            tag = {"options_hash": json_hash(redact(options))} if options else {}
+            judges[name] = {**get_judge(name, **options).describe(), **tag}
+    summary = _write_outputs(run, model, requests, generations, verdicts, judges, status="interrupted")
+    done = summary["progress"]
+    return RunInterrupted(
+        f"safety run stopped after {done['generated']}/{expected} responses ({done['judged']} judged), kept in "
+        f"{run.out / 'generations.jsonl'}; partial {run.out / 'summary.json'} marked \"interrupted\"")

@@ -24,7 +24,8 @@ def _frame(rows: list[dict[str, Any]], judge: str) -> pd.DataFrame:
             "off_topic": None if failed else verdict.get("label") == "off_topic",
             "error": failed,
         })
-    return pd.DataFrame.from_records(records)
+    columns = ["condition", "category", "label", "unsafe", "refused", "off_topic", "error"]
+    return pd.DataFrame.from_records(records, columns=columns)  # columns even with no rows (an interrupted run)
 
 
 def _rates(frame: pd.DataFrame, by: list[str]) -> list[dict[str, Any]]:

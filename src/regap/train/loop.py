@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regap.errors import RegapError
+from regap.errors import RegapError, RunInterrupted
 from regap.models.inputs import IGNORE_INDEX, ModelInputs
 from regap.models.moca import MOCA_FILE, MoCa, load_moca, save_moca
 from regap.provenance import file_sha256
@@ -913,8 +913,14 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, mod
         if world == 1 and step > start_step and (last_checkpoint is None or
                                                   last_checkpoint.name != ckpt.checkpoint_name(step)):
             last_checkpoint = save(step)
-            log(f"interrupted: checkpoint at step {step} in {last_checkpoint}; continue with --resume")
-        raise
+        where = (f"training stopped at step {step}/{total_steps}; "
+                 + (f"last checkpoint {last_checkpoint}" if last_checkpoint is not None else "no checkpoint yet"))
+        if main:
+            _write_provenance(out_dir, cfg, lvlm, json_path, data_sha, dataset, world, per_device, accumulation,
+                              accelerator, command, status="interrupted", step=step,
+                              checkpoint=str(last_checkpoint) if last_checkpoint is not None else None)
+        log(f"interrupted: {where}; continue with --resume")
+        raise RunInterrupted(where, resume=f"continue with --resume --out {out_dir}") from None
     except NonFiniteLossError as exc:
         if main:
             metrics.write({"event": "non_finite_loss", "step": step + 1, "message": str(exc)})

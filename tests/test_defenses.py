@@ -98,5 +98,5 @@ def test_stacked_defenses_run_on_a_model(tiny_model):
 
 
 def test_unknown_defense_lists_valid_ones():
-    with pytest.raises(RegapError, match="adashield-s, coca, ecso"):
+    with pytest.raises(RegapError, match="adashield-s, cmrm, coca, ecso, layer0-align"):
         get_defense("shield")

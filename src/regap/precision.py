@@ -250,7 +250,7 @@ def resolve_dtype(requested: str | torch.dtype = "auto", device: str | torch.dev
     with _lock:
         first = (name, device_type) not in _resolutions
         _resolutions.setdefault((name, device_type), choice)
-    if first and name == "auto":
+    if first and name == "auto" and not choice.reason.startswith(AUTO_ENV):  # a fixed `auto` is no news
         _warn(f"regap: dtype auto -> {choice.dtype} on {device_type} ({choice.reason})")
     return choice
 

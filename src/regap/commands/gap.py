@@ -1,4 +1,5 @@
-"""`regap gap`: measure the modality gap (MIR, layer-0 gap, per-layer curves) of one or two models."""
+"""`regap gap`: measure the modality gap (MIR, layer-0 gap, per-layer curves) of one or two models,
+optionally with hidden-state defenses (cmrm, layer0-align) active on the first."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ def measure_model(
     model_name: str, out: Path, *, pair_list: list[Any], pairs: int, protocol: str, images: str, texts: str,
     projector: Optional[Path], text_tokens: str, batch_size: int, texts_per_pair: int, dtype: str, mode: str,
     n_boot: int, seed: int, stability_run: bool, keep_hidden: bool, tag: str, ci: str = "linear",
-    reuse_images: bool = False, image_problems: Optional[list[str]] = None,
+    reuse_images: bool = False, image_problems: Optional[list[str]] = None, defenses: Optional[list[str]] = None,
 ) -> dict[str, Any]:
-    """Collect hidden states for one model on the given pairs and analyse them; returns the gap record."""
+    """Collect hidden states for one model on the given pairs and analyse them; returns the gap record.
+    With `defenses` (specs of hidden-state defenses) the hidden states are collected under their
+    interventions; calibration files made on first use go to `out/defenses/`."""
     from regap.gap.run import measure_gap
     from regap.models import load_model, load_projector
     from regap.models.fingerprint import model_fingerprint
@@ -27,9 +30,19 @@ def measure_model(
     model = load_model(model_name, dtype=dtype)
     if projector is not None:
         load_projector(model, projector)
+    intervention, described = None, []
+    if defenses:
+        from regap.defenses import get_defense
+        from regap.defenses.base import hidden_state_intervention
+
+        built = [get_defense(spec) for spec in defenses]
+        intervention = hidden_state_intervention(built, model, workdir=out)
+        described = [{**d.describe(), "calibration_sha256": getattr(getattr(d, "calibration", None), "sha256", None)}
+                     for d in built]
     result = measure_gap(model, pair_list, out / f".hidden-{tag}", protocol=protocol, text_tokens=text_tokens,
                          batch_size=batch_size, mode=mode, n_boot=n_boot, seed=seed, ci=ci,
-                         with_stability=stability_run, keep_hidden=keep_hidden)
+                         with_stability=stability_run, keep_hidden=keep_hidden, intervention=intervention)
+    result["defenses"] = described
     result["provenance"] = provenance(
         model=model_name, model_config=model.config.to_dict(), model_fingerprint=model_fingerprint(model),
         projector=str(projector) if projector else None,
@@ -37,6 +50,7 @@ def measure_model(
         texts_per_pair=texts_per_pair,
         dtype=str(model.dtype).removeprefix("torch."), dtype_requested=dtype, mode=mode, n_boot=n_boot, ci=ci,
         pair_ids=[p.id for p in pair_list], reuse_images=reuse_images, image_problems=list(image_problems or []),
+        defenses=described,
     )
     return result
 
@@ -73,6 +87,9 @@ def gap_command(
     seed: int = typer.Option(0, "--seed"),
     stability_run: bool = typer.Option(False, "--stability", help="Also report MIR for 5, 10, 20, 50, 100, ... pairs."),
     keep_hidden: bool = typer.Option(False, "--keep-hidden", help="Keep the spilled hidden states in OUT/.hidden-*."),
+    defense: Optional[str] = typer.Option(
+        None, "--defense", help="Measure --model with hidden-state defenses active (cmrm, layer0-align; comma-separated, "
+        "NAME:key=value:...); --compare is measured without. Calibrations made on first use go to OUT/defenses/."),
 ) -> None:
     """Measure the modality gap: MIR with a bootstrap interval, layer-0 gap and per-layer curves."""
     from rich.console import Console
@@ -92,6 +109,14 @@ def gap_command(
                                ("--text-tokens", text_tokens, TEXT_TOKEN_MODES), ("--ci", ci, CI_METHODS)):
         if value not in valid:
             raise RegapError(f"{flag} {value!r} is not one of {', '.join(valid)}")
+    defenses = [part.strip() for part in defense.split(",") if part.strip()] if defense else []
+    if defenses:  # bad names and options fail before any model is loaded
+        from regap.defenses import get_defense
+        from regap.defenses.base import check_hidden_state
+
+        check_hidden_state([get_defense(spec) for spec in defenses])
+    if compare and compare == model and compare_projector is None and not defenses:
+        raise RegapError("--compare names the same model as --model without a different --compare-projector or --defense")
     from regap.checks import check_seed, prepare_out_dir
     from regap.gap.pairs import make_pairs
 
@@ -113,17 +138,16 @@ def gap_command(
     from regap.run_lock import exclusive_out
 
     with exclusive_out(out), _interrupted_gap(out):  # one run per --out
-        results = {model: measure_model(model, out, projector=projector, tag="a", **common)}
-        record = dict(results[model])
+        main_label = f"{model} + {','.join(defenses)}" if defenses else model
+        results = {main_label: measure_model(model, out, projector=projector, tag="a", defenses=defenses, **common)}
+        record = dict(results[main_label])
         if compare:
-            if compare == model and compare_projector is None:
-                raise RegapError("--compare names the same model as --model without a different --compare-projector")
             other = measure_model(compare, out, projector=compare_projector, tag="b", **common)
             if len(other["per_layer"]) != len(record["per_layer"]):
                 raise RegapError(
                     f"cannot compare: {model} has {len(record['per_layer'])} layers, {compare} has {len(other['per_layer'])}"
                 )
-            label = compare if compare != model else f"{compare} ({compare_projector})"
+            label = compare if compare != model else f"{compare} ({compare_projector or 'no defense'})"
             results[label] = other
             record["compare"] = {"model": label, **other}
         (out / "gap.json").write_text(json.dumps(record, indent=2, default=float))

@@ -2,18 +2,27 @@
 
 A defense takes the next `GenerateFn` (the model's own batched generation, or another
 defense) and returns a new one. Prompt defenses rewrite the text and call the next;
-ECSO calls it several times; CoCA changes decoding. `build_generate(model, names)`
-stacks them left to right (the first name is the outermost).
+ECSO calls it several times; CoCA changes decoding; CMRM and layer0-align change hidden
+states with forward hooks (`regap.defenses.hooks`). `build_generate(model, defenses)`
+prepares them (loads or computes calibration files) and stacks them left to right (the
+first name is the outermost).
+
+A defense is named by a spec, `name` or `name:key=value:key=value`
+(`cmrm:alpha=0.5:layers=8-15`); the keys are the defense's constructor options.
 """
 
 from __future__ import annotations
 
+import inspect
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from PIL import Image
 
 from regap.errors import RegapError
+from regap.files import file_sha256
 from regap.provenance import text_hash
 
 if TYPE_CHECKING:
@@ -30,12 +39,19 @@ class DefendedResult:
 
 
 GenerateFn = Callable[[list[str], list[Image.Image | None], Any], DefendedResult]
+#: A hidden-state intervention for a plain forward pass: called with the batch's conversations, their
+#: image lists and whether the batch has the generation prompt, it returns a context manager under
+#: which a forward pass over exactly those rows (in that order) runs with the intervention.
+Intervention = Callable[[list[Any], list[list[Image.Image]], bool], AbstractContextManager]
 
 
 class Defense:
     """Base class: `wrap(next_fn, model) -> GenerateFn`; `prompts()` are hashed for provenance."""
 
     name = "defense"
+    #: Whether the defense acts on hidden states (then `intervention` is not None and
+    #: `regap gap --defense` can measure under it).
+    hidden_state = False
 
     def prompts(self) -> dict[str, str]:
         return {}
@@ -46,6 +62,17 @@ class Defense:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "settings": self.settings(),
                 "prompt_hashes": {key: text_hash(value) for key, value in self.prompts().items()}}
+
+    def check_engine(self, engine: str) -> None:
+        """Raise a RegapError when this defense cannot run with that generation engine."""
+
+    def prepare(self, model: LVLM, workdir: Path | None = None) -> None:
+        """Load or compute what the defense needs for this model (calibration files go to `workdir`)."""
+
+    def intervention(self, model: LVLM) -> Intervention | None:
+        """The hidden-state intervention `regap gap --defense` measures under; None when the
+        defense changes prompts or decoding instead. Call `prepare` first."""
+        return None
 
     def wrap(self, next_fn: GenerateFn, model: LVLM) -> GenerateFn:
         raise NotImplementedError
@@ -67,10 +94,85 @@ def available_defenses() -> list[str]:
     return sorted(_DEFENSES)
 
 
-def get_defense(name: str, **options: Any) -> Defense:
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """`name` or `name:key=value:key=value` -> (name, {key: value})."""
+    name, *parts = [part.strip() for part in str(spec).split(":")]
+    options: dict[str, str] = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise RegapError(f"defense spec {spec!r}: {part!r} is not key=value")
+        options[key.strip()] = value.strip()
+    return name, options
+
+
+def get_defense(spec: str, **options: Any) -> Defense:
+    """The defense named by `spec` (a name or `name:key=value:...`), built with its options."""
+    name, parsed = parse_spec(spec)
     if name not in _DEFENSES:
         raise RegapError(f"unknown defense {name!r}; valid: {', '.join(available_defenses())}")
-    return _DEFENSES[name](**options)
+    cls = _DEFENSES[name]
+    valid = [key for key in inspect.signature(cls.__init__).parameters if key != "self"]
+    merged = {**parsed, **options}
+    unknown = sorted(set(merged) - set(valid))
+    if unknown:
+        raise RegapError(f"defense {name!r} has no option {unknown[0]!r}; valid: {', '.join(valid) or 'none'}")
+    return cls(**merged)
+
+
+def float_option(defense: str, key: str, value: Any, low: float | None = None, high: float | None = None) -> float:
+    """A float option (from a spec string or Python), checked against its documented range."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise RegapError(f"defense {defense}: {key}={value!r} is not a number") from None
+    if number != number or (low is not None and number < low) or (high is not None and number > high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise RegapError(f"defense {defense}: {key}={value} is outside its range {bounds}")
+    return number
+
+
+def int_option(defense: str, key: str, value: Any, low: int | None = None) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise RegapError(f"defense {defense}: {key}={value!r} is not an integer") from None
+    if low is not None and number < low:
+        raise RegapError(f"defense {defense}: {key}={value} must be >= {low}")
+    return number
+
+
+def bool_option(defense: str, key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise RegapError(f"defense {defense}: {key}={value!r} is not true/false")
+
+
+def cached_file_sha256(path: Path) -> str | None:
+    """sha256 of a calibration file, recomputed only when its size or modification time changes
+    (`describe()` runs for every request of a safety run)."""
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = file_sha256(path)
+    return _SHA_CACHE[key]
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def has_image(image: Any) -> bool:
+    """Whether a generate call's image entry holds an image (a PIL image or a non-empty list)."""
+    if image is None:
+        return False
+    return not isinstance(image, (list, tuple)) or len(image) > 0
 
 
 def plain_generate(model: LVLM) -> GenerateFn:
@@ -83,7 +185,46 @@ def plain_generate(model: LVLM) -> GenerateFn:
     return generate
 
 
-def build_generate(model: LVLM, defenses: Sequence[Defense]) -> GenerateFn:
+def hidden_state_intervention(defenses: Sequence[Defense], model: LVLM, workdir: Path | None = None) -> Intervention:
+    """Prepare hidden-state defenses for `model` and stack their interventions (the first
+    outermost), for measuring the gap with them active."""
+    check_hidden_state(defenses)
+    for defense in defenses:
+        defense.prepare(model, workdir)
+    parts = [defense.intervention(model) for defense in defenses]
+
+    @contextmanager
+    def enter(conversations: list[Any], image_lists: list[list[Image.Image]], add_generation_prompt: bool):
+        with ExitStack() as stack:
+            for part in parts:
+                stack.enter_context(part(conversations, image_lists, add_generation_prompt))
+            yield
+
+    return enter
+
+
+def check_hidden_state(defenses: Sequence[Defense]) -> None:
+    """A RegapError for a defense that changes prompts or decoding rather than hidden states."""
+    for defense in defenses:
+        if not defense.hidden_state:
+            valid = [name for name in available_defenses() if _DEFENSES[name].hidden_state]
+            raise RegapError(f"defense {defense.name} changes prompts or decoding, not hidden states; "
+                             f"the gap can be measured under: {', '.join(valid)}")
+
+
+def is_plain(next_fn: GenerateFn, model: LVLM) -> bool:
+    """Whether `next_fn` is the model's own generation (defenses that decode by themselves need that)."""
+    return getattr(next_fn, "__qualname__", "") == plain_generate(model).__qualname__
+
+
+def build_generate(model: LVLM, defenses: Sequence[Defense], workdir: Path | None = None,
+                   engine: str | None = None) -> GenerateFn:
+    """Check each defense against `engine`, prepare it for `model` (calibration files in `workdir`,
+    else the regap cache) and stack them, the first outermost."""
+    for defense in defenses:
+        if engine is not None:
+            defense.check_engine(engine)
+        defense.prepare(model, workdir)
     generate = plain_generate(model)
     for defense in reversed(list(defenses)):
         generate = defense.wrap(generate, model)

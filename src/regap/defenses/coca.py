@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import LogitsProcessor
 
-from regap.defenses.base import DefendedResult, Defense, GenerateFn, register_defense
+from regap.defenses.base import DefendedResult, Defense, GenerateFn, float_option, register_defense
 
 if TYPE_CHECKING:
     from regap.models.lvlm import LVLM
@@ -67,7 +67,7 @@ class CalibrationProcessor(LogitsProcessor):
 @register_defense("coca")
 class CoCA(Defense):
     def __init__(self, alpha: float = 1.0, principle: str = PRINCIPLE) -> None:
-        self.alpha, self.principle = alpha, principle
+        self.alpha, self.principle = float_option("coca", "alpha", alpha), principle
 
     def prompts(self) -> dict[str, str]:
         return {"principle": self.principle}

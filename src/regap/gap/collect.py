@@ -11,9 +11,10 @@ in fp16) stays on disk instead of in RAM.
 from __future__ import annotations
 
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -91,22 +92,27 @@ def _text_positions(attention: torch.Tensor, image_mask: torch.Tensor, mode: str
 def collect_hidden_states(
     model: LVLM, pairs: list[GapPair], folder: str | Path, *, protocol: str = "reference",
     text_tokens: str = "after-image", batch_size: int = 8, progress: bool = True,
+    intervention: Callable[..., Any] | None = None,
 ) -> HiddenStates:
-    """Run the model over the pairs and spill image/text tokens of every layer to `folder`."""
+    """Run the model over the pairs and spill image/text tokens of every layer to `folder`.
+
+    `intervention(conversations, image_lists, add_generation_prompt)` (a defense's, see
+    `regap.defenses.base.Intervention`) gives the context each batch's forward pass runs in."""
     folder = Path(folder)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     batches = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        batch = model.build_inputs([conversation(p, protocol) for p in chunk], [[p.image] for p in chunk],
-                                   add_generation_prompt=protocol == "prompt", padding_side="right")
+        conversations, image_lists = [conversation(p, protocol) for p in chunk], [[p.image] for p in chunk]
+        batch = model.build_inputs(conversations, image_lists, add_generation_prompt=protocol == "prompt",
+                                   padding_side="right")
         text_mask = _text_positions(batch.attention_mask, batch.image_mask, text_tokens)
         if not bool(text_mask.any(dim=1).all()):
             raise RegapError("a pair has no text tokens after its image; use --text-tokens all-non-image or longer texts")
-        batches.append((start, batch, text_mask))
-    n_image = sum(int(b.image_mask.sum()) for _, b, _ in batches)
-    n_text = sum(int(m.sum()) for _, _, m in batches)
+        batches.append((start, batch, text_mask, (conversations, image_lists)))
+    n_image = sum(int(b.image_mask.sum()) for _, b, _, _ in batches)
+    n_text = sum(int(m.sum()) for _, _, m, _ in batches)
     n_layers = model.llm.config.num_hidden_layers + 1
     width = model.hidden_size
     dtype = "float32" if n_layers * (n_image + n_text) * width * 4 <= FLOAT32_LIMIT_BYTES else "float16"
@@ -120,8 +126,10 @@ def collect_hidden_states(
 
         iterator = tqdm(batches, desc="hidden states", unit="batch")
     image_offset = text_offset = 0
-    for start, batch, text_mask in iterator:
-        hidden = model(batch, output_hidden_states=True, use_labels=False).hidden_states
+    for start, batch, text_mask, (conversations, image_lists) in iterator:
+        context = intervention(conversations, image_lists, protocol == "prompt") if intervention else nullcontext()
+        with context:
+            hidden = model(batch, output_hidden_states=True, use_labels=False).hidden_states
         if len(hidden) != n_layers:
             raise InternalError(f"the model returned {len(hidden)} hidden states, expected {n_layers}")
         rows = torch.arange(batch.image_mask.shape[0]).unsqueeze(1) + start

@@ -163,7 +163,7 @@ def generate_missing(run: SafetyRun, model: LVLM, requests: list[Any], store: Js
     defenses = _build_defenses(run.defenses)
     from regap.defenses import build_generate
 
-    generate = build_generate(model, defenses)
+    generate = build_generate(model, defenses, workdir=run.out, engine=run.engine)  # calibrations: OUT/defenses/
     todo: list[tuple[str, Any, Any, str]] = []
     input_hashes: dict[str, str | None] = {}
     for name in run.conditions:
@@ -316,6 +316,8 @@ def _run_safety_locked(run: SafetyRun, progress: bool, model: LVLM | None) -> di
     from regap.models.engines import check_engine_available
 
     _decoding_settings(run)  # bad engine names and settings fail here, before any model is loaded
+    for defense in defenses:  # e.g. hook-based defenses cannot run with vLLM
+        defense.check_engine(run.engine)
     check_engine_available(run.engine)
     requests = _load_all_requests(run.prompts, run.limit, run.out, run.source_limits, run.source_options,
                                   run.sample, run.seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -14,7 +15,7 @@ from torch import nn
 from regap.errors import InternalError, RegapError
 from regap.models.engines import generate_vllm
 from regap.models.generation import DecodingSettings, count_until_eos, eos_token_ids
-from regap.models.inputs import ModelInputs, build_batch, with_image_marker
+from regap.models.inputs import InputBuilder, ModelInputs, build_batch, with_image_marker
 from regap.models.projector import build_projector
 from regap.models.templates import get_template
 from regap.models.vision import VisionConfig, VisionTower
@@ -144,20 +145,21 @@ class LVLM(nn.Module):
         padding_side: str = "right",
         max_length: int | None = None,
     ) -> ModelInputs:
-        """Conversations (chat messages with `<image>` markers) + images -> a padded batch."""
+        """Conversations (chat messages with `<image>` markers) + images -> a padded batch
+        (`InputBuilder`, the builder the training collator uses too); a conversation cut to
+        ``max_length`` is named in a warning."""
         images = images if images is not None else [[] for _ in conversations]
-        if len(images) != len(conversations):
-            raise RegapError(f"{len(conversations)} conversations but {len(images)} image lists")
-        batch, _ = build_batch(
-            [list(c) for c in conversations], [len(i) for i in images],
-            tokenizer=self.tokenizer, template=get_template(template or self.config.template, self.tokenizer),
-            tokens_per_image=self.tokens_per_image, add_generation_prompt=add_generation_prompt,
-            padding_side=padding_side, max_length=max_length,
+        built = self.input_builder()(
+            [list(c) for c in conversations], [list(i) for i in images], template=template,
+            add_generation_prompt=add_generation_prompt, padding_side=padding_side, max_length=max_length,
         )
-        flat = [image for sample in images for image in sample]
-        batch.pixel_values = self.vision.preprocess(flat) if flat else None
-        batch.images_per_sample = [len(i) for i in images]
-        return batch
+        for index, length in built.truncated.items():
+            warnings.warn(f"conversation {index} truncated from {length} to {max_length} tokens", stacklevel=2)
+        return built.inputs
+
+    def input_builder(self) -> InputBuilder:
+        """This model's input builder (tokenizer, image processor, tokens per image, template)."""
+        return InputBuilder(self.tokenizer, self.vision.image_processor, self.tokens_per_image, self.config.template)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n_images, 3, H, W] -> projected image tokens [n_images, tokens_per_image, hidden]."""
@@ -213,12 +215,12 @@ class LVLM(nn.Module):
                        template: str | None = None) -> list[int]:
         """Token length of each prompt with its generation prompt and image slots (no images are
         encoded): what batching by length needs, unlike the string length of the conversation."""
-        _, samples = build_batch(
+        built = build_batch(
             [list(c) for c in conversations], [len(i) for i in image_lists], tokenizer=self.tokenizer,
             template=get_template(template or self.config.template, self.tokenizer),
             tokens_per_image=self.tokens_per_image, add_generation_prompt=True, padding_side="left",
         )
-        return [len(sample.ids) for sample in samples]
+        return [len(sample.ids) for sample in built.samples]
 
     @torch.no_grad()
     def generate_detailed(

@@ -13,6 +13,7 @@ from PIL import Image
 
 from regap.errors import RegapError
 from regap.safety import conditions
+from regap.safety.conditions import typography
 from regap.safety.conditions import (
     FIGSTEP_PROMPT,
     ImageCondition,
@@ -119,22 +120,22 @@ def test_figstep_uses_instruction_else_prompt():
 
 
 def test_figstep_font_fallback_and_preference(monkeypatch, tmp_path):
-    monkeypatch.setattr(conditions, "FREEMONO_BOLD", tmp_path / "missing" / "FreeMonoBold.ttf")
-    monkeypatch.setattr(conditions, "FREEMONO_BOLD_ELSEWHERE", (tmp_path / "missing" / "other.ttf",))
+    monkeypatch.setattr(typography, "FREEMONO_BOLD", tmp_path / "missing" / "FreeMonoBold.ttf")
+    monkeypatch.setattr(typography, "FREEMONO_BOLD_ELSEWHERE", (tmp_path / "missing" / "other.ttf",))
     fallback = get_condition("typo").describe()
     assert fallback["font_path"].endswith("DejaVuSansMono-Bold.ttf")
     assert fallback["figstep_font"] is False
     installed = tmp_path / "FreeMonoBold.ttf"
     shutil.copy(fallback["font_path"], installed)
-    monkeypatch.setattr(conditions, "FREEMONO_BOLD", installed)
+    monkeypatch.setattr(typography, "FREEMONO_BOLD", installed)
     chosen = get_condition("typo").describe()
     assert chosen["font_path"] == str(installed) and chosen["figstep_font"] is True
     # Another system's location is found when the Debian path is absent.
     elsewhere = tmp_path / "fonts" / "FreeMonoBold.ttf"
     elsewhere.parent.mkdir()
     shutil.copy(fallback["font_path"], elsewhere)
-    monkeypatch.setattr(conditions, "FREEMONO_BOLD", tmp_path / "missing" / "FreeMonoBold.ttf")
-    monkeypatch.setattr(conditions, "FREEMONO_BOLD_ELSEWHERE", (tmp_path / "missing" / "other.ttf", elsewhere))
+    monkeypatch.setattr(typography, "FREEMONO_BOLD", tmp_path / "missing" / "FreeMonoBold.ttf")
+    monkeypatch.setattr(typography, "FREEMONO_BOLD_ELSEWHERE", (tmp_path / "missing" / "other.ttf", elsewhere))
     found = get_condition("typo").describe()
     assert found["font_path"] == str(elsewhere) and found["figstep_font"] is True
 
@@ -297,7 +298,7 @@ def test_benchmark_loads_the_request_image(tmp_path):
 
 
 def test_register_condition_adds_and_guards_names(monkeypatch):
-    monkeypatch.setattr(conditions, "_REGISTRY", dict(conditions._REGISTRY))
+    monkeypatch.setattr(conditions.CONDITIONS, "_entries", dict(conditions.CONDITIONS._entries))
 
     @register_condition
     class Grey(ImageCondition):

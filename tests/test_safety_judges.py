@@ -150,7 +150,7 @@ def test_error_verdict_for_a_bad_item_and_batch_goes_on():
 
 
 def test_error_verdict_from_a_failing_judge(monkeypatch):
-    monkeypatch.setattr(judges_base, "_JUDGES", dict(judges_base._JUDGES))
+    monkeypatch.setattr(judges_base.JUDGES, "_entries", dict(judges_base.JUDGES._entries))
 
     @register_judge("flaky-test")
     class Flaky(Judge):

@@ -256,7 +256,7 @@ def test_cli_bad_judge_and_source_options_fail_before_work(saved_model, tmp_path
         (["-o", "runs/x"], "KEY=VALUE or NAME:KEY=VALUE, got 'runs/x' (the output folder is --out)"),
         (["--judge", "llamaguard", "-o", "modell=x"], "judge 'llamaguard' has no option 'modell'"),
         (["--source-option", "functional_category=standard"],
-         "request source 'starter-harmful' has no option(s) functional_category"),
+         "request source 'starter-harmful' has no option 'functional_category'"),
         (["--sample", "2", "--limit", "2"], "exclude each other"),
     ]
     for extra, message in cases:

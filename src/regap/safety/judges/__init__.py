@@ -1,16 +1,19 @@
 """Response judges: did the model refuse, is the response harmful?
 
 `get_judge(name, **options)` builds a registered judge; `available_judges()` lists
-them. Importing this package registers the built-in judges (`keyword`).
+them. Importing this package registers the built-in judges (keyword, relevance,
+llamaguard, beaverdam, harmbench, openai).
 """
 
 from regap.safety.judges.base import (
+    JUDGES,
     LABELS,
     Judge,
     JudgeInput,
     Verdict,
     available_judges,
     get_judge,
+    judge_class,
     register_judge,
 )
 from regap.safety.judges.keyword import GCG_REFUSAL_PHRASES, STRICT_DROPPED, KeywordJudge
@@ -22,12 +25,14 @@ from regap.safety.judges.relevance import RelevanceJudge  # noqa: F401  (registe
 from regap.safety.judges.agreement import kappa_matrix, pairwise_agreement  # noqa: F401
 
 __all__ = [
+    "JUDGES",
     "LABELS",
     "Judge",
     "JudgeInput",
     "Verdict",
     "available_judges",
     "get_judge",
+    "judge_class",
     "register_judge",
     "KeywordJudge",
     "GCG_REFUSAL_PHRASES",

@@ -2,7 +2,8 @@
 
 `get_judge(name, **options)` builds a registered judge; `available_judges()` lists
 them. Importing this package registers the built-in judges (keyword, relevance,
-llamaguard, beaverdam, harmbench, openai).
+llamaguard, beaverdam, harmbench, openai); judges that prompt a causal LM build on
+`GenerativeJudge`.
 """
 
 from regap.safety.judges.base import (
@@ -16,6 +17,7 @@ from regap.safety.judges.base import (
     judge_class,
     register_judge,
 )
+from regap.safety.judges.generative import GenerativeJudge
 from regap.safety.judges.keyword import GCG_REFUSAL_PHRASES, STRICT_DROPPED, KeywordJudge
 from regap.safety.judges.llamaguard import LlamaGuardJudge  # noqa: F401  (registers "llamaguard")
 from regap.safety.judges.beaverdam import BeaverDamJudge  # noqa: F401  (registers "beaverdam")
@@ -28,6 +30,7 @@ __all__ = [
     "JUDGES",
     "LABELS",
     "Judge",
+    "GenerativeJudge",
     "JudgeInput",
     "Verdict",
     "available_judges",

@@ -294,6 +294,29 @@ def test_benchmark_loads_the_request_image(tmp_path):
         bench.image_for("r", PROMPT, {"image": "imgs/missing.png"})
 
 
+def test_a_condition_takes_its_inputs_from_the_request(tmp_path):
+    from regap.safety.sources import Request
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (12, 8), (0, 0, 255)).save(tmp_path / "imgs" / "x.png")
+    request = Request(id="r1", prompt=PROMPT, category="c", source="s", image="imgs/x.png",
+                      image_root=str(tmp_path), extra={"instruction": INSTRUCTION})
+    bench = get_condition("benchmark")  # a run reads the request's own image, whatever `root` says
+    text, image, details = bench.inputs(request)
+    assert text == PROMPT and image.size == (12, 8) and details == {"image": "imgs/x.png"}
+    assert bench.input_file(request) == tmp_path / "imgs" / "x.png"
+    bare = Request(id="r2", prompt=PROMPT, category="c", source="s")
+    with pytest.raises(RegapError, match="request r2 has no benchmark image"):
+        bench.inputs(bare)
+    assert bench.input_file(bare) is None
+    typo = get_condition("typo")  # generated images: the pieces, put together from the request
+    text, image, details = typo.inputs(request)
+    assert text == FIGSTEP_PROMPT and details == typo.details("r1", PROMPT, {"instruction": INSTRUCTION})
+    assert image.tobytes() == typo.image_for("r1", PROMPT, {"instruction": INSTRUCTION}).tobytes()
+    assert typo.input_file(request) is None
+    assert get_condition("text").inputs(request) == (PROMPT, None, {})
+
+
 # --------------------------------------------------------------------------- registering
 
 

@@ -4,7 +4,8 @@ A safety evaluation asks the same harmful request under several *conditions*: te
 only, the language backbone on its own, a blank or noise image, an unrelated natural
 photo, the request rendered as typography (FigStep, MM-SafetyBench), or the image a
 benchmark ships. Each condition is an `ImageCondition`; `get_condition(name, **options)`
-builds one from the registry (`CONDITIONS`).
+builds one from the registry (`CONDITIONS`), and `condition.inputs(request)` gives the
+text, image and details one request gets under it.
 
 Every image is a deterministic function of the request id and the condition's
 settings: random choices are seeded from a SHA-256 hash of the id (never Python's
@@ -21,6 +22,7 @@ backbone, blank, noise), `photo` (natural), `typography` (typo/FigStep, mmsb-typ
 from regap.safety.conditions.base import (
     CONDITIONS,
     DEFAULT_SIZE,
+    ConditionInputs,
     ImageCondition,
     available_conditions,
     get_condition,
@@ -51,6 +53,7 @@ __all__ = [
     "DEFAULT_SIZE",
     "IMAGE_SUFFIXES",
     "CONDITIONS",
+    "ConditionInputs",
     "ImageCondition",
     "register_condition",
     "get_condition",

@@ -1,19 +1,26 @@
 """The image-condition interface, its registry and the helpers every condition shares.
 
 A condition decides, for one request, the text and the image (if any) the model gets and the
-per-request facts stored next to the response: `text_prompt`, `image_for` and `details`.
+per-request facts stored next to the response. `inputs(request)` is what a run calls: the
+request carries everything a condition reads (its id for seeding, the prompt, the dataset's
+`extra` fields, a benchmark's image file). `image_for` / `text_prompt` / `details` are the
+pieces a subclass overrides, also usable without a `Request` (gap probes, calibration images).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from regap.errors import RegapError
 from regap.registry import Registry
+
+if TYPE_CHECKING:
+    from regap.safety.sources import Request
 
 DEFAULT_SIZE = 336
 
@@ -53,6 +60,15 @@ def _nonempty_text(value: Any) -> str | None:
 # --------------------------------------------------------------------------- base class
 
 
+class ConditionInputs(NamedTuple):
+    """What one request gets under one condition: the text sent, the image (None: text only)
+    and the per-request facts stored with the response."""
+
+    text: str
+    image: Image.Image | None
+    details: dict[str, Any]
+
+
 class ImageCondition:
     """One way of pairing an image with a request.
 
@@ -85,6 +101,18 @@ class ImageCondition:
     def settings(self) -> dict[str, Any]:
         """The condition's settings (JSON-serialisable)."""
         return {}
+
+    def inputs(self, request: "Request") -> ConditionInputs:
+        """The text, image and per-request details this condition gives `request` (a run's call)."""
+        extra = dict(request.extra)
+        text = self.text_prompt(request.prompt, extra)
+        image = self.image_for(request.id, request.prompt, extra) if self.needs_image else None
+        return ConditionInputs(text, image, self.details(request.id, request.prompt, extra))
+
+    def input_file(self, request: "Request") -> Path | None:
+        """The file `request`'s input is read from under this condition (its sha256 goes into the
+        cached row, so a replaced file is generated anew); None for generated images."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """Everything that decides the images and prompts, for provenance."""

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from regap.errors import RegapError
 from regap.images import load_image
-from regap.safety.conditions.base import ImageCondition, _extra, register_condition
+from regap.safety.conditions.base import ConditionInputs, ImageCondition, _extra, register_condition
+
+if TYPE_CHECKING:
+    from regap.safety.sources import Request
 
 
 @register_condition("benchmark")
 class BenchmarkImage(ImageCondition):
-    """The image the benchmark ships with the request: `extra["image"]` (or
-    `extra["image_path"]`), relative to `root` (default: the working directory)."""
+    """The image the benchmark ships with the request.
+
+    In a run (`inputs`) that is the request's own image, which its source resolved against
+    the benchmark's folder (`Request.resolved_image()`); the file's sha256 keys the cached row.
+    Without a request (`image_for`), it is `extra["image"]` (or `extra["image_path"]`),
+    relative to `root` (default: the working directory).
+    """
 
     name = kind = "benchmark"
     KEYS = ("image", "image_path")
@@ -31,6 +39,16 @@ class BenchmarkImage(ImageCondition):
 
     def image_for(self, request_id, prompt, extra=None):
         return load_image(self.path_for(request_id, extra))
+
+    def inputs(self, request: "Request") -> ConditionInputs:
+        path = request.resolved_image()
+        if path is None:
+            raise RegapError(f"request {request.id} has no benchmark image")
+        return ConditionInputs(self.text_prompt(request.prompt, dict(request.extra)), load_image(path),
+                               {"image": request.image})
+
+    def input_file(self, request: "Request") -> Path | None:
+        return request.resolved_image()
 
     def details(self, request_id, prompt, extra=None):
         return {"image_path": str(self.path_for(request_id, extra))}

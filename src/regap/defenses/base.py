@@ -13,7 +13,6 @@ A defense is named by a spec, `name` or `name:key=value:key=value`
 
 from __future__ import annotations
 
-import inspect
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from PIL import Image
 from regap.errors import RegapError
 from regap.files import file_sha256
 from regap.provenance import text_hash
+from regap.registry import Registry
 
 if TYPE_CHECKING:
     from regap.models.lvlm import LVLM
@@ -78,20 +78,24 @@ class Defense:
         raise NotImplementedError
 
 
-_DEFENSES: dict[str, type[Defense]] = {}
+#: Every defense by name; `register_defense` adds to it, `get_defense` builds from it.
+DEFENSES: Registry[type[Defense]] = Registry("defense")
 
 
-def register_defense(name: str):
+def register_defense(name: str, *aliases: str):
+    """Class decorator: register a `Defense` under `name` (its `name` in provenance) and aliases."""
+
     def decorate(cls: type[Defense]) -> type[Defense]:
-        cls.name = name
-        _DEFENSES[name] = cls
+        DEFENSES.register(name, *aliases)(cls)
+        cls.name = DEFENSES.key(name)
         return cls
 
     return decorate
 
 
 def available_defenses() -> list[str]:
-    return sorted(_DEFENSES)
+    """Registered defense names, sorted."""
+    return DEFENSES.names()
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -107,17 +111,10 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def get_defense(spec: str, **options: Any) -> Defense:
-    """The defense named by `spec` (a name or `name:key=value:...`), built with its options."""
+    """The defense named by `spec` (a name or `name:key=value:...`, the name case-insensitive),
+    built with its options; an unknown option key is a one-line RegapError naming the accepted ones."""
     name, parsed = parse_spec(spec)
-    if name not in _DEFENSES:
-        raise RegapError(f"unknown defense {name!r}; valid: {', '.join(available_defenses())}")
-    cls = _DEFENSES[name]
-    valid = [key for key in inspect.signature(cls.__init__).parameters if key != "self"]
-    merged = {**parsed, **options}
-    unknown = sorted(set(merged) - set(valid))
-    if unknown:
-        raise RegapError(f"defense {name!r} has no option {unknown[0]!r}; valid: {', '.join(valid) or 'none'}")
-    return cls(**merged)
+    return DEFENSES.build(name, **{**parsed, **options})
 
 
 def float_option(defense: str, key: str, value: Any, low: float | None = None, high: float | None = None) -> float:
@@ -207,7 +204,7 @@ def check_hidden_state(defenses: Sequence[Defense]) -> None:
     """A RegapError for a defense that changes prompts or decoding rather than hidden states."""
     for defense in defenses:
         if not defense.hidden_state:
-            valid = [name for name in available_defenses() if _DEFENSES[name].hidden_state]
+            valid = [name for name in available_defenses() if DEFENSES.get(name).hidden_state]
             raise RegapError(f"defense {defense.name} changes prompts or decoding, not hidden states; "
                              f"the gap can be measured under: {', '.join(valid)}")
 

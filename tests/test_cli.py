@@ -118,7 +118,7 @@ def _ctrl_c(*args, **kwargs):
     (["safety", "--limit", "1"], "regap.models.load_model", "interrupted: safety run stopped while loading tiny"),
     (["gap", "--pairs", "2"], "regap.models.load_model", "interrupted: gap measurement stopped before"),
     (["utility", "--n", "1"], "regap.utility.suite.run_utility", "interrupted: utility run stopped; the responses"),
-    (["demo", "--fast"], "regap.demo.run_families", "interrupted: demo stopped; finished steps are recorded"),
+    (["demo", "--fast"], "regap.study.demo.run_families", "interrupted: demo stopped; finished steps are recorded"),
 ], ids=["safety", "gap", "utility", "demo"])
 def test_ctrl_c_in_a_command_exits_130_saying_where(argv, patch, expected, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(patch, _ctrl_c)
@@ -133,7 +133,7 @@ def test_demo_names_its_own_resume_for_an_interrupted_step(monkeypatch, tmp_path
     def stopped(*args, **kwargs):
         raise RunInterrupted("training stopped at step 3/8", "continue with --resume --out somewhere")
 
-    monkeypatch.setattr("regap.demo.run_families", stopped)
+    monkeypatch.setattr("regap.study.demo.run_families", stopped)
     assert main(["demo", "--fast", "--out", str(tmp_path / "demo")]) == 130
     assert capsys.readouterr().err == ("interrupted: demo stopped: training stopped at step 3/8; "
                                        "rerun the same command to continue (finished steps are reused)\n")

@@ -14,7 +14,7 @@ from regap.errors import RegapError
 
 
 def test_family_plan_places_each_family():
-    from regap.demo import DemoSettings, family_plan
+    from regap.study.demo import DemoSettings, family_plan
 
     settings = DemoSettings.fast()
     out = Path("runs/x")
@@ -36,7 +36,7 @@ def test_bad_family_fails_before_any_work(tmp_path, capsys):
 
 
 def test_step_markers_are_per_family_and_the_data_is_shared(tmp_path):
-    from regap.demo import Demo, DemoSettings
+    from regap.study.demo import Demo, DemoSettings
 
     calls: list[str] = []
     mlp = Demo(tmp_path, DemoSettings.fast(), progress=False)
@@ -52,7 +52,7 @@ def test_step_markers_are_per_family_and_the_data_is_shared(tmp_path):
 
 
 def test_run_families_runs_the_asked_families_and_one_report(tmp_path, monkeypatch):
-    from regap import demo
+    from regap.study import demo
 
     ran: list[tuple[str, Path, str]] = []
 
@@ -78,7 +78,7 @@ def test_run_families_runs_the_asked_families_and_one_report(tmp_path, monkeypat
 def test_an_undefined_correlation_does_not_stop_the_study(tmp_path):
     """A small run where every checkpoint answers alike: the study records why, the report says so."""
     from regap.analysis.correlate import Point, correlate_or_undefined, plot_correlation
-    from regap.analysis.report import build_report
+    from regap.study.report import build_report
 
     points = [Point(f"r{i}", f"plain@{i}", 1.0 + i, 10.0 * i, 0.5, 4) for i in range(4)]
     result = correlate_or_undefined(points)

@@ -165,7 +165,7 @@ def test_models_imports_no_higher_layer_at_module_level():
     import them (only the documented function-level edge reaches up)."""
     graph = import_graph()
     higher = ("regap.train", "regap.gap", "regap.safety", "regap.utility", "regap.commands", "regap.cli",
-              "regap.demo", "regap.analysis", "regap.defenses")
+              "regap.study", "regap.analysis", "regap.defenses")
     for name, targets in graph.items():
         if name.startswith("regap.models"):
             upward = sorted(t for t, top in targets.items() if t.startswith(higher) and

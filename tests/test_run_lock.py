@@ -21,13 +21,13 @@ def _must_not_run(*args, **kwargs):
 @pytest.fixture
 def no_work(monkeypatch):
     """Every command's work fails loudly, so a missing lock check cannot start a real run."""
-    import regap.demo
+    import regap.study.demo
     import regap.models
     import regap.train.loop
 
     monkeypatch.setattr(regap.models, "load_model", _must_not_run)
     monkeypatch.setattr(regap.train.loop, "train", _must_not_run)
-    monkeypatch.setattr(regap.demo, "run_families", _must_not_run)
+    monkeypatch.setattr(regap.study.demo, "run_families", _must_not_run)
 
 
 @pytest.mark.parametrize("argv", [

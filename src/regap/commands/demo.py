@@ -25,7 +25,7 @@ def demo_command(
     utility, correlation and a report, on the embedded tiny model, offline."""
     from rich.console import Console
 
-    from regap.demo import DemoSettings, family_plan, run_families
+    from regap.study.demo import DemoSettings, family_plan, run_families
 
     settings = DemoSettings.fast() if fast else DemoSettings()
     settings.advbench = str(advbench) if advbench else None

@@ -22,37 +22,20 @@ def measure_model(
     """Collect hidden states for one model on the given pairs and analyse them; returns the gap record.
     With `defenses` (specs of hidden-state defenses) the hidden states are collected under their
     interventions; calibration files made on first use go to `out/defenses/`."""
-    from regap.gap.run import measure_gap
+    from regap.gap.run import measure_to_folder
     from regap.models import load_model, load_projector
-    from regap.models.fingerprint import model_fingerprint
-    from regap.provenance import provenance
 
     model = load_model(model_name, dtype=dtype)
     if projector is not None:
         load_projector(model, projector)
-    intervention, described = None, []
-    if defenses:
-        from regap.defenses import get_defense
-        from regap.defenses.base import hidden_state_intervention
-
-        built = [get_defense(spec) for spec in defenses]
-        intervention = hidden_state_intervention(built, model, workdir=out)
-        described = [{**d.describe(), "calibration_sha256": getattr(getattr(d, "calibration", None), "sha256", None)}
-                     for d in built]
-    result = measure_gap(model, pair_list, out / f".hidden-{tag}", protocol=protocol, text_tokens=text_tokens,
-                         batch_size=batch_size, mode=mode, n_boot=n_boot, seed=seed, ci=ci,
-                         with_stability=stability_run, keep_hidden=keep_hidden, intervention=intervention)
-    result["defenses"] = described
-    result["provenance"] = provenance(
-        model=model_name, model_config=model.config.to_dict(), model_fingerprint=model_fingerprint(model),
-        projector=str(projector) if projector else None,
-        protocol=protocol, images=images, texts=texts, pairs=pairs, text_tokens=text_tokens, seed=seed,
-        texts_per_pair=texts_per_pair,
-        dtype=str(model.dtype).removeprefix("torch."), dtype_requested=dtype, mode=mode, n_boot=n_boot, ci=ci,
-        pair_ids=[p.id for p in pair_list], reuse_images=reuse_images, image_problems=list(image_problems or []),
-        defenses=described,
+    return measure_to_folder(
+        model, pair_list, out, model_name=model_name, projector=projector, protocol=protocol, images=images,
+        texts=texts, texts_per_pair=texts_per_pair, text_tokens=text_tokens, batch_size=batch_size, mode=mode,
+        n_boot=n_boot, seed=seed, ci=ci, with_stability=stability_run, keep_hidden=keep_hidden,
+        dtype_requested=dtype, defenses=defenses, tag=tag, write=False,
+        extra_provenance={"pairs_requested": pairs, "reuse_images": reuse_images,
+                          "image_problems": list(image_problems or [])},
     )
-    return result
 
 
 @contextmanager

@@ -9,7 +9,7 @@ import typer
 
 def report_command(run_dir: Path = typer.Argument(..., help="A run folder (e.g. from `regap demo`).")) -> None:
     """Build report.md and report.html from the run's files; missing files are named, the rest renders."""
-    from regap.analysis.report import build_report
+    from regap.study.report import build_report
 
     result = build_report(run_dir)
     for item in result["missing"]:

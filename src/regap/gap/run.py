@@ -1,7 +1,9 @@
-"""Measuring one loaded model on a list of pairs: collect, analyse, clean up."""
+"""Measuring one loaded model on a list of pairs: collect, analyse, clean up; and the gap record
+with its provenance, which `regap gap` and the demo both write through `measure_to_folder`."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -33,4 +35,49 @@ def measure_gap(
     finally:
         if not keep_hidden:
             store.remove()
+    return result
+
+
+def measure_to_folder(
+    model: LVLM, pairs: list[GapPair], folder: str | Path, *, model_name: str, projector: str | Path | None = None,
+    protocol: str = "reference", images: str | None = None, texts: str | None = None, texts_per_pair: int = 1,
+    text_tokens: str = "after-image", batch_size: int = 8, mode: str = "exact", n_boot: int = 1000, seed: int = 0,
+    ci: str = "linear", with_stability: bool = False, keep_hidden: bool = False, progress: bool = True,
+    dtype_requested: str | None = None, defenses: list[str] | None = None, tag: str = "a",
+    extra_provenance: dict[str, Any] | None = None, write: bool = True,
+) -> dict[str, Any]:
+    """The gap record of `model` on `pairs` with its provenance (one set of keys for every caller),
+    written to `folder/gap.json` when `write` (hidden states spill to `folder/.hidden-TAG`).
+
+    `defenses` (specs of hidden-state defenses, e.g. ``cmrm``) are active while the hidden states
+    are collected; calibration files made on first use go to `folder/defenses/`."""
+    from regap.files import write_json_atomic
+    from regap.models.fingerprint import model_fingerprint
+    from regap.provenance import provenance
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    intervention, described = None, []
+    if defenses:
+        from regap.defenses import get_defense
+        from regap.defenses.base import hidden_state_intervention
+
+        built = [get_defense(spec) for spec in defenses]
+        intervention = hidden_state_intervention(built, model, workdir=folder)
+        described = [{**d.describe(), "calibration_sha256": getattr(getattr(d, "calibration", None), "sha256", None)}
+                     for d in built]
+    result = measure_gap(model, pairs, folder / f".hidden-{tag}", protocol=protocol, text_tokens=text_tokens,
+                         batch_size=batch_size, mode=mode, n_boot=n_boot, seed=seed, ci=ci,
+                         with_stability=with_stability, keep_hidden=keep_hidden, progress=progress,
+                         intervention=intervention)
+    result["defenses"] = described
+    result["provenance"] = provenance(
+        model=model_name, model_config=model.config.to_dict(), model_fingerprint=model_fingerprint(model),
+        projector=str(projector) if projector else None, protocol=protocol, images=images, texts=texts,
+        pairs=len(pairs), text_tokens=text_tokens, seed=seed, texts_per_pair=texts_per_pair,
+        dtype=str(model.dtype).removeprefix("torch."), dtype_requested=dtype_requested, mode=mode, n_boot=n_boot,
+        ci=ci, pair_ids=[p.id for p in pairs], defenses=described, **(extra_provenance or {}),
+    )
+    if write:
+        write_json_atomic(folder / "gap.json", json.loads(json.dumps(result, default=float)))
     return result

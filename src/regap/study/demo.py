@@ -203,7 +203,7 @@ class Demo:
     def evaluate(self, label: str, projector: Path, full: bool) -> Path:
         """Gap, safety and utility of one checkpoint; `full` adds attack-gap and AdaShield-S."""
         from regap.gap.pairs import make_pairs
-        from regap.gap.run import measure_gap
+        from regap.gap.run import measure_to_folder
         from regap.safety.runner import SafetyRun, run_safety
         from regap.utility import run_utility
 
@@ -215,15 +215,11 @@ class Demo:
         judges = self.judges()
 
         def gap(sub: str, protocol: str, images: str, texts: str, pairs: int, per_pair: int) -> None:
-            model = self.with_projector(projector)
             pair_list = make_pairs(pairs, images=images, texts=texts, seed=s.seed, texts_per_pair=per_pair)
-            result = measure_gap(model, pair_list, folder / f".hidden-{sub}", protocol=protocol, n_boot=s.n_boot,
-                                 seed=s.seed, batch_size=8, progress=self.progress)
-            result["provenance"] = provenance(model=s.model, projector=str(projector), protocol=protocol,
-                                              images=images, texts=texts, pairs=pairs, texts_per_pair=per_pair,
-                                              dtype=self.dtype)
-            (folder / sub).mkdir(exist_ok=True)
-            (folder / sub / "gap.json").write_text(json.dumps(result, indent=2, default=float))
+            measure_to_folder(self.with_projector(projector), pair_list, folder / sub, model_name=s.model,
+                              projector=projector, protocol=protocol, images=images, texts=texts,
+                              texts_per_pair=per_pair, batch_size=8, n_boot=s.n_boot, seed=s.seed,
+                              progress=self.progress, dtype_requested=s.dtype, tag=sub)
 
         self.step(f"gap-{label}", [str(projector), s.gap_pairs, s.n_boot, self.dtype],
                   lambda: gap("gap", "reference", "scenes", "starter-benign", s.gap_pairs, 3))
@@ -294,7 +290,7 @@ class Demo:
         (self.out / "judge_validation.json").write_text(json.dumps(result, indent=2, default=float))
 
     def figures(self, finals: dict[str, Path]) -> None:
-        from regap.demo_plots import plot_safety_conditions, plot_training
+        from regap.study.plots import plot_safety_conditions, plot_training
 
         plot_training({label: self.out / "train" / label / "metrics.jsonl" for label in map(_label, self.settings.lambdas)},
                       self.out / "training_curves.png")
@@ -331,7 +327,7 @@ def run_families(out: str | Path, settings: DemoSettings | None = None, family: 
                  progress: bool = True) -> dict[str, dict[str, Any]]:
     """Run (or resume) the study for each family of `family`; the report shows them side by side
     when more than one has results in OUT. Returns {family: summary}."""
-    from regap.analysis.report import build_report
+    from regap.study.report import build_report
 
     settings = settings or DemoSettings()
     if settings.regap_lambda not in settings.lambdas or 0.0 not in settings.lambdas:

@@ -331,7 +331,7 @@ def _auc(similarities: np.ndarray, on_topic: np.ndarray) -> float:
 def calibrate_relevance(
     examples: pd.DataFrame,
     similarities: np.ndarray,
-    keyword_refusal: np.ndarray | None = None,
+    refused: np.ndarray | None = None,
     level: float = 0.95,
     n_boot: int = 1000,
     seed: int = 0,
@@ -340,7 +340,7 @@ def calibrate_relevance(
     """Fit the threshold on the calibration split and measure it on the held-out split.
 
     `examples` needs `label`, `split`, `group` (and optionally `kind`); `similarities`
-    holds one cosine similarity per row. `keyword_refusal` (one bool per row) adds the
+    holds one cosine similarity per row. `refused` (the refusal stage's decision, one bool per row) adds the
     whole judge's three-way labels on the held-out split. `compare` lists thresholds
     (e.g. the previous default) to report on the held-out split next to the fitted one.
     """
@@ -403,8 +403,8 @@ def calibrate_relevance(
         "heldout_other_thresholds": {repr(float(t)): threshold_metrics(hs, ht, float(t), level) for t in compare},
         "calibration_balanced_accuracy": balanced_accuracy(sims[cal], truth[cal], threshold),
     }
-    if keyword_refusal is not None:
-        refused = np.asarray(keyword_refusal, dtype=bool)[held_idx]
+    if refused is not None:
+        refused = np.asarray(refused, dtype=bool)[held_idx]
         labels = np.where(refused, "refusal", np.where(pred, "compliance", "off_topic"))
         result["heldout_judge_labels"] = {
             name: {lab: int(((labels == lab) & mask).sum()) for lab in ("compliance", "off_topic", "refusal")}
@@ -441,7 +441,7 @@ def run_calibration(
     a = embedded[[index[t] for t in examples["request"]]]
     b = embedded[[index[t] for t in examples["response"]]]
     sims = np.sum(a * b, axis=1).astype(float)
-    refused = np.asarray([bool(judge.keyword.matches(r)) for r in examples["response"]])
+    refused = judge.refused(list(examples["response"]))
     compare = sorted({PROVISIONAL_THRESHOLD, DEFAULT_THRESHOLD, judge.threshold})
     result = calibrate_relevance(examples, sims, refused, level=level, n_boot=n_boot, seed=seed, compare=compare)
     report = {
@@ -453,7 +453,7 @@ def run_calibration(
         "n_texts_embedded": len(texts),
         **result,
     }
-    return jsonable(report), examples.assign(similarity=sims, keyword_refusal=refused)
+    return jsonable(report), examples.assign(similarity=sims, refused=refused)
 
 
 def _model_record(judge: Any) -> dict[str, Any]:

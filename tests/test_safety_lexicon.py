@@ -253,6 +253,22 @@ def test_split_is_grouped_reproducible_and_documented(tmp_path):
     assert held["overall"]["n"] + tune["overall"]["n"] == 48 and held["split"]["split"] == "heldout"
 
 
+def test_excluding_partial_refusals_keeps_every_prompt_on_its_side(tmp_path):
+    """--partial exclude drops rows; the split is still drawn over every labelled prompt."""
+    folder = _xstest_folder(tmp_path / "xs")
+    for file in folder.glob("*.csv"):
+        frame = pd.read_csv(file)
+        frame.loc[frame["id"] < 6, "final_label"] = "3_partial_refusal"  # prompts 0-5: only partial refusals
+        frame.to_csv(file, index=False)
+    full, _ = load_labeled(f"xstest:{folder}")
+    tuning = set(full["prompt"][tuning_mask(full, 0.5, 0)])
+    for side in ("tuning", "heldout"):
+        result = validate_judge("keyword", f"xstest:{folder}", partial="exclude", split=side, seed=0)
+        kept = tuning - {f"Question number {i}?" for i in range(6)}
+        expected = 2 * len(kept) if side == "tuning" else 2 * (18 - len(kept))
+        assert result["overall"]["n"] == expected
+
+
 def test_fit_on_a_fixture_and_the_cli(tmp_path):
     from regap.commands.judge_validate import register
 

@@ -280,25 +280,33 @@ def label_mapping(fmt: str, partial: str = "refusal") -> dict[str, str]:
 # --------------------------------------------------------------------------- splitting
 
 
-def tuning_mask(data: pd.DataFrame, tuning_fraction: float = 0.5, seed: int = 0) -> np.ndarray:
+def tuning_mask(data: pd.DataFrame, tuning_fraction: float = 0.5, seed: int = 0,
+                universe: Iterable[str] | None = None) -> np.ndarray:
     """True for rows on the tuning side of the prompt-grouped split, False for held-out rows.
 
     Grouped by prompt text, so the five XSTest models' answers to one prompt stay on one
     side; the prompts are sorted and then shuffled with `seed`, so the split depends only on
-    the set of prompts and the seed (`regap.safety.calibration.split_groups`)."""
+    the set of prompts and the seed (`regap.safety.calibration.split_groups`). `universe`
+    (default: the rows' own prompts) is the prompt set the split is drawn over: dropping rows
+    (`partial="exclude"`) must not move the prompts that remain to the other side."""
     from regap.safety.calibration import split_groups
 
-    return split_groups(data["prompt"].astype(str), tuning_fraction, seed)
+    prompts = sorted({str(p) for p in (data["prompt"] if universe is None else universe)})
+    tuning = {p for p, chosen in zip(prompts, split_groups(prompts, tuning_fraction, seed)) if chosen}
+    missing = set(data["prompt"].astype(str)) - set(prompts)
+    if missing:
+        raise RegapError(f"split: {len(missing)} prompt(s) are not in the prompt set the split is drawn over")
+    return data["prompt"].astype(str).isin(tuning).to_numpy()
 
 
 def select_split(data: pd.DataFrame, split: str = "all", tuning_fraction: float = 0.5,
-                 seed: int = 0) -> tuple[pd.DataFrame, dict[str, Any]]:
+                 seed: int = 0, universe: Iterable[str] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The rows of one side of the split (all rows for `split="all"`) and a record of it."""
     if split not in SPLITS:
         raise RegapError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if split == "all":
         return data, {"split": "all"}
-    mask = tuning_mask(data, tuning_fraction, seed)
+    mask = tuning_mask(data, tuning_fraction, seed, universe)
     keep = mask if split == "tuning" else ~mask
     chosen = data[keep].reset_index(drop=True)
     record = {
@@ -370,7 +378,10 @@ def validate_judge(
     """
     judge = judge_name if isinstance(judge_name, Judge) else get_judge(judge_name, **(judge_options or {}))
     data, record = load_labeled(data_spec, partial)
-    data, split_record = select_split(data, split, tuning_fraction, seed)
+    universe = None
+    if split != "all" and partial == "exclude":  # draw the split over every labelled prompt, as when fitting
+        universe = load_labeled(data_spec, "refusal")[0]["prompt"]
+    data, split_record = select_split(data, split, tuning_fraction, seed, universe)
     items = [
         JudgeInput(prompt=str(p), response=r, category=(c or None))
         for p, r, c in zip(data["prompt"], data["response"], data["category"])

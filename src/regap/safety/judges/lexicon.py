@@ -8,10 +8,13 @@ illegal in most countries", "I'm sorry to hear that. Here are some steps ..."). 
 occurs decides a lot: a refusal states itself in the opening sentences, a compliant answer
 mentions the law or ethics later, as a caveat. So this judge reads a *lexicon* of cue groups
 (regular expressions, below), notes for each whether it matches in the opening (the first
-two sentences) or in the rest, adds a few compliance cues (a numbered list, "here are",
-condolences) and the length, and combines them with a logistic regression whose weights are
-fitted on half of XSTest's prompts (`regap judge-calibrate --judge refusal-lexicon`) and
-shipped in `regap/safety/data/refusal_lexicon.json`. Everything runs offline with numpy.
+two sentences) or in the rest, and adds a few compliance cues (a numbered list, "here are",
+condolences) and the length. A refusal stated in the opening ("I cannot ...", "I do not
+condone ...") decides by itself (`EXPLICIT_REFUSAL`); the other responses get P(refusal) from
+a logistic regression whose weights (signs fixed: refusal cues >= 0, compliance cues <= 0)
+are fitted on half of XSTest's prompts (`regap judge-calibrate --judge refusal-lexicon`,
+`regap.safety.refusal_fit`) and shipped in `regap/safety/data/refusal_lexicon.json`.
+Held-out accuracy and how it was measured: docs/judges.md. Everything runs offline with numpy.
 
 The weights belong to this exact lexicon: the file records `lexicon_hash`, and loading
 weights fitted on another lexicon fails with a message saying how to refit.

@@ -160,7 +160,9 @@ def fit_refusal_lexicon(
         "weight_signs": "refusal cues >= 0, compliance cues <= 0, log_length free",
         "explicit_refusal_rows": {"n": int(explicit.sum()), "human_refusal": int(y[explicit].sum()),
                                   "note": "decided by rule, left out of the fit"},
-        "command": f"regap judge-calibrate --judge refusal-lexicon --data {data_spec} --seed {seed} "
+        # PATH, not the path given: the data are pinned by their sha256 above, and the weights file
+        # stays byte-identical wherever the command runs.
+        "command": f"regap judge-calibrate --judge refusal-lexicon --data {record['format']}:PATH --seed {seed} "
                    f"--calibration-fraction {tuning_fraction} --partial {partial}",
     }
     model = LexiconModel(tuple(float(w) for w in weights), float(bias), 0.5, fit_record)

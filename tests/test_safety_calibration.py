@@ -208,7 +208,7 @@ def test_judge_calibrate_cli_on_a_tiny_fixture(bert_folder, tmp_path):
     bad = runner.invoke(app, ["judge-calibrate", "--data", f"csv:{tmp_path / 'absent.csv'}", "-o", f"model={bert_folder}"])
     assert isinstance(bad.exception, RegapError) and "absent.csv" in str(bad.exception)
     wrong_judge = runner.invoke(app, ["judge-calibrate", "--data", f"csv:{data}", "--judge", "keyword"])
-    assert isinstance(wrong_judge.exception, RegapError) and "no similarity threshold" in str(wrong_judge.exception)
+    assert isinstance(wrong_judge.exception, RegapError) and "cannot be calibrated" in str(wrong_judge.exception)
 
 
 def test_keyword_relevance_is_the_relevance_judge(bert_folder):

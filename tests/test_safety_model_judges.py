@@ -1167,7 +1167,7 @@ def test_relevance_refusal_stage_choice(bert_folder):
     assert [v.label for v in keyword.judge_batch([caveat])] == ["refusal"]
     assert keyword.judge_batch([caveat])[0].detail["matched"] == ["illegal"]
     assert list(lexicon.refused(["I'm sorry, but I can't help with that.", caveat.response])) == [True, False]
-    with pytest.raises(RegapError, match="only apply to the keyword refusal stage"):
+    with pytest.raises(RegapError, match="variant applies only to the keyword refusal stage; add refusal=keyword"):
         get_judge("relevance", model=str(bert_folder), variant="strict")
     with pytest.raises(RegapError, match="refusal must be one of"):
         get_judge("relevance", model=str(bert_folder), refusal="llamaguard")

@@ -181,7 +181,8 @@ def register(app: typer.Typer) -> None:
             ..., "--data",
             help="Labelled pairs: csv:PATH (request,response,label in on_topic/off_topic) or xstest:PATH "
                  "(constructed from XSTest completions: human full-compliance = on_topic; mismatched prompts "
-                 "and image captions = off_topic).",
+                 "and image captions = off_topic). refusal-lexicon: human refusal labels, xstest:PATH or pyrit:PATH "
+                 "(as judge-validate).",
         ),
         judge: str = typer.Option(
             "relevance", "--judge", help="relevance (fit the similarity threshold) or refusal-lexicon (fit the "
@@ -191,7 +192,8 @@ def register(app: typer.Typer) -> None:
         ),
         seed: int = typer.Option(0, "--seed", help="Seed of the split, the mismatched pairs and the bootstrap."),
         calibration_fraction: float = typer.Option(
-            0.5, "--calibration-fraction", help="Share of groups (XSTest: prompts) used to fit the threshold."
+            0.5, "--calibration-fraction", help="Share of groups (XSTest: prompts) used to fit the threshold "
+                                                "or the refusal-lexicon weights."
         ),
         captions: bool = typer.Option(True, "--captions/--no-captions", help="xstest: add caption off-topic pairs."),
         max_prompts: Optional[int] = typer.Option(None, "--max-prompts", help="xstest: use a random subset of prompts."),

@@ -434,7 +434,8 @@ def run_calibration(
     examples, record = load_calibration_data(data_spec, seed, calibration_fraction, captions, max_prompts)
     judge = get_judge(judge_name, **options)  # after the data: a bad file fails before the model loads
     if not isinstance(judge, RelevanceJudge):
-        raise RegapError(f"judge {judge_name!r} has no similarity threshold to calibrate; use relevance (keyword+relevance)")
+        raise RegapError(f"judge {judge_name!r} cannot be calibrated; use relevance (keyword+relevance: its similarity threshold) "
+                         "or refusal-lexicon (its weights)")
     texts = sorted(set(examples["request"]) | set(examples["response"]))
     embedded = judge.embedder.embed(texts)
     index = {t: i for i, t in enumerate(texts)}

@@ -270,8 +270,9 @@ class RelevanceJudge(Judge):
                 raise RegapError("relevance judge: refusal_weights is for refusal=lexicon")
             return KeywordJudge(**keyword_options, empty="off_topic")
         if keyword_options:
-            raise RegapError(f"relevance judge: {', '.join(keyword_options)} only apply to the keyword refusal "
-                             f"stage; add refusal=keyword")
+            names = ", ".join(keyword_options)
+            verb = "applies" if len(keyword_options) == 1 else "apply"
+            raise RegapError(f"relevance judge: {names} {verb} only to the keyword refusal stage; add refusal=keyword")
         return RefusalLexiconJudge(weights=weights, empty="off_topic")
 
     @property

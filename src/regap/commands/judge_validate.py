@@ -137,7 +137,8 @@ def register(app: typer.Typer) -> None:
             "all", "--split", help="all rows, or one side of the prompt-grouped split: tuning or heldout "
                                    "(the split judge-calibrate --judge refusal-lexicon fits on and reports)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the split (with --split)."),
-        tuning_fraction: float = typer.Option(0.5, "--tuning-fraction", help="Share of prompts on the tuning side."),
+        tuning_fraction: float = typer.Option(
+            0.5, "--calibration-fraction", help="Share of prompts on the tuning side (as in judge-calibrate)."),
     ) -> None:
         """Measure how well a refusal judge agrees with human labels (accuracy, precision, recall, F1, kappa)."""
         from rich.console import Console
@@ -151,7 +152,7 @@ def register(app: typer.Typer) -> None:
         if split != "all":
             typer.echo(f"{split} split: {result['split']['rows']} of {result['split']['rows_total']} rows, "
                        f"{result['split']['prompts']} of {result['split']['prompts_total']} prompts "
-                       f"(grouped by prompt, seed {seed}, tuning fraction {tuning_fraction})")
+                       f"(grouped by prompt, seed {seed}, calibration fraction {tuning_fraction})")
         console = Console()
         if not console.is_terminal:  # a log file or a pipe: do not squeeze the table to 80 columns
             console = Console(width=max(console.width, 120))

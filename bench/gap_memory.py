@@ -32,6 +32,10 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from regap.models.inputs import ModelInputs
 
 
 def parse_args() -> argparse.Namespace:
@@ -97,17 +101,20 @@ class SevenBShapedModel:
         self.llm = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=args.layers - 1))
         self._generator = torch.Generator().manual_seed(0)
 
-    def build_inputs(self, conversations, images, **_: object) -> SimpleNamespace:
+    def build_inputs(self, conversations, images, **_: object) -> ModelInputs:
         import torch
+
+        from regap.models.inputs import IGNORE_INDEX, ModelInputs
 
         n, a = len(conversations), self.args
         prefix, suffix = 5, a.text_tokens
         length = prefix + a.image_tokens + suffix
         image_mask = torch.zeros(n, length, dtype=torch.bool)
         image_mask[:, prefix : prefix + a.image_tokens] = True
-        return SimpleNamespace(attention_mask=torch.ones(n, length, dtype=torch.long), image_mask=image_mask)
+        return ModelInputs(torch.zeros(n, length, dtype=torch.long), torch.ones(n, length, dtype=torch.long),
+                           torch.full((n, length), IGNORE_INDEX), image_mask, None, [])
 
-    def __call__(self, batch: SimpleNamespace, **_: object) -> SimpleNamespace:
+    def __call__(self, batch: ModelInputs, **_: object) -> SimpleNamespace:
         import torch
 
         shape = (*batch.attention_mask.shape, self.hidden_size)

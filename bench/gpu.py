@@ -350,10 +350,9 @@ def caption_of_length(model: Any, target: int) -> tuple[str, int]:
 
     def length_of(caption: str) -> int:
         conversation = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": caption or "a"}]
-        _, samples = build_batch([conversation], [1], tokenizer=model.tokenizer, template=template,
-                                 tokens_per_image=model.tokens_per_image, add_generation_prompt=False,
-                                 padding_side="right")
-        return len(samples[0].ids)
+        built = build_batch([conversation], [1], tokenizer=model.tokenizer, template=template,
+                            tokens_per_image=model.tokens_per_image, add_generation_prompt=False, padding_side="right")
+        return len(built.samples[0].ids)
 
     return _longest_text(length_of, target)
 

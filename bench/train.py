@@ -1,15 +1,15 @@
 """Stage-1 training benchmark on the real `tiny` preset (CPU).
 
-(a) ReGap overhead: time of one training step (forward, caption loss, ReGap, backward,
-    AdamW step) with lambda > 0 over the same step with lambda = 0: same model, same batch,
-    one process, alternating A/B/B/A so drifting machine load hits both sides alike.
-    Target <= 1.03. The ReGap computation alone (loss + its backward on the captured
-    layer-0 features) is timed separately.
+(a) ReGap overhead: time of one training step (`regap.train.TrainStep`, what the training
+    loop runs: forward, caption loss, ReGap, backward, AdamW step) with lambda > 0 over the
+    same step with lambda = 0: same model, same batch, one process, alternating A/B/B/A so
+    drifting machine load hits both sides alike. Target <= 1.03. The ReGap computation alone
+    (loss + its backward on the layer-0 features) is timed separately.
 (b) Stage-1 throughput and memory: `regap pretrain tiny-stage1` for a few steps in a
     child process; samples/s from its metrics.jsonl and the child's peak RSS
     (target <= 8 GB).
-(c) float32 against bfloat16 on this CPU: the same training step (plain stage 1) with the
-    frozen parts in float32 and in bfloat16 (+ bf16 autocast), alternating, and what
+(c) float32 against bfloat16 on this CPU: the same training step (`TrainStep`, plain stage 1)
+    with the frozen parts in float32 and in bfloat16 (+ bf16 autocast), alternating, and what
     `dtype: auto` picked here (regap.precision's probe) with its reason.
 
 Usage:  python bench/train.py [--batch 4] [--pairs 5] [--steps 6] [--dtype auto]
@@ -58,7 +58,7 @@ def training_step_setup(dtype: str, data: Path, batch_size: int) -> tuple:
     from regap.models import load_model
     from regap.train import TrainConfig
     from regap.train.collate import Collator, TrainSamples
-    from regap.train.loop import make_optimizer, setup_model
+    from regap.train.setup import make_optimizer, setup_model
 
     config = TrainConfig.from_dict({"model": "tiny", "dtype": dtype,
                                     "data": {"json": str(data / "captions.json")}}).resolved()
@@ -75,23 +75,17 @@ def training_step_setup(dtype: str, data: Path, batch_size: int) -> tuple:
 def part_a(args: argparse.Namespace, data: Path) -> dict:
     import torch
 
-    from regap.train.hooks import HiddenCapture
-    from regap.train.loop import compute_losses
     from regap.train.regap_loss import ReGapLoss
+    from regap.train.step import TrainStep
 
     config, lvlm, module, accelerator, optimizer, batch = training_step_setup(args.dtype, data, args.batch)
     regap = ReGapLoss(args.lam, warmup_steps=1)
-    capture = HiddenCapture(lvlm.llm, 0)
+    steps = {False: TrainStep(module, optimizer, accelerator=accelerator),
+             True: TrainStep(module, optimizer, accelerator=accelerator, regap=regap)}
 
     def step(with_regap: bool) -> float:
         start = time.perf_counter()
-        with accelerator.autocast():
-            losses = compute_losses(module, batch, regap if with_regap else None, capture if with_regap else None)
-        accelerator.backward(losses.total)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        regap.step() if with_regap else None
-        capture.clear()
+        steps[with_regap](batch)
         return time.perf_counter() - start
 
     step(False), step(True)  # warm-up (allocations, oneDNN kernels)
@@ -125,18 +119,15 @@ def part_a(args: argparse.Namespace, data: Path) -> dict:
 
 def part_c(args: argparse.Namespace, data: Path) -> dict:
     """float32 vs bfloat16 step times, alternating, and the `auto` choice on this machine."""
-    from regap.precision import cpu_capability, cpu_probe, resolve_dtype
-    from regap.train.loop import compute_losses
-
-    import contextlib
-
     import torch
 
     from regap.data import LlavaJsonDataset
     from regap.models import load_model
+    from regap.precision import cpu_capability, cpu_probe, resolve_dtype
     from regap.train import TrainConfig
     from regap.train.collate import Collator, TrainSamples
-    from regap.train.loop import make_optimizer, setup_model
+    from regap.train.setup import make_optimizer, setup_model
+    from regap.train.step import TrainStep
 
     def stepper(dtype: str):
         # No Accelerator here: its state is a per-process singleton, and the two set-ups need
@@ -148,15 +139,12 @@ def part_c(args: argparse.Namespace, data: Path) -> dict:
         optimizer = make_optimizer(module, config)
         dataset = LlavaJsonDataset(data / "captions.json")
         batch = Collator(lvlm, "plain", 256)([TrainSamples(dataset)[i] for i in range(args.batch)]).inputs
+        autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else None
+        train_step = TrainStep(module, optimizer, autocast=autocast)
 
         def step() -> float:
             start = time.perf_counter()
-            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
-            with autocast:
-                losses = compute_losses(module, batch, None, None)
-            losses.total.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(batch)
             return time.perf_counter() - start
 
         step()  # warm-up

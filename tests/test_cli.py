@@ -137,3 +137,17 @@ def test_demo_names_its_own_resume_for_an_interrupted_step(monkeypatch, tmp_path
     assert main(["demo", "--fast", "--out", str(tmp_path / "demo")]) == 130
     assert capsys.readouterr().err == ("interrupted: demo stopped: training stopped at step 3/8; "
                                        "rerun the same command to continue (finished steps are reused)\n")
+
+
+def test_an_internal_error_is_not_printed_as_a_user_error(extra_commands, capsys):
+    """A bug (InternalError) keeps its traceback: `main` does not turn it into one line and exit 2."""
+    from regap.errors import InternalError, RegapError
+
+    def broken() -> None:
+        raise InternalError("3 image slots but 1 image(s) x 2 tokens")
+
+    extra_commands("t-broken", broken)
+    assert not issubclass(InternalError, RegapError)
+    with pytest.raises(InternalError, match="3 image slots"):
+        main(["t-broken"])
+    assert "error:" not in capsys.readouterr().err

@@ -18,7 +18,7 @@ HARMFUL = [
 
 def test_assembled_gguf_has_the_pinned_sha256(real_tiny):
     from regap.models.offline_assets import ASSETS, source_file
-    from regap.provenance import file_sha256 as sha256_file
+    from regap.files import file_sha256 as sha256_file
 
     for name in ("qwen2.5-coder-0.5b-instruct", "dinov2-s14-imgfocus"):
         asset = ASSETS[name]

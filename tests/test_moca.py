@@ -272,7 +272,7 @@ def test_an_unfinished_training_folder_is_named_as_such(moca_run, tmp_path):
 
 def test_training_a_model_that_has_moca_keeps_it_trained_only_when_enabled():
     from regap.train.config import TrainConfig
-    from regap.train.loop import setup_model
+    from regap.train.setup import setup_model
 
     for enabled in (True, False):
         model = _with_moca(tiny_random_lvlm(seed=0), shift=0.1)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
 
-from regap.errors import RegapError
+from regap.errors import InternalError, RegapError
 from regap.models import IGNORE_INDEX
 from regap.models.inputs import with_image_marker
 from regap.models.templates import VICUNA_SYSTEM
@@ -81,6 +83,21 @@ def test_embed_writes_projected_image_tokens_into_slots(tiny_model):
     assert torch.allclose(embeds[0][~batch.image_mask[0]], text[0][~batch.image_mask[0]])
 
 
+def test_a_batch_breaking_the_image_slot_invariant_is_an_internal_error(tiny_model):
+    """`build_inputs` never makes such a batch: a bug, so not a `RegapError` (one line, "fix your input")."""
+    batch = tiny_model.build_inputs([_conv("<image>\nWhat?")], [[RED]])
+    with pytest.raises(InternalError, match="image slots but no pixel values"):
+        tiny_model.embed(dataclasses.replace(batch, pixel_values=None))
+    doubled = dataclasses.replace(batch, pixel_values=batch.pixel_values.repeat(2, 1, 1, 1))
+    with pytest.raises(InternalError, match="image slots but 2 image"):
+        tiny_model.embed(doubled)
+
+
+def test_a_model_built_from_parts_records_no_llm_origin(tiny_model):
+    """`llm_origin` exists on every LVLM (None: the LLM is `llm_source` as published)."""
+    assert tiny_model.llm_origin is None
+
+
 def test_marker_count_must_match_images(tiny_model):
     with pytest.raises(RegapError, match="2 <image> marker"):
         tiny_model.build_inputs([_conv("<image><image> two?")], [[RED]])
@@ -119,3 +136,52 @@ def test_unknown_template_and_projector_errors(tiny_model):
     with pytest.raises(RegapError, match="unknown projector"):
         build_projector("mlp2x_relu", 4, 4)
     assert len(build_projector("mlp3x_gelu", 4, 8)) == 5
+
+
+# ---------------------------------------------------------------------- text tokens, one builder
+
+
+def test_text_mask_modes_on_padded_rows_with_and_without_an_image():
+    from regap.models.inputs import TEXT_TOKEN_MODES, ModelInputs
+
+    # row 0: 2 tokens, 3 image slots, 2 tokens, 1 pad (right); row 1: left pad, no image at all
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 1, 1]])
+    image = torch.zeros(2, 8, dtype=torch.bool)
+    image[0, 2:5] = True
+    batch = ModelInputs(torch.zeros(2, 8, dtype=torch.long), attention, torch.full((2, 8), IGNORE_INDEX), image,
+                        None, [1, 0])
+    assert TEXT_TOKEN_MODES == ("after-image", "all-non-image")
+    assert batch.text_mask("all-non-image").int().tolist() == [[1, 1, 0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1, 1, 1]]
+    assert batch.text_mask("after-image").int().tolist() == [[0, 0, 0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1, 1, 1]]
+    with pytest.raises(RegapError, match="text-token mode"):
+        batch.text_mask("before-image")
+
+
+def test_build_batch_returns_what_it_truncated_without_warning(tiny_model, recwarn):
+    from regap.models.inputs import build_batch
+    from regap.models.templates import get_template
+
+    long_answer = "one two three four five six seven eight nine ten " * 5
+    built = build_batch([_conv("<image>\nCount.", long_answer), _conv("<image>\nHi.", "ok")], [1, 1],
+                        tokenizer=tiny_model.tokenizer, template=get_template("chat", tiny_model.tokenizer),
+                        tokens_per_image=tiny_model.tokens_per_image, add_generation_prompt=False, max_length=40)
+    assert built.n_truncated == 1 and list(built.truncated) == [0] and built.truncated[0] > 40
+    assert [len(s.ids) for s in built.samples][0] == 40 and built.inputs.input_ids.shape[1] == 40
+    assert not [w for w in recwarn if "truncated" in str(w.message)]
+
+
+def test_the_collator_and_build_inputs_build_the_same_batch(tiny_model, recwarn):
+    from types import SimpleNamespace
+
+    from regap.train.collate import Collator, LoadedSample
+
+    long_answer = "one two three four five six seven eight nine ten " * 5
+    conversations = [_conv("<image>\nWhat is this?", "A red circle."), _conv("<image>\nCount.", long_answer)]
+    items = [LoadedSample(i, SimpleNamespace(id=str(i), messages=c, image=RED)) for i, c in enumerate(conversations)]
+    batch = Collator(tiny_model, "chat", 60)(items)
+    assert batch.truncated == 1 and not [w for w in recwarn if "truncated" in str(w.message)]
+    with pytest.warns(UserWarning, match="conversation 1 truncated"):
+        direct = tiny_model.build_inputs(conversations, [[RED], [RED]], template="chat", max_length=60)
+    for name in ("input_ids", "attention_mask", "labels", "image_mask", "pixel_values"):
+        assert torch.equal(getattr(batch.inputs, name), getattr(direct, name)), name
+    assert batch.inputs.images_per_sample == direct.images_per_sample == [1, 1]

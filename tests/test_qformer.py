@@ -414,7 +414,7 @@ def test_training_config_selects_a_qformer_and_what_trains(synth, tmp_path):
     from safetensors.torch import load_file
 
     from regap.train import load_config, train
-    from regap.train.loop import build_model
+    from regap.train.setup import build_model
 
     overrides = ["model=tiny-random", f"data.json={synth / 'captions.json'}", "projector_type=qformer",
                  "qformer.num_query_tokens=4", "qformer.hidden_size=64",

@@ -13,6 +13,7 @@ from PIL import Image
 
 from regap.errors import RegapError
 from regap.safety import conditions
+from regap.safety.conditions import typography
 from regap.safety.conditions import (
     FIGSTEP_PROMPT,
     ImageCondition,
@@ -119,22 +120,22 @@ def test_figstep_uses_instruction_else_prompt():
 
 
 def test_figstep_font_fallback_and_preference(monkeypatch, tmp_path):
-    monkeypatch.setattr(conditions, "FREEMONO_BOLD", tmp_path / "missing" / "FreeMonoBold.ttf")
-    monkeypatch.setattr(conditions, "FREEMONO_BOLD_ELSEWHERE", (tmp_path / "missing" / "other.ttf",))
+    monkeypatch.setattr(typography, "FREEMONO_BOLD", tmp_path / "missing" / "FreeMonoBold.ttf")
+    monkeypatch.setattr(typography, "FREEMONO_BOLD_ELSEWHERE", (tmp_path / "missing" / "other.ttf",))
     fallback = get_condition("typo").describe()
     assert fallback["font_path"].endswith("DejaVuSansMono-Bold.ttf")
     assert fallback["figstep_font"] is False
     installed = tmp_path / "FreeMonoBold.ttf"
     shutil.copy(fallback["font_path"], installed)
-    monkeypatch.setattr(conditions, "FREEMONO_BOLD", installed)
+    monkeypatch.setattr(typography, "FREEMONO_BOLD", installed)
     chosen = get_condition("typo").describe()
     assert chosen["font_path"] == str(installed) and chosen["figstep_font"] is True
     # Another system's location is found when the Debian path is absent.
     elsewhere = tmp_path / "fonts" / "FreeMonoBold.ttf"
     elsewhere.parent.mkdir()
     shutil.copy(fallback["font_path"], elsewhere)
-    monkeypatch.setattr(conditions, "FREEMONO_BOLD", tmp_path / "missing" / "FreeMonoBold.ttf")
-    monkeypatch.setattr(conditions, "FREEMONO_BOLD_ELSEWHERE", (tmp_path / "missing" / "other.ttf", elsewhere))
+    monkeypatch.setattr(typography, "FREEMONO_BOLD", tmp_path / "missing" / "FreeMonoBold.ttf")
+    monkeypatch.setattr(typography, "FREEMONO_BOLD_ELSEWHERE", (tmp_path / "missing" / "other.ttf", elsewhere))
     found = get_condition("typo").describe()
     assert found["font_path"] == str(elsewhere) and found["figstep_font"] is True
 
@@ -293,11 +294,34 @@ def test_benchmark_loads_the_request_image(tmp_path):
         bench.image_for("r", PROMPT, {"image": "imgs/missing.png"})
 
 
+def test_a_condition_takes_its_inputs_from_the_request(tmp_path):
+    from regap.safety.sources import Request
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (12, 8), (0, 0, 255)).save(tmp_path / "imgs" / "x.png")
+    request = Request(id="r1", prompt=PROMPT, category="c", source="s", image="imgs/x.png",
+                      image_root=str(tmp_path), extra={"instruction": INSTRUCTION})
+    bench = get_condition("benchmark")  # a run reads the request's own image, whatever `root` says
+    text, image, details = bench.inputs(request)
+    assert text == PROMPT and image.size == (12, 8) and details == {"image": "imgs/x.png"}
+    assert bench.input_file(request) == tmp_path / "imgs" / "x.png"
+    bare = Request(id="r2", prompt=PROMPT, category="c", source="s")
+    with pytest.raises(RegapError, match="request r2 has no benchmark image"):
+        bench.inputs(bare)
+    assert bench.input_file(bare) is None
+    typo = get_condition("typo")  # generated images: the pieces, put together from the request
+    text, image, details = typo.inputs(request)
+    assert text == FIGSTEP_PROMPT and details == typo.details("r1", PROMPT, {"instruction": INSTRUCTION})
+    assert image.tobytes() == typo.image_for("r1", PROMPT, {"instruction": INSTRUCTION}).tobytes()
+    assert typo.input_file(request) is None
+    assert get_condition("text").inputs(request) == (PROMPT, None, {})
+
+
 # --------------------------------------------------------------------------- registering
 
 
 def test_register_condition_adds_and_guards_names(monkeypatch):
-    monkeypatch.setattr(conditions, "_REGISTRY", dict(conditions._REGISTRY))
+    monkeypatch.setattr(conditions.CONDITIONS, "_entries", dict(conditions.CONDITIONS._entries))
 
     @register_condition
     class Grey(ImageCondition):

@@ -51,6 +51,16 @@ def test_registry_and_errors():
         get_judge("keyword", empty="ignore")
 
 
+def test_generative_judge_has_its_own_module_and_is_still_importable_from_llamaguard():
+    from regap.safety.judges import GenerativeJudge
+    from regap.safety.judges.generative import GenerativeJudge as moved
+    from regap.safety.judges.harmbench import HarmBenchJudge
+    from regap.safety.judges.llamaguard import GenerativeJudge as old, LlamaGuardJudge
+
+    assert GenerativeJudge is moved is old and moved.__module__ == "regap.safety.judges.generative"
+    assert issubclass(LlamaGuardJudge, moved) and issubclass(HarmBenchJudge, moved)
+
+
 def test_phrase_lists():
     assert len(GCG_REFUSAL_PHRASES) == 29
     assert GCG_REFUSAL_PHRASES[0] == "I'm sorry" and GCG_REFUSAL_PHRASES[-1] == "I can't assist"
@@ -150,7 +160,7 @@ def test_error_verdict_for_a_bad_item_and_batch_goes_on():
 
 
 def test_error_verdict_from_a_failing_judge(monkeypatch):
-    monkeypatch.setattr(judges_base, "_JUDGES", dict(judges_base._JUDGES))
+    monkeypatch.setattr(judges_base.JUDGES, "_entries", dict(judges_base.JUDGES._entries))
 
     @register_judge("flaky-test")
     class Flaky(Judge):

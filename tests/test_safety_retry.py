@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from regap.cli import main
-from regap.provenance import file_sha256
+from regap.files import file_sha256
 
 
 @pytest.fixture(scope="module")

@@ -125,6 +125,38 @@ def test_unknown_condition_fails_before_work(tmp_path, capsys):
     assert "sepia" in capsys.readouterr().err
 
 
+def test_a_run_is_resolved_once_and_its_objects_shared(monkeypatch, tmp_path):
+    """Conditions, defenses and the model fingerprint are built once per run (they used to be
+    rebuilt for generation and again for the summary), and the cache keys and the provenance
+    come from those same objects."""
+    import regap.defenses
+    import regap.safety.conditions
+    from regap.models.random_tiny import tiny_random_lvlm
+    from regap.safety import runner
+
+    counts = {"condition": 0, "defense": 0, "fingerprint": 0}
+
+    def counting(kind, real):
+        def wrapper(*args, **kwargs):
+            counts[kind] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(regap.safety.conditions, "get_condition",
+                        counting("condition", regap.safety.conditions.get_condition))
+    monkeypatch.setattr(regap.defenses, "get_defense", counting("defense", regap.defenses.get_defense))
+    monkeypatch.setattr(runner, "model_fingerprint", counting("fingerprint", runner.model_fingerprint))
+    run = runner.SafetyRun(model="tiny-random", out=tmp_path / "run", limit=2, conditions=["text", "blank"],
+                           defenses=["adashield-s"], max_new_tokens=2, batch_size=4)
+    summary = runner.run_safety(run, progress=False, model=tiny_random_lvlm())
+    assert counts == {"condition": 2, "defense": 1, "fingerprint": 1}
+    provenance = summary["provenance"]
+    assert list(provenance["conditions"]) == ["text", "blank"]
+    assert provenance["defenses"] == [regap.defenses.get_defense("adashield-s").describe()]
+    rows = _lines(tmp_path / "run" / "generations.jsonl")
+    assert len(rows) == 4 and {r["model_fingerprint"] for r in rows} == {provenance["model_fingerprint"]}
+
+
 def _spy(model, calls: list[dict], out: Path, interrupt_at: int | None = None):
     """Wrap `model.generate_detailed`: record each call's size, prompt token lengths and how many
     rows the cache held before it; raise KeyboardInterrupt (as Ctrl-C would) at call `interrupt_at`."""
@@ -256,7 +288,7 @@ def test_cli_bad_judge_and_source_options_fail_before_work(saved_model, tmp_path
         (["-o", "runs/x"], "KEY=VALUE or NAME:KEY=VALUE, got 'runs/x' (the output folder is --out)"),
         (["--judge", "llamaguard", "-o", "modell=x"], "judge 'llamaguard' has no option 'modell'"),
         (["--source-option", "functional_category=standard"],
-         "request source 'starter-harmful' has no option(s) functional_category"),
+         "request source 'starter-harmful' has no option 'functional_category'"),
         (["--sample", "2", "--limit", "2"], "exclude each other"),
     ]
     for extra, message in cases:

@@ -54,7 +54,8 @@ def _losses_and_grads(data: Path, indices: list[int], accelerator=None) -> list[
     from regap.data import LlavaJsonDataset
     from regap.models.random_tiny import tiny_random_lvlm
     from regap.train.hooks import HiddenCapture
-    from regap.train.loop import compute_losses, setup_model
+    from regap.train.setup import setup_model
+    from regap.train.step import compute_losses
     from regap.train.regap_loss import ReGapLoss
 
     model = tiny_random_lvlm(seed=0).double()  # float64: the comparison is not blurred by float32 rounding

@@ -256,7 +256,8 @@ def test_stage1_gradients_reach_only_the_projector_and_moca():
     from regap.models.random_tiny import tiny_random_lvlm
     from regap.train.config import TrainConfig
     from regap.train.hooks import HiddenCapture
-    from regap.train.loop import compute_losses, setup_model
+    from regap.train.setup import setup_model
+    from regap.train.step import compute_losses
 
     model = tiny_random_lvlm(seed=0)
     config = TrainConfig.from_dict({"model": "tiny-random", "data": {"json": "x.json"}, "moca": {"enabled": True}})
@@ -281,7 +282,8 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_moca_and_a_later_l
     from regap.models.random_tiny import tiny_random_lvlm
     from regap.train.config import TrainConfig
     from regap.train.hooks import HiddenCapture
-    from regap.train.loop import compute_losses, setup_model
+    from regap.train.setup import setup_model
+    from regap.train.step import compute_losses
 
     grads = []
     for checkpointing in (False, True):
@@ -300,3 +302,67 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_moca_and_a_later_l
         grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad})
     for name, grad in grads[0].items():
         assert torch.allclose(grads[1][name], grad, atol=1e-6), name
+
+
+# ---------------------------------------------------------------------- text tokens, layer-0 features
+
+
+def test_after_image_text_tokens_leave_out_what_precedes_the_image():
+    # prefix token (far away), image tokens, then text: only after-image ignores the prefix
+    feats = torch.tensor([[[10.0, 0.0], [4.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 3.0]]])
+    image_mask = torch.tensor([[False, True, True, False, False]])
+    attention = torch.ones(1, 5)
+    after = ReGapLoss(lam=1.0, warmup_steps=1, text_tokens="after-image")(feats, image_mask, attention)
+    assert after.n_text_tokens == 2 and after.alpha == pytest.approx(0.5)
+    assert after.gap.item() == pytest.approx(0.25 * (3.0**2 + 2.0**2))  # as test_centroid_gap_known_value
+    every = ReGapLoss(lam=1.0, warmup_steps=1)(feats, image_mask, attention)  # the default: all-non-image
+    assert every.n_text_tokens == 3 and every.gap.item() != pytest.approx(after.gap.item())
+    with pytest.raises(RegapError, match="text-token mode"):
+        ReGapLoss(text_tokens="before-image")
+
+
+def _red():
+    from PIL import Image
+
+    return Image.new("RGB", (56, 56), "red")
+
+
+def test_corpus_counts_follow_the_text_token_mode():
+    from regap.models.random_tiny import tiny_random_lvlm
+    from regap.models.templates import get_template
+
+    model = tiny_random_lvlm(seed=1)
+    conversations = [[{"role": "user", "content": "<image>\nDescribe."}, {"role": "assistant", "content": "A red circle."}]]
+    template = get_template("chat", model.tokenizer)  # system prompt and user header come before the image
+    vocab = model.llm.get_input_embeddings().weight.shape[0]
+    counts = {mode: corpus_token_counts(conversations, model.tokenizer, template, tokens_per_image=model.tokens_per_image,
+                                        max_length=None, vocab_size=vocab, text_tokens=mode)
+              for mode in ("all-non-image", "after-image")}
+    batch = model.build_inputs(conversations, [[_red()]], template="chat")
+    for mode, count in counts.items():
+        assert int(count.sum()) == int(batch.text_mask(mode).sum()), mode
+    assert counts["after-image"].sum() < counts["all-non-image"].sum()
+
+
+def test_layer0_features_come_from_the_forward_without_a_hook():
+    from regap.models.random_tiny import tiny_random_lvlm
+    from regap.train.config import TrainConfig
+    from regap.train.hooks import HiddenCapture
+    from regap.train.setup import make_regap, setup_model
+    from regap.train.step import compute_losses
+
+    model = tiny_random_lvlm(seed=0)
+    config = TrainConfig.from_dict({"model": "tiny-random", "data": {"json": "x.json"}, "regap": {"lam": 1.0}}).resolved()
+    module, _ = setup_model(model, config, log=lambda m: None)
+    inputs = _tiny_inputs(model)
+    regap, capture = make_regap(config, model, torch.device("cpu"))
+    assert capture is None and not model.llm._forward_pre_hooks  # nothing hooked at layer 0
+    out = module(inputs)
+    assert torch.equal(out.inputs_embeds, model.embed(inputs)) and out.inputs_embeds.requires_grad
+    without_hook = compute_losses(module, inputs, regap)
+    hooked = HiddenCapture(model.llm, 0)
+    with_hook = compute_losses(module, inputs, ReGapLoss(lam=1.0), hooked)
+    hooked.remove()
+    assert without_hook.gap == pytest.approx(with_hook.gap) and without_hook.gap > 0
+    with pytest.raises(ValueError, match="HiddenCapture"):
+        compute_losses(module, inputs, ReGapLoss(lam=1.0, layer=1))

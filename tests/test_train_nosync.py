@@ -119,7 +119,7 @@ def _batch():
 
 def test_compute_losses_reads_nothing_back_and_keeps_the_values():
     from regap.train.hooks import HiddenCapture
-    from regap.train.loop import compute_losses, target_positions
+    from regap.train.step import compute_losses, target_positions
 
     torch.manual_seed(0)
     inputs = _batch()
@@ -145,7 +145,7 @@ def test_compute_losses_reads_nothing_back_and_keeps_the_values():
 
 
 def test_a_batch_without_targets_gives_a_zero_caption_loss():
-    from regap.train.loop import compute_losses
+    from regap.train.step import compute_losses
 
     inputs = _batch()
     inputs.labels[:] = IGNORE_INDEX
@@ -157,9 +157,9 @@ def test_a_batch_without_targets_gives_a_zero_caption_loss():
 
 
 def test_the_step_window_reads_back_once_when_summarised():
-    from regap.train.loop import StepLosses, _Window
+    from regap.train.step import LossWindow, StepLosses
 
-    window = _Window()
+    window = LossWindow()
     totals = []
     with no_host_reads():
         for k in range(3):
@@ -171,19 +171,19 @@ def test_the_step_window_reads_back_once_when_summarised():
     assert summary["loss"] == pytest.approx(sum(totals) / 3)
     assert summary["caption_loss"] == pytest.approx(1.5)
     assert summary["gap"] == pytest.approx(0.1) and summary["gap_loss"] == pytest.approx(0.05)
-    assert _Window().summary() == {"loss": 0.0, "caption_loss": 0.0, "gap": None, "gap_loss": None}
+    assert LossWindow().summary() == {"loss": 0.0, "caption_loss": 0.0, "gap": None, "gap_loss": None}
 
 
 def test_only_logged_steps_read_the_losses_back(tmp_path, monkeypatch):
     """With log_every=2 the step window is summarised on steps 2, 4 and the last one only."""
     from regap.data import generate_synthetic
     from regap.train import TrainConfig, read_metrics, train
-    from regap.train import loop
+    from regap.train.step import LossWindow
 
     generate_synthetic(tmp_path / "data", 12, seed=0, image_size=56)
     calls = []
-    original = loop._Window.summary
-    monkeypatch.setattr(loop._Window, "summary", lambda self: calls.append(1) or original(self))
+    original = LossWindow.summary
+    monkeypatch.setattr(LossWindow, "summary", lambda self: calls.append(1) or original(self))
     config = TrainConfig.from_dict({
         "model": "tiny-random", "seed": 0, "data": {"json": str(tmp_path / "data" / "captions.json")},
         "global_batch_size": 2, "per_device_batch_size": 2, "lr": 1e-3, "max_steps": 5, "save_every": 5,

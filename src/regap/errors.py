@@ -1,8 +1,10 @@
-"""User-facing errors.
+"""User-facing errors, and the one error that is not.
 
 Every problem caused by the user's input (a file, a field, a name) is raised as a
 `RegapError` with a one-line message that names the item. The CLI prints that line
 and exits with status 2 instead of showing a traceback from deep inside a library.
+A broken invariant inside regap (a bug) is an `InternalError` instead, so it is never
+shown as something the user should fix.
 """
 
 
@@ -12,6 +14,13 @@ class RegapError(Exception):
 
 class MissingDependencyError(RegapError):
     """An optional package is not installed; the message gives the exact install command."""
+
+
+class InternalError(Exception):
+    """An invariant of regap's own code does not hold: a bug, not something the user can fix.
+
+    Not a `RegapError`: the CLI shows its traceback (to report) instead of one line, and the
+    `except RegapError` blocks that record a bad item and go on do not swallow it."""
 
 
 class RunInterrupted(Exception):

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from regap.errors import RegapError
+from regap.files import write_json_atomic
 
 #: Names accepted wherever a dtype is chosen (aliases map to these).
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -174,12 +175,10 @@ def cpu_probe() -> CpuProbe:
     except (TypeError, KeyError, ValueError):
         probe = run_cpu_probe()
         stored[key] = {k: v for k, v in asdict(probe).items() if k != "key"}
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(stored, indent=1, sort_keys=True), encoding="utf-8")
-            os.replace(tmp, path)
+            write_json_atomic(path, stored, indent=1, sort_keys=True)
         except OSError:  # a read-only cache only costs a re-probe next time
-            tmp.unlink(missing_ok=True)
+            pass
     _probe_memo[key] = probe
     return probe
 

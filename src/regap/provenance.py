@@ -8,8 +8,9 @@ import platform
 import sys
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
+
+from regap.files import file_sha256  # re-exported: regap.train imports it from here
 
 _LIBRARIES = ("regap", "torch", "transformers", "accelerate", "peft", "safetensors", "numpy", "scipy", "pillow")
 
@@ -40,15 +41,6 @@ def environment() -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),
         "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }
-
-
-def file_sha256(path: str | Path) -> str:
-    """Full sha256 of a file, read in 1 MiB blocks (weights can be gigabytes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def text_hash(text: str) -> str:

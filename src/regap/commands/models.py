@@ -88,7 +88,7 @@ def chat_command(
 
 def _config_without_loading(model: str) -> object | None:
     """The model's `LVLMConfig` when a preset or a regap folder gives it without loading weights."""
-    from regap.models.factory import CONFIG_FILE
+    from regap.models.folders import CONFIG_FILE
     from regap.models.lvlm import LVLMConfig
     from regap.models.presets import PRESETS
 

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -28,6 +27,7 @@ from regap.data.llava_json import (
     safe_relative_path,
 )
 from regap.errors import RegapError
+from regap.files import stable_random
 
 # --------------------------------------------------------------------------- text only
 
@@ -207,8 +207,7 @@ def vlguard_to_llava(
 
 
 def _stream_rng(seed: int, *parts: object) -> random.Random:
-    key = "|".join(["regap-mix", str(seed), *map(str, parts)]).encode()
-    return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
+    return stable_random("regap-mix", seed, *parts, sep="|")
 
 
 def _apportion(weights: Sequence[float], length: int) -> list[int]:

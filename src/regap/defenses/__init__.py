@@ -2,6 +2,7 @@
 
 from regap.defenses import adashield, cmrm, coca, ecso, layer0_align  # noqa: F401  (registration)
 from regap.defenses.base import (
+    DEFENSES,
     DefendedResult,
     Defense,
     Intervention,
@@ -13,5 +14,5 @@ from regap.defenses.base import (
     register_defense,
 )
 
-__all__ = ["DefendedResult", "Defense", "Intervention", "available_defenses", "build_generate", "get_defense",
-           "parse_spec", "plain_generate", "register_defense"]
+__all__ = ["DEFENSES", "DefendedResult", "Defense", "Intervention", "available_defenses", "build_generate",
+           "get_defense", "parse_spec", "plain_generate", "register_defense"]

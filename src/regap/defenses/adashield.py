@@ -6,9 +6,12 @@ and the instruction first and refuse malicious requests); its hash is recorded.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from regap.defenses.base import DefendedResult, Defense, GenerateFn, register_defense
+
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
 
 ADASHIELD_PROMPT = (
     "Before you answer, look carefully at the image and at the instruction. If the image shows text, "
@@ -29,7 +32,7 @@ class AdaShieldStatic(Defense):
     def rewrite(self, text: str) -> str:
         return self.prompt + text
 
-    def wrap(self, next_fn: GenerateFn, model: Any) -> GenerateFn:
+    def wrap(self, next_fn: GenerateFn, model: LVLM) -> GenerateFn:
         def generate(prompts, images, settings) -> DefendedResult:
             result = next_fn([self.rewrite(p) for p in prompts], images, settings)
             for detail in result.details:

@@ -13,16 +13,20 @@ A defense is named by a spec, `name` or `name:key=value:key=value`
 
 from __future__ import annotations
 
-import inspect
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from PIL import Image
 
 from regap.errors import RegapError
+from regap.files import file_sha256
 from regap.provenance import text_hash
+from regap.registry import Registry
+
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
 
 
 @dataclass
@@ -62,32 +66,36 @@ class Defense:
     def check_engine(self, engine: str) -> None:
         """Raise a RegapError when this defense cannot run with that generation engine."""
 
-    def prepare(self, model: Any, workdir: Path | None = None) -> None:
+    def prepare(self, model: LVLM, workdir: Path | None = None) -> None:
         """Load or compute what the defense needs for this model (calibration files go to `workdir`)."""
 
-    def intervention(self, model: Any) -> Intervention | None:
+    def intervention(self, model: LVLM) -> Intervention | None:
         """The hidden-state intervention `regap gap --defense` measures under; None when the
         defense changes prompts or decoding instead. Call `prepare` first."""
         return None
 
-    def wrap(self, next_fn: GenerateFn, model: Any) -> GenerateFn:
+    def wrap(self, next_fn: GenerateFn, model: LVLM) -> GenerateFn:
         raise NotImplementedError
 
 
-_DEFENSES: dict[str, type[Defense]] = {}
+#: Every defense by name; `register_defense` adds to it, `get_defense` builds from it.
+DEFENSES: Registry[type[Defense]] = Registry("defense")
 
 
-def register_defense(name: str):
+def register_defense(name: str, *aliases: str):
+    """Class decorator: register a `Defense` under `name` (its `name` in provenance) and aliases."""
+
     def decorate(cls: type[Defense]) -> type[Defense]:
-        cls.name = name
-        _DEFENSES[name] = cls
+        DEFENSES.register(name, *aliases)(cls)
+        cls.name = DEFENSES.key(name)
         return cls
 
     return decorate
 
 
 def available_defenses() -> list[str]:
-    return sorted(_DEFENSES)
+    """Registered defense names, sorted."""
+    return DEFENSES.names()
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -103,17 +111,10 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def get_defense(spec: str, **options: Any) -> Defense:
-    """The defense named by `spec` (a name or `name:key=value:...`), built with its options."""
+    """The defense named by `spec` (a name or `name:key=value:...`, the name case-insensitive),
+    built with its options; an unknown option key is a one-line RegapError naming the accepted ones."""
     name, parsed = parse_spec(spec)
-    if name not in _DEFENSES:
-        raise RegapError(f"unknown defense {name!r}; valid: {', '.join(available_defenses())}")
-    cls = _DEFENSES[name]
-    valid = [key for key in inspect.signature(cls.__init__).parameters if key != "self"]
-    merged = {**parsed, **options}
-    unknown = sorted(set(merged) - set(valid))
-    if unknown:
-        raise RegapError(f"defense {name!r} has no option {unknown[0]!r}; valid: {', '.join(valid) or 'none'}")
-    return cls(**merged)
+    return DEFENSES.build(name, **{**parsed, **options})
 
 
 def float_option(defense: str, key: str, value: Any, low: float | None = None, high: float | None = None) -> float:
@@ -152,8 +153,6 @@ def bool_option(defense: str, key: str, value: Any) -> bool:
 def cached_file_sha256(path: Path) -> str | None:
     """sha256 of a calibration file, recomputed only when its size or modification time changes
     (`describe()` runs for every request of a safety run)."""
-    from regap.provenance import file_sha256
-
     if not path.is_file():
         return None
     stat = path.stat()
@@ -173,7 +172,7 @@ def has_image(image: Any) -> bool:
     return not isinstance(image, (list, tuple)) or len(image) > 0
 
 
-def plain_generate(model: Any) -> GenerateFn:
+def plain_generate(model: LVLM) -> GenerateFn:
     """The model's own batched generation as the innermost `GenerateFn`."""
 
     def generate(prompts: list[str], images: list[Image.Image | None], settings: Any) -> DefendedResult:
@@ -183,7 +182,7 @@ def plain_generate(model: Any) -> GenerateFn:
     return generate
 
 
-def hidden_state_intervention(defenses: Sequence[Defense], model: Any, workdir: Path | None = None) -> Intervention:
+def hidden_state_intervention(defenses: Sequence[Defense], model: LVLM, workdir: Path | None = None) -> Intervention:
     """Prepare hidden-state defenses for `model` and stack their interventions (the first
     outermost), for measuring the gap with them active."""
     check_hidden_state(defenses)
@@ -205,17 +204,17 @@ def check_hidden_state(defenses: Sequence[Defense]) -> None:
     """A RegapError for a defense that changes prompts or decoding rather than hidden states."""
     for defense in defenses:
         if not defense.hidden_state:
-            valid = [name for name in available_defenses() if _DEFENSES[name].hidden_state]
+            valid = [name for name in available_defenses() if DEFENSES.get(name).hidden_state]
             raise RegapError(f"defense {defense.name} changes prompts or decoding, not hidden states; "
                              f"the gap can be measured under: {', '.join(valid)}")
 
 
-def is_plain(next_fn: GenerateFn, model: Any) -> bool:
+def is_plain(next_fn: GenerateFn, model: LVLM) -> bool:
     """Whether `next_fn` is the model's own generation (defenses that decode by themselves need that)."""
     return getattr(next_fn, "__qualname__", "") == plain_generate(model).__qualname__
 
 
-def build_generate(model: Any, defenses: Sequence[Defense], workdir: Path | None = None,
+def build_generate(model: LVLM, defenses: Sequence[Defense], workdir: Path | None = None,
                    engine: str | None = None) -> GenerateFn:
     """Check each defense against `engine`, prepare it for `model` (calibration files in `workdir`,
     else the regap cache) and stack them, the first outermost."""

@@ -10,16 +10,19 @@ against the model, so vectors computed on one model are never applied to another
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from regap.defenses.base import Defense
 from regap.errors import RegapError
-from regap.provenance import file_sha256, json_hash, provenance
+from regap.files import atomic_path, file_sha256, write_json_atomic
+from regap.provenance import json_hash, provenance
+
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
 
 FORMAT_VERSION = 1
 METADATA_KEY = "regap"
@@ -36,7 +39,7 @@ class CalibrationFile:
     sha256: str
 
 
-def model_facts(model: Any) -> dict[str, Any]:
+def model_facts(model: LVLM) -> dict[str, Any]:
     """What a calibration file must match: fingerprint, hidden size, decoder layers."""
     from regap.models.fingerprint import model_fingerprint
 
@@ -44,7 +47,7 @@ def model_facts(model: Any) -> dict[str, Any]:
             "num_layers": int(model.llm.config.num_hidden_layers)}
 
 
-def save_calibration(path: str | Path, kind: str, tensors: dict[str, torch.Tensor], model: Any,
+def save_calibration(path: str | Path, kind: str, tensors: dict[str, torch.Tensor], model: LVLM,
                      calibration: dict[str, Any], model_name: str | None = None) -> CalibrationFile:
     """Write tensors + record atomically (a temporary file renamed into place), then the sidecar."""
     from safetensors.torch import save_file
@@ -57,15 +60,11 @@ def save_calibration(path: str | Path, kind: str, tensors: dict[str, torch.Tenso
     record = provenance(kind=kind, format=FORMAT_VERSION, model=model_name or model.config.name,
                         dtype=str(model.dtype).removeprefix("torch."), **facts, calibration=calibration,
                         tensors={k: list(v.shape) for k, v in tensors.items()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={METADATA_KEY: json.dumps(record, sort_keys=True, default=str)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={METADATA_KEY: json.dumps(record, sort_keys=True, default=str)})
     sha = file_sha256(path)
-    sidecar = path.with_suffix(".json")
-    sidecar_tmp = sidecar.with_name(sidecar.name + ".tmp")
-    sidecar_tmp.write_text(json.dumps({**record, "file": path.name, "file_sha256": sha}, indent=2, default=str))
-    os.replace(sidecar_tmp, sidecar)
+    write_json_atomic(path.with_suffix(".json"), {**record, "file": path.name, "file_sha256": sha})
     return CalibrationFile(path, kind, dict(tensors), record, sha)
 
 
@@ -91,7 +90,7 @@ def read_calibration(path: str | Path) -> CalibrationFile:
     return CalibrationFile(path, str(record["kind"]), tensors, record, file_sha256(path))
 
 
-def load_calibration(path: str | Path, kind: str, model: Any, shapes: dict[str, tuple[int | str, ...]]) -> CalibrationFile:
+def load_calibration(path: str | Path, kind: str, model: LVLM, shapes: dict[str, tuple[int | str, ...]]) -> CalibrationFile:
     """Read a calibration file and check it belongs to `kind` and to this model.
 
     `shapes` gives each required tensor's shape; "d" stands for the hidden size and "L" for
@@ -163,10 +162,10 @@ class CalibratedDefense(Defense):
     def calibration_settings(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def compute_calibration(self, model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def compute_calibration(self, model: LVLM) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise NotImplementedError
 
-    def validate(self, model: Any) -> None:
+    def validate(self, model: LVLM) -> None:
         """Check the options against the model (cheap; no calibration)."""
 
     def file_settings(self) -> dict[str, Any]:
@@ -177,7 +176,7 @@ class CalibratedDefense(Defense):
             return {"file": str(self.file), "file_sha256": cached_file_sha256(self.file)}
         return {"calibration": self.calibration_settings()}
 
-    def prepare(self, model: Any, workdir: Path | None = None) -> None:
+    def prepare(self, model: LVLM, workdir: Path | None = None) -> None:
         from regap.models.fingerprint import model_fingerprint
 
         self.validate(model)
@@ -187,7 +186,7 @@ class CalibratedDefense(Defense):
         if workdir is not None and self.needs_calibration():
             self.calibration_for(model, fingerprint)
 
-    def calibration_for(self, model: Any, fingerprint: str | None = None) -> CalibrationFile:
+    def calibration_for(self, model: LVLM, fingerprint: str | None = None) -> CalibrationFile:
         """This model's calibration: loaded (checked) from `file`, or made once and reused."""
         if fingerprint is None:
             from regap.models.fingerprint import model_fingerprint

@@ -25,7 +25,7 @@ Where the paper does not say, regap chooses (docs/defenses.md lists each choice)
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from PIL import Image
@@ -41,7 +41,10 @@ from regap.defenses.base import (
 )
 from regap.defenses.calibration import CalibratedDefense
 from regap.defenses.hooks import DecoderShift, uncompiled
-from regap.errors import RegapError
+from regap.errors import InternalError, RegapError
+
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
 
 LEVELS = ("dataset", "sample")
 MEANINGLESS_IMAGES = ("blank", "noise")
@@ -113,7 +116,7 @@ def strip_images(conversation: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 @torch.no_grad()
-def last_token_states(model: Any, conversations: Sequence[Any], image_lists: Sequence[Sequence[Image.Image]], *,
+def last_token_states(model: LVLM, conversations: Sequence[Any], image_lists: Sequence[Sequence[Image.Image]], *,
                       add_generation_prompt: bool = True, batch_size: int = 8) -> torch.Tensor:
     """Output of every decoder block at each conversation's last token: [n, n_layers, d] float32."""
     from regap.models.layers import decoder_layers, layer_output
@@ -125,7 +128,7 @@ def last_token_states(model: Any, conversations: Sequence[Any], image_lists: Seq
         images = [list(i) for i in image_lists[start : start + batch_size]]
         batch = model.build_inputs(convs, images, add_generation_prompt=add_generation_prompt, padding_side="left")
         if not bool(batch.attention_mask[:, -1].all()):
-            raise RegapError("left-padded batch does not end in a real token")
+            raise InternalError("left-padded batch does not end in a real token")
         captured: list[torch.Tensor | None] = [None] * len(blocks)
 
         def capture(index: int):
@@ -158,7 +161,7 @@ def _image_count(entry: Any) -> int:
     return len(entry) if isinstance(entry, (list, tuple)) else 1
 
 
-def paired_states(model: Any, prompts: Sequence[Any], image_entries: Sequence[Any], *, add_generation_prompt: bool = True,
+def paired_states(model: LVLM, prompts: Sequence[Any], image_entries: Sequence[Any], *, add_generation_prompt: bool = True,
                   batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Last-token states of each prompt with its images and of the same prompt without them."""
     conversations, image_lists = model.prepare_conversations(list(prompts), list(image_entries))
@@ -169,7 +172,7 @@ def paired_states(model: Any, prompts: Sequence[Any], image_entries: Sequence[An
     return with_image, text_only
 
 
-def sample_vectors(model: Any, prompts: Sequence[Any], images: Sequence[Any], *, image: str = "blank",
+def sample_vectors(model: LVLM, prompts: Sequence[Any], images: Sequence[Any], *, image: str = "blank",
                    add_generation_prompt: bool = True, batch_size: int = 8) -> torch.Tensor:
     """Per-prompt shift vectors h(x, img') - h(x) for every layer: [n, n_layers, d]; zero for
     prompts without an image. img' replaces each of the prompt's images by a meaningless one."""
@@ -186,7 +189,7 @@ def sample_vectors(model: Any, prompts: Sequence[Any], images: Sequence[Any], *,
     return vectors
 
 
-def calibrate_cmrm(model: Any, *, images: str = "blank", texts: str = "starter-benign", pairs: int = DEFAULT_PAIRS,
+def calibrate_cmrm(model: LVLM, *, images: str = "blank", texts: str = "starter-benign", pairs: int = DEFAULT_PAIRS,
                    seed: int = 0, batch_size: int = 8) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Dataset-level vectors: mean over calibration pairs of h(x, img) - h(x) per layer.
 
@@ -258,10 +261,10 @@ class CMRM(CalibratedDefense):
     def needs_calibration(self) -> bool:
         return self.level == "dataset"
 
-    def compute_calibration(self, model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def compute_calibration(self, model: LVLM) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return calibrate_cmrm(model, batch_size=self.batch_size, **self.calibration_settings())
 
-    def validate(self, model: Any) -> None:
+    def validate(self, model: LVLM) -> None:
         self.layers = resolve_layers(self.layer_choice, int(model.llm.config.num_hidden_layers), "cmrm")
 
     def check_engine(self, engine: str) -> None:
@@ -269,7 +272,7 @@ class CMRM(CalibratedDefense):
             raise RegapError("defense cmrm shifts hidden states inside the LLM with forward hooks, which vLLM "
                              "does not run; use --engine transformers or static")
 
-    def _steps(self, model: Any, fingerprint: str) -> torch.Tensor:
+    def _steps(self, model: LVLM, fingerprint: str) -> torch.Tensor:
         """Dataset level: alpha times the increments at the chosen layers [k, d]."""
         return self.alpha * increments(self.calibration_for(model, fingerprint).tensors["shifts"], self.layers)
 
@@ -286,7 +289,7 @@ class CMRM(CalibratedDefense):
                              "hooks); use --engine transformers or static")
 
     # ---- generation -------------------------------------------------------------------------
-    def wrap(self, next_fn: GenerateFn, model: Any) -> GenerateFn:
+    def wrap(self, next_fn: GenerateFn, model: LVLM) -> GenerateFn:
         from regap.models.fingerprint import model_fingerprint
 
         self.validate(model)
@@ -298,7 +301,7 @@ class CMRM(CalibratedDefense):
             return self._sample_generate(model)
         return self._dataset_generate(next_fn, model, fingerprint)
 
-    def _dataset_generate(self, next_fn: GenerateFn, model: Any, fingerprint: str) -> GenerateFn:
+    def _dataset_generate(self, next_fn: GenerateFn, model: LVLM, fingerprint: str) -> GenerateFn:
         def generate(prompts, images, settings) -> DefendedResult:
             self._check_settings(settings)
             shifted = [i for i, image in enumerate(images) if has_image(image)]
@@ -327,7 +330,7 @@ class CMRM(CalibratedDefense):
 
         return generate
 
-    def _sample_generate(self, model: Any) -> GenerateFn:
+    def _sample_generate(self, model: LVLM) -> GenerateFn:
         def generate(prompts, images, settings) -> DefendedResult:
             self._check_settings(settings)
             flags = [has_image(image) for image in images]
@@ -350,7 +353,7 @@ class CMRM(CalibratedDefense):
         return generate
 
     # ---- gap measurement --------------------------------------------------------------------
-    def intervention(self, model: Any):
+    def intervention(self, model: LVLM):
         from regap.models.fingerprint import model_fingerprint
 
         self.validate(model)

@@ -12,12 +12,15 @@ forward pass per generated token. CoCA must be the innermost (last) defense in a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import LogitsProcessor
 
 from regap.defenses.base import DefendedResult, Defense, GenerateFn, float_option, register_defense
+
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
 
 PRINCIPLE = (
     "Safety principle: do not provide content that could help anyone cause harm, break the law or hurt "
@@ -28,7 +31,7 @@ PRINCIPLE = (
 class CalibrationProcessor(LogitsProcessor):
     """Runs the no-principle context alongside generation and returns calibrated scores."""
 
-    def __init__(self, model: Any, prompts: list[Any], images: list[Any], alpha: float) -> None:
+    def __init__(self, model: LVLM, prompts: list[Any], images: list[Any], alpha: float) -> None:
         self.model, self.alpha = model, alpha
         conversations, image_lists = model.prepare_conversations(prompts, images)
         batch = model.build_inputs(conversations, image_lists, add_generation_prompt=True, padding_side="left")
@@ -75,7 +78,7 @@ class CoCA(Defense):
     def with_principle(self, prompt: str) -> str:
         return f"{self.principle}\n\n{prompt}"
 
-    def wrap(self, next_fn: GenerateFn, model: Any) -> GenerateFn:
+    def wrap(self, next_fn: GenerateFn, model: LVLM) -> GenerateFn:
         from regap.defenses.base import plain_generate
 
         if getattr(next_fn, "__qualname__", "") != plain_generate(model).__qualname__:

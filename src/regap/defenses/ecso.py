@@ -10,9 +10,12 @@ project's own and hashed into the provenance.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING
 
 from regap.defenses.base import DefendedResult, Defense, GenerateFn, register_defense
+
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
 
 HARM_CHECK_PROMPT = (
     "Here is a response written by an AI assistant:\n\n\"{response}\"\n\n"
@@ -36,7 +39,7 @@ class ECSO(Defense):
     def prompts(self) -> dict[str, str]:
         return {"harm_check": HARM_CHECK_PROMPT, "caption": CAPTION_PROMPT, "answer": ANSWER_PROMPT}
 
-    def wrap(self, next_fn: GenerateFn, model: Any) -> GenerateFn:
+    def wrap(self, next_fn: GenerateFn, model: LVLM) -> GenerateFn:
         def generate(prompts, images, settings) -> DefendedResult:
             first = next_fn(prompts, images, settings)
             check = next_fn([HARM_CHECK_PROMPT.format(response=r) for r in first.texts], [None] * len(prompts), settings)

@@ -16,14 +16,17 @@ transformers' automatic compilation off for the calls made under a hook.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
 
-from regap.errors import RegapError
+from regap.errors import InternalError, RegapError
 from regap.models.generation import DecodingSettings
 from regap.models.layers import decoder_layers, layer_output, replace_layer_output
+
+if TYPE_CHECKING:
+    from regap.models.moca import MoCa
 
 
 class DecoderShift:
@@ -37,7 +40,7 @@ class DecoderShift:
     """
 
     def __init__(self, llm: nn.Module, layers: Sequence[int], vectors: torch.Tensor | None = None,
-                 moca: Any = None) -> None:
+                 moca: MoCa | None = None) -> None:
         blocks = decoder_layers(llm)
         for layer in layers:
             if not 1 <= layer <= len(blocks):
@@ -61,7 +64,7 @@ class DecoderShift:
     def _hook(self, position: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             if self.vectors is None:
-                raise RegapError("a shifted forward pass ran before its shift vectors were set")
+                raise InternalError("a shifted forward pass ran before its shift vectors were set")
             hidden = layer_output(output)
             if self.vectors.ndim == 2:
                 shift = self.vectors[position]
@@ -70,7 +73,7 @@ class DecoderShift:
                 rows = hidden.shape[0]
                 if rows != shift.shape[0]:
                     if rows % shift.shape[0]:
-                        raise RegapError(f"a batch of {rows} rows for {shift.shape[0]} per-row shift vectors")
+                        raise InternalError(f"a batch of {rows} rows for {shift.shape[0]} per-row shift vectors")
                     shift = shift.repeat_interleave(rows // shift.shape[0], dim=0)
                 shift = shift.unsqueeze(1)
             return replace_layer_output(output, hidden - shift)
@@ -79,7 +82,7 @@ class DecoderShift:
 
     def __enter__(self) -> "DecoderShift":
         if self._handles:
-            raise RegapError("this DecoderShift is already active")
+            raise InternalError("this DecoderShift is already active")
         try:
             for position, block in enumerate(self.blocks):
                 self._handles.append(block.register_forward_hook(self._hook(position), prepend=True))
@@ -116,7 +119,7 @@ class ImageTokenAffine:
 
     def __enter__(self) -> "ImageTokenAffine":
         if self._handle is not None:
-            raise RegapError("this ImageTokenAffine is already active")
+            raise InternalError("this ImageTokenAffine is already active")
         self._handle = self.projector.register_forward_hook(self._hook, prepend=True)
         return self
 

@@ -18,7 +18,7 @@ moves the tokens that fraction of the way: x + alpha * (s * x + b - x).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,11 +35,14 @@ from regap.defenses.calibration import CalibratedDefense
 from regap.defenses.hooks import ImageTokenAffine
 from regap.errors import RegapError
 
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
+
 DEFAULT_PAIRS = 100
 
 
 @torch.no_grad()
-def _layer0_batches(model: Any, pairs: list[Any], protocol: str, batch_size: int):
+def _layer0_batches(model: LVLM, pairs: list[Any], protocol: str, batch_size: int):
     """(image tokens [n_img, d], text tokens [n_txt, d]) per batch, float64, at the LLM input."""
     from regap.gap.pairs import conversation
 
@@ -80,7 +83,7 @@ def solve_scale(a: torch.Tensor, b: torch.Tensor, c: float, target: float, itera
     return 0.5 * (low + high)
 
 
-def calibrate_layer0(model: Any, *, images: str = "scenes", texts: str = "starter-benign", pairs: int = DEFAULT_PAIRS,
+def calibrate_layer0(model: LVLM, *, images: str = "scenes", texts: str = "starter-benign", pairs: int = DEFAULT_PAIRS,
                      seed: int = 0, protocol: str = "reference", match_norm: bool = False,
                      batch_size: int = 8) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The affine map (``scale`` [1], ``bias`` [d]) and the statistics it was fitted on."""
@@ -151,15 +154,15 @@ class Layer0Align(CalibratedDefense):
     def settings(self) -> dict[str, Any]:
         return {"alpha": self.alpha, **self.file_settings()}
 
-    def compute_calibration(self, model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def compute_calibration(self, model: LVLM) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return calibrate_layer0(model, batch_size=self.batch_size, **self.calibration_settings())
 
-    def hook(self, model: Any, fingerprint: str | None = None) -> ImageTokenAffine:
+    def hook(self, model: LVLM, fingerprint: str | None = None) -> ImageTokenAffine:
         """The projector hook (a context manager) for this model."""
         tensors = self.calibration_for(model, fingerprint).tensors
         return ImageTokenAffine(model.projector, float(tensors["scale"][0]), tensors["bias"], self.alpha)
 
-    def wrap(self, next_fn: GenerateFn, model: Any) -> GenerateFn:
+    def wrap(self, next_fn: GenerateFn, model: LVLM) -> GenerateFn:
         from regap.models.fingerprint import model_fingerprint
 
         fingerprint = model_fingerprint(model)  # once per wrapped model; the file is loaded when first needed
@@ -179,6 +182,6 @@ class Layer0Align(CalibratedDefense):
 
         return generate
 
-    def intervention(self, model: Any):
+    def intervention(self, model: LVLM):
         hook = self.hook(model)
         return lambda conversations, image_lists, add_generation_prompt: hook

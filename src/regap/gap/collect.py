@@ -14,15 +14,18 @@ import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
-from regap.errors import RegapError
+from regap.errors import InternalError, RegapError
 from regap.gap.pairs import GapPair, conversation
+from regap.models.inputs import TEXT_TOKEN_MODES  # noqa: F401  (`regap gap --text-tokens` choices)
 
-TEXT_TOKEN_MODES = ("after-image", "all-non-image")
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
+
 FLOAT32_LIMIT_BYTES = 2 * 1024**3
 _FP16_MAX = 65504.0
 
@@ -74,27 +77,18 @@ class HiddenStates:
         return cls(folder, image.shape[0], image.shape[2], image_pairs, text_pairs, n_pairs)
 
 
-def _text_positions(attention: torch.Tensor, image_mask: torch.Tensor, mode: str) -> torch.Tensor:
-    attended = attention.bool() & ~image_mask
-    if mode == "all-non-image":
-        return attended
-    if mode != "after-image":
-        raise RegapError(f"unknown text-token mode {mode!r}; valid: {', '.join(TEXT_TOKEN_MODES)}")
-    positions = torch.arange(image_mask.shape[1]).expand_as(image_mask)
-    last_image = torch.where(image_mask, positions, torch.full_like(positions, -1)).max(dim=1, keepdim=True).values
-    return attended & (positions > last_image)
-
-
 @torch.no_grad()
 def collect_hidden_states(
-    model: Any, pairs: list[GapPair], folder: str | Path, *, protocol: str = "reference",
+    model: LVLM, pairs: list[GapPair], folder: str | Path, *, protocol: str = "reference",
     text_tokens: str = "after-image", batch_size: int = 8, progress: bool = True,
     intervention: Callable[..., Any] | None = None,
 ) -> HiddenStates:
     """Run the model over the pairs and spill image/text tokens of every layer to `folder`.
 
     `intervention(conversations, image_lists, add_generation_prompt)` (a defense's, see
-    `regap.defenses.base.Intervention`) gives the context each batch's forward pass runs in."""
+    `regap.defenses.base.Intervention`) gives the context each batch's forward pass runs in.
+    Text tokens follow `ModelInputs.text_mask(text_tokens)` (`TEXT_TOKEN_MODES`), the rule the
+    ReGap loss and the training probe use too; ``after-image`` is MIR's reference protocol."""
     folder = Path(folder)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -104,7 +98,7 @@ def collect_hidden_states(
         conversations, image_lists = [conversation(p, protocol) for p in chunk], [[p.image] for p in chunk]
         batch = model.build_inputs(conversations, image_lists, add_generation_prompt=protocol == "prompt",
                                    padding_side="right")
-        text_mask = _text_positions(batch.attention_mask, batch.image_mask, text_tokens)
+        text_mask = batch.text_mask(text_tokens)
         if not bool(text_mask.any(dim=1).all()):
             raise RegapError("a pair has no text tokens after its image; use --text-tokens all-non-image or longer texts")
         batches.append((start, batch, text_mask, (conversations, image_lists)))
@@ -128,7 +122,7 @@ def collect_hidden_states(
         with context:
             hidden = model(batch, output_hidden_states=True, use_labels=False).hidden_states
         if len(hidden) != n_layers:
-            raise RegapError(f"the model returned {len(hidden)} hidden states, expected {n_layers}")
+            raise InternalError(f"the model returned {len(hidden)} hidden states, expected {n_layers}")
         rows = torch.arange(batch.image_mask.shape[0]).unsqueeze(1) + start
         image_rows = rows.expand_as(batch.image_mask)[batch.image_mask.cpu()].numpy()
         text_rows = rows.expand_as(text_mask)[text_mask].numpy()

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from regap.gap.collect import collect_hidden_states
 from regap.gap.measure import analyse, stability
 from regap.gap.pairs import GapPair
 
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
+
 
 def measure_gap(
-    model: Any, pairs: list[GapPair], spill_dir: str | Path, *, protocol: str = "reference",
+    model: LVLM, pairs: list[GapPair], spill_dir: str | Path, *, protocol: str = "reference",
     text_tokens: str = "after-image", batch_size: int = 8, mode: str = "exact", n_boot: int = 1000,
     seed: int = 0, with_stability: bool = False, keep_hidden: bool = False, progress: bool = True,
     ci: str = "linear", analysis_device: str | None = None, intervention: Callable[..., Any] | None = None,

@@ -1,7 +1,8 @@
 """The LVLM model layer: build from parts, load presets and HF LLaVA / BLIP-2 checkpoints, save, generate."""
 
 from regap.models.blip2_hf import load_blip2_hf
-from regap.models.factory import build_lvlm, load_model, parse_dtype, replace_projector
+from regap.models.build import build_lvlm, parse_dtype, replace_projector
+from regap.models.factory import load_model
 from regap.models.generation import DecodingSettings
 from regap.models.inputs import IGNORE_INDEX, ModelInputs
 from regap.models.io import load_projector, load_saved, save_model, save_projector

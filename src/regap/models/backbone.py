@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from regap.errors import RegapError
+from regap.models.build import load_llm
+from regap.models.lvlm import LVLM
 
 ADAPTER_DISABLED = "adapter disabled"
 RELOADED = "reloaded from llm_source"
@@ -30,7 +32,7 @@ def _is_peft(llm: Any) -> bool:
     return isinstance(llm, PeftModel)
 
 
-def backbone_kind(model: Any) -> str:
+def backbone_kind(model: LVLM) -> str:
     """How the backbone is obtained for `model`, or a `RegapError` saying why it cannot be."""
     config = model.config
     if _is_peft(model.llm):
@@ -52,10 +54,10 @@ def backbone_kind(model: Any) -> str:
 class Backbone:
     """The model with its LLM as before stage 2; `active()` yields an LVLM that generates with it."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: LVLM) -> None:
         self.model = model
         self.kind = backbone_kind(model)
-        self._reloaded: Any = None
+        self._reloaded: LVLM | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"llm": self.model.config.llm_source, "how": self.kind}
@@ -65,11 +67,8 @@ class Backbone:
         if self.kind == RELOADED:
             self._load_base()
 
-    def _load_base(self) -> Any:
+    def _load_base(self) -> LVLM:
         if self._reloaded is None:
-            from regap.models.factory import load_llm
-            from regap.models.lvlm import LVLM
-
             source = self.model.config.llm_source
             try:
                 llm, tokenizer = load_llm(source, self.model.dtype)
@@ -82,7 +81,7 @@ class Backbone:
         return self._reloaded
 
     @contextmanager
-    def active(self) -> Iterator[Any]:
+    def active(self) -> Iterator[LVLM]:
         """The LVLM to generate with (text only) while inside the block."""
         if self.kind == ADAPTER_DISABLED:
             with self.model.llm.disable_adapter():

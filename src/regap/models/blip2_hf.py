@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from regap.errors import RegapError
+from regap.models.build import parse_dtype
+from regap.models.folders import PROJECTOR_FILE
 from regap.models.hub import hub_call
 from regap.models.lvlm import LVLM, LVLMConfig
 from regap.models.qformer import QFormerProjector
@@ -57,8 +59,6 @@ def load_blip2_hf(name_or_path: str, dtype: str | torch.dtype = "auto", device: 
         Blip2ForConditionalGeneration,
         InstructBlipForConditionalGeneration,
     )
-
-    from regap.models.factory import parse_dtype
 
     torch_dtype = parse_dtype(dtype, device)
     cfg = hub_call(name_or_path, AutoConfig.from_pretrained, name_or_path)
@@ -116,8 +116,6 @@ def load_saved_blip2(folder: Path, config: LVLMConfig, with_backbones: bool, dty
         return load_blip2_hf(config.extra["blip2_hf"], dtype=dtype, device=device)
     from safetensors import safe_open
     from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
-
-    from regap.models.factory import PROJECTOR_FILE, parse_dtype
 
     torch_dtype = parse_dtype(dtype, device)
     if config.extra.get("hf_model_type") == "instructblip":

@@ -27,19 +27,23 @@ import shutil
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from regap.errors import MissingDependencyError, RegapError
-from regap.models.generation import DecodingSettings
+from regap.errors import InternalError, MissingDependencyError, RegapError
+from regap.models.generation import DecodingSettings, count_until_eos, eos_token_ids
+from regap.models.offline_assets import resolve_source
+
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
 
 VLLM_INSTALL = "pip install vllm"
 # Prompts embedded and handed to vLLM per `LLM.generate` call: vLLM batches internally, this only
 # bounds the host memory the embeddings take.
 VLLM_CALL_SIZE = 256
 _PLAIN_LLM_TYPES_EXCLUDED = {"llava", "blip-2", "instructblip", "llava_next"}
-_ENGINES: weakref.WeakKeyDictionary[Any, VLLMEngine] = weakref.WeakKeyDictionary()
+_ENGINES: weakref.WeakKeyDictionary[LVLM, VLLMEngine] = weakref.WeakKeyDictionary()
 
 
 def import_vllm() -> Any:
@@ -71,7 +75,7 @@ def _is_plain_llm_folder(location: str) -> bool:
     return model_type is not None and model_type not in _PLAIN_LLM_TYPES_EXCLUDED
 
 
-def export_llm(model: Any) -> Path:
+def export_llm(model: LVLM) -> Path:
     """Write the LVLM's language model and tokenizer once to the cache (keyed by the model's
     fingerprint, which samples every LLM weight), so vLLM decodes the weights in memory."""
     from regap.cache import cache_dir
@@ -88,15 +92,13 @@ def export_llm(model: Any) -> Path:
     return folder
 
 
-def vllm_model_path(model: Any, explicit: str | None = None) -> str:
+def vllm_model_path(model: LVLM, explicit: str | None = None) -> str:
     """Where vLLM loads the language model from (see the module docstring for the order)."""
     explicit = explicit or os.environ.get("REGAP_VLLM_MODEL")
     if explicit:
         return explicit
     source = model.config.llm_source
     if not source.startswith("random:"):
-        from regap.models.factory import resolve_source
-
         location = resolve_source(source)
         if _is_plain_llm_folder(location):
             return location
@@ -119,7 +121,7 @@ def _env_llm_kwargs() -> dict[str, Any]:
 class VLLMEngine:
     """One `vllm.LLM` for one LVLM; created on first use and kept while the LVLM lives."""
 
-    def __init__(self, model: Any, vllm_model: str | None = None, **llm_kwargs: Any) -> None:
+    def __init__(self, model: LVLM, vllm_model: str | None = None, **llm_kwargs: Any) -> None:
         vllm = import_vllm()
         self.path = vllm_model_path(model, vllm_model)
         options = {"dtype": _dtype_name(model.dtype), **_env_llm_kwargs(), **llm_kwargs}
@@ -143,11 +145,11 @@ class VLLMEngine:
         """Generated token ids per prompt, in the prompts' order (vLLM returns them so)."""
         outputs = self.llm.generate([{"prompt_embeds": e} for e in prompt_embeds], params, use_tqdm=False)
         if len(outputs) != len(prompt_embeds):
-            raise RegapError(f"vLLM returned {len(outputs)} outputs for {len(prompt_embeds)} prompts")
+            raise InternalError(f"vLLM returned {len(outputs)} outputs for {len(prompt_embeds)} prompts")
         return [list(output.outputs[0].token_ids) for output in outputs]
 
 
-def get_vllm_engine(model: Any, vllm_model: str | None = None, **llm_kwargs: Any) -> VLLMEngine:
+def get_vllm_engine(model: LVLM, vllm_model: str | None = None, **llm_kwargs: Any) -> VLLMEngine:
     """The LVLM's vLLM engine, created once (arguments apply only to that first creation)."""
     engine = _ENGINES.get(model)
     if engine is None:
@@ -156,7 +158,7 @@ def get_vllm_engine(model: Any, vllm_model: str | None = None, **llm_kwargs: Any
     return engine
 
 
-def prompt_embeddings(model: Any, conversations: Sequence[Any], image_lists: Sequence[Any],
+def prompt_embeddings(model: LVLM, conversations: Sequence[Any], image_lists: Sequence[Any],
                       template: str | None = None) -> list[torch.Tensor]:
     """Each prompt's unpadded input embeddings [tokens, hidden] on the CPU, in the LVLM's dtype."""
     batch = model.build_inputs(list(conversations), list(image_lists), template=template,
@@ -166,15 +168,13 @@ def prompt_embeddings(model: Any, conversations: Sequence[Any], image_lists: Seq
     return [embeds[row][mask[row].to(embeds.device)].detach().cpu() for row in range(embeds.shape[0])]
 
 
-def generate_vllm(model: Any, conversations: Sequence[Any], image_lists: Sequence[Any], order: Sequence[int],
+def generate_vllm(model: LVLM, conversations: Sequence[Any], image_lists: Sequence[Any], order: Sequence[int],
                   settings: DecodingSettings, template: str | None = None,
                   progress: bool = False) -> tuple[list[str], list[int]]:
     """Texts and generated-token counts (up to and including the first end token), in the
     original prompt order; `order` is the length order the prompts are embedded in."""
-    from regap.models.lvlm import _count_until_eos, _eos_ids
-
     engine = get_vllm_engine(model)
-    eos_ids = _eos_ids(model.tokenizer, settings.generation_config(model.tokenizer))
+    eos_ids = eos_token_ids(model.tokenizer, settings.generation_config(model.tokenizer))
     params = engine.sampling_params(settings, eos_ids)
     texts: list[str] = [""] * len(order)
     counts: list[int] = [0] * len(order)
@@ -192,5 +192,5 @@ def generate_vllm(model: Any, conversations: Sequence[Any], image_lists: Sequenc
                                             template))
         for index, token_ids in zip(call, engine.generate(embeds, params)):
             texts[index] = model.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
-            counts[index] = _count_until_eos(token_ids, eos_ids)
+            counts[index] = count_until_eos(token_ids, eos_ids)
     return texts, counts

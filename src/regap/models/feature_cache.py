@@ -11,12 +11,16 @@ Files are written atomically under per-process names, so several processes may s
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from PIL import Image
+
+from regap.files import atomic_path
+
+if TYPE_CHECKING:
+    from regap.models.vision import VisionTower
 
 FEATURE_CACHE_CHOICES = ("auto", "on", "off")
 
@@ -33,7 +37,7 @@ class VisionFeatureCache:
     the images whose features are not cached yet. The tower must be frozen (no gradient flows
     into cached features)."""
 
-    def __init__(self, vision: Any, root: str | Path | None = None) -> None:
+    def __init__(self, vision: VisionTower, root: str | Path | None = None) -> None:
         from regap.cache import cache_dir
         from regap.models.fingerprint import vision_fingerprint
 
@@ -62,12 +66,11 @@ class VisionFeatureCache:
         from safetensors.torch import save_file
 
         path = self._path(key)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
-            save_file({"features": features.detach().to("cpu").contiguous()}, str(tmp))
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                save_file({"features": features.detach().to("cpu").contiguous()}, str(tmp))
         except OSError:  # a full or read-only disk only costs re-encoding later
-            tmp.unlink(missing_ok=True)
+            pass
 
     @torch.no_grad()
     def features(self, keys: Sequence[str], pixel_values: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
+    from regap.models.vision import VisionTower
 
 
-def model_fingerprint(model: Any, sample: int = 1024) -> str:
+def model_fingerprint(model: LVLM, sample: int = 1024) -> str:
     digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     digest.update(str(model.dtype).encode())
     for name, tensor in sorted(model.projector.state_dict().items()):
@@ -33,7 +37,7 @@ def model_fingerprint(model: Any, sample: int = 1024) -> str:
     return digest.hexdigest()[:16]
 
 
-def vision_fingerprint(vision: Any, sample: int = 1024) -> str:
+def vision_fingerprint(vision: VisionTower, sample: int = 1024) -> str:
     """What decides a vision tower's features: its config, the image preprocessing, dtype and a
     sample of every weight (keys the frozen-feature cache, `regap.models.feature_cache`)."""
     digest = hashlib.sha256()

@@ -33,6 +33,24 @@ def check_engine(name: str) -> str:
     return name
 
 
+def eos_token_ids(tokenizer: Any, generation_config: Any) -> set[int]:
+    """The tokens that end a generation: the generation config's and the tokenizer's eos (every
+    engine stops on the same set, so token counts agree between them)."""
+    eos = generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def count_until_eos(token_ids: list[int], eos_ids: set[int]) -> int:
+    """Generated tokens up to and including the first end token (all of them if none ends it)."""
+    for position, token in enumerate(token_ids):
+        if token in eos_ids:
+            return position + 1
+    return len(token_ids)
+
+
 @dataclass
 class DecodingSettings:
     """What decides the generated text; stored in every result's provenance."""

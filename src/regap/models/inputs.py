@@ -1,21 +1,44 @@
 """Input building: conversations + images -> token ids with image slots, labels and the image-token mask.
 
 The image-token mask ([batch, tokens], True where a projected image token goes) is returned
-explicitly, because the gap metrics and the ReGap loss consume it.
+explicitly, because the gap metrics and the ReGap loss consume it. Which positions count as
+*text* tokens is one rule with an explicit mode (`text_positions`, `ModelInputs.text_mask`),
+shared by the ReGap loss, the training probe and `regap gap`'s collector:
+
+* ``after-image`` - attended positions after the sample's last image token (MIR's reference
+  protocol: the text that follows the image; a sample without an image keeps every attended
+  position);
+* ``all-non-image`` - every attended position that is not an image token (template, system
+  prompt and BOS tokens included).
 """
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from regap.errors import RegapError
-from regap.models.templates import IMAGE_MARKER, Template
+from regap.models.templates import IMAGE_MARKER, Template, get_template
 
 IGNORE_INDEX = -100
+TEXT_TOKEN_MODES = ("after-image", "all-non-image")
+
+
+def text_positions(attention_mask: torch.Tensor, image_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """The text-token mask ``[batch, tokens]`` (bool) under ``mode`` (see the module docstring).
+
+    Branch-free on the device: no value is read back to the host."""
+    image_mask = image_mask.bool()
+    attended = attention_mask.to(image_mask.device).bool() & ~image_mask
+    if mode == "all-non-image":
+        return attended
+    if mode != "after-image":
+        raise RegapError(f"unknown text-token mode {mode!r}; valid: {', '.join(TEXT_TOKEN_MODES)}")
+    positions = torch.arange(image_mask.shape[1], device=image_mask.device).expand_as(image_mask)
+    last_image = torch.where(image_mask, positions, torch.full_like(positions, -1)).max(dim=1, keepdim=True).values
+    return attended & (positions > last_image)
 
 
 @dataclass
@@ -31,6 +54,10 @@ class ModelInputs:
     #: Vision-tower outputs [n_images, tokens, vision hidden], when already computed (the frozen-feature
     #: cache): then `LVLM.embed` projects these and does not run the vision tower on `pixel_values`.
     image_features: torch.Tensor | None = None
+
+    def text_mask(self, mode: str) -> torch.Tensor:
+        """The text-token positions under ``mode`` (`TEXT_TOKEN_MODES`), on the masks' device."""
+        return text_positions(self.attention_mask, self.image_mask, mode)
 
     def to(self, device: torch.device | str) -> "ModelInputs":
         return ModelInputs(
@@ -114,6 +141,20 @@ def with_image_marker(messages: list[dict[str, str]], n_images: int) -> list[dic
     raise RegapError("images were given but the conversation has no user turn to attach them to")
 
 
+@dataclass
+class BuiltBatch:
+    """A padded batch and how it was made: the tokenised samples (after truncation) and the
+    conversations cut to ``max_length`` (index -> length before the cut)."""
+
+    inputs: ModelInputs
+    samples: list[TokenizedSample]
+    truncated: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def n_truncated(self) -> int:
+        return len(self.truncated)
+
+
 def build_batch(
     conversations: list[list[dict[str, str]]],
     images_per_conversation: list[int],
@@ -124,11 +165,15 @@ def build_batch(
     add_generation_prompt: bool,
     padding_side: str = "right",
     max_length: int | None = None,
-) -> tuple[ModelInputs, list[TokenizedSample]]:
-    """Render, tokenise and pad a batch. Pixel values are attached by the caller."""
+) -> BuiltBatch:
+    """Render, tokenise and pad a batch. Pixel values are attached by the caller (`InputBuilder`).
+
+    Conversations longer than ``max_length`` are cut (never inside an image) and listed in
+    `BuiltBatch.truncated`; the caller decides whether to warn or to count them."""
     if len(conversations) != len(images_per_conversation):
         raise RegapError("one image count per conversation is required")
     samples: list[TokenizedSample] = []
+    truncated: dict[int, int] = {}
     for index, (messages, n_images) in enumerate(zip(conversations, images_per_conversation)):
         markers = count_markers(messages)
         if markers != n_images:
@@ -144,10 +189,49 @@ def build_batch(
                 raise RegapError(
                     f"conversation {index}: image tokens end beyond max_length={max_length}; raise max_length"
                 )
-            warnings.warn(f"conversation {index} truncated from {len(sample.ids)} to {max_length} tokens", stacklevel=2)
+            truncated[index] = len(sample.ids)
             sample = TokenizedSample(sample.ids[:max_length], sample.labels[:max_length], sample.image_positions[:max_length])
         samples.append(sample)
-    return pad_samples(samples, pad_token_id(tokenizer), padding_side), samples
+    return BuiltBatch(pad_samples(samples, pad_token_id(tokenizer), padding_side), samples, truncated)
+
+
+@dataclass
+class InputBuilder:
+    """Conversations + images -> a padded `BuiltBatch` with pixel values: the one way
+    `LVLM.build_inputs` and the training collator build their inputs.
+
+    It holds only the tokenizer, the image processor, the token count per image and the
+    default template's name (not the model), so DataLoader workers can take it under any
+    start method.
+    """
+
+    tokenizer: Any
+    image_processor: Any
+    tokens_per_image: int
+    template: str
+
+    def __call__(
+        self,
+        conversations: list[list[dict[str, str]]],
+        images: list[list[Any]],
+        *,
+        template: str | None = None,
+        add_generation_prompt: bool = False,
+        padding_side: str = "right",
+        max_length: int | None = None,
+    ) -> BuiltBatch:
+        if len(images) != len(conversations):
+            raise RegapError(f"{len(conversations)} conversations but {len(images)} image lists")
+        built = build_batch(
+            conversations, [len(i) for i in images], tokenizer=self.tokenizer,
+            template=get_template(template or self.template, self.tokenizer), tokens_per_image=self.tokens_per_image,
+            add_generation_prompt=add_generation_prompt, padding_side=padding_side, max_length=max_length,
+        )
+        flat = [image for sample in images for image in sample]
+        built.inputs.pixel_values = (self.image_processor(images=flat, return_tensors="pt")["pixel_values"]
+                                     if flat else None)
+        built.inputs.images_per_sample = [len(i) for i in images]
+        return built
 
 
 def pad_samples(samples: list[TokenizedSample], pad_id: int, padding_side: str) -> ModelInputs:

@@ -8,27 +8,22 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from regap.errors import RegapError
+from regap.files import atomic_path, write_json_atomic
 from regap.models.blip2_hf import (
     QFORMER_FOLDER,
     is_blip2_hf,
     load_saved_blip2,
     save_qformer_config,
 )
-from regap.models.factory import CONFIG_FILE, PROJECTOR_FILE, build_lvlm, parse_dtype
+from regap.models.build import build_lvlm, parse_dtype
+from regap.models.folders import CONFIG_FILE, PROJECTOR_FILE
 from regap.models.lvlm import LVLM, LVLMConfig
 from regap.models.moca import MOCA_FILE, load_moca, save_moca
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def save_projector(model: LVLM, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -37,9 +32,8 @@ def save_projector(model: LVLM, path: str | Path, metadata: dict[str, str] | Non
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.projector.state_dict().items()}
     meta = {"projector_type": model.config.projector_type, **(metadata or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
@@ -79,7 +73,7 @@ def save_model(model: LVLM, out_dir: str | Path, include_backbones: bool = False
         if is_blip2_hf(model.config):
             shutil.rmtree(out_dir / QFORMER_FOLDER, ignore_errors=True)
             save_qformer_config(model, out_dir / QFORMER_FOLDER)
-    _write_json_atomic(out_dir / CONFIG_FILE, {
+    write_json_atomic(out_dir / CONFIG_FILE, {
         "format": "regap-lvlm/1", "config": model.config.to_dict(), "includes_backbones": include_backbones,
         "dtype": str(model.dtype).replace("torch.", ""),
     })

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from regap.errors import RegapError
+from regap.errors import InternalError, RegapError
+from regap.models.build import parse_dtype
 from regap.models.hub import hub_call
 from regap.models.lvlm import LVLM, LVLMConfig
 from regap.models.projector import build_projector
@@ -18,8 +19,6 @@ from regap.models.vision import VisionConfig, VisionTower
 def load_llava_hf(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "cpu") -> LVLM:
     """Load an HF LLaVA checkpoint; its modules are shared, not copied (no second 7B in memory)."""
     from transformers import AutoModelForCausalLM, AutoProcessor, LlavaForConditionalGeneration
-
-    from regap.models.factory import parse_dtype
 
     torch_dtype = parse_dtype(dtype, device)
     llava = hub_call(name_or_path, LlavaForConditionalGeneration.from_pretrained, name_or_path, dtype=torch_dtype)
@@ -124,7 +123,7 @@ def export_llava_hf(model: LVLM, out_dir: str | Path) -> Path:
     missing, unexpected = llava.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False, assign=True)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise RegapError(f"HF LLaVA export mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise InternalError(f"HF LLaVA export mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if config.tie_word_embeddings:
         llava.tie_weights()
     # Stop and pad as regap's generation does (`DecodingSettings.generation_config`).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -11,9 +12,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from regap.errors import RegapError
-from regap.models.generation import DecodingSettings
-from regap.models.inputs import ModelInputs, build_batch, with_image_marker
+from regap.errors import InternalError, RegapError
+from regap.models.engines import generate_vllm
+from regap.models.generation import DecodingSettings, count_until_eos, eos_token_ids
+from regap.models.inputs import InputBuilder, ModelInputs, build_batch, with_image_marker
 from regap.models.projector import build_projector
 from regap.models.templates import get_template
 from regap.models.vision import VisionConfig, VisionTower
@@ -61,21 +63,6 @@ class GenerationResult:
     settings: DecodingSettings
 
 
-def _eos_ids(tokenizer: Any, generation_config: Any) -> set[int]:
-    eos = generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
-
-
-def _count_until_eos(token_ids: list[int], eos_ids: set[int]) -> int:
-    for position, token in enumerate(token_ids):
-        if token in eos_ids:
-            return position + 1
-    return len(token_ids)
-
-
 def fill_short_batches(engine: str, device_type: str, has_processors: bool) -> bool:
     """Whether a short last batch is filled to the batch size: only where decoding is compiled
     (static cache off the CPU), since every new batch shape costs a recompilation there, and
@@ -104,6 +91,11 @@ class LVLM(nn.Module):
                                                       **config.extra.get("projector_options", {}))
         self.projector.to(dtype=next(llm.parameters()).dtype)
         self.moca: MoCa | None = None
+        #: Where the LLM's weights were read from when that is not `config.llm_source` (a saved
+        #: folder's `llm/`, or training in memory): they may be tuned, so the LLM as it was before
+        #: stage 2 (the `backbone` safety condition) must be loaded from `llm_source`. None: the
+        #: LLM is `llm_source` as published (or a peft wrapper around it).
+        self.llm_origin: str | None = None
 
     # ---- MoCa ---------------------------------------------------------------------------------
     def set_moca(self, moca: "MoCa | None") -> None:
@@ -124,11 +116,6 @@ class LVLM(nn.Module):
         """Where the image tokens are, for the LLM calls made inside (MoCa's hooks read it);
         a no-op for a model without MoCa. Direct LLM calls (a defense's extra pass) use it too."""
         return self.moca.image_positions(image_mask) if self.moca is not None else contextlib.nullcontext()
-        #: Where the LLM's weights were read from when that is not `config.llm_source` (a saved
-        #: folder's `llm/`, or training in memory): they may be tuned, so the LLM as it was before
-        #: stage 2 (the `backbone` safety condition) must be loaded from `llm_source`. None: the
-        #: LLM is `llm_source` as published (or a peft wrapper around it).
-        self.llm_origin: str | None = None
 
     # ---- properties -------------------------------------------------------------------------
     @property
@@ -158,20 +145,21 @@ class LVLM(nn.Module):
         padding_side: str = "right",
         max_length: int | None = None,
     ) -> ModelInputs:
-        """Conversations (chat messages with `<image>` markers) + images -> a padded batch."""
+        """Conversations (chat messages with `<image>` markers) + images -> a padded batch
+        (`InputBuilder`, the builder the training collator uses too); a conversation cut to
+        ``max_length`` is named in a warning."""
         images = images if images is not None else [[] for _ in conversations]
-        if len(images) != len(conversations):
-            raise RegapError(f"{len(conversations)} conversations but {len(images)} image lists")
-        batch, _ = build_batch(
-            [list(c) for c in conversations], [len(i) for i in images],
-            tokenizer=self.tokenizer, template=get_template(template or self.config.template, self.tokenizer),
-            tokens_per_image=self.tokens_per_image, add_generation_prompt=add_generation_prompt,
-            padding_side=padding_side, max_length=max_length,
+        built = self.input_builder()(
+            [list(c) for c in conversations], [list(i) for i in images], template=template,
+            add_generation_prompt=add_generation_prompt, padding_side=padding_side, max_length=max_length,
         )
-        flat = [image for sample in images for image in sample]
-        batch.pixel_values = self.vision.preprocess(flat) if flat else None
-        batch.images_per_sample = [len(i) for i in images]
-        return batch
+        for index, length in built.truncated.items():
+            warnings.warn(f"conversation {index} truncated from {length} to {max_length} tokens", stacklevel=2)
+        return built.inputs
+
+    def input_builder(self) -> InputBuilder:
+        """This model's input builder (tokenizer, image processor, tokens per image, template)."""
+        return InputBuilder(self.tokenizer, self.vision.image_processor, self.tokens_per_image, self.config.template)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n_images, 3, H, W] -> projected image tokens [n_images, tokens_per_image, hidden]."""
@@ -187,12 +175,12 @@ class LVLM(nn.Module):
             image_tokens = self.projector(inputs.image_features.to(self.dtype))
         elif inputs.pixel_values is None:
             if n_slots:
-                raise RegapError("the batch has image slots but no pixel values")
+                raise InternalError("the batch has image slots but no pixel values")
             return embeds
         else:
             image_tokens = self.encode_images(inputs.pixel_values)
         if image_tokens.shape[0] * image_tokens.shape[1] != n_slots:
-            raise RegapError(f"{n_slots} image slots but {image_tokens.shape[0]} image(s) x {image_tokens.shape[1]} tokens")
+            raise InternalError(f"{n_slots} image slots but {image_tokens.shape[0]} image(s) x {image_tokens.shape[1]} tokens")
         mask = inputs.image_mask.unsqueeze(-1).expand_as(embeds)
         return embeds.masked_scatter(mask, image_tokens.to(embeds.dtype).reshape(-1))
 
@@ -227,12 +215,12 @@ class LVLM(nn.Module):
                        template: str | None = None) -> list[int]:
         """Token length of each prompt with its generation prompt and image slots (no images are
         encoded): what batching by length needs, unlike the string length of the conversation."""
-        _, samples = build_batch(
+        built = build_batch(
             [list(c) for c in conversations], [len(i) for i in image_lists], tokenizer=self.tokenizer,
             template=get_template(template or self.config.template, self.tokenizer),
             tokens_per_image=self.tokens_per_image, add_generation_prompt=True, padding_side="left",
         )
-        return [len(sample.ids) for sample in samples]
+        return [len(sample.ids) for sample in built.samples]
 
     @torch.no_grad()
     def generate_detailed(
@@ -271,14 +259,12 @@ class LVLM(nn.Module):
             if self.moca is not None:
                 raise RegapError("the vllm engine cannot apply MoCa (vLLM runs its own decoder layers, without "
                                  "MoCa's hooks); use --engine transformers or static")
-            from regap.models.engines import generate_vllm
-
             texts, counts = generate_vllm(self, conversations, image_lists, order, settings, template=template,
                                           progress=progress)
             return GenerationResult(texts, counts, settings)
         outputs: list[str] = [""] * len(prompts)
         new_tokens: list[int] = [0] * len(prompts)
-        eos_ids = _eos_ids(self.tokenizer, settings.generation_config(self.tokenizer))
+        eos_ids = eos_token_ids(self.tokenizer, settings.generation_config(self.tokenizer))
         # Compiled decoding (static cache off the CPU) recompiles for every new batch size: fill a
         # short last batch with copies of its last prompt (their outputs are dropped).
         fill = fill_short_batches(settings.engine, self.device.type, logits_processor_factory is not None)
@@ -312,7 +298,7 @@ class LVLM(nn.Module):
             texts = self.tokenizer.batch_decode(generated[: len(chunk)], skip_special_tokens=True)
             for row, (index, text) in enumerate(zip(chunk, texts)):
                 outputs[index] = text.strip()
-                new_tokens[index] = _count_until_eos(generated[row].tolist(), eos_ids)
+                new_tokens[index] = count_until_eos(generated[row].tolist(), eos_ids)
         return GenerationResult(outputs, new_tokens, settings)
 
     # ---- parameter groups --------------------------------------------------------------------

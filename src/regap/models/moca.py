@@ -24,7 +24,6 @@ metadata) next to the projector.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from regap.errors import RegapError
+from regap.files import atomic_path
 from regap.models.layers import decoder_layers, layer_output, replace_layer_output
 
 MOCA_FILE = "moca.safetensors"
@@ -137,9 +137,8 @@ def save_moca(moca: MoCa, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"scale": moca.scale.detach().float().cpu().contiguous(), "shift": moca.shift.detach().float().cpu().contiguous()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "regap-moca/1", "layers": ",".join(map(str, moca.layers))})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "regap-moca/1", "layers": ",".join(map(str, moca.layers))})
     return path
 
 

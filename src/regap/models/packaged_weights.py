@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from regap.cache import announce, build_lock, cache_dir, clean_stale_staging, staging_path
 from regap.errors import MissingDependencyError, RegapError
-from regap.provenance import file_sha256
+from regap.files import file_sha256
 
 _CHUNK = 8 * 1024 * 1024
 

@@ -80,3 +80,20 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise RegapError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)} (or a saved model folder)")
     return PRESETS[name]
+
+
+#: The tiny randomly initialised model (`regap.models.random_tiny`) that training configs may
+#: name as ``model``: no weights to load, so tests and smoke runs train in seconds.
+TINY_RANDOM = "tiny-random"
+
+
+def known_projector_type(name: str) -> str | None:
+    """The projector kind a named model has, known without loading it (a preset's config, an
+    HF LLaVA checkpoint's mlp2x_gelu, `TINY_RANDOM`'s default); None for a folder or hub id,
+    whose projector is known only once loaded."""
+    preset = PRESETS.get(name)
+    if name == TINY_RANDOM or (preset is not None and preset.llava_hf_id):
+        return "mlp2x_gelu"
+    if preset is not None and preset.config is not None:
+        return preset.config.projector_type
+    return None

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from regap.errors import RegapError
-from regap.provenance import file_sha256
+from regap.files import file_sha256
 from regap.safety.judges.relevance import (
     DEFAULT_THRESHOLD,
     balanced_accuracy,

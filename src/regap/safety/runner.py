@@ -16,12 +16,16 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from regap.errors import RegapError, RunInterrupted
+from regap.files import file_sha256, write_json_atomic, write_jsonl_atomic
 from regap.models.fingerprint import model_fingerprint
-from regap.provenance import file_sha256, json_hash, provenance
-from regap.safety.store import JsonlStore, write_json_atomic, write_jsonl_atomic
+from regap.provenance import json_hash, provenance
+from regap.safety.store import JsonlStore
+
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
 
 
 @dataclass
@@ -45,6 +49,73 @@ class SafetyRun:
     judge_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # judge name -> its options
     source_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # source name -> loader options
     sample: int | None = None  # N random requests of each source (numpy, `seed`) instead of the first N
+
+
+@dataclass
+class ResolvedRun:
+    """A `SafetyRun` with every name turned into its object, once (`resolve_run`).
+
+    A bad name, option or engine fails while resolving, before any model loads, and
+    generation, judging and the summary then share these objects instead of rebuilding them:
+    the cache keys and the provenance are computed from the very same conditions, defenses
+    and decoding settings, and the model is fingerprinted once."""
+
+    run: SafetyRun
+    conditions: list[tuple[str, Any]]  # (name as given, ImageCondition), in --conditions order
+    defenses: list[Any]  # Defense objects, the first outermost
+    settings: Any  # DecodingSettings
+    judges: dict[str, Any]  # name -> Judge; None for one that loads weights, until judging builds it
+    fingerprint: str | None = None  # the model's, once it is loaded (`fingerprint_of`)
+
+    @property
+    def decoding_hash(self) -> str:
+        return json_hash(self.settings.cache_key())  # the default engine is left out: older caches stay valid
+
+    def fingerprint_of(self, model: LVLM) -> str:
+        """The model's fingerprint, computed on first use (after its projector is loaded)."""
+        if self.fingerprint is None:
+            self.fingerprint = model_fingerprint(model)
+        return self.fingerprint
+
+    def judge(self, name: str) -> Any:
+        """The judge `name`; one that loads weights is built on first use."""
+        if self.judges[name] is None:
+            from regap.safety.judges import get_judge
+
+            self.judges[name] = get_judge(name, **self.run.judge_options.get(name, {}))
+        return self.judges[name]
+
+    def judge_tag(self, name: str) -> dict[str, str]:
+        """`options_hash` of a judge given options (`-o`), which keys its verdicts; empty without
+        options, so older caches stay valid."""
+        from regap.redact import redact
+
+        options = self.run.judge_options.get(name, {})
+        return {"options_hash": json_hash(redact(options))} if options else {}
+
+    def describe_judge(self, name: str) -> dict[str, Any]:
+        return {**self.judge(name).describe(), **self.judge_tag(name)}
+
+
+def resolve_run(run: SafetyRun) -> ResolvedRun:
+    """Build `run`'s conditions, judges (those that load no weights; the others' names and option
+    keys are checked), defenses and decoding settings, and check the engine, before any model loads."""
+    from regap.defenses import get_defense
+    from regap.models.engines import check_engine_available
+    from regap.safety.conditions import get_condition
+    from regap.safety.judges import get_judge, judge_class
+
+    conditions = [(name, get_condition(name)) for name in run.conditions]
+    judges: dict[str, Any] = {}
+    for name in run.judges:  # judges that load weights are built when judging
+        options = run.judge_options.get(name, {})
+        judges[name] = None if judge_class(name, options).loads_weights else get_judge(name, **options)
+    defenses = [get_defense(name) for name in run.defenses]
+    settings = _decoding_settings(run)  # bad engine names and settings fail here, before any model is loaded
+    for defense in defenses:  # e.g. hook-based defenses cannot run with vLLM
+        defense.check_engine(run.engine)
+    check_engine_available(run.engine)
+    return ResolvedRun(run, conditions, defenses, settings, judges)
 
 
 def _load_all_requests(specs: list[str], limit: int | None, out: Path,
@@ -74,26 +145,9 @@ def _load_all_requests(specs: list[str], limit: int | None, out: Path,
     return requests
 
 
-def _condition_inputs(condition: Any, request: Any) -> tuple[str, Any, dict[str, Any]]:
-    """The text, image and per-item details this condition gives this request."""
-    from regap.images import load_image
-
-    extra = dict(request.extra)
-    text = condition.text_prompt(request.prompt, extra)
-    if condition.kind == "benchmark":
-        path = request.resolved_image()
-        if path is None:
-            raise RegapError(f"request {request.id} has no benchmark image")
-        return text, load_image(path), {"image": request.image}
-    image = condition.image_for(request.id, request.prompt, extra) if condition.needs_image else None
-    return text, image, condition.details(request.id, request.prompt, extra)
-
-
 def _input_sha256(condition: Any, request: Any) -> str | None:
     """sha256 of the file an item reads as its input (a benchmark's image), None for generated inputs."""
-    if condition.kind != "benchmark":
-        return None
-    path = request.resolved_image()
+    path = condition.input_file(request)
     return file_sha256(path) if path is not None and path.is_file() else None
 
 
@@ -139,7 +193,7 @@ def _generate_ready(ready: list[tuple], generate: Any, backbone: Any, defenses: 
 BATCHES_PER_GROUP = 8
 
 
-def _length_batches(model: Any, ready: list[tuple], batch_size: int) -> list[list[tuple]]:
+def _length_batches(model: LVLM, ready: list[tuple], batch_size: int) -> list[list[tuple]]:
     """`ready` items ((base, text, image, details, use_backbone)) split into batches in the model's
     token-length order, so each batch matches one the model would form from the whole group."""
     if len(ready) > batch_size and hasattr(model, "prompt_lengths"):
@@ -149,25 +203,23 @@ def _length_batches(model: Any, ready: list[tuple], batch_size: int) -> list[lis
     return [ready[start : start + batch_size] for start in range(0, len(ready), batch_size)]
 
 
-def generate_missing(run: SafetyRun, model: Any, requests: list[Any], store: JsonlStore, progress: bool = True) -> None:
+def generate_missing(resolved: ResolvedRun, model: LVLM, requests: list[Any], store: JsonlStore,
+                     progress: bool = True) -> None:
     """Generate every (condition, request) response not yet in the cache, batch by batch."""
-    from regap.safety.conditions import get_condition
-
-    settings = _decoding_settings(run)
-    decoding_hash = json_hash(settings.cache_key())  # the default engine is left out: older caches stay valid
-    fingerprint = model_fingerprint(model)
-    defenses = _build_defenses(run.defenses)
     from regap.defenses import build_generate
 
+    run, settings, defenses = resolved.run, resolved.settings, resolved.defenses
+    decoding_hash = resolved.decoding_hash
+    fingerprint = resolved.fingerprint_of(model)
     generate = build_generate(model, defenses, workdir=run.out, engine=run.engine)  # calibrations: OUT/defenses/
+    described_defenses = [d.describe() for d in defenses]
     todo: list[tuple[str, Any, Any, str]] = []
     input_hashes: dict[str, str | None] = {}
-    for name in run.conditions:
-        condition = get_condition(name)
+    for name, condition in resolved.conditions:
         condition_hash = json_hash(condition.describe())
         for request in requests:
             key = json_hash([fingerprint, condition_hash, request.source, request.id, decoding_hash,
-                             [d.describe() for d in defenses]])
+                             described_defenses])
             input_hashes[key] = _input_sha256(condition, request)
             if not _cached_is_current(store.get(key), input_hashes[key]):
                 todo.append((name, condition, request, key))
@@ -194,7 +246,7 @@ def generate_missing(run: SafetyRun, model: Any, requests: list[Any], store: Jso
                 if input_hashes[key] is not None:
                     base["input_sha256"] = input_hashes[key]
                 try:
-                    text, image, details = _condition_inputs(condition, request)
+                    text, image, details = condition.inputs(request)
                 except RegapError as exc:  # one bad item (e.g. a missing image) is recorded (retried on rerun)
                     failed.append({**base, "response": None, "error": str(exc)})
                     continue
@@ -221,27 +273,17 @@ def _decoding_settings(run: SafetyRun) -> Any:
                             engine=run.engine)
 
 
-def _build_defenses(names: list[str]) -> list[Any]:
-    from regap.defenses import get_defense
-
-    return [get_defense(name) for name in names]
-
-
-def judge_missing(judge_names: list[str], generations: JsonlStore, verdicts: JsonlStore,
-                  judge_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def judge_missing(resolved: ResolvedRun, generations: JsonlStore, verdicts: JsonlStore) -> dict[str, Any]:
     """Judge every cached response each judge has not judged yet; returns the judges' descriptions.
 
     A judge given options (`-o`) keys its verdicts by them too (`options_hash`, of the masked
     options): an API judge's prompt hash is its rubric, so `model=a` and `model=b` would
     otherwise share verdicts. Judges without options keep their keys, so older caches stay valid."""
-    from regap.redact import redact
-    from regap.safety.judges import JudgeInput, get_judge
+    from regap.safety.judges import JudgeInput
 
     described = {}
-    for name in judge_names:
-        options = (judge_options or {}).get(name, {})
-        judge = get_judge(name, **options)
-        tag = {"options_hash": json_hash(redact(options))} if options else {}
+    for name in resolved.judges:
+        judge, tag = resolved.judge(name), resolved.judge_tag(name)
         described[name] = {**judge.describe(), **tag}
         todo = []
         for row in generations.rows():
@@ -276,7 +318,7 @@ def assemble_results(generations: JsonlStore, verdicts: JsonlStore, judges: dict
     return rows
 
 
-def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict[str, Any]:
+def run_safety(run: SafetyRun, progress: bool = True, model: LVLM | None = None) -> dict[str, Any]:
     """Generate, judge and summarise; safe to interrupt and rerun. `model`, when given, is an
     already loaded LVLM used instead of loading `run.model` (its projector as it is).
 
@@ -290,9 +332,8 @@ def run_safety(run: SafetyRun, progress: bool = True, model: Any = None) -> dict
         return _run_safety_locked(run, progress, model)
 
 
-def _run_safety_locked(run: SafetyRun, progress: bool, model: Any) -> dict[str, Any]:
+def _run_safety_locked(run: SafetyRun, progress: bool, model: LVLM | None) -> dict[str, Any]:
     from regap.models import load_model, load_projector
-    from regap.safety.conditions import get_condition
 
     from regap.checks import check_names, prepare_out_dir
 
@@ -300,21 +341,7 @@ def _run_safety_locked(run: SafetyRun, progress: bool, model: Any) -> dict[str, 
     check_names(run.conditions, "--conditions")
     check_names(run.judges, "--judge")
     prepare_out_dir(run.out)
-    for name in run.conditions:  # fail on unknown names before any work
-        get_condition(name)
-    from regap.safety.judges import get_judge
-    from regap.safety.judges.base import judge_class
-
-    for name in run.judges:  # names and option keys now; judges that load weights are built when judging
-        if not judge_class(name, run.judge_options.get(name)).loads_weights:
-            get_judge(name, **run.judge_options.get(name, {}))
-    defenses = _build_defenses(run.defenses)
-    from regap.models.engines import check_engine_available
-
-    _decoding_settings(run)  # bad engine names and settings fail here, before any model is loaded
-    for defense in defenses:  # e.g. hook-based defenses cannot run with vLLM
-        defense.check_engine(run.engine)
-    check_engine_available(run.engine)
+    resolved = resolve_run(run)  # every name, option and the engine checked before any work
     requests = _load_all_requests(run.prompts, run.limit, run.out, run.source_limits, run.source_options,
                                   run.sample, run.seed)
     generations = JsonlStore(run.out / "generations.jsonl")
@@ -328,27 +355,26 @@ def _run_safety_locked(run: SafetyRun, progress: bool, model: Any) -> dict[str, 
             model = load_model(run.model, dtype=run.dtype)
         if run.projector:
             load_projector(model, run.projector)
-        generate_missing(run, model, requests, generations, progress=progress)
-        judges = judge_missing(run.judges, generations, verdicts, run.judge_options)
+        generate_missing(resolved, model, requests, generations, progress=progress)
+        judges = judge_missing(resolved, generations, verdicts)
     except KeyboardInterrupt:
-        raise _interrupted(run, model, requests, generations, verdicts) from None
-    summary = _write_outputs(run, model, requests, generations, verdicts, judges, status="completed")
+        raise _interrupted(resolved, model, requests, generations, verdicts) from None
+    summary = _write_outputs(resolved, model, requests, generations, verdicts, judges, status="completed")
     from regap.safety.summary import plot_unsafe_rates
 
     plot_unsafe_rates(summary, run.out / "unsafe_rate.png")
     return summary
 
 
-def _write_outputs(run: SafetyRun, model: Any, requests: list[Any], generations: JsonlStore, verdicts: JsonlStore,
-                   judges: dict[str, Any], status: str) -> dict[str, Any]:
+def _write_outputs(resolved: ResolvedRun, model: LVLM, requests: list[Any], generations: JsonlStore,
+                   verdicts: JsonlStore, judges: dict[str, Any], status: str) -> dict[str, Any]:
     """`results.jsonl` (every cached row of this run) and `summary.json` (the rows every judge has
     judged, and failed generations: all rows when completed); returns the summary."""
-    from regap.safety.conditions import get_condition
     from regap.safety.summary import summarise
 
-    settings = _decoding_settings(run)
+    run, settings = resolved.run, resolved.settings
     wanted = {(r.source, r.id) for r in requests}
-    fingerprint = model_fingerprint(model)
+    fingerprint = resolved.fingerprint_of(model)
     rows = [r for r in assemble_results(generations, verdicts, judges)
             if (r["source"], r["request_id"]) in wanted and r["condition"] in run.conditions
             and r["model_fingerprint"] == fingerprint]
@@ -356,10 +382,10 @@ def _write_outputs(run: SafetyRun, model: Any, requests: list[Any], generations:
         model=run.model, model_config=model.config.to_dict(), model_fingerprint=fingerprint,
         projector=run.projector, prompts=run.prompts, limit=run.limit, source_limits=run.source_limits,
         sample=run.sample, source_options=run.source_options,
-        conditions={name: get_condition(name).describe() for name in run.conditions},
+        conditions={name: condition.describe() for name, condition in resolved.conditions},
         judges=judges, decoding={**settings.to_dict(), "greedy": not settings.do_sample},
         dtype=str(model.dtype).removeprefix("torch."), dtype_requested=run.dtype,
-        defenses=[d.describe() for d in _build_defenses(run.defenses)], status=status,
+        defenses=[d.describe() for d in resolved.defenses], status=status,
     )
     write_jsonl_atomic(run.out / "results.jsonl", ({**r, "provenance": "summary.json#provenance"} for r in rows))
     judged = [r for r in rows if r.get("response") is not None and all(name in r["verdicts"] for name in judges)]
@@ -376,23 +402,17 @@ def _write_outputs(run: SafetyRun, model: Any, requests: list[Any], generations:
     return summary
 
 
-def _interrupted(run: SafetyRun, model: Any, requests: list[Any], generations: JsonlStore,
+def _interrupted(resolved: ResolvedRun, model: LVLM, requests: list[Any], generations: JsonlStore,
                  verdicts: JsonlStore) -> RunInterrupted:
     """After Ctrl-C: write what the caches hold and say how far the run got."""
+    run = resolved.run
     expected = len(requests) * len(run.conditions)
     if model is None:
         return RunInterrupted(f"safety run stopped while loading {run.model}; nothing generated in this run")
-    from regap.redact import redact
-    from regap.safety.judges import get_judge
-    from regap.safety.judges.base import judge_class
-
-    judges = {}  # as judge_missing describes them; judges that would load weights now are left out
-    for name in run.judges:
-        options = run.judge_options.get(name, {})
-        if not judge_class(name, options).loads_weights:
-            tag = {"options_hash": json_hash(redact(options))} if options else {}
-            judges[name] = {**get_judge(name, **options).describe(), **tag}
-    summary = _write_outputs(run, model, requests, generations, verdicts, judges, status="interrupted")
+    # as judge_missing describes them; judges that load weights are left out
+    judges = {name: resolved.describe_judge(name) for name, judge in resolved.judges.items()
+              if judge is not None and not judge.loads_weights}
+    summary = _write_outputs(resolved, model, requests, generations, verdicts, judges, status="interrupted")
     done = summary["progress"]
     return RunInterrupted(
         f"safety run stopped after {done['generated']}/{expected} responses ({done['judged']} judged), kept in "

@@ -35,8 +35,8 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from regap.errors import RegapError
-from regap.provenance import file_sha256
+from regap.errors import InternalError, RegapError
+from regap.files import file_sha256
 from regap.safety.judges import Judge, JudgeInput, get_judge
 from regap.safety.metrics import binary_metrics
 
@@ -388,7 +388,7 @@ def validate_judge(
     ]
     verdicts = judge.judge_batch(items)
     if len(verdicts) != len(items):
-        raise RegapError(f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(items)} items")
+        raise InternalError(f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(items)} items")
     data = data.assign(
         judge_refusal=[v.refused for v in verdicts],
         judge_label=[v.label for v in verdicts],

@@ -6,6 +6,7 @@ See ``docs/training.md``. Entry points:
 * :func:`train` - run a stage from a :class:`TrainConfig` (``regap pretrain`` / ``regap finetune``);
 * :func:`load_config` - a YAML file or shipped config name, plus ``key=value`` overrides;
 * :class:`ReGapLoss` - the regulariser (usable on its own);
+* :class:`TrainStep` - one micro-batch: losses, backward, optimizer step (what `train` runs);
 * :class:`MoCa` - the learnable image-token scale/shift baseline (`regap.models.moca`, re-exported);
 * :func:`load_trained` - rebuild a trained model from an output folder.
 """
@@ -20,7 +21,10 @@ from regap.train.config import (
     shipped_configs,
 )
 from regap.train.hooks import HiddenCapture, decoder_layers
-from regap.train.loop import NonFiniteLossError, TrainModule, TrainResult, compute_losses, load_trained, train
+from regap.train.loop import TrainResult, train
+from regap.train.module import TrainModule
+from regap.train.outputs import load_trained
+from regap.train.step import NonFiniteLossError, TrainStep, compute_losses
 from regap.train.observe import probe_gaps, read_metrics
 from regap.train.regap_loss import GapOutput, ReGapLoss, corpus_token_counts, text_stats_from_counts
 
@@ -33,6 +37,7 @@ __all__ = [
     "TrainConfig",
     "TrainModule",
     "TrainResult",
+    "TrainStep",
     "apply_overrides",
     "compute_losses",
     "corpus_token_counts",

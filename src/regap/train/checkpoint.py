@@ -15,7 +15,9 @@ A checkpoint ``OUT/checkpoints/step-0000123/`` holds
 
 The folder is written as ``step-0000123.tmp`` and renamed with ``os.replace`` once
 complete, and ``latest.json`` is replaced atomically after that, so an interrupted
-save never damages the previous checkpoint.
+save never damages the previous checkpoint. `save_checkpoint` writes one (every process
+takes part: sharded states are gathered collectively), `load_checkpoint` restores a run
+from one; the helpers below them are the file-level pieces.
 """
 
 from __future__ import annotations
@@ -26,17 +28,26 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from regap.errors import RegapError
+from regap.models.moca import MOCA_FILE, save_moca
+from regap.train.distributed import is_deepspeed, is_sharded
+from regap.train.module import trainable_parameters
+
+if TYPE_CHECKING:
+    from regap.train.regap_loss import ReGapLoss
 
 FORMAT = "regap-train-checkpoint/1"
 LATEST = "latest.json"
+REGAP_STATE_FILE = "regap_state.safetensors"
 
 
 def checkpoint_name(step: int) -> str:
@@ -170,3 +181,114 @@ def rotate(folder: Path, keep: int) -> None:
         return
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- whole checkpoints
+
+
+def trainable_state(accelerator: Any, module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter by name (gathered from the shards under DeepSpeed / FSDP: a collective)."""
+    unwrapped = accelerator.unwrap_model(module)
+    names = set(trainable_parameters(unwrapped))
+    if is_sharded(accelerator):
+        state = accelerator.get_state_dict(module)
+        return {k: v for k, v in state.items() if k in names}
+    return {k: v.detach() for k, v in unwrapped.named_parameters() if k in names}
+
+
+def save_adapter(peft_model: Any, folder: Path, trainable: dict[str, torch.Tensor]) -> None:
+    """peft `save_pretrained`, from the (possibly gathered) trainable weights."""
+    prefix = "lvlm.llm."
+    state = {k[len(prefix):]: v for k, v in trainable.items() if k.startswith(prefix)}
+    peft_model.save_pretrained(str(folder), state_dict=state or None)
+
+
+def save_checkpoint(accelerator: Any, out_dir: Path, step: int, state: dict[str, Any], module: nn.Module,
+                    optimizer: Any, scheduler: Any, regap: "ReGapLoss | None", keep: int) -> Path:
+    """Write ``OUT/checkpoints/step-<step>/`` (every process calls this) and rotate old ones."""
+    folder = out_dir / "checkpoints"
+    final = folder / checkpoint_name(step)
+    tmp = folder / (final.name + ".tmp")
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    trainable = trainable_state(accelerator, module)  # collective under ZeRO-3 / FSDP
+    if is_sharded(accelerator):
+        # DeepSpeed: leave the frozen backbone out of every checkpoint (it is rebuilt from its source).
+        kwargs = {"exclude_frozen_parameters": True} if is_deepspeed(accelerator) else {}
+        accelerator.save_state(str(tmp / "accelerate"), **kwargs)
+    torch_save_atomic(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(module)
+        save_tensors_atomic(trainable, tmp / "trainable.safetensors")
+        from regap.models import save_projector
+
+        save_projector(unwrapped.lvlm, tmp / "projector.safetensors", metadata={"step": str(step)})
+        if unwrapped.moca is not None:
+            save_moca(unwrapped.moca, tmp / MOCA_FILE)
+        if regap is not None:
+            save_tensors_atomic(dict(regap.state_dict()), tmp / REGAP_STATE_FILE)
+        if hasattr(unwrapped.lvlm.llm, "peft_config"):  # LoRA: the adapter in peft's own format too
+            save_adapter(unwrapped.lvlm.llm, tmp / "adapter", trainable)
+        if not is_sharded(accelerator):
+            torch_save_atomic(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch_save_atomic(scheduler.state_dict(), tmp / "scheduler.pt")
+        write_json_atomic(tmp / "state.json", {"format": FORMAT, **state})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_json_atomic(folder / LATEST, {"checkpoint": final.name, "step": step})
+        rotate(folder, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Any, checkpoint: Path, module: nn.Module, optimizer: Any, scheduler: Any,
+                    regap: "ReGapLoss | None") -> dict[str, Any]:
+    """Restore the trainable weights, optimizer, scheduler, ReGap and RNG states; returns state.json."""
+    state = read_state(checkpoint)
+    unwrapped = accelerator.unwrap_model(module)
+    if is_sharded(accelerator):
+        kwargs = {"load_module_strict": False} if is_deepspeed(accelerator) else {}
+        accelerator.load_state(str(checkpoint / "accelerate"), **kwargs)
+    else:
+        tensors = load_tensors(checkpoint / "trainable.safetensors")
+        expected = trainable_parameters(unwrapped)
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise RegapError(f"{checkpoint}: trainable parameters do not match this run "
+                             f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        with torch.no_grad():
+            for name, parameter in expected.items():
+                parameter.copy_(tensors[name].to(parameter.dtype))
+        # Loaded on the CPU; Optimizer.load_state_dict moves the states to their parameters' devices.
+        optimizer.load_state_dict(load_plain(checkpoint / "optimizer.pt"))
+    scheduler.load_state_dict(load_plain(checkpoint / "scheduler.pt"))
+    if regap is not None:
+        path = checkpoint / REGAP_STATE_FILE
+        if path.is_file():
+            regap.load_state_dict({k: v.to(accelerator.device) for k, v in load_tensors(path).items()}, strict=False)
+    rng_file = checkpoint / f"rng_state_{accelerator.process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(load_plain(rng_file))
+    else:
+        warnings.warn(f"{checkpoint} has no RNG state for process {accelerator.process_index} "
+                      "(different number of processes?): dropout noise will differ from an uninterrupted run",
+                      stacklevel=2)
+    return state
+
+
+def check_resume_data(checkpoint: Path, json_path: Path, data_sha: str) -> None:
+    """Refuse to resume on other training data: the sample order and every step so far
+    assume the rows the checkpoint was trained on (same path, other rows is silent otherwise)."""
+    stored = read_state(checkpoint).get("data_sha256")
+    if stored is None:  # checkpoints written before the hash was stored
+        warnings.warn(f"{checkpoint} does not record its training data's sha256; cannot check that {json_path} "
+                      "is unchanged", stacklevel=3)
+    elif stored != data_sha:
+        raise RegapError(f"cannot resume {checkpoint.parent.parent}: the training data {json_path} changed since the "
+                         f"checkpoint (sha256 {data_sha[:12]}..., checkpoint has {stored[:12]}...); restore the data "
+                         "or start a new run with another --out")

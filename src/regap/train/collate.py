@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -105,46 +104,31 @@ class TrainBatch:
 class Collator:
     """Samples -> `TrainBatch` (right padding, the training template, max length).
 
-    It keeps only the tokenizer, the image processor and the token count per image (not
-    the model), so DataLoader workers can run it under any start method. The steps are
-    those of `LVLM.build_inputs`.
+    It builds the batch with the model's `InputBuilder` (the steps of `LVLM.build_inputs`),
+    which keeps only the tokenizer, the image processor and the token count per image (not
+    the model), so DataLoader workers can run it under any start method. Truncated
+    conversations are counted (`BuiltBatch.truncated`); the loop warns once.
     """
 
     def __init__(self, model: Any, template: str | None, max_length: int | None, image_keys: bool = False) -> None:
-        self.tokenizer = model.tokenizer
-        self.image_processor = model.vision.image_processor
-        self.tokens_per_image = model.tokens_per_image
-        self.template_name = template or model.config.template
+        self.builder = model.input_builder()
+        self.template = template
         self.max_length = max_length
         self.image_keys = image_keys
 
     def __call__(self, items: Sequence[LoadedSample]) -> TrainBatch:
-        from regap.models.inputs import build_batch
-        from regap.models.templates import get_template
-
         conversations = [[dict(m) for m in item.sample.messages] for item in items]
         images = [[item.sample.image] if item.sample.image is not None else [] for item in items]
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            inputs, _ = build_batch(
-                conversations, [len(i) for i in images], tokenizer=self.tokenizer,
-                template=get_template(self.template_name, self.tokenizer), tokens_per_image=self.tokens_per_image,
-                add_generation_prompt=False, padding_side="right", max_length=self.max_length,
-            )
-        flat = [image for sample in images for image in sample]
-        inputs.pixel_values = self.image_processor(images=flat, return_tensors="pt")["pixel_values"] if flat else None
-        inputs.images_per_sample = [len(i) for i in images]
-        truncated = sum(1 for w in caught if "truncated" in str(w.message))
-        for w in caught:
-            if "truncated" not in str(w.message):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        built = self.builder(conversations, images, template=self.template, add_generation_prompt=False,
+                             padding_side="right", max_length=self.max_length)
         skipped = [entry for item in items for entry in item.skipped]
         keys = None
         if self.image_keys:
             from regap.models.feature_cache import image_key
 
-            keys = [image_key(image) for image in flat]
-        return TrainBatch(inputs, [item.sample.id for item in items], skipped, truncated, len(items), keys)
+            keys = [image_key(image) for sample in images for image in sample]
+        return TrainBatch(built.inputs, [item.sample.id for item in items], skipped, built.n_truncated, len(items),
+                          keys)
 
 
 def identity_collate(items: Sequence[Any]) -> list[Any]:

@@ -75,6 +75,7 @@ class RegapSpec:
     ridge: float = 0.0  # added to covariance diagonals (frechet)
     detach_text: bool = True  # the text side is the target: no gradient through it
     text_stats: str = "auto"  # frechet: corpus (cached) | batch | auto (corpus at layer 0 with a frozen LLM)
+    text_tokens: str = "all-non-image"  # the text side: all-non-image | after-image (ModelInputs.text_mask)
 
 
 @dataclass
@@ -116,6 +117,7 @@ class ObserveSpec:
     gap_every: int = 50  # steps between layer-0 gap measurements on the probe set (0 = off)
     mir_every: int = 200  # steps between MIR measurements on the probe set (0 = off)
     probe_size: int = 16  # probe image-caption pairs (the first items of the data, evenly spaced)
+    text_tokens: str = "all-non-image"  # the probe's text tokens: all-non-image | after-image (as `regap gap`)
     trackers: list[str] = field(default_factory=list)  # tensorboard / wandb, when installed
     project: str = "regap"
 
@@ -205,6 +207,10 @@ class TrainConfig:
         _choice("regap.distance", self.regap.distance, DISTANCES)
         _choice("regap.pooling", self.regap.pooling, POOLINGS)
         _choice("regap.text_stats", self.regap.text_stats, TEXT_STATS)
+        from regap.models.inputs import TEXT_TOKEN_MODES
+
+        _choice("regap.text_tokens", self.regap.text_tokens, TEXT_TOKEN_MODES)
+        _choice("observe.text_tokens", self.observe.text_tokens, TEXT_TOKEN_MODES)
         for tracker in self.observe.trackers:
             _choice("observe.trackers", tracker, TRACKERS)
         self._validate_projector()

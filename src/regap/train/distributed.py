@@ -12,6 +12,7 @@ parameter gradients over the P processes, which divides the factor P out again.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -58,3 +59,16 @@ def all_reduce_sum(tensor: torch.Tensor, *, grad: bool = True) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of functional collectives
         return nn_all_reduce(tensor)
+
+
+def is_sharded(accelerator: Any) -> bool:
+    """DeepSpeed or FSDP: parameters (and optimizer states) are sharded over the processes."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def is_deepspeed(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED

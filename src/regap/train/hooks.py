@@ -25,6 +25,7 @@ class HiddenCapture:
     positions, token embeddings elsewhere), captured by a forward pre-hook on the LLM.
     ``layer=k``: the output of decoder block k (1-based), captured by a forward hook.
     The captured tensor keeps its autograd graph, so a loss on it trains the projector.
+    The training loop hooks only k > 0: layer 0 comes back from `TrainModule.forward`.
     """
 
     def __init__(self, llm: nn.Module, layer: int) -> None:

@@ -8,7 +8,9 @@
   at the LLM input, scaled by the probe's own text-centric alpha, so runs with and
   without ReGap are comparable) and MIR over decoder layers 1..L
   (``regap.gap.mir`` on ``output_hidden_states``: image tokens at ``image_mask``
-  positions, text tokens at the other attended positions).
+  positions, text tokens at ``ModelInputs.text_mask(text_tokens)``, the rule of
+  ``regap gap``'s collector; the mode is written next to the numbers as
+  ``probe_text_tokens``).
 """
 
 from __future__ import annotations
@@ -119,11 +121,13 @@ class Progress:
 
 @torch.no_grad()
 def probe_features(module: Any, batches: Sequence[Any], device: torch.device, *, all_layers: bool,
-                   autocast: Any = None) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+                   autocast: Any = None, text_tokens: str = "all-non-image",
+                   ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
     """Image and text tokens per layer (index 0 = LLM input) over the probe batches, on the CPU.
 
     ``module(inputs, output_hidden_states=True)`` must return an object with
-    ``hidden_states``. With ``all_layers=False`` only layer 0 is kept.
+    ``hidden_states``. With ``all_layers=False`` only layer 0 is kept. Text tokens are
+    ``inputs.text_mask(text_tokens)``.
     """
     import contextlib
     import inspect
@@ -143,9 +147,8 @@ def probe_features(module: Any, batches: Sequence[Any], device: torch.device, *,
                     hidden = (module.lvlm.embed(inputs),)  # layer 0 needs no LLM pass
                 else:
                     hidden = module(inputs, output_hidden_states=True, **extra).hidden_states
-            attended = inputs.attention_mask.bool()
-            img_sel = inputs.image_mask.bool() & attended
-            txt_sel = ~inputs.image_mask.bool() & attended
+            img_sel = inputs.image_mask.bool() & inputs.attention_mask.bool()
+            txt_sel = inputs.text_mask(text_tokens)
             if not images:
                 images = [[] for _ in hidden]
                 texts = [[] for _ in hidden]
@@ -158,13 +161,15 @@ def probe_features(module: Any, batches: Sequence[Any], device: torch.device, *,
 
 
 def probe_gaps(module: Any, batches: Sequence[Any], device: torch.device, *, with_mir: bool,
-               autocast: Any = None) -> dict[str, float]:
+               autocast: Any = None, text_tokens: str = "all-non-image") -> dict[str, Any]:
     """``probe_gap0`` (layer-0 centroid gap, probe alpha), ``probe_norm_ratio0`` and, with
-    ``with_mir``, ``probe_mir`` (MIR over layers 1..L, exact Fréchet)."""
+    ``with_mir``, ``probe_mir`` (MIR over layers 1..L, exact Fréchet), all with text tokens
+    under ``text_tokens`` mode, which ``probe_text_tokens`` names next to them."""
     from regap.gap import centroid_gap, mir, text_centric_scale
 
-    images, texts = probe_features(module, batches, device, all_layers=with_mir, autocast=autocast)
-    out: dict[str, float] = {}
+    images, texts = probe_features(module, batches, device, all_layers=with_mir, autocast=autocast,
+                                   text_tokens=text_tokens)
+    out: dict[str, Any] = {}
     img0, txt0 = torch.cat(images[0]), torch.cat(texts[0])
     if img0.shape[0] == 0 or txt0.shape[0] == 0:
         return out
@@ -177,4 +182,5 @@ def probe_gaps(module: Any, batches: Sequence[Any], device: torch.device, *, wit
             out["probe_mir"] = result.mir
         except RegapError as exc:
             warnings.warn(f"MIR on the probe set failed: {exc}", stacklevel=2)
+    out["probe_text_tokens"] = text_tokens
     return out

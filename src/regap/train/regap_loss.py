@@ -4,7 +4,9 @@ total loss = captioning loss + lam * gap, where by default (the plainest reading
 paper, see DESIGN.md) the gap is measured at layer 0, the LLM's input:
 
 * image tokens: the projector outputs at the batch's ``image_mask`` positions;
-* text tokens: the token embeddings at the other attended positions;
+* text tokens: the token embeddings at the text positions of ``text_tokens`` mode
+  (`regap.models.inputs.text_positions`, the rule `regap gap` and the training probe use):
+  ``all-non-image`` (default: every other attended position) or ``after-image``;
 * gap = || alpha * mean(image) - alpha * mean(text) ||^2 with both means pooled over the
   (global) batch, and alpha = 1 / mean L2 norm of the text tokens.
 
@@ -54,6 +56,7 @@ from torch import Tensor, nn
 
 from regap.errors import RegapError
 from regap.gap.distances import frechet_distance_from_stats, matrix_sqrt_psd
+from regap.models.inputs import TEXT_TOKEN_MODES, text_positions, tokenize_rendered
 from regap.train.config import DISTANCES, POOLINGS
 from regap.train.distributed import all_reduce_sum
 
@@ -105,8 +108,11 @@ class ReGapLoss(nn.Module):
         norm_weight: float = 1.0,
         ridge: float = 0.0,
         detach_text: bool = True,
+        text_tokens: str = "all-non-image",
     ) -> None:
         super().__init__()
+        if text_tokens not in TEXT_TOKEN_MODES:
+            raise RegapError(f"unknown ReGap text-token mode {text_tokens!r}; valid: {', '.join(TEXT_TOKEN_MODES)}")
         if distance not in DISTANCES:
             raise RegapError(f"unknown ReGap distance {distance!r}; valid: {', '.join(DISTANCES)}")
         if pooling not in POOLINGS:
@@ -121,6 +127,7 @@ class ReGapLoss(nn.Module):
         self.norm_weight = float(norm_weight)
         self.ridge = float(ridge)
         self.detach_text = detach_text
+        self.text_tokens = text_tokens
         # alpha state: token-weighted running mean of text-token norms during warm-up.
         self.register_buffer("alpha_norm_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("alpha_token_count", torch.zeros((), dtype=torch.float64))
@@ -186,7 +193,8 @@ class ReGapLoss(nn.Module):
     def forward(self, features: Tensor, image_mask: Tensor, attention_mask: Tensor | None = None) -> GapOutput:
         """Gap between image and text tokens of ``features [B, L, d]``.
 
-        Image tokens: ``image_mask & attention_mask``; text tokens: ``~image_mask & attention_mask``.
+        Image tokens: ``image_mask & attention_mask``; text tokens: `text_positions` of the
+        masks under this loss's ``text_tokens`` mode.
         """
         if features.ndim != 3:
             raise RegapError(f"ReGap features must be [batch, tokens, dim], got {tuple(features.shape)}")
@@ -198,7 +206,7 @@ class ReGapLoss(nn.Module):
                 f"masks {tuple(image_mask.shape)} / {tuple(attended.shape)} do not match features {tuple(features.shape)}"
             )
         img_sel = (image_mask & attended).to(torch.float32)
-        txt_sel = (~image_mask & attended).to(torch.float32)
+        txt_sel = text_positions(attended, image_mask, self.text_tokens).to(torch.float32)
         x = features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
         x_text = x.detach() if self.detach_text else x
 
@@ -337,7 +345,8 @@ class ReGapLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"lam={self.lam}, layer={self.layer}, distance={self.distance!r}, pooling={self.pooling!r}, "
-                f"warmup_steps={self.warmup_steps}, alpha={self.alpha}, frozen={self.frozen}")
+                f"warmup_steps={self.warmup_steps}, text_tokens={self.text_tokens!r}, alpha={self.alpha}, "
+                f"frozen={self.frozen}")
 
 
 # ---------------------------------------------------------------------- corpus text statistics
@@ -345,18 +354,21 @@ class ReGapLoss(nn.Module):
 
 def corpus_token_counts(
     conversations: Iterable[list[dict[str, str]]], tokenizer: Any, template: Any, *,
-    tokens_per_image: int, max_length: int | None, vocab_size: int,
+    tokens_per_image: int, max_length: int | None, vocab_size: int, text_tokens: str = "all-non-image",
 ) -> Tensor:
-    """How often each token id sits at a text (non-image) position of the rendered training inputs."""
-    from regap.models.inputs import tokenize_rendered
-
+    """How often each token id sits at a text position (`text_positions` under ``text_tokens``)
+    of the rendered training inputs."""
     counts = torch.zeros(vocab_size, dtype=torch.float64)
     for messages in conversations:
         rendered = template.render(messages, add_generation_prompt=False)
         sample = tokenize_rendered(tokenizer, rendered.text, rendered.target_spans, tokens_per_image)
-        ids = [t for t, is_image in zip(sample.ids[:max_length], sample.image_positions[:max_length]) if not is_image]
-        if ids:
-            counts += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab_size)[:vocab_size].double()
+        if not sample.ids:
+            continue
+        image = torch.tensor(sample.image_positions[:max_length], dtype=torch.bool).unsqueeze(0)
+        text = text_positions(torch.ones_like(image), image, text_tokens)[0]
+        ids = torch.tensor(sample.ids[:max_length], dtype=torch.long)[text]
+        if ids.numel():
+            counts += torch.bincount(ids, minlength=vocab_size)[:vocab_size].double()
     return counts
 
 

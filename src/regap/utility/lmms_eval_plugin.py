@@ -31,9 +31,12 @@ import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from regap.errors import RegapError
+
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +151,7 @@ class RegapLmmsAdapter:
         dtype: str = "auto",
         projector: str | None = None,
         template: str | None = None,
-        model: Any = None,
+        model: LVLM | None = None,
     ) -> None:
         self.path = str(path)
         self.batch_size = 1 if str(batch_size).startswith("auto") else max(1, _as_int(batch_size, "batch_size"))
@@ -339,7 +342,7 @@ if _LmmsBase is not None:
             return self._adapter.batch_size
 
         @property
-        def model(self) -> Any:
+        def model(self) -> LVLM:
             return self._adapter.model
 
         @property

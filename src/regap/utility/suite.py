@@ -18,15 +18,18 @@ See docs/utility.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from regap.errors import RegapError
+from regap.files import file_sha256
 from regap.utility import scoring
+
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +81,6 @@ def parse_tasks(tasks: str | Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 def ensure_heldout_data(out_dir: Path, n: int, seed: int, image_size: int, split_name: str) -> Path:
     """Write (or reuse) the held-out synthetic set under `OUT/heldout_data`."""
     from regap.data.synth import GENERATOR_VERSION, generate_synthetic
@@ -109,7 +108,7 @@ def synthetic_items(out_dir: Path, n: int, seed: int, image_size: int, split_nam
 
     def image_hash(image: str) -> str:
         if image not in image_hashes:
-            image_hashes[image] = _file_hash(folder / image)
+            image_hashes[image] = file_sha256(folder / image)[:16]
         return image_hashes[image]
 
     items: dict[str, list[UtilityItem]] = {}
@@ -167,7 +166,7 @@ def over_refusal_items(xstest: str | Path | None, limit: int | None) -> list[Uti
     return items
 
 
-def utility_fingerprint(model: Any) -> str:
+def utility_fingerprint(model: LVLM) -> str:
     """The shared model fingerprint (config, dtype, projector, backbone weight samples)."""
     from regap.models.fingerprint import model_fingerprint
 
@@ -188,7 +187,7 @@ def _cache_key(fingerprint: str, decoding_hash: str, item: UtilityItem) -> str:
     return json_hash([fingerprint, decoding_hash, item.task, item.item_id, item.prompt, item.image_hash])
 
 
-def generate_missing(model: Any, items: list[UtilityItem], store: Any, out_dir: Path, settings: Any,
+def generate_missing(model: LVLM, items: list[UtilityItem], store: Any, out_dir: Path, settings: Any,
                      fingerprint: str, decoding_hash: str, progress: bool = False) -> int:
     """Generate every item whose response is not cached, one batch at a time; returns how many."""
     from regap.images import load_image
@@ -294,7 +293,7 @@ def score_over_refusal(items: list[UtilityItem], responses: dict[str, str], judg
 
 
 def run_utility(
-    model: Any,
+    model: LVLM,
     out_dir: str | Path,
     *,
     tasks: str | Sequence[str] | None = None,
@@ -321,7 +320,8 @@ def run_utility(
     from regap.models import DecodingSettings
     from regap.provenance import json_hash, provenance
     from regap.safety.judges import get_judge
-    from regap.safety.store import JsonlStore, write_json_atomic, write_jsonl_atomic
+    from regap.files import write_json_atomic, write_jsonl_atomic
+    from regap.safety.store import JsonlStore
 
     names = parse_tasks(tasks)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -403,7 +403,7 @@ def run_utility(
         prompts={"qa_suffix": QA_SUFFIX, "caption": CAPTION_PROMPT},
         decoding={**settings.to_dict(), "greedy": True}, decoding_hash=decoding_hash,
         scoring_version=scoring.SCORING_VERSION,
-        xstest={"path": str(xstest_path), "sha256": _file_hash(xstest_path)} if xstest_path is not None else None,
+        xstest={"path": str(xstest_path), "sha256": file_sha256(xstest_path)[:16]} if xstest_path is not None else None,
         cache={"file": CACHE_FILE, "generated_this_run": generated,
                "reused": sum(len(v) for v in items.values()) - generated},
     )

@@ -1,18 +1,23 @@
 """Response judges: did the model refuse, is the response harmful?
 
 `get_judge(name, **options)` builds a registered judge; `available_judges()` lists
-them. Importing this package registers the built-in judges (`keyword`).
+them. Importing this package registers the built-in judges (keyword, relevance,
+llamaguard, beaverdam, harmbench, openai); judges that prompt a causal LM build on
+`GenerativeJudge`.
 """
 
 from regap.safety.judges.base import (
+    JUDGES,
     LABELS,
     Judge,
     JudgeInput,
     Verdict,
     available_judges,
     get_judge,
+    judge_class,
     register_judge,
 )
+from regap.safety.judges.generative import GenerativeJudge
 from regap.safety.judges.keyword import GCG_REFUSAL_PHRASES, STRICT_DROPPED, KeywordJudge
 from regap.safety.judges.llamaguard import LlamaGuardJudge  # noqa: F401  (registers "llamaguard")
 from regap.safety.judges.beaverdam import BeaverDamJudge  # noqa: F401  (registers "beaverdam")
@@ -23,12 +28,15 @@ from regap.safety.judges.lexicon import RefusalLexiconJudge  # noqa: F401  (regi
 from regap.safety.judges.agreement import kappa_matrix, pairwise_agreement  # noqa: F401
 
 __all__ = [
+    "JUDGES",
     "LABELS",
     "Judge",
+    "GenerativeJudge",
     "JudgeInput",
     "Verdict",
     "available_judges",
     "get_judge",
+    "judge_class",
     "register_judge",
     "KeywordJudge",
     "GCG_REFUSAL_PHRASES",

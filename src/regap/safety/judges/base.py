@@ -8,13 +8,12 @@ for that item and the batch goes on, so one bad response never loses a whole run
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import asdict, dataclass, field
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from regap.errors import RegapError
 from regap.provenance import text_hash
+from regap.registry import Registry
 
 #: Every label a verdict may carry.
 #:
@@ -154,34 +153,25 @@ def batched_with_fallback(fn: Callable[[list[Any]], Sequence[Any]], inputs: list
 
 J = TypeVar("J", bound=type[Judge])
 
-_JUDGES: dict[str, type[Judge]] = {}
+#: Every judge by name; `register_judge` adds to it, `judge_class` / `get_judge` read it.
+JUDGES: Registry[type[Judge]] = Registry("judge")
 
 
-def register_judge(name: str | type[Judge]) -> Any:
+def register_judge(name: str | type[Judge], *aliases: str) -> Any:
     """Class decorator: `@register_judge("keyword")` (or bare, using the class's `name`)."""
-
-    def add(key: str, cls: J) -> J:
-        key = key.strip().lower()
-        if not key:
-            raise ValueError("a judge needs a non-empty name")
-        existing = _JUDGES.get(key)
-        if existing is not None and existing.__qualname__ != cls.__qualname__:
-            raise ValueError(f"judge {key!r} is already registered to {existing.__qualname__}")
-        _JUDGES[key] = cls
-        return cls
-
     if isinstance(name, type):
-        return add(name.name, name)
+        JUDGES.add(name.name, name)
+        return name
 
     def decorate(cls: J) -> J:
-        return add(name, cls)
+        return JUDGES.register(name, *aliases)(cls)
 
     return decorate
 
 
 def available_judges() -> list[str]:
     """Registered judge names, sorted."""
-    return sorted(_JUDGES)
+    return JUDGES.names()
 
 
 def judge_class(name: str, options: dict[str, Any] | None = None) -> type[Judge]:
@@ -189,27 +179,13 @@ def judge_class(name: str, options: dict[str, Any] | None = None) -> type[Judge]
 
     Cheap: nothing is built, so a bad name or option key fails before any model loads, even
     for judges whose construction loads weights (`Judge.loads_weights`)."""
-    key = str(name).strip().lower()
-    if key not in _JUDGES:
-        raise RegapError(f"unknown judge {name!r}; valid judges: {', '.join(available_judges()) or '(none)'}")
-    cls = _JUDGES[key]
-    params = inspect.signature(cls.__init__).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        valid = [n for n in params if n != "self"]
-        unknown = sorted(set(options or {}) - set(valid))
-        if unknown:
-            raise RegapError(
-                f"judge {key!r} has no option {', '.join(map(repr, unknown))}; "
-                f"valid options: {', '.join(valid) or '(none)'}"
-            )
-    return cls
+    return JUDGES.check_options(name, options).obj
 
 
 def get_judge(name: str, **options: Any) -> Judge:
     """Build the judge registered as `name` (case-insensitive) with `options`."""
-    cls = judge_class(name, options)
-    judge = cls(**options)
-    judge.name = str(name).strip().lower()
+    judge = JUDGES.build(name, **options)
+    judge.name = JUDGES.key(name)
     return judge
 
 
@@ -218,6 +194,7 @@ __all__ = [
     "JudgeInput",
     "Verdict",
     "Judge",
+    "JUDGES",
     "register_judge",
     "judge_class",
     "get_judge",

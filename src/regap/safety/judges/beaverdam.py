@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from regap.errors import RegapError
 from regap.safety.judges.base import Judge, JudgeInput, Verdict, batched_with_fallback, register_judge
-from regap.safety.judges.llamaguard import describe_source, load_tokenizer, resolve_device, resolve_dtype
+from regap.safety.judges.generative import describe_source, load_tokenizer, resolve_device, resolve_dtype
 
 #: The 14 BeaverTails harm categories, in the label order of the beaver-dam-7b head
 #: (alphabetical, as the BeaverTails `category` dict lists them).

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from regap.safety.judges.base import JudgeInput, Verdict, register_judge
-from regap.safety.judges.llamaguard import Generation, GenerativeJudge
+from regap.safety.judges.generative import Generation, GenerativeJudge
 
 #: HarmBench `eval_utils.py`, `LLAMA2_CLS_PROMPT["prompt"]`: the standard
 #: (non-contextual) behavior classifier prompt. Note the space after the first rule.

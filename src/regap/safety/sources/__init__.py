@@ -9,6 +9,7 @@ See docs/safety-sources.md for the spec syntax and every format.
 
 from regap.safety.sources.core import (
     LABELS,
+    SOURCES,
     ImageIssue,
     LoadReport,
     Request,
@@ -30,6 +31,7 @@ from regap.safety.sources.multimodal import MMSB_PAIRING, Pairing
 __all__ = [
     "LABELS",
     "MMSB_PAIRING",
+    "SOURCES",
     "ImageIssue",
     "LoadReport",
     "Pairing",

@@ -2,8 +2,8 @@
 
 A *spec* names where requests come from: `NAME` for a built-in set or `NAME:PATH` for a
 public benchmark on disk (`advbench:/data/harmful_behaviors.csv`). Loaders are plain
-generator functions registered with `@register_source`, so a user's own format plugs in
-the same way as the built-in ones.
+generator functions registered with `@register_source` (in `SOURCES`, a `regap.registry.Registry`),
+so a user's own format plugs in the same way as the built-in ones.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from regap.errors import RegapError
+from regap.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,8 @@ class SourceInfo:
     any_options: bool  # the loader takes **kwargs
 
 
-_REGISTRY: dict[str, SourceInfo] = {}
+#: Every request source by name; a loader's options are its parameters after `path, report`.
+SOURCES: Registry[Loader] = Registry("request source", skip=2)
 
 
 def register_source(
@@ -159,42 +161,29 @@ def register_source(
     The loader is called as `loader(path, report, **options)`; options are its
     keyword-only parameters, so unknown options are caught before it runs.
     """
-    key = name.strip().lower()
-    if not key or ":" in key or any(c.isspace() for c in key):
-        raise ValueError(f"invalid source name {name!r}: no ':' or whitespace, not empty")
 
     def decorator(fn: Loader) -> Loader:
-        if key in _REGISTRY and not replace:
-            raise ValueError(f"request source {key!r} is already registered (pass replace=True)")
-        params = inspect.signature(fn).parameters.values()
-        options = tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
-        any_options = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
         doc = description if description is not None else (inspect.getdoc(fn) or "").split("\n")[0]
-        _REGISTRY[key] = SourceInfo(key, fn, needs_path, doc, options, any_options)
-        return fn
+        return SOURCES.register(name, replace=replace, needs_path=needs_path, description=doc)(fn)
 
     return decorator
 
 
 def unregister_source(name: str) -> None:
     """Remove a source (mainly for tests and notebooks)."""
-    _REGISTRY.pop(name.strip().lower(), None)
+    SOURCES.unregister(name)
 
 
 def available_sources() -> list[str]:
     """Registered source names, sorted."""
-    return sorted(_REGISTRY)
+    return SOURCES.names()
 
 
 def source_info(name: str) -> SourceInfo:
     """The registry entry for `name`, or a RegapError listing the valid names."""
-    key = name.strip().lower()
-    try:
-        return _REGISTRY[key]
-    except KeyError:
-        raise RegapError(
-            f"unknown request source {name!r}; valid sources: {', '.join(available_sources())}"
-        ) from None
+    entry = SOURCES.entry(name)
+    return SourceInfo(entry.name, entry.obj, entry.info["needs_path"], entry.info["description"], entry.options,
+                      entry.any_options)
 
 
 def parse_spec(spec: str) -> tuple[str, Path | None]:
@@ -235,12 +224,7 @@ def load_requests_with_report(
         raise RegapError(f"request source {info.name!r} needs a path: {info.name}:/path/to/data")
     if not info.needs_path and path is not None:
         raise RegapError(f"request source {info.name!r} is built in and takes no path; use {info.name!r}")
-    unknown = sorted(set(options) - set(info.options)) if not info.any_options else []
-    if unknown:
-        accepted = ", ".join(info.options) or "none"
-        raise RegapError(
-            f"request source {info.name!r} has no option(s) {', '.join(unknown)}; accepted: {accepted}"
-        )
+    SOURCES.check_options(info.name, options)
 
     report = LoadReport(source=info.name, path=str(path) if path is not None else None)
     requests: list[Request] = []

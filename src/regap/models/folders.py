@@ -1,0 +1,16 @@
+"""File names inside model folders, and what kind of folder a path is (no model code: every
+loader and saver imports these, so they live below all of them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONFIG_FILE = "regap_config.json"  # written by `save_model`: the folder's `LVLMConfig`
+PROJECTOR_FILE = "projector.safetensors"
+TRAIN_CONFIG_FILE = "config.yaml"  # written by `regap.train` into every training output folder
+
+
+def is_training_output(path: Path) -> bool:
+    """A folder written by `regap pretrain` / `regap finetune` (its config and projector, or checkpoints)."""
+    return path.is_dir() and (path / TRAIN_CONFIG_FILE).is_file() and \
+        ((path / PROJECTOR_FILE).is_file() or (path / "checkpoints").is_dir())

@@ -41,6 +41,7 @@ from regap.safety.judges.relevance import (
     calibrate_threshold,
 )
 from regap.safety.metrics import wilson_interval
+from regap.safety.splits import split_groups
 
 LABELS = ("on_topic", "off_topic")
 CALIBRATION_FORMATS = ("xstest", "csv")
@@ -117,24 +118,6 @@ def load_examples_csv(path: Path) -> pd.DataFrame:
     if frame.empty and not len(frame.columns):
         raise RegapError(f"{path}: empty file (need columns {', '.join(CSV_COLUMNS)})")
     return _check_examples(frame, str(path))
-
-
-def split_groups(groups: Sequence[str], calibration_fraction: float, seed: int) -> np.ndarray:
-    """True for rows in the calibration split, False for held-out rows.
-
-    Groups (not rows) are shuffled with `seed` after sorting, so the split depends only
-    on the set of groups and the seed, not on row order; rows of one group stay together.
-    """
-    if not 0.0 < calibration_fraction < 1.0:
-        raise RegapError(f"calibration fraction must lie strictly between 0 and 1, got {calibration_fraction!r}")
-    keys = np.asarray([str(g) for g in groups], dtype=object)
-    unique = sorted(set(keys.tolist()))
-    if len(unique) < 2:
-        raise RegapError(f"need at least 2 groups to split, got {len(unique)}")
-    order = np.random.default_rng(seed).permutation(len(unique))
-    n_cal = min(len(unique) - 1, max(1, round(calibration_fraction * len(unique))))
-    chosen = {unique[i] for i in order[:n_cal]}
-    return np.asarray([k in chosen for k in keys], dtype=bool)
 
 
 def prompt_family(xstest_type: str) -> str:

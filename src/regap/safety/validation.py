@@ -39,6 +39,7 @@ from regap.errors import InternalError, RegapError
 from regap.files import file_sha256
 from regap.safety.judges import Judge, JudgeInput, get_judge
 from regap.safety.metrics import binary_metrics
+from regap.safety.splits import split_groups
 
 FORMATS = ("xstest", "pyrit")
 PARTIAL_POLICIES = ("refusal", "compliance", "exclude")
@@ -286,11 +287,9 @@ def tuning_mask(data: pd.DataFrame, tuning_fraction: float = 0.5, seed: int = 0,
 
     Grouped by prompt text, so the five XSTest models' answers to one prompt stay on one
     side; the prompts are sorted and then shuffled with `seed`, so the split depends only on
-    the set of prompts and the seed (`regap.safety.calibration.split_groups`). `universe`
+    the set of prompts and the seed (`regap.safety.splits.split_groups`). `universe`
     (default: the rows' own prompts) is the prompt set the split is drawn over: dropping rows
     (`partial="exclude"`) must not move the prompts that remain to the other side."""
-    from regap.safety.calibration import split_groups
-
     prompts = sorted({str(p) for p in (data["prompt"] if universe is None else universe)})
     tuning = {p for p, chosen in zip(prompts, split_groups(prompts, tuning_fraction, seed)) if chosen}
     missing = set(data["prompt"].astype(str)) - set(prompts)

@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from regap import files
 from regap.errors import RegapError
 from regap.models.moca import MOCA_FILE, save_moca
 from regap.train.distributed import is_deepspeed, is_sharded
@@ -55,21 +56,18 @@ def checkpoint_name(step: int) -> str:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """JSON with a trailing newline (checkpoint state files have always ended with one)."""
+    files.write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with files.atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def torch_save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with files.atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_plain(path: Path, map_location: str = "cpu") -> Any:

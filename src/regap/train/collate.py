@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -23,6 +23,9 @@ from torch.utils.data import Dataset, Sampler
 from regap.data.llava_json import ConversationSample, LlavaJsonDataset
 from regap.errors import RegapError
 from regap.models.inputs import ModelInputs
+
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
 
 #: How many following samples are tried when images fail to decode one after another.
 MAX_REPLACEMENTS = 16
@@ -51,7 +54,7 @@ class TrainSamples(Dataset):
             position = (index + attempt) % n
             try:
                 return LoadedSample(position, self.dataset[position], skipped)
-            except (RegapError, OSError, ValueError) as exc:  # corrupt or unreadable image
+            except RegapError as exc:  # corrupt or unreadable image (load_image names the file)
                 paths = self.dataset.image_paths()
                 skipped.append({"index": position, "image": paths[position], "reason": str(exc).splitlines()[0]})
         raise RegapError(
@@ -110,7 +113,7 @@ class Collator:
     conversations are counted (`BuiltBatch.truncated`); the loop warns once.
     """
 
-    def __init__(self, model: Any, template: str | None, max_length: int | None, image_keys: bool = False) -> None:
+    def __init__(self, model: LVLM, template: str | None, max_length: int | None, image_keys: bool = False) -> None:
         self.builder = model.input_builder()
         self.template = template
         self.max_length = max_length

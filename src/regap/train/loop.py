@@ -18,17 +18,16 @@ statistics) and ``observe`` (metrics, progress, probe). This module runs them in
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
 from regap.errors import RegapError, RunInterrupted
-from regap.provenance import file_sha256
+from regap.files import file_sha256, write_text_atomic
 from regap.train import checkpoint as ckpt
 from regap.train.collate import Collator, StepSampler, TrainBatch, TrainSamples
 from regap.train.config import TrainConfig, config_differences
@@ -52,6 +51,9 @@ from regap.train.setup import (
 from regap.train.step import LossWindow, NonFiniteLossError, StepLosses, StepOutcome, TrainStep, target_positions
 from regap.train.text_stats import prepare_text_stats, uses_corpus_stats
 
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
+
 # `regap.models.load_model` reaches `load_trained` through this module.
 __all__ = ["NonFiniteLossError", "TrainResult", "load_trained", "train"]
 
@@ -66,7 +68,7 @@ class TrainResult:
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, model: Any = None,
+def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, model: LVLM | None = None,
           command: str | None = None) -> TrainResult:
     """Run stage 1 or 2 as configured; write everything under ``out_dir``.
 
@@ -205,9 +207,7 @@ class _Run:
 
             header = (f"# regap training config as used (stage {cfg.stage}); batch layout derived for {self.world} "
                       f"process(es): {self.per_device} per device x {self.accumulation} accumulation x {self.world}\n")
-            tmp = self.out_dir / "config.yaml.tmp"
-            tmp.write_text(header + yaml.safe_dump(saved, sort_keys=False), encoding="utf-8")
-            os.replace(tmp, path)
+            write_text_atomic(path, header + yaml.safe_dump(saved, sort_keys=False))
         return saved
 
     def load_data(self, resume_from: Path | None) -> None:
@@ -244,7 +244,7 @@ class _Run:
             self.log(f"{plan.left_out} sample(s) per epoch left out (incomplete last global batch)")
         return plan
 
-    def provenance(self, lvlm: Any, **extra: Any) -> None:
+    def provenance(self, lvlm: LVLM, **extra: Any) -> None:
         if self.main:
             write_provenance(self.out_dir, self.cfg, lvlm, self.json_path, self.data_sha, self.dataset, self.world,
                              self.per_device, self.accumulation, self.accelerator, self.command, **extra)
@@ -319,7 +319,7 @@ class _Saver:
         if self.last is None or self.last.name != ckpt.checkpoint_name(step):
             self.save(step)
 
-    def interrupted(self, lvlm: Any, step: int, start_step: int) -> RunInterrupted:
+    def interrupted(self, lvlm: LVLM, step: int, start_step: int) -> RunInterrupted:
         """Ctrl-C: save where the run stands (one process only: the others may be mid-collective),
         record it, and say how to continue."""
         run = self.run

@@ -69,9 +69,9 @@ class MetricsLog:
                 continue
             if not isinstance(row.get("step"), int) or row["step"] <= step:
                 kept.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        tmp.replace(self.path)
+        from regap.files import write_text_atomic
+
+        write_text_atomic(self.path, "".join(k + "\n" for k in kept))
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:

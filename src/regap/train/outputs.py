@@ -8,7 +8,7 @@ import dataclasses
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from regap.train import checkpoint as ckpt
 from regap.train.config import TrainConfig
 from regap.train.distributed import is_sharded
 from regap.train.regap_loss import ReGapLoss
+
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
 
 
 def save_outputs(accelerator: Any, out_dir: Path, module: nn.Module, config: TrainConfig, regap: ReGapLoss | None,
@@ -63,7 +66,7 @@ def save_outputs(accelerator: Any, out_dir: Path, module: nn.Module, config: Tra
         ckpt.save_tensors_atomic(dict(regap.state_dict()), out_dir / ckpt.REGAP_STATE_FILE)
 
 
-def load_trained(out_dir: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu") -> Any:
+def load_trained(out_dir: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu") -> LVLM:
     """Rebuild a trained model from a training output folder: base model + projector
     (+ LoRA adapter or full LLM) + MoCa, which the returned LVLM applies by itself
     (`regap.models.load_model` and every ``--model OUT`` come here)."""
@@ -104,7 +107,7 @@ def write_data_report(out_dir: Path, dataset: Any, skipped: list[dict[str, Any]]
     ckpt.write_json_atomic(out_dir / "data_report.json", report)
 
 
-def write_provenance(out_dir: Path, cfg: TrainConfig, lvlm: Any, json_path: Path, data_sha: str, dataset: Any,
+def write_provenance(out_dir: Path, cfg: TrainConfig, lvlm: LVLM, json_path: Path, data_sha: str, dataset: Any,
                      world: int, per_device: int, accumulation: int, accelerator: Any, command: str | None,
                      **extra: Any) -> None:
     """``provenance.json``: what was trained on what, how, and with which text-token rules."""

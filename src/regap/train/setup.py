@@ -9,7 +9,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,10 +27,13 @@ from regap.train.observe import available_trackers
 from regap.train.regap_loss import ReGapLoss
 from regap.train.step import TrainStep
 
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
+
 # ---------------------------------------------------------------------- the model
 
 
-def build_model(config: TrainConfig) -> Any:
+def build_model(config: TrainConfig) -> LVLM:
     """`config.model`, with a fresh projector of `projector_type` (sized by `qformer.*`) when set."""
     options = config.qformer.options()
     if config.model == TINY_RANDOM:
@@ -61,7 +64,7 @@ def check_projector_early(config: TrainConfig) -> None:
                          "not a Q-Former (set projector_type: qformer, or model: tiny-qformer)")
 
 
-def _apply_qformer_trainable(lvlm: Any, config: TrainConfig) -> None:
+def _apply_qformer_trainable(lvlm: LVLM, config: TrainConfig) -> None:
     """`qformer.trainable` (all | linear) on a Q-Former connector; null keeps the projector's own mode."""
     from regap.models.qformer import QFormerProjector
 
@@ -83,7 +86,7 @@ def _projector_file(source: str) -> tuple[Path, Path | None]:
     return path, None
 
 
-def setup_model(lvlm: Any, config: TrainConfig, log: Any = print) -> tuple[TrainModule, MoCa | None]:
+def setup_model(lvlm: LVLM, config: TrainConfig, log: Any = print) -> tuple[TrainModule, MoCa | None]:
     """Load the initial projector, freeze/unfreeze per stage, add LoRA / MoCa, checkpointing."""
     moca_init = None
     if config.projector:
@@ -149,7 +152,7 @@ def make_optimizer(module: TrainModule, config: TrainConfig) -> torch.optim.Opti
     return torch.optim.AdamW(param_groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def make_regap(config: TrainConfig, lvlm: Any, device: torch.device) -> tuple[ReGapLoss | None, HiddenCapture | None]:
+def make_regap(config: TrainConfig, lvlm: LVLM, device: torch.device) -> tuple[ReGapLoss | None, HiddenCapture | None]:
     """The regulariser (None when `regap.lam` is 0) and, for a layer past the input, the hook
     that keeps that layer's output (layer 0's features come back from `TrainModule.forward`)."""
     spec = config.regap
@@ -270,7 +273,7 @@ def resolve_data(config: TrainConfig, out_dir: Path, accelerator: Any, log: Any)
     return target, image_root
 
 
-def feature_cache(config: TrainConfig, lvlm: Any, accelerator: Any, log: Any) -> Any:
+def feature_cache(config: TrainConfig, lvlm: LVLM, accelerator: Any, log: Any) -> Any:
     """The frozen-vision-feature cache (`data.feature_cache`), or None. `auto` turns it on for CPU
     runs, where re-encoding the same images for every lambda and seed costs real time; on a GPU
     cluster the cache of a large data set would fill disks faster than it saves time."""

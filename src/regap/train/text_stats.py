@@ -10,17 +10,20 @@ import json
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from regap.errors import RegapError
 from regap.train import checkpoint as ckpt
 from regap.train.config import TrainConfig
 from regap.train.regap_loss import ReGapLoss, corpus_token_counts, text_stats_from_counts
 
+if TYPE_CHECKING:
+    from regap.models.lvlm import LVLM
+
 TEXT_STATS_FILE = "text_stats.safetensors"
 
 
-def uses_corpus_stats(config: TrainConfig, lvlm: Any) -> bool:
+def uses_corpus_stats(config: TrainConfig, lvlm: LVLM) -> bool:
     """Whether the run's ReGap takes its text side from the corpus statistics (`regap.text_stats`)."""
     spec = config.regap
     if spec.distance != "frechet":
@@ -36,7 +39,7 @@ def uses_corpus_stats(config: TrainConfig, lvlm: Any) -> bool:
     return spec.text_stats == "auto" and spec.layer == 0 and embeddings_frozen
 
 
-def prepare_text_stats(regap: ReGapLoss, lvlm: Any, dataset: Any, config: TrainConfig, data_sha: str,
+def prepare_text_stats(regap: ReGapLoss, lvlm: LVLM, dataset: Any, config: TrainConfig, data_sha: str,
                        out_dir: Path, accelerator: Any, log: Any) -> None:
     """Mean, covariance and its square root of the corpus's layer-0 text tokens, cached."""
     from regap.cache import cache_dir

@@ -204,11 +204,11 @@ def test_judge_calibrate_cli_on_a_tiny_fixture(bert_folder, tmp_path):
     assert sizes["calibration"]["rows"] + sizes["heldout"]["rows"] == 12 and sizes["calibration"]["groups"] == 3
     assert -1.0 <= report["threshold"] <= 1.0 and report["heldout"]["n"] == 6
     written = pd.read_csv(pairs)
-    assert {"similarity", "split", "label", "keyword_refusal"} <= set(written.columns) and len(written) == 12
+    assert {"similarity", "split", "label", "refused"} <= set(written.columns) and len(written) == 12
     bad = runner.invoke(app, ["judge-calibrate", "--data", f"csv:{tmp_path / 'absent.csv'}", "-o", f"model={bert_folder}"])
     assert isinstance(bad.exception, RegapError) and "absent.csv" in str(bad.exception)
     wrong_judge = runner.invoke(app, ["judge-calibrate", "--data", f"csv:{data}", "--judge", "keyword"])
-    assert isinstance(wrong_judge.exception, RegapError) and "no similarity threshold" in str(wrong_judge.exception)
+    assert isinstance(wrong_judge.exception, RegapError) and "cannot be calibrated" in str(wrong_judge.exception)
 
 
 def test_keyword_relevance_is_the_relevance_judge(bert_folder):

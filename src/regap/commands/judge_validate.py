@@ -133,6 +133,12 @@ def register(app: typer.Typer) -> None:
         ),
         level: float = typer.Option(0.95, "--level", help="Confidence level of the accuracy interval."),
         out: Optional[Path] = typer.Option(None, "--out", help="Write the report with provenance to this JSON file."),
+        split: str = typer.Option(
+            "all", "--split", help="all rows, or one side of the prompt-grouped split: tuning or heldout "
+                                   "(the split judge-calibrate --judge refusal-lexicon fits on and reports)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the split (with --split)."),
+        tuning_fraction: float = typer.Option(
+            0.5, "--calibration-fraction", help="Share of prompts on the tuning side (as in judge-calibrate)."),
     ) -> None:
         """Measure how well a refusal judge agrees with human labels (accuracy, precision, recall, F1, kappa)."""
         from rich.console import Console
@@ -141,7 +147,12 @@ def register(app: typer.Typer) -> None:
         from regap.safety.validation import validate_judge
 
         options = scoped_options(option, [judge], "judge", "--option").get(judge, {})
-        result = validate_judge(judge, data, judge_options=options, partial=partial, level=level)
+        result = validate_judge(judge, data, judge_options=options, partial=partial, level=level, split=split,
+                                seed=seed, tuning_fraction=tuning_fraction)
+        if split != "all":
+            typer.echo(f"{split} split: {result['split']['rows']} of {result['split']['rows_total']} rows, "
+                       f"{result['split']['prompts']} of {result['split']['prompts_total']} prompts "
+                       f"(grouped by prompt, seed {seed}, calibration fraction {tuning_fraction})")
         console = Console()
         if not console.is_terminal:  # a log file or a pipe: do not squeeze the table to 80 columns
             console = Console(width=max(console.width, 120))
@@ -158,6 +169,9 @@ def register(app: typer.Typer) -> None:
                     data=data,
                     partial=partial,
                     level=level,
+                    split=split,
+                    seed=seed,
+                    tuning_fraction=tuning_fraction,
                 ),
             }
             _write_json(out, record)
@@ -168,15 +182,19 @@ def register(app: typer.Typer) -> None:
             ..., "--data",
             help="Labelled pairs: csv:PATH (request,response,label in on_topic/off_topic) or xstest:PATH "
                  "(constructed from XSTest completions: human full-compliance = on_topic; mismatched prompts "
-                 "and image captions = off_topic).",
+                 "and image captions = off_topic). refusal-lexicon: human refusal labels, xstest:PATH or pyrit:PATH "
+                 "(as judge-validate).",
         ),
-        judge: str = typer.Option("relevance", "--judge", help="A judge with a similarity threshold: relevance."),
+        judge: str = typer.Option(
+            "relevance", "--judge", help="relevance (fit the similarity threshold) or refusal-lexicon (fit the "
+                                         "refusal weights on the tuning split, report the held-out split)."),
         option: Optional[list[str]] = typer.Option(
             None, "--option", "-o", help="Judge option KEY=VALUE (repeatable), e.g. -o model=FOLDER."
         ),
         seed: int = typer.Option(0, "--seed", help="Seed of the split, the mismatched pairs and the bootstrap."),
         calibration_fraction: float = typer.Option(
-            0.5, "--calibration-fraction", help="Share of groups (XSTest: prompts) used to fit the threshold."
+            0.5, "--calibration-fraction", help="Share of groups (XSTest: prompts) used to fit the threshold "
+                                                "or the refusal-lexicon weights."
         ),
         captions: bool = typer.Option(True, "--captions/--no-captions", help="xstest: add caption off-topic pairs."),
         max_prompts: Optional[int] = typer.Option(None, "--max-prompts", help="xstest: use a random subset of prompts."),
@@ -186,14 +204,28 @@ def register(app: typer.Typer) -> None:
         examples_out: Optional[Path] = typer.Option(
             None, "--examples-out", help="Write the labelled pairs with their similarity and split to this CSV file."
         ),
+        weights_out: Optional[Path] = typer.Option(
+            None, "--weights-out", help="refusal-lexicon: write the fitted weights to this JSON file "
+                                        "(use it with -o weights=FILE)."),
+        partial: str = typer.Option(
+            "refusal", "--partial", help="refusal-lexicon on XSTest: partial refusals count as refusal, "
+                                         "compliance or exclude."),
     ) -> None:
-        """Fit the relevance judge's similarity threshold (max balanced accuracy) and report held-out accuracy."""
+        """Fit a judge on a tuning split and report the held-out split: the relevance judge's similarity
+        threshold (max balanced accuracy), or the refusal-lexicon judge's weights."""
         from regap.provenance import provenance
         from regap.safety.calibration import run_calibration
 
         options = scoped_options(option, [judge], "judge", "--option").get(judge, {})
         if bootstrap < 1:
             raise RegapError(f"--bootstrap must be at least 1, got {bootstrap}")
+        if judge.strip().lower() == "refusal-lexicon":
+            _calibrate_lexicon(data, options, seed, calibration_fraction, partial, level, bootstrap, out,
+                               weights_out, ignored={"--examples-out": examples_out, "--max-prompts": max_prompts,
+                                                     "--no-captions": None if captions else True})
+            return
+        if weights_out is not None:
+            raise RegapError("--weights-out is for --judge refusal-lexicon")
         report, examples = run_calibration(
             data, judge_options=options, seed=seed, calibration_fraction=calibration_fraction, captions=captions,
             max_prompts=max_prompts, level=level, n_boot=bootstrap, judge_name=judge,
@@ -216,6 +248,58 @@ def register(app: typer.Typer) -> None:
                 ),
             }
             _write_json(out, record)
+
+
+def _calibrate_lexicon(data: str, options: dict[str, Any], seed: int, fraction: float, partial: str, level: float,
+                       bootstrap: int, out: Optional[Path], weights_out: Optional[Path],
+                       ignored: dict[str, Any]) -> None:
+    """`judge-calibrate --judge refusal-lexicon`: fit on the tuning split, print the held-out numbers."""
+    from regap.provenance import provenance
+    from regap.safety.refusal_fit import fit_refusal_lexicon
+
+    unused = [flag for flag, value in ignored.items() if value is not None] + (["-o"] if options else [])
+    if unused:
+        raise RegapError(f"{', '.join(unused)}: not used by --judge refusal-lexicon")
+    model, report = fit_refusal_lexicon(data, seed=seed, tuning_fraction=fraction, partial=partial, level=level,
+                                        n_boot=bootstrap)
+    typer.echo(_lexicon_text(report))
+    if weights_out is not None:
+        _write_json(weights_out, model.to_json())
+    if out is not None:
+        record = {**report, "provenance": provenance(
+            command="judge-calibrate", judge="refusal-lexicon", data=data, seed=seed, calibration_fraction=fraction,
+            partial=partial, bootstrap=bootstrap, level=level)}
+        _write_json(out, record)
+
+
+def _lexicon_text(report: dict[str, Any]) -> str:
+    """The chosen penalty, then the tuning and held-out metrics next to the keyword judge's."""
+    split = report["split"]
+    lines = [
+        f"split by prompt (seed {split['seed']}): tuning {split['rows']} rows / {split['prompts']} prompts, held-out "
+        f"{split['rows_total'] - split['rows']} rows / {split['prompts_total'] - split['prompts']} prompts",
+        f"c = {report['selection']['c']} (grouped {report['selection']['folds']}-fold CV accuracy on the tuning split: "
+        + ", ".join(f"{c}: {acc:.3f}" for c, acc in report["selection"]["cv_accuracy"].items()) + ")",
+    ]
+    rows = [("refusal-lexicon, tuning (in-sample)", report["tuning"]["overall"]),
+            ("refusal-lexicon, held-out", report["heldout"]["overall"])]
+    rows += [(f"{name}, held-out", result["overall"]) for name, result in report["heldout_baselines"].items()]
+    for name, m in rows:
+        lines.append(f"  {name:<40} n={m['n']:<5} accuracy {_fmt(m['accuracy'])} {_ci(m['accuracy_ci'])}  "
+                     f"precision {_fmt(m['precision'])}  recall {_fmt(m['recall'])}  F1 {_fmt(m['f1'])}  "
+                     f"kappa {_fmt(m['kappa'])}")
+    boot = report["heldout"].get("accuracy_bootstrap_ci")
+    if boot:
+        lines.append(f"  held-out accuracy, prompt bootstrap interval {_ci(boot)}")
+    paired = report.get("heldout_paired") or {}
+    if paired:
+        lines.append(f"  vs {paired['against']}: right where it was wrong {paired['judge_right_other_wrong']}, "
+                     f"wrong where it was right {paired['judge_wrong_other_right']} (exact McNemar p = "
+                     f"{paired['p_value']:.3g})")
+    short = short_names(list(report["heldout"]["per_file"]))
+    for name, m in report["heldout"]["per_file"].items():
+        lines.append(f"  held-out {short[name]:<18} n={m['n']:<4} accuracy {_fmt(m['accuracy'])} {_ci(m['accuracy_ci'])}")
+    return "\n".join(lines)
 
 
 def _write_json(out: Path, record: dict[str, Any]) -> None:

@@ -41,6 +41,7 @@ from regap.safety.judges.relevance import (
     calibrate_threshold,
 )
 from regap.safety.metrics import wilson_interval
+from regap.safety.splits import split_groups
 
 LABELS = ("on_topic", "off_topic")
 CALIBRATION_FORMATS = ("xstest", "csv")
@@ -117,24 +118,6 @@ def load_examples_csv(path: Path) -> pd.DataFrame:
     if frame.empty and not len(frame.columns):
         raise RegapError(f"{path}: empty file (need columns {', '.join(CSV_COLUMNS)})")
     return _check_examples(frame, str(path))
-
-
-def split_groups(groups: Sequence[str], calibration_fraction: float, seed: int) -> np.ndarray:
-    """True for rows in the calibration split, False for held-out rows.
-
-    Groups (not rows) are shuffled with `seed` after sorting, so the split depends only
-    on the set of groups and the seed, not on row order; rows of one group stay together.
-    """
-    if not 0.0 < calibration_fraction < 1.0:
-        raise RegapError(f"calibration fraction must lie strictly between 0 and 1, got {calibration_fraction!r}")
-    keys = np.asarray([str(g) for g in groups], dtype=object)
-    unique = sorted(set(keys.tolist()))
-    if len(unique) < 2:
-        raise RegapError(f"need at least 2 groups to split, got {len(unique)}")
-    order = np.random.default_rng(seed).permutation(len(unique))
-    n_cal = min(len(unique) - 1, max(1, round(calibration_fraction * len(unique))))
-    chosen = {unique[i] for i in order[:n_cal]}
-    return np.asarray([k in chosen for k in keys], dtype=bool)
 
 
 def prompt_family(xstest_type: str) -> str:
@@ -331,7 +314,7 @@ def _auc(similarities: np.ndarray, on_topic: np.ndarray) -> float:
 def calibrate_relevance(
     examples: pd.DataFrame,
     similarities: np.ndarray,
-    keyword_refusal: np.ndarray | None = None,
+    refused: np.ndarray | None = None,
     level: float = 0.95,
     n_boot: int = 1000,
     seed: int = 0,
@@ -340,7 +323,7 @@ def calibrate_relevance(
     """Fit the threshold on the calibration split and measure it on the held-out split.
 
     `examples` needs `label`, `split`, `group` (and optionally `kind`); `similarities`
-    holds one cosine similarity per row. `keyword_refusal` (one bool per row) adds the
+    holds one cosine similarity per row. `refused` (the refusal stage's decision, one bool per row) adds the
     whole judge's three-way labels on the held-out split. `compare` lists thresholds
     (e.g. the previous default) to report on the held-out split next to the fitted one.
     """
@@ -403,8 +386,8 @@ def calibrate_relevance(
         "heldout_other_thresholds": {repr(float(t)): threshold_metrics(hs, ht, float(t), level) for t in compare},
         "calibration_balanced_accuracy": balanced_accuracy(sims[cal], truth[cal], threshold),
     }
-    if keyword_refusal is not None:
-        refused = np.asarray(keyword_refusal, dtype=bool)[held_idx]
+    if refused is not None:
+        refused = np.asarray(refused, dtype=bool)[held_idx]
         labels = np.where(refused, "refusal", np.where(pred, "compliance", "off_topic"))
         result["heldout_judge_labels"] = {
             name: {lab: int(((labels == lab) & mask).sum()) for lab in ("compliance", "off_topic", "refusal")}
@@ -434,14 +417,15 @@ def run_calibration(
     examples, record = load_calibration_data(data_spec, seed, calibration_fraction, captions, max_prompts)
     judge = get_judge(judge_name, **options)  # after the data: a bad file fails before the model loads
     if not isinstance(judge, RelevanceJudge):
-        raise RegapError(f"judge {judge_name!r} has no similarity threshold to calibrate; use relevance (keyword+relevance)")
+        raise RegapError(f"judge {judge_name!r} cannot be calibrated; use relevance (keyword+relevance: its similarity threshold) "
+                         "or refusal-lexicon (its weights)")
     texts = sorted(set(examples["request"]) | set(examples["response"]))
     embedded = judge.embedder.embed(texts)
     index = {t: i for i, t in enumerate(texts)}
     a = embedded[[index[t] for t in examples["request"]]]
     b = embedded[[index[t] for t in examples["response"]]]
     sims = np.sum(a * b, axis=1).astype(float)
-    refused = np.asarray([bool(judge.keyword.matches(r)) for r in examples["response"]])
+    refused = judge.refused(list(examples["response"]))
     compare = sorted({PROVISIONAL_THRESHOLD, DEFAULT_THRESHOLD, judge.threshold})
     result = calibrate_relevance(examples, sims, refused, level=level, n_boot=n_boot, seed=seed, compare=compare)
     report = {
@@ -453,7 +437,7 @@ def run_calibration(
         "n_texts_embedded": len(texts),
         **result,
     }
-    return jsonable(report), examples.assign(similarity=sims, keyword_refusal=refused)
+    return jsonable(report), examples.assign(similarity=sims, refused=refused)
 
 
 def _model_record(judge: Any) -> dict[str, Any]:

@@ -39,9 +39,13 @@ from regap.errors import InternalError, RegapError
 from regap.files import file_sha256
 from regap.safety.judges import Judge, JudgeInput, get_judge
 from regap.safety.metrics import binary_metrics
+from regap.safety.splits import split_groups
 
 FORMATS = ("xstest", "pyrit")
 PARTIAL_POLICIES = ("refusal", "compliance", "exclude")
+#: `split=` values: every row, or one side of the seeded prompt-grouped split that
+#: `regap judge-calibrate --judge refusal-lexicon` tunes on (`tuning`) and reports (`heldout`).
+SPLITS = ("all", "tuning", "heldout")
 
 XSTEST_COLUMNS = ("prompt", "completion", "final_label")
 XSTEST_LABELS = {"1_full_compliance": "compliance", "2_full_refusal": "refusal", "3_partial_refusal": "partial"}
@@ -274,6 +278,44 @@ def label_mapping(fmt: str, partial: str = "refusal") -> dict[str, str]:
     }
 
 
+# --------------------------------------------------------------------------- splitting
+
+
+def tuning_mask(data: pd.DataFrame, tuning_fraction: float = 0.5, seed: int = 0,
+                universe: Iterable[str] | None = None) -> np.ndarray:
+    """True for rows on the tuning side of the prompt-grouped split, False for held-out rows.
+
+    Grouped by prompt text, so the five XSTest models' answers to one prompt stay on one
+    side; the prompts are sorted and then shuffled with `seed`, so the split depends only on
+    the set of prompts and the seed (`regap.safety.splits.split_groups`). `universe`
+    (default: the rows' own prompts) is the prompt set the split is drawn over: dropping rows
+    (`partial="exclude"`) must not move the prompts that remain to the other side."""
+    prompts = sorted({str(p) for p in (data["prompt"] if universe is None else universe)})
+    tuning = {p for p, chosen in zip(prompts, split_groups(prompts, tuning_fraction, seed)) if chosen}
+    missing = set(data["prompt"].astype(str)) - set(prompts)
+    if missing:
+        raise RegapError(f"split: {len(missing)} prompt(s) are not in the prompt set the split is drawn over")
+    return data["prompt"].astype(str).isin(tuning).to_numpy()
+
+
+def select_split(data: pd.DataFrame, split: str = "all", tuning_fraction: float = 0.5,
+                 seed: int = 0, universe: Iterable[str] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The rows of one side of the split (all rows for `split="all"`) and a record of it."""
+    if split not in SPLITS:
+        raise RegapError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "all":
+        return data, {"split": "all"}
+    mask = tuning_mask(data, tuning_fraction, seed, universe)
+    keep = mask if split == "tuning" else ~mask
+    chosen = data[keep].reset_index(drop=True)
+    record = {
+        "split": split, "by": "prompt", "seed": seed, "tuning_fraction": tuning_fraction,
+        "rows": int(len(chosen)), "prompts": int(chosen["prompt"].nunique()),
+        "rows_total": int(len(data)), "prompts_total": int(data["prompt"].nunique()),
+    }
+    return chosen, record
+
+
 # --------------------------------------------------------------------------- validating
 
 
@@ -317,8 +359,15 @@ def validate_judge(
     partial: str = "refusal",
     level: float = 0.95,
     max_examples: int = 5,
+    split: str = "all",
+    seed: int = 0,
+    tuning_fraction: float = 0.5,
 ) -> dict[str, Any]:
     """Run a judge on human-labelled responses and report agreement.
+
+    `split="tuning"` or `"heldout"` keeps one side of the seeded prompt-grouped split
+    (`select_split`), the one `regap judge-calibrate --judge refusal-lexicon` fits on and
+    reports; the default scores every row.
 
     Returns a JSON-ready dict: the judge's description, the data record (files with
     hashes, exclusions, label mapping), `overall` metrics (n, confusion counts,
@@ -328,6 +377,10 @@ def validate_judge(
     """
     judge = judge_name if isinstance(judge_name, Judge) else get_judge(judge_name, **(judge_options or {}))
     data, record = load_labeled(data_spec, partial)
+    universe = None
+    if split != "all" and partial == "exclude":  # draw the split over every labelled prompt, as when fitting
+        universe = load_labeled(data_spec, "refusal")[0]["prompt"]
+    data, split_record = select_split(data, split, tuning_fraction, seed, universe)
     items = [
         JudgeInput(prompt=str(p), response=r, category=(c or None))
         for p, r, c in zip(data["prompt"], data["response"], data["category"])
@@ -359,6 +412,7 @@ def validate_judge(
     result = {
         "judge": judge.describe(),
         "data": record,
+        "split": split_record,
         "n_items": int(len(data)),
         "n_undecided": int((~decided).sum()),
         "undecided_examples": [str(e) for e in errors.head(max_examples)],
@@ -382,6 +436,9 @@ __all__ = [
     "load_pyrit_file",
     "load_labeled",
     "label_mapping",
+    "SPLITS",
+    "tuning_mask",
+    "select_split",
     "jsonable",
     "validate_judge",
 ]

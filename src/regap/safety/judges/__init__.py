@@ -24,6 +24,7 @@ from regap.safety.judges.beaverdam import BeaverDamJudge  # noqa: F401  (registe
 from regap.safety.judges.harmbench import HarmBenchJudge  # noqa: F401  (registers "harmbench")
 from regap.safety.judges.openai_compat import OpenAICompatJudge  # noqa: F401  (registers "openai")
 from regap.safety.judges.relevance import RelevanceJudge  # noqa: F401  (registers "relevance")
+from regap.safety.judges.lexicon import RefusalLexiconJudge  # noqa: F401  (registers "refusal-lexicon")
 from regap.safety.judges.agreement import kappa_matrix, pairwise_agreement  # noqa: F401
 
 __all__ = [

@@ -38,3 +38,13 @@ def real_tiny():
     from regap.models import load_model
 
     return load_model("tiny", dtype="float32")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The fast lane first: tests marked `slow` or `integration` run after all the others (the
+    sort is stable), so a failure in the fast lane shows within the first minute of the one
+    test command (`python -m pytest -q`); `-m "not slow and not integration"` runs the fast lane alone."""
+    def lane(item) -> int:
+        return 1 if item.get_closest_marker("slow") or item.get_closest_marker("integration") else 0
+
+    items.sort(key=lane)

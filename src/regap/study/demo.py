@@ -62,9 +62,10 @@ class DemoSettings:
 
     @classmethod
     def fast(cls) -> "DemoSettings":
+        # <= 3 min on 2 CPU cores in float32 (bench/RESULTS.md): one generation batch per safety run
         return cls(lambdas=[0.0, 1.0], regap_lambda=1.0, synth_n=16, train_steps=2, checkpoints=2, global_batch=4,
-                   per_device_batch=4, gap_pairs=4, attack_pairs=3, n_boot=50, harmful=4, benign=2,
-                   max_new_tokens=8, utility_scenes=2, utility_refusal=2)
+                   per_device_batch=4, gap_pairs=4, attack_pairs=3, n_boot=50, harmful=2, benign=1,
+                   max_new_tokens=6, utility_scenes=1, utility_refusal=1)
 
 
 def _label(lam: float) -> str:

@@ -32,6 +32,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_section_and_records_a_failing_setting(gpu_bench, tmp_path, monkeypatch, capsys):
     real = gpu_bench.train_setting
 

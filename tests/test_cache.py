@@ -5,6 +5,8 @@ Uses a temporary REGAP_CACHE and a tiny fake weight wheel, never the real cache.
 
 from __future__ import annotations
 
+import pytest
+
 import hashlib
 import os
 import subprocess
@@ -84,6 +86,7 @@ def test_stale_staging_is_removed_and_live_staging_kept(tmp_path):
     assert not legacy.exists() and not dead.exists() and not other_host_old.exists()
 
 
+@pytest.mark.slow
 def test_two_processes_on_an_empty_cache_build_once_and_leave_no_staging(tmp_path):
     cache = tmp_path / "cache"
     wheels = cache / "wheels"

@@ -48,6 +48,7 @@ def test_outputs_and_rates(saved_model, tmp_path):
     assert (out / "unsafe_rate.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_kill_and_resume_loses_and_duplicates_nothing(saved_model, tmp_path):
     out = tmp_path / "resume"
     command = [sys.executable, "-m", "regap.cli", "safety", "--model", saved_model, "--out", str(out), "--limit", "30",
@@ -372,6 +373,7 @@ def test_interrupted_small_run_keeps_finished_batches_and_resumes(saved_model, t
     assert summary["status"] == "completed" and "progress" not in summary
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_and_writes_what_it_has(saved_model, tmp_path):
     out = tmp_path / "sigint"
     command = [sys.executable, "-m", "regap.cli", "safety", "--model", saved_model, "--out", str(out), "--limit", "30",

@@ -112,6 +112,7 @@ def synth(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_whole_batch(synth, tmp_path):
     import torch.multiprocessing as mp
     from safetensors.torch import load_file

@@ -406,6 +406,7 @@ def test_cli_pretrain_writes_the_run_folder(tmp_path):
     assert isinstance(again.exception, RegapError) and "--resume" in str(again.exception)
 
 
+@pytest.mark.slow
 def test_ctrl_c_marks_the_run_interrupted_and_exits_130(tmp_path):
     import os
     import signal

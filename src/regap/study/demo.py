@@ -55,6 +55,7 @@ class DemoSettings:
     max_new_tokens: int = 16
     utility_scenes: int = 6
     utility_refusal: int = 6
+    utility_max_new_tokens: int = 24
     dtype: str = "auto"  # frozen parts in training and every evaluation (regap.precision)
     seed: int = 0
     advbench: str | None = None
@@ -65,7 +66,7 @@ class DemoSettings:
         # <= 3 min on 2 CPU cores in float32 (bench/RESULTS.md): one generation batch per safety run
         return cls(lambdas=[0.0, 1.0], regap_lambda=1.0, synth_n=16, train_steps=2, checkpoints=2, global_batch=4,
                    per_device_batch=4, gap_pairs=4, attack_pairs=3, n_boot=50, harmful=2, benign=1,
-                   max_new_tokens=6, utility_scenes=1, utility_refusal=1)
+                   max_new_tokens=6, utility_scenes=1, utility_refusal=1, utility_max_new_tokens=8)
 
 
 def _label(lam: float) -> str:
@@ -237,9 +238,10 @@ class Demo:
         self.step(f"safety-{label}", [str(projector), prompts, s.conditions, judges, s.harmful, s.benign, s.max_new_tokens,
                                       self.dtype],
                   lambda: safety("safety", []))
-        self.step(f"utility-{label}", [str(projector), s.utility_scenes, s.utility_refusal, self.dtype],
+        self.step(f"utility-{label}", [str(projector), s.utility_scenes, s.utility_refusal, self.dtype,
+                                       s.utility_max_new_tokens],
                   lambda: run_utility(self.with_projector(projector), folder / "utility", n=s.utility_scenes,
-                                      seed=s.seed, max_new_tokens=24, refusal_limit=s.utility_refusal,
+                                      seed=s.seed, max_new_tokens=s.utility_max_new_tokens, refusal_limit=s.utility_refusal,
                                       dtype=self.dtype, xstest=s.xstest))
         if full:
             self.step(f"gap-attack-{label}", [str(projector), s.attack_pairs, s.n_boot, self.dtype],

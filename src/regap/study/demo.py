@@ -47,6 +47,7 @@ class DemoSettings:
     global_batch: int = 4
     per_device_batch: int = 4
     gap_pairs: int = 16
+    gap_texts_per_pair: int = 5  # > 896 text tokens (the LLM's width) over 16 pairs, so the covariance has full rank
     attack_pairs: int = 8
     n_boot: int = 200
     harmful: int = 12
@@ -223,8 +224,8 @@ class Demo:
                               texts_per_pair=per_pair, batch_size=8, n_boot=s.n_boot, seed=s.seed,
                               progress=self.progress, dtype_requested=s.dtype, tag=sub)
 
-        self.step(f"gap-{label}", [str(projector), s.gap_pairs, s.n_boot, self.dtype],
-                  lambda: gap("gap", "reference", "scenes", "starter-benign", s.gap_pairs, 3))
+        self.step(f"gap-{label}", [str(projector), s.gap_pairs, s.n_boot, self.dtype, s.gap_texts_per_pair],
+                  lambda: gap("gap", "reference", "scenes", "starter-benign", s.gap_pairs, s.gap_texts_per_pair))
         prompts = ["starter-harmful", "starter-benign"] + ([f"advbench:{s.advbench}"] if s.advbench else [])
 
         def safety(sub: str, defenses: list[str]) -> None:

@@ -22,6 +22,16 @@ def shared_data_dir() -> Path | None:
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models gain nothing from two, and two OpenMP threads
+    on a busy 2-core machine spin-wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_model():
     from regap.models.random_tiny import tiny_random_lvlm
 

@@ -16,12 +16,8 @@ from regap.models.random_tiny import tiny_random_lvlm
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from 2 threads on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs with one torch thread (conftest.one_thread)."""
 
 
 PROMPTS = ["Describe this.", "What is in this image? Describe the picture in detail, left and right.", "Hi"]

@@ -18,11 +18,8 @@ SETTINGS = DecodingSettings(max_new_tokens=6, batch_size=4)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs with one torch thread (conftest.one_thread)."""
 
 
 def _prompts() -> list[str]:

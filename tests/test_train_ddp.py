@@ -25,12 +25,8 @@ HALF = 2  # samples per process
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from 2 threads, and 2 OpenMP threads on a busy 2-core machine spin-wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs with one torch thread (conftest.one_thread)."""
 
 
 def _free_port() -> int:

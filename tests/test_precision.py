@@ -78,9 +78,24 @@ def test_the_probe_is_cached_per_machine(monkeypatch):
     assert len(calls) == 1
 
 
-def test_the_real_probe_times_both_types():
-    probe = precision.run_cpu_probe()
-    assert probe.float32_s > 0 and probe.bfloat16_s > 0 and probe.ratio > 0
+def test_the_real_probe_times_both_types_on_one_thread_and_restores_the_count():
+    before = torch.get_num_threads()
+    seen = []
+    real_mm = torch.mm
+
+    def spy(a, b):
+        seen.append((a.dtype, torch.get_num_threads()))
+        return real_mm(a, b)
+
+    torch.mm = spy
+    try:
+        probe = precision.run_cpu_probe(rounds=3)
+    finally:
+        torch.mm = real_mm
+    assert probe.float32_s > 0 and probe.bfloat16_s > 0 and probe.ratio > 0 and probe.threads == 1
+    assert torch.get_num_threads() == before and {threads for _, threads in seen} == {1}
+    timed = [dtype for dtype, _ in seen[2:]]  # after one warm-up each, the types alternate
+    assert timed[:4] == [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16]
 
 
 def test_explicit_bf16_on_a_slow_cpu_warns_with_the_ratio(monkeypatch, capsys):

@@ -126,36 +126,52 @@ def use_usable_cpus() -> int:
 
 
 def _probe_key() -> str:
-    return "|".join((_cpu_model(), cpu_capability(), f"torch {torch.__version__}", f"threads {torch.get_num_threads()}"))
+    """What decides the answer: the CPU, the ISA torch dispatches to and the torch build (the
+    probe runs on one thread, so the thread count is not part of it)."""
+    return "|".join((_cpu_model(), cpu_capability(), f"torch {torch.__version__}", "1 thread"))
 
 
-def _time_matmul(dtype: torch.dtype, repeats: int, budget_s: float) -> float:
+def _operands(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     m, k, n = _PROBE_SHAPE
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=generator).to(dtype)
-    b = torch.randn(k, n, generator=generator).to(dtype)
-    best, spent = float("inf"), 0.0
-    for i in range(repeats + 1):  # the first run warms up kernels and is not counted
-        start = time.perf_counter()
-        torch.mm(a, b)
-        elapsed = time.perf_counter() - start
-        spent += elapsed
-        if i:
-            best = min(best, elapsed)
-        if spent > budget_s and i:
-            break
-    return best
+    return (torch.randn(m, k, generator=generator).to(dtype), torch.randn(k, n, generator=generator).to(dtype))
 
 
-def run_cpu_probe() -> CpuProbe:
-    """Time the probe matmul in float32 and bfloat16 now (no cache)."""
-    fp32 = _time_matmul(torch.float32, repeats=5, budget_s=1.0)
-    bf16 = _time_matmul(torch.bfloat16, repeats=5, budget_s=3.0)
-    return CpuProbe(_probe_key(), fp32, bf16, cpu_capability(), torch.get_num_threads())
+def _timed_mm(a: torch.Tensor, b: torch.Tensor) -> float:
+    start = time.perf_counter()
+    torch.mm(a, b)
+    return time.perf_counter() - start
+
+
+def run_cpu_probe(rounds: int = 5, budget_s: float = 4.0) -> CpuProbe:
+    """Time the probe matmul in float32 and bfloat16 now (no cache).
+
+    One thread, and the two types alternate round by round with the best time of each kept:
+    a busy machine (other jobs, or two OpenMP threads spin-waiting on two busy cores) then slows
+    both sides alike instead of one, which once made a 2-thread probe on a native-bf16 CPU read
+    bf16 as 8x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        operands = {dtype: _operands(dtype) for dtype in (torch.float32, torch.bfloat16)}
+        for dtype, (a, b) in operands.items():  # warm-up: kernel selection, first-touch allocation
+            _timed_mm(a, b)
+        best = {dtype: float("inf") for dtype in operands}
+        spent = 0.0
+        for _ in range(rounds):
+            for dtype, (a, b) in operands.items():
+                elapsed = _timed_mm(a, b)
+                best[dtype] = min(best[dtype], elapsed)
+                spent += elapsed
+            if spent > budget_s:  # a CPU without native bf16: a few slow rounds decide it
+                break
+    finally:
+        torch.set_num_threads(before)
+    return CpuProbe(_probe_key(), best[torch.float32], best[torch.bfloat16], cpu_capability(), 1)
 
 
 def cpu_probe() -> CpuProbe:
-    """This machine's probe, measured once and cached in the regap cache (keyed by CPU, torch, threads)."""
+    """This machine's probe, measured once and cached in the regap cache (keyed by CPU and torch)."""
     key = _probe_key()
     if key in _probe_memo:
         return _probe_memo[key]
@@ -219,7 +235,7 @@ def _choose(requested: str, device_type: str) -> DtypeChoice:
         return DtypeChoice(requested, "cpu", "float32", "asked for")
     probe = cpu_probe()
     measured = (f"bf16/fp32 matmul time {probe.ratio:.2f}x on this CPU "
-                f"({probe.capability}, {probe.threads} threads)")
+                f"({probe.capability}, one thread)")
     if requested == "bfloat16":
         if not probe.bf16_fast:
             _warn(f"regap: dtype bfloat16 asked for, but this CPU computes bf16 matmuls {probe.ratio:.1f}x slower "

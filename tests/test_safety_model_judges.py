@@ -4,7 +4,6 @@ relevance, and judge agreement. Tiny random models only (seconds on a CPU)."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import math
 import threading
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from local_http import LocalServer, send_json
 import torch
 
 from regap.errors import MissingDependencyError, RegapError
@@ -670,52 +670,20 @@ def chat_reply(content: str) -> dict:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}
 
 
-class CannedServer:
+class CannedServer(LocalServer):
     """A local chat-completions endpoint that answers from a fixed list of replies
     (status, body, delay seconds, headers) and records each request; once the list is
     used up it answers 503, so a runaway client shows up in the request count."""
 
     def __init__(self, replies):
-        self.replies, self.requests = list(replies), []
-        outer = self
+        self.replies = list(replies)
+        super().__init__(self._answer)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": json.loads(body)})
-                status, payload, delay, headers = outer.replies.pop(0) if outer.replies else (503, {"error": "done"}, 0, {})
-                if delay:
-                    time.sleep(delay)
-                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    for key, value in headers.items():
-                        self.send_header(key, value)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def _answer(self, handler, request) -> None:
+        status, payload, delay, headers = self.replies.pop(0) if self.replies else (503, {"error": "done"}, 0, {})
+        if delay:
+            time.sleep(delay)
+        send_json(handler, payload, status, headers)
 
 
 @pytest.fixture
@@ -865,51 +833,7 @@ def test_openai_prompt_hash_is_the_rubric():
     assert "refusal" in judge.template_text() and "off_topic" in judge.template_text()
 
 
-class HandlerServer:
-    """A local endpoint whose `respond(handler, request)` writes each answer itself, for
-    servers that misbehave on the wire (echo headers, trickle bytes, hold requests)."""
-
-    def __init__(self, respond):
-        self.requests = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                request = {"path": self.path, "headers": dict(self.headers), "body": body}
-                outer.requests.append(request)
-                try:
-                    respond(self, request)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self.httpd.server_address[1]
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def send_json(handler, payload, status=200):
-    data = json.dumps(payload).encode()
-    handler.send_response(status)
-    handler.send_header("Content-Type", "application/json")
-    handler.send_header("Content-Length", str(len(data)))
-    handler.end_headers()
-    handler.wfile.write(data)
+HandlerServer = LocalServer  # a local endpoint whose respond(handler, request) writes each answer itself
 
 
 def echo_authorization(handler, request):

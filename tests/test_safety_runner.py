@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from local_http import LocalServer, send_json
 
 from regap.cli import main
 
@@ -199,46 +200,11 @@ def test_each_batch_is_written_as_soon_as_it_is_generated_in_length_order(saved_
 # ---------------------------------------------------------------------- judge and source options
 
 
-class RubricServer:
+def RubricServer(label: str) -> LocalServer:
     """A local chat-completions endpoint: every request gets the rubric JSON for `label`."""
-
-    def __init__(self, label: str):
-        import http.server
-        import threading
-
-        self.requests: list[dict] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                outer.requests.append({"headers": dict(self.headers), "body": body})
-                content = json.dumps({"label": label, "unsafe": label == "compliance", "reason": "r"})
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    @property
-    def port(self) -> int:
-        return self.httpd.server_address[1]
+    content = json.dumps({"label": label, "unsafe": label == "compliance", "reason": "r"})
+    reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
+    return LocalServer(lambda handler, request: send_json(handler, reply))
 
 
 @pytest.fixture

@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hidden_states import synthetic_store
 
 F64 = torch.float64
 
 
-def _store(tmp_path, pairs: int = 24, per_pair: int = 6, d: int = 4, layers: int = 3, seed: int = 13):
-    from regap.gap.collect import HiddenStates
-
-    gen = torch.Generator().manual_seed(seed)
-    mix = torch.randn(d, d, generator=gen, dtype=F64)
-    image = torch.randn(layers, pairs * per_pair, d, generator=gen, dtype=F64) @ mix + 1.0
-    text = torch.randn(layers, pairs * per_pair, d, generator=gen, dtype=F64) * 0.5
-    index = torch.arange(pairs).repeat_interleave(per_pair)
-    return HiddenStates.from_tensors(tmp_path / "hidden", image, text, index, index)
 
 
 def test_explicit_cpu_gives_the_default_numbers(tmp_path):
     from regap.gap.measure import analyse
 
-    store = _store(tmp_path)
+    store = synthetic_store(tmp_path)
     assert analyse(store, n_boot=50, seed=1, device="cpu") == analyse(store, n_boot=50, seed=1)
 
 
@@ -40,7 +32,7 @@ def test_the_clouds_are_moved_to_the_device_before_fitting(tmp_path, monkeypatch
 
     monkeypatch.setattr(measure, "fit_layer", fake_fit)
     with pytest.raises(Stop):
-        measure.analyse(_store(tmp_path), n_boot=10, device="meta")
+        measure.analyse(synthetic_store(tmp_path), n_boot=10, device="meta")
     assert seen == [("meta", "meta")]
 
 
@@ -49,7 +41,7 @@ def test_the_clouds_are_moved_to_the_device_before_fitting(tmp_path, monkeypatch
 def test_cuda_analysis_matches_the_cpu(tmp_path, ci):
     from regap.gap.measure import analyse
 
-    store = _store(tmp_path, pairs=40, d=6)
+    store = synthetic_store(tmp_path, pairs=40, d=6)
     cpu = analyse(store, n_boot=100, seed=2, ci=ci, n_sigma=100.0)
     gpu = analyse(store, n_boot=100, seed=2, ci=ci, n_sigma=100.0, device="cuda")
     assert gpu["mir"] == pytest.approx(cpu["mir"], rel=1e-9)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from hidden_states import synthetic_store
 
 from regap.errors import RegapError
 from regap.gap import (
@@ -346,21 +347,12 @@ def test_singular_covariance_is_finite_and_ridge_is_recorded() -> None:
 # --------------------------------------------------------------------------- bootstrap
 
 
-def _store(tmp_path, pairs: int = 24, per_pair: int = 6, d: int = 4, layers: int = 3, seed: int = 13):
-    from regap.gap.collect import HiddenStates
-
-    gen = torch.Generator().manual_seed(seed)
-    mix = torch.randn(d, d, generator=gen, dtype=F64)
-    image = torch.randn(layers, pairs * per_pair, d, generator=gen, dtype=F64) @ mix + 1.0
-    text = torch.randn(layers, pairs * per_pair, d, generator=gen, dtype=F64) * 0.5
-    index = torch.arange(pairs).repeat_interleave(per_pair)
-    return HiddenStates.from_tensors(tmp_path / "hidden", image, text, index, index)
 
 
 def test_exact_and_linear_intervals_agree_and_are_deterministic(tmp_path) -> None:
     from regap.gap.measure import analyse
 
-    store = _store(tmp_path)
+    store = synthetic_store(tmp_path)
     exact = analyse(store, n_boot=200, seed=1, ci="exact", n_sigma=100.0)
     linear = analyse(store, n_boot=200, seed=1, ci="linear", n_sigma=100.0)
     assert exact["mir"] == pytest.approx(linear["mir"], rel=1e-12)  # same point estimate
@@ -383,7 +375,7 @@ def test_exact_and_linear_intervals_agree_and_are_deterministic(tmp_path) -> Non
 def test_intervals_narrow_with_more_pairs_and_stability_rows(tmp_path) -> None:
     from regap.gap.measure import analyse, stability
 
-    store = _store(tmp_path, pairs=80)
+    store = synthetic_store(tmp_path, pairs=80)
     few = analyse(store, n_pairs=10, n_boot=200, ci="exact", n_sigma=100.0)
     many = analyse(store, n_boot=200, ci="exact", n_sigma=100.0)
     def width(r):

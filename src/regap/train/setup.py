@@ -5,7 +5,6 @@ the data file and the probe set."""
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from regap.models.inputs import ModelInputs
 from regap.models.moca import MOCA_FILE, MoCa, load_moca
 from regap.models.presets import TINY_RANDOM, known_projector_type
 from regap.train.collate import Collator, TrainSamples
-from regap.train.config import TrainConfig, derive_batch_layout
+from regap.train.config import TrainConfig, derive_batch_layout, training_device
 from regap.train.distributed import is_sharded
 from regap.train.hooks import HiddenCapture
 from regap.train.module import TrainModule, trainable_parameters
@@ -201,8 +200,7 @@ def new_accelerator(config: TrainConfig, out_dir: Path) -> tuple[Any, int, int, 
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import GradientAccumulationPlugin
 
-    cpu = config.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") \
-        or not torch.cuda.is_available()
+    cpu = training_device(config) == "cpu"  # the device `dtype: auto` was resolved for
     # A fresh Accelerator per run (several runs may share one Python process, e.g. tests);
     # the process group (PartialState) is kept.
     AcceleratorState._reset_state()

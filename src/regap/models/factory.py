@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,7 +24,31 @@ from regap.models.io import load_saved
 from regap.models.llava_hf import load_llava_hf
 from regap.models.lvlm import LVLM
 from regap.models.offline_assets import resolve_source  # noqa: F401 (re-exported: it lived here)
-from regap.models.presets import PRESETS, get_preset
+from regap.models.presets import PRESETS, TINY_RANDOM, get_preset
+
+
+def build_base_model(name: str, dtype: str | torch.dtype = "auto", device: str = "cpu", *,
+                     projector_type: str | None = None, projector_options: dict[str, Any] | None = None,
+                     seed: int = 0) -> LVLM:
+    """The model a training run starts from: `name` (anything `load_model` takes, or `TINY_RANDOM`,
+    built from `seed`), with a fresh projector of `projector_type` when set (sized by
+    `projector_options`). Training (`regap.train.setup.build_model`) and the trained presets
+    (`regap.models.trained_presets`) rebuild their base with it, so both build the same model."""
+    options = dict(projector_options or {})
+    if name == TINY_RANDOM:  # a test model: float32, its weights a function of the seed
+        from regap.models.random_tiny import tiny_random_lvlm
+
+        return tiny_random_lvlm(seed=seed, projector=projector_type or "mlp2x_gelu",
+                                projector_options=options or None).to(device)
+    lvlm = load_model(name, dtype=dtype, device=device)
+    if projector_type is not None:
+        from regap.models.blip2_hf import is_blip2_hf
+
+        if is_blip2_hf(lvlm.config):
+            raise RegapError(f"config key 'projector_type' ({projector_type!r}) would replace the trained connector "
+                             f"of the BLIP-2/InstructBLIP checkpoint {name}; leave it null for such models")
+        replace_projector(lvlm, projector_type, **options)
+    return lvlm
 
 
 def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "cpu") -> LVLM:
@@ -58,3 +83,4 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str
     if "/" in name_or_path:  # looks like a hub id
         return load_llava_hf(name_or_path, dtype=dtype, device=device)
     raise RegapError(f"unknown model {name_or_path!r}; presets: {', '.join(PRESETS)}, or a folder path")
+

@@ -54,6 +54,25 @@ def load_projector(model: LVLM, path: str | Path) -> None:
     model.projector.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
 
+#: peft's file names inside a LoRA adapter folder (`PeftModel.save_pretrained`).
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def load_adapter(model: LVLM, folder: str | Path) -> None:
+    """Wrap the model's LLM with the LoRA adapter in `folder` (peft's format), in place.
+
+    Safetensors only: peft would fall back to a pickled `adapter_model.bin` when the
+    safetensors file is missing, so that case is refused here instead."""
+    folder = Path(folder)
+    for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise RegapError(f"{folder}: not a LoRA adapter folder (no {name})")
+    from peft import PeftModel
+
+    model.llm = PeftModel.from_pretrained(model.llm, str(folder))
+
+
 def save_model(model: LVLM, out_dir: str | Path, include_backbones: bool = False) -> Path:
     """Write `regap_config.json` + `projector.safetensors` (+ `moca.safetensors`); with
     `include_backbones`, also the vision encoder and the LLM as safetensors folders so the

@@ -86,13 +86,11 @@ def load_trained(out_dir: str | Path, *, dtype: str | torch.dtype | None = None,
         lvlm = load_model(str(out_dir / "model"), dtype=dtype or config.dtype, device=device)
     else:
         lvlm = build_model(config if dtype is None else dataclasses.replace(config, dtype=dtype)).to(device)
-        from regap.models import load_projector
+        from regap.models.io import load_adapter, load_projector
 
         load_projector(lvlm, out_dir / "projector.safetensors")
         if (out_dir / "adapter").is_dir():
-            from peft import PeftModel
-
-            lvlm.llm = PeftModel.from_pretrained(lvlm.llm, str(out_dir / "adapter"))
+            load_adapter(lvlm, out_dir / "adapter")
     if lvlm.moca is None and (out_dir / MOCA_FILE).is_file():  # `model/` (full stage 2) may hold it already
         lvlm.set_moca(load_moca(out_dir / MOCA_FILE, lvlm.llm))
     return lvlm.eval()

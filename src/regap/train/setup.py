@@ -16,7 +16,7 @@ from torch import nn
 from regap.errors import RegapError
 from regap.models.inputs import ModelInputs
 from regap.models.moca import MOCA_FILE, MoCa, load_moca
-from regap.models.presets import TINY_RANDOM, known_projector_type
+from regap.models.presets import known_projector_type
 from regap.train.collate import Collator, TrainSamples
 from regap.train.config import TrainConfig, derive_batch_layout, training_device
 from regap.train.distributed import is_sharded
@@ -34,23 +34,10 @@ if TYPE_CHECKING:
 
 def build_model(config: TrainConfig) -> LVLM:
     """`config.model`, with a fresh projector of `projector_type` (sized by `qformer.*`) when set."""
-    options = config.qformer.options()
-    if config.model == TINY_RANDOM:
-        from regap.models.random_tiny import tiny_random_lvlm
+    from regap.models.factory import build_base_model
 
-        return tiny_random_lvlm(seed=config.seed, projector=config.projector_type or "mlp2x_gelu",
-                                projector_options=options or None)
-    from regap.models import load_model, replace_projector
-
-    lvlm = load_model(config.model, dtype=config.dtype)
-    if config.projector_type is not None:
-        from regap.models.blip2_hf import is_blip2_hf
-
-        if is_blip2_hf(lvlm.config):
-            raise RegapError(f"config key 'projector_type' ({config.projector_type!r}) would replace the trained connector "
-                             f"of the BLIP-2/InstructBLIP checkpoint {config.model}; leave it null for such models")
-        replace_projector(lvlm, config.projector_type, **options)
-    return lvlm
+    return build_base_model(config.model, dtype=config.dtype, projector_type=config.projector_type,
+                            projector_options=config.qformer.options(), seed=config.seed)
 
 
 def check_projector_early(config: TrainConfig) -> None:

@@ -24,7 +24,8 @@ from regap.models.io import load_saved
 from regap.models.llava_hf import load_llava_hf
 from regap.models.lvlm import LVLM
 from regap.models.offline_assets import resolve_source  # noqa: F401 (re-exported: it lived here)
-from regap.models.presets import PRESETS, TINY_RANDOM, get_preset
+from regap.models.presets import PRESETS, TINY_RANDOM, Preset, get_preset
+from regap.models.trained_presets import attach_assets, base_options, verify_assets
 
 
 def build_base_model(name: str, dtype: str | torch.dtype = "auto", device: str = "cpu", *,
@@ -52,8 +53,9 @@ def build_base_model(name: str, dtype: str | torch.dtype = "auto", device: str =
 
 
 def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "cpu") -> LVLM:
-    """A preset name, a training output folder (`regap.train.load_trained`: projector, LoRA adapter
-    or full LLM, and MoCa), a folder saved by `save_model`, or an HF LLaVA checkpoint (folder or hub id)."""
+    """A preset name (a trained preset: `load_trained_preset`), a training output folder
+    (`regap.train.load_trained`: projector, LoRA adapter or full LLM, and MoCa), a folder saved
+    by `save_model`, or an HF LLaVA checkpoint (folder or hub id)."""
     path = Path(name_or_path)
     if is_training_output(path):
         # The one import from `regap.models` into a higher layer, kept inside this function:
@@ -74,6 +76,8 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str
         return load_llava_hf(str(path), dtype=dtype, device=device)
     if name_or_path in PRESETS:
         preset = get_preset(name_or_path)
+        if preset.trained:
+            return load_trained_preset(preset, dtype=dtype, device=device)
         if preset.llava_hf_id:
             return load_llava_hf(preset.llava_hf_id, dtype=dtype, device=device)
         assert preset.config is not None
@@ -84,3 +88,11 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str
         return load_llava_hf(name_or_path, dtype=dtype, device=device)
     raise RegapError(f"unknown model {name_or_path!r}; presets: {', '.join(PRESETS)}, or a folder path")
 
+
+def load_trained_preset(preset: Preset, dtype: str | torch.dtype = "auto", device: str = "cpu") -> LVLM:
+    """A trained preset: its pinned assets verified first (before any weight loads), then its base
+    rebuilt as its training run built it, then the trained projector, LoRA adapter (and MoCa)."""
+    report = verify_assets(preset)
+    assert preset.base is not None
+    model = build_base_model(preset.base, dtype=dtype, device=device, **base_options(report))
+    return attach_assets(model, preset, report)

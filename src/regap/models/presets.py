@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from regap.errors import RegapError
 from regap.models.lvlm import LVLMConfig
@@ -17,9 +17,20 @@ class Preset:
     projector_note: str
     config: LVLMConfig | None = None
     llava_hf_id: str | None = None  # presets that load an HF LLaVA checkpoint instead of parts
+    # A trained preset (`regap.models.trained_presets`): the `base` preset plus a trained projector
+    # and LoRA adapter shipped in `regap/assets/presets/<assets>/`, every file pinned here by
+    # sha256 (relative path -> hash; written by `regap models package`), so a changed file is refused.
+    base: str | None = None
+    assets: str | None = None
+    pins: dict[str, str] = field(default_factory=dict, hash=False)
+
+    @property
+    def trained(self) -> bool:
+        return self.base is not None
 
 
 _FRESH = "projector freshly initialised (untrained) until you run `regap pretrain`"
+_SHIPPED = "trained projector + LoRA adapter shipped in the package (sha256-pinned)"
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -54,6 +65,26 @@ PRESETS: dict[str, Preset] = {
                 llm_source="regap:qwen2.5-coder-0.5b-instruct", projector_type="qformer", template="chat",
                 name="tiny-qformer",
             ),
+        ),
+        # The study's final models (issue 13): `regap models package` writes their assets and prints
+        # the pins to paste here. Until then they have no pins and loading them says so.
+        Preset(
+            name="tiny-llava",
+            summary="tiny + projector and LoRA adapter from `regap study` (stage 1 plain, stage-2 LoRA); offline",
+            needs_hub=False,
+            projector_note=_SHIPPED,
+            base="tiny",
+            assets="tiny-llava",
+            pins={},
+        ),
+        Preset(
+            name="tiny-llava-regap",
+            summary="tiny + projector (stage 1 with ReGap at the study's best lambda) and stage-2 LoRA; offline",
+            needs_hub=False,
+            projector_note=_SHIPPED,
+            base="tiny",
+            assets="tiny-llava-regap",
+            pins={},
         ),
         Preset(
             name="llava-1.5-7b",

@@ -1,5 +1,5 @@
-"""`regap models` (list presets), `regap chat` (one prompt, optional image) and `regap export`
-(a standard HF LLaVA folder)."""
+"""`regap models` (list presets; `regap models package`: a trained preset's assets), `regap chat`
+(one prompt, optional image) and `regap export` (a standard HF LLaVA folder)."""
 
 from __future__ import annotations
 
@@ -18,19 +18,38 @@ def example_image_path() -> Path:
     return Path(str(resources.files("regap") / "assets" / EXAMPLE_IMAGE))
 
 
+models_app = typer.Typer(
+    help="List model presets (`regap models`), or package a trained one (`regap models package`).",
+    invoke_without_command=True,
+)
+
+
+@models_app.callback(invoke_without_command=True)
 def models_command(
+    ctx: typer.Context,
     as_json: bool = typer.Option(False, "--json", help="Print the presets as JSON."),
 ) -> None:
-    """List model presets, whether they need a hub, and the state of their projector."""
+    """List model presets, whether they need a hub, and the state of their projector; for trained
+    presets also their base, what they were trained on, and whether their assets are verified."""
+    if ctx.invoked_subcommand is not None:
+        return
     from rich.console import Console
     from rich.table import Table
 
     from regap.models.presets import PRESETS
+    from regap.models.trained_presets import describe_training, inspect_assets
 
-    rows = [
-        {"name": p.name, "summary": p.summary, "needs_hub": p.needs_hub, "projector": p.projector_note}
-        for p in PRESETS.values()
-    ]
+    rows = []
+    for p in PRESETS.values():
+        row = {"name": p.name, "summary": p.summary, "needs_hub": p.needs_hub, "projector": p.projector_note,
+               "base": p.base, "assets": None, "training": None}
+        if p.trained:
+            report = inspect_assets(p)
+            manifest = report.manifest or {}
+            row.update(assets=report.to_dict(), training={"training": manifest.get("training"),
+                                                          "info": manifest.get("info"),
+                                                          "summary": describe_training(report.manifest)})
+        rows.append(row)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -40,7 +59,61 @@ def models_command(
     for row in rows:
         table.add_row(row["name"], row["summary"], "yes" if row["needs_hub"] else "no (offline)", row["projector"])
     Console().print(table)
+    trained = [row for row in rows if row["base"] is not None]
+    if trained:
+        table = Table(title="trained presets")
+        for column in ("name", "base", "trained on / settings", "assets"):
+            table.add_column(column, overflow="fold")
+        for row in trained:
+            assets = row["assets"]
+            state = assets["state"] if assets["state"] in ("verified", "not packaged") else \
+                f"{assets['state']}: {assets['detail']}"
+            table.add_row(row["name"], row["base"], row["training"]["summary"], state)
+        Console().print(table)
     typer.echo("Also accepted wherever a model is asked for: a folder saved by regap, or an HF LLaVA checkpoint.")
+
+
+@models_app.command("package")
+def package_command(
+    train_out: Path = typer.Argument(..., help="A finished stage-2 LoRA training output folder (regap finetune --out)."),
+    name: str = typer.Option(..., "--name", help="The trained preset's name (e.g. tiny-llava)."),
+    dest: Path = typer.Option(..., "--dest", help="Folder for the assets (e.g. src/regap/assets/presets/tiny-llava)."),
+    info: Optional[str] = typer.Option(None, "--info", help="JSON object (or a .json file) recorded in the manifest: "
+                                                            "what the model is, e.g. '{\"study\": \"tiny-study\", \"lambda\": 0}'."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Re-save the weights as float32, bfloat16 or float16 "
+                                                              "(smaller assets); default: as training saved them."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --dest."),
+) -> None:
+    """Package a stage-2 LoRA output as a trained preset's assets and print the sha256 pins to paste
+    into src/regap/models/presets.py."""
+    from regap.train.package import format_pins, package_preset
+
+    result = package_preset(train_out, name, dest, info=_read_info(info), dtype=dtype, overwrite=overwrite)
+    typer.echo(f"wrote {result.dest}: {len(result.pins)} files, {result.total_bytes / 1e6:.2f} MB "
+               f"(base {result.manifest['base']['model']})")
+    typer.echo(f"# pins for preset {name!r}: paste as pins= of its Preset in src/regap/models/presets.py")
+    typer.echo(format_pins(result.pins))
+
+
+def _read_info(value: str | None) -> dict | None:
+    """`--info`: a JSON object, given inline or as the path of a .json file."""
+    from regap.errors import RegapError
+
+    if value is None:
+        return None
+    text = value
+    if not value.lstrip().startswith("{"):
+        path = Path(value)
+        if not path.is_file():
+            raise RegapError(f"--info: neither a JSON object nor a file: {value}")
+        text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RegapError(f"--info: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise RegapError("--info must be a JSON object ({\"key\": value, ...})")
+    return data
 
 
 def chat_command(
@@ -139,6 +212,6 @@ def export_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("models")(models_command)
+    app.add_typer(models_app, name="models")
     app.command("chat")(chat_command)
     app.command("export")(export_command)

@@ -166,7 +166,10 @@ def _config_without_loading(model: str) -> object | None:
     from regap.models.presets import PRESETS
 
     if model in PRESETS:
-        return PRESETS[model].config
+        preset = PRESETS[model]
+        if preset.trained and preset.base in PRESETS:  # a trained preset has its base's architecture
+            return PRESETS[preset.base].config
+        return preset.config
     record_path = Path(model) / CONFIG_FILE
     if record_path.is_file():
         try:

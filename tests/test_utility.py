@@ -301,6 +301,82 @@ def test_cli_command(saved_model, tmp_path):
     assert isinstance(bad.exception, RegapError) and "valid tasks" in str(bad.exception)
 
 
+# --------------------------------------------------------------------------- the suite under defenses
+
+
+def _responses(out: Path) -> dict[str, str]:
+    return {row["item_id"]: row["response"] for row in _lines(out / "utility_responses.jsonl")}
+
+
+def test_cache_key_without_defenses_is_the_old_key():
+    """Caches written before `defenses` existed stay valid: the key is the old formula."""
+    from regap.provenance import json_hash
+    from regap.utility.suite import UtilityItem, _cache_key
+
+    item = UtilityItem("synthetic-qa", "q1", "What?", "red", image="a.png", image_hash="abc")
+    old = json_hash(["fp", "dh", "synthetic-qa", "q1", "What?", "abc"])
+    assert _cache_key("fp", "dh", item) == _cache_key("fp", "dh", item, []) == old
+    assert _cache_key("fp", "dh", item, [{"name": "cmrm"}]) != old
+
+
+def test_hidden_state_defense_at_alpha_zero_answers_as_the_undefended_model(saved_model, tmp_path):
+    from regap.utility import run_utility
+
+    out = tmp_path / "util"
+    options = dict(tasks="synthetic-qa", n=2, seed=1, max_new_tokens=4, batch_size=8)
+    plain = run_utility(saved_model, out, **options)
+    plain_responses = _responses(out)
+    defended = run_utility(saved_model, out, defenses=["cmrm:alpha=0:pairs=3"], **options)
+    n = plain["tasks"]["synthetic-qa"]["n"]
+    # the defended run reuses none of the undefended responses, and gives the same answers
+    assert defended["provenance"]["cache"]["generated_this_run"] == n
+    assert _responses(out) == plain_responses
+    assert [d["name"] for d in defended["provenance"]["defenses"]] == ["cmrm"]
+    assert plain["provenance"]["defenses"] == []
+    assert any((out / "defenses").iterdir())  # the calibration file lives in the run folder
+    rows = _lines(out / "utility_cache.jsonl")
+    assert sum(row.get("defenses") == ["cmrm"] for row in rows) == n
+    # the undefended cache is still valid
+    again = run_utility(saved_model, out, **options)
+    assert again["provenance"]["cache"]["generated_this_run"] == 0
+
+
+def test_prompt_defense_generates_through_the_defense(saved_model, tmp_path):
+    from regap.defenses.adashield import ADASHIELD_PROMPT
+    from regap.models import DecodingSettings, load_model
+    from regap.utility import run_utility
+
+    options = dict(tasks="over-refusal", refusal_limit=2, max_new_tokens=4, batch_size=8)
+    run_utility(saved_model, tmp_path / "plain", **options)
+    summary = run_utility(saved_model, tmp_path / "shield", defenses=["adashield-s"], **options)
+    assert [d["name"] for d in summary["provenance"]["defenses"]] == ["adashield-s"]
+    assert summary["provenance"]["defenses"][0]["prompt_hashes"]["defense_prompt"]
+    plain_keys = {row["key"] for row in _lines(tmp_path / "plain" / "utility_cache.jsonl")}
+    shield_rows = _lines(tmp_path / "shield" / "utility_cache.jsonl")
+    assert plain_keys.isdisjoint(row["key"] for row in shield_rows)
+    assert all(row["defense_details"]["adashield-s"] == {"prepended": True} for row in shield_rows)
+    # each response is the model's answer to the rewritten prompt
+    prompts = [row["prompt"] for row in shield_rows]
+    model = load_model(saved_model)
+    expected = model.generate_detailed([ADASHIELD_PROMPT + p for p in prompts], [None] * len(prompts),
+                                       DecodingSettings(max_new_tokens=4, batch_size=8)).texts
+    assert [row["response"] for row in shield_rows] == expected
+
+
+def test_unknown_defense_fails_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import regap.models
+    from regap.cli import main
+    from regap.utility import run_utility
+
+    monkeypatch.setattr(regap.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(RegapError, match="no-such-defense"):
+        run_utility("tiny", tmp_path / "out", defenses=["no-such-defense"])
+    assert not (tmp_path / "out").exists()
+    assert main(["utility", "--out", str(tmp_path / "cli"), "--defense", "cmrm,no-such-defense"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no-such-defense" in err and "\n" not in err
+
+
 # --------------------------------------------------------------------------- lmms-eval adapter
 
 

@@ -23,6 +23,9 @@ def utility_command(
     image_size: int = typer.Option(224, "--image-size", help="Side of the rendered held-out images in pixels."),
     refusal_limit: Optional[int] = typer.Option(None, "--refusal-limit",
                                                 help="First N prompts of each over-refusal group (default: all)."),
+    defense: Optional[list[str]] = typer.Option(
+        None, "--defense", help="Inference-time defense (repeatable, or comma-separated as in `regap safety`), "
+                                "e.g. --defense cmrm --defense layer0-align:alpha=0.5; the first is outermost."),
 ) -> None:
     """Measure utility: held-out synthetic QA accuracy, caption object F1 and over-refusal (resumable)."""
     from rich.console import Console
@@ -33,14 +36,16 @@ def utility_command(
     from regap.errors import RunInterrupted
     from regap.run_lock import exclusive_out
 
+    defenses = [part.strip() for value in defense or [] for part in value.split(",") if part.strip()]
     with exclusive_out(out):
         try:
             summary = run_utility(model, out, tasks=tasks, n=n, seed=seed, xstest=xstest, projector=projector,
                                   max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
-                                  image_size=image_size, refusal_limit=refusal_limit, progress=True)
+                                  image_size=image_size, refusal_limit=refusal_limit, defenses=defenses,
+                                  progress=True)
         except KeyboardInterrupt:
             raise RunInterrupted(f"utility run stopped; the responses generated so far are cached in {out}") from None
-    table = Table(title=f"{model}: utility")
+    table = Table(title=f"{model}: utility" + (f" under {' + '.join(defenses)}" if defenses else ""))
     for column in ("task", "part", "n", "score [95% CI]", "better"):
         table.add_column(column)
 

@@ -10,8 +10,10 @@ Three tasks, all offline:
   starter set's `scary-but-safe` prompts, its ordinary ones, and XSTest's safe prompts.
 
 Responses are cached in `OUT/utility_cache.jsonl`, one line per (task, item), keyed by
-(model fingerprint, decoding settings, task, item id, prompt, image hash); a rerun only
-generates what is missing, and an interrupted run loses at most the batch in flight.
+(model fingerprint, decoding settings, task, item id, prompt, image hash, and the inference-time
+defenses' descriptions when `defenses` are given); a rerun only generates what is missing, and an
+interrupted run loses at most the batch in flight. With `defenses` (`regap.defenses`, stacked as
+in `regap safety`), every response comes from the defended generation.
 `OUT/utility.json` and `OUT/utility_responses.jsonl` are rebuilt from the cache at the end.
 See docs/utility.md.
 """
@@ -181,18 +183,28 @@ def supports_images(model: Any) -> bool:
 # --------------------------------------------------------------------------- generation
 
 
-def _cache_key(fingerprint: str, decoding_hash: str, item: UtilityItem) -> str:
+def _cache_key(fingerprint: str, decoding_hash: str, item: UtilityItem,
+               defenses: list[dict[str, Any]] | None = None) -> str:
+    """The item's cache key; the defenses' descriptions join it only when there are any, so
+    caches written before defenses existed stay valid, and defended responses never mix with them."""
     from regap.provenance import json_hash
 
-    return json_hash([fingerprint, decoding_hash, item.task, item.item_id, item.prompt, item.image_hash])
+    parts: list[Any] = [fingerprint, decoding_hash, item.task, item.item_id, item.prompt, item.image_hash]
+    return json_hash(parts + [defenses] if defenses else parts)
 
 
 def generate_missing(model: LVLM, items: list[UtilityItem], store: Any, out_dir: Path, settings: Any,
-                     fingerprint: str, decoding_hash: str, progress: bool = False) -> int:
-    """Generate every item whose response is not cached, one batch at a time; returns how many."""
+                     fingerprint: str, decoding_hash: str, progress: bool = False, generate: Any = None,
+                     defenses: list[dict[str, Any]] | None = None) -> int:
+    """Generate every item whose response is not cached, one batch at a time; returns how many.
+    `generate` is a `regap.defenses` GenerateFn (default: the model's own generation) and
+    `defenses` its defenses' descriptions (part of the cache key)."""
+    from regap.defenses import plain_generate
     from regap.images import load_image
 
-    todo = [(item, key) for item in items if (key := _cache_key(fingerprint, decoding_hash, item)) not in store]
+    generate = generate or plain_generate(model)
+    todo = [(item, key) for item in items
+            if (key := _cache_key(fingerprint, decoding_hash, item, defenses)) not in store]
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
@@ -201,12 +213,13 @@ def generate_missing(model: LVLM, items: list[UtilityItem], store: Any, out_dir:
     for start in range(0, len(todo), settings.batch_size):
         chunk = todo[start : start + settings.batch_size]
         images = [load_image(out_dir / item.image) if item.image else None for item, _ in chunk]
-        result = model.generate_detailed([item.prompt for item, _ in chunk], images, settings)
+        result = generate([item.prompt for item, _ in chunk], images, settings)
         store.add({
             "key": key, "task": item.task, "item_id": item.item_id, "prompt": item.prompt, "image": item.image,
             "response": text, "new_tokens": tokens, "model_fingerprint": fingerprint,
             "decoding_hash": decoding_hash, "batch_size": settings.batch_size,
-        } for (item, key), text, tokens in zip(chunk, result.texts, result.new_tokens))
+            **({"defenses": [d["name"] for d in defenses], "defense_details": detail} if defenses else {}),
+        } for (item, key), text, tokens, detail in zip(chunk, result.texts, result.new_tokens, result.details))
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -308,6 +321,7 @@ def run_utility(
     split_name: str = HELDOUT_SPLIT,
     refusal_limit: int | None = None,
     judge: str = "keyword",
+    defenses: Sequence[str] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Run the offline utility suite and write `utility.json` + `utility_responses.jsonl`.
@@ -315,8 +329,11 @@ def run_utility(
     `model` is a preset name, a regap model folder, an HF LLaVA checkpoint, or an `LVLM`.
     `n` is the number of held-out scenes (about 5 questions each for `synthetic-qa`);
     `refusal_limit` keeps the first N prompts of each over-refusal group (default: all).
+    `defenses` are inference-time defense specs (`cmrm`, `layer0-align:alpha=0.5`, ...), stacked
+    the first outermost as in `regap safety`; their calibration files go under `out_dir`.
     Greedy decoding. Returns the `utility.json` content.
     """
+    from regap.defenses import build_generate, get_defense
     from regap.models import DecodingSettings
     from regap.provenance import json_hash, provenance
     from regap.safety.judges import get_judge
@@ -336,6 +353,9 @@ def run_utility(
     if projector is not None and not Path(projector).is_file():
         raise RegapError(f"--projector: projector checkpoint not found: {projector}")
     settings = DecodingSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)  # greedy
+    defense_objs = [get_defense(spec) for spec in defenses or []]  # unknown names fail before any model loads
+    for defense in defense_objs:
+        defense.check_engine(settings.engine)
     judge_obj = get_judge(judge) if "over-refusal" in names else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -368,12 +388,14 @@ def run_utility(
     fingerprint = utility_fingerprint(lvlm)
     decoding = {k: v for k, v in settings.cache_key().items() if k != "batch_size"}  # batch size: not part of the key
     decoding_hash = json_hash(decoding)
+    generate = build_generate(lvlm, defense_objs, workdir=out, engine=settings.engine)  # calibrations under OUT
+    described = [defense.describe() for defense in defense_objs]
     store = JsonlStore(out / CACHE_FILE)
     generated = 0
     for task in names:
         if task in items:
             generated += generate_missing(lvlm, items[task], store, out, settings, fingerprint, decoding_hash,
-                                          progress=progress)
+                                          progress=progress, generate=generate, defenses=described)
 
     results: dict[str, Any] = {}
     all_rows: list[dict[str, Any]] = []
@@ -381,7 +403,7 @@ def run_utility(
         if task in skipped:
             results[task] = {"skipped": skipped[task], "score": None, "ci": [0.0, 1.0], "n": 0}
             continue
-        responses = {item.item_id: store.get(_cache_key(fingerprint, decoding_hash, item))["response"]
+        responses = {item.item_id: store.get(_cache_key(fingerprint, decoding_hash, item, described))["response"]
                      for item in items[task]}
         if task == "synthetic-qa":
             entry, rows = score_qa(items[task], responses)
@@ -401,7 +423,7 @@ def run_utility(
         data={"split_name": split_name, "image_size": image_size, "generator_version": GENERATOR_VERSION,
               "folder": DATA_DIR if synthetic else None},
         prompts={"qa_suffix": QA_SUFFIX, "caption": CAPTION_PROMPT},
-        decoding={**settings.to_dict(), "greedy": True}, decoding_hash=decoding_hash,
+        decoding={**settings.to_dict(), "greedy": True}, decoding_hash=decoding_hash, defenses=described,
         scoring_version=scoring.SCORING_VERSION,
         xstest={"path": str(xstest_path), "sha256": file_sha256(xstest_path)[:16]} if xstest_path is not None else None,
         cache={"file": CACHE_FILE, "generated_this_run": generated,

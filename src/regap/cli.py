@@ -38,9 +38,10 @@ def _root(
 
 
 def _register_commands() -> None:
-    from regap.commands import correlate, data, defense, demo, gap, judge_validate, models, report, safety, train, utility
+    from regap.commands import (correlate, data, defense, demo, gap, judge_validate, models, report, safety, study,
+                                train, utility)
 
-    for module in (demo, models, train, gap, safety, utility, correlate, report, data, judge_validate, defense):
+    for module in (demo, study, models, train, gap, safety, utility, correlate, report, data, judge_validate, defense):
         module.register(app)
 
 

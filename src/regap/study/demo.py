@@ -28,7 +28,8 @@ from typing import Any, NamedTuple
 import torch
 
 from regap.errors import RegapError
-from regap.provenance import json_hash, provenance
+from regap.provenance import provenance
+from regap.study.steps import StepMarkers
 
 
 @dataclass
@@ -106,7 +107,8 @@ class Demo:
         self.out, self.settings, self.progress = out, settings, progress
         self.root = root or out
         self.step_prefix = step_prefix
-        self.timings: dict[str, float] = {}
+        self.markers = StepMarkers(self.root / ".steps")
+        self.timings = self.markers.timings
         self.notes: list[str] = []
         self._model = None
         from regap.precision import resolve_dtype
@@ -116,29 +118,10 @@ class Demo:
         self.dtype = resolve_dtype(settings.dtype, "cuda" if torch.cuda.is_available() else "cpu").dtype
 
     # ---- step bookkeeping ---------------------------------------------------------------------
-    def _marker(self, name: str) -> Path:
-        return self.root / ".steps" / f"{name}.json"
-
-    def _done(self, name: str, params: Any) -> bool:
-        marker = self._marker(name)
-        return marker.exists() and json.loads(marker.read_text()).get("params") == json_hash(params)
-
-    def _mark(self, name: str, params: Any, started: float) -> None:
-        marker = self._marker(name)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"params": json_hash(params), "seconds": round(time.time() - started, 1)}))
-
     def step(self, name: str, params: Any, action, shared: bool = False) -> None:
         """Run `action` unless its marker holds the same params; `shared` steps (the data) are one
         marker for every family."""
-        marker = name if shared else self.step_prefix + name
-        if self._done(marker, params):
-            self.timings[name] = json.loads(self._marker(marker).read_text())["seconds"]
-            return
-        started = time.time()
-        action()
-        self._mark(marker, params, started)
-        self.timings[name] = round(time.time() - started, 1)
+        self.markers.run(name if shared else self.step_prefix + name, params, action, label=name)
 
     def log(self, text: str) -> None:
         if self.progress:

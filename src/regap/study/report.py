@@ -352,11 +352,11 @@ def build_report(root: str | Path) -> dict[str, Any]:
             builder.note(f"- {_code(item)}")
     markdown_text = "\n".join(builder.lines)
     (root / "report.md").write_text(markdown_text)
-    (root / "report.html").write_text(_html(markdown_text, root, builder.root.name))
+    (root / "report.html").write_text(render_html(markdown_text, root, builder.root.name))
     return {"missing": missing, "figures": [str(p.relative_to(root)) for p in builder.figures]}
 
 
-def _html(markdown_text: str, root: Path, title: str) -> str:
+def render_html(markdown_text: str, root: Path, title: str) -> str:
     """Render the markdown with markdown-it (tables on) and inline every image."""
     from markdown_it import MarkdownIt
 

@@ -1,0 +1,95 @@
+"""`regap study [CONFIG] [key=value ...]`: the paper's pipeline over seeds and arms, unit by unit,
+resumable, then the statistics and the report (docs/study.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def study_command(
+    config: Optional[str] = typer.Argument(None, help="Study config: a YAML path or a shipped name (default "
+                                           "tiny-study); `--list` shows them.", metavar="CONFIG"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, dotted for sections "
+                                                   "(e.g. seeds=[0,1] stage2.steps=128)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default results/<name>; weights "
+                                       "and caches go to OUT/work unless --work)."),
+    work: Optional[Path] = typer.Option(None, "--work", help="Folder for weights, generations and caches."),
+    unit: Optional[List[str]] = typer.Option(None, "--unit", help="Run only this unit (repeatable), e.g. plain-s0."),
+    max_units: Optional[int] = typer.Option(None, "--max-units", help="Stop after running this many units."),
+    no_run: bool = typer.Option(False, "--no-run", help="Run nothing: aggregate the units present and rebuild the report."),
+    fast: bool = typer.Option(False, "--fast", help="Test-sized study on the tiny random model (minutes; checks "
+                              "the pipeline, measures nothing)."),
+    plan: bool = typer.Option(False, "--plan", help="Print the units, which are done and the time estimate, then exit."),
+    list_configs: bool = typer.Option(False, "--list", help="List the shipped study configs and exit."),
+) -> None:
+    """Stage 1 (ReGap at each λ, and MoCa) → stage 2 → gap, safety, utility and defenses per seed;
+    statistics over seeds and requests; report. Finished units are skipped on a rerun."""
+    from regap.study.config import load_study_config, shipped_study_configs
+
+    if list_configs:
+        for name, path in shipped_study_configs().items():
+            typer.echo(f"{name:24s} {path}")
+        return
+    if config is not None and "=" in config:  # `regap study seeds=[0,1]`: the default config, overridden
+        overrides, config = [config, *(overrides or [])], None
+    if fast:
+        from regap.study.fast import FAST_OVERRIDES
+
+        overrides = FAST_OVERRIDES + list(overrides or [])
+    cfg = load_study_config(config or "tiny-study", list(overrides or []))
+    out = out or Path("results") / (cfg.name + ("-fast" if fast else ""))
+    from regap.errors import RunInterrupted
+    from regap.run_lock import exclusive_out
+    from regap.study.run import Study
+
+    study = Study(cfg, out, work)
+    if plan:
+        from regap.study.units import plan_units
+
+        todo = {u.name for u in study.todo(unit)}
+        for spec in plan_units(cfg):
+            typer.echo(f"{spec.name:24s} {'to run' if spec.name in todo else 'done or not asked for'}")
+        minutes, how = study.minutes_per_unit()
+        typer.echo(f"{len(todo)} unit(s) to run: about {minutes * len(todo):.0f} min ({minutes:.1f} min per unit: {how})")
+        return
+    with exclusive_out(out):
+        try:
+            if not no_run:
+                study.run(unit, max_units)
+            summary = study.aggregate()
+        except KeyboardInterrupt:
+            raise RunInterrupted(f"study stopped; finished steps are kept under {study.work}",
+                                 "rerun the same command to continue") from None
+    _print(summary)
+    typer.echo(f"report: {out / 'report.html'}")
+
+
+def _print(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    results = summary["results"]
+    table = Table(title=f"regap study {summary['study']}: unsafe rate (judge {summary['primary_judge']}), "
+                        f"{len(summary['units'])}/{len(summary['units_planned'])} units")
+    table.add_column("arm")
+    conditions = [c for c in summary["config"]["safety"]["conditions"] if c != "backbone"] + ["image (pooled)"]
+    for c in conditions:
+        table.add_column(c)
+    table.add_column("QA")
+    for arm, entry in results["arms"].items():
+        cells = []
+        for c in conditions:
+            e = entry["unsafe"].get(c)
+            cells.append(f"{e['mean']:.2f}" if e else "-")
+        qa = entry.get("qa")
+        table.add_row(arm, *cells, f"{qa['mean']:.2f}" if qa else "-")
+    Console().print(table)
+    for note in summary["notes"]:
+        typer.echo(f"note: {note}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("study", context_settings={"allow_extra_args": False})(study_command)

@@ -1,0 +1,206 @@
+"""The study's settings (`regap study CONFIG key=value ...`): a YAML file of nested sections,
+checked key by key so a typo is a one-line error naming the key, not a silent default.
+
+Shipped configs live in `regap/configs/study/` (`tiny-study`); see docs/study.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from regap.errors import RegapError
+
+
+@dataclass
+class DataSpec:
+    synth_n: int = 512  # synthetic scenes: captions for stage 1, instructions for stage 2 (same scenes)
+    synth_seed: int = 0  # the data are the same for every unit; the unit seed varies training only
+
+
+@dataclass
+class StageSpec:
+    steps: int = 64
+    global_batch: int = 8
+    per_device_batch: int = 4
+    save_every: int = 16
+    lr: float | None = None  # None: the shipped stage config's
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: list[str] | None = None  # None: every linear layer of the LLM
+
+
+@dataclass
+class GapSpec:
+    pairs: int = 32
+    texts_per_pair: int = 5
+    attack_pairs: int = 16
+    n_boot: int = 300
+
+
+@dataclass
+class SafetySpec:
+    harmful: int | None = None
+    benign: int | None = None
+    conditions: list[str] = field(default_factory=lambda: ["text", "backbone", "blank", "noise", "natural", "typo"])
+    judges: list[str] = field(default_factory=lambda: ["relevance", "refusal-lexicon", "keyword"])
+    primary_judge: str = "relevance"
+    max_new_tokens: int = 16
+    batch_size: int = 16
+
+
+@dataclass
+class UtilitySpec:
+    #: over-refusal comes from the safety runs' benign requests (every condition, the primary judge)
+    tasks: list[str] = field(default_factory=lambda: ["synthetic-qa", "synthetic-caption"])
+    scenes: int = 40
+    refusal_limit: int | None = None
+    max_new_tokens: int = 16
+
+
+@dataclass
+class DefenseSpec:
+    plain: list[str] = field(default_factory=lambda: ["cmrm", "layer0-align"])
+    regap: list[str] = field(default_factory=lambda: ["cmrm"])
+    conditions: list[str] = field(default_factory=lambda: ["blank", "noise", "natural", "typo"])
+
+
+@dataclass
+class CurveSpec:
+    seeds: list[int] = field(default_factory=lambda: [0])
+    scenes: int = 20
+
+
+@dataclass
+class StatsSpec:
+    n_boot: int = 2000
+    level: float = 0.95
+
+
+@dataclass
+class StudyConfig:
+    name: str = "tiny-study"
+    model: str = "tiny"
+    dtype: str = "auto"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    lambdas: list[float] = field(default_factory=lambda: [0.0, 0.1, 1.0])
+    regap_lambda: float = 0.1
+    moca: bool = True
+    data: DataSpec = field(default_factory=DataSpec)
+    stage1: StageSpec = field(default_factory=StageSpec)
+    stage2: StageSpec = field(default_factory=lambda: StageSpec(steps=96, save_every=24))
+    gap: GapSpec = field(default_factory=GapSpec)
+    safety: SafetySpec = field(default_factory=SafetySpec)
+    utility: UtilitySpec = field(default_factory=UtilitySpec)
+    defenses: DefenseSpec = field(default_factory=DefenseSpec)
+    curve: CurveSpec = field(default_factory=CurveSpec)
+    stats: StatsSpec = field(default_factory=StatsSpec)
+    minutes_per_unit: float = 25.0  # printed estimate until units have been timed
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def check(self) -> "StudyConfig":
+        """Values that would fail minutes into a run fail here, naming the key."""
+        if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
+            raise RegapError(f"seeds: need one or more distinct seeds, got {self.seeds}")
+        if 0.0 not in self.lambdas:
+            raise RegapError(f"lambdas: must contain 0 (the plain arm), got {self.lambdas}")
+        if any(lam < 0 for lam in self.lambdas) or len(set(self.lambdas)) != len(self.lambdas):
+            raise RegapError(f"lambdas: need distinct values >= 0, got {self.lambdas}")
+        if self.regap_lambda not in self.lambdas or self.regap_lambda == 0:
+            raise RegapError(f"regap_lambda: {self.regap_lambda} must be one of the lambdas > 0 {self.lambdas}")
+        for key in ("stage1", "stage2"):
+            stage: StageSpec = getattr(self, key)
+            for name in ("steps", "global_batch", "per_device_batch", "save_every"):
+                if getattr(stage, name) < 1:
+                    raise RegapError(f"{key}.{name}: must be at least 1, got {getattr(stage, name)}")
+        if self.safety.primary_judge not in self.safety.judges:
+            raise RegapError(f"safety.primary_judge: {self.safety.primary_judge!r} is not one of safety.judges "
+                             f"{self.safety.judges}")
+        if "text" not in self.safety.conditions:
+            raise RegapError("safety.conditions: must contain 'text' (the comparisons are made against it)")
+        if not 0.5 < self.stats.level < 1:
+            raise RegapError(f"stats.level: must be in (0.5, 1), got {self.stats.level}")
+        from regap.precision import normalise_dtype_name
+
+        normalise_dtype_name(self.dtype)
+        return self
+
+
+def shipped_study_configs() -> dict[str, Path]:
+    folder = Path(str(resources.files("regap") / "configs" / "study"))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def _from_dict(cls: Any, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise RegapError(f"{where or 'study config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{where}.{key}" if where else key
+        if key not in hints:
+            close = difflib.get_close_matches(key, list(hints), n=1)
+            raise RegapError(f"unknown study config key '{name}'" + (f"; did you mean '{close[0]}'?" if close else ""))
+        inner = hints[key]
+        if dataclasses.is_dataclass(inner):
+            kwargs[key] = _from_dict(inner, value, name)
+        else:
+            kwargs[key] = _coerce(value, inner, name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """YAML value -> the field's type (ints as floats where floats are meant); a wrong type names the key."""
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise RegapError(f"study config key '{name}' may not be null")
+    inner = next((a for a in args if a is not type(None)), hint) if args and type(None) in args else hint
+    origin = typing.get_origin(inner)
+    if origin is list:
+        if not isinstance(value, list):
+            raise RegapError(f"study config key '{name}': expected a list, got {value!r}")
+        (item,) = typing.get_args(inner)
+        return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    if inner is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if inner in (int, str, bool) and not (isinstance(value, inner) and not (inner is int and isinstance(value, bool))):
+        raise RegapError(f"study config key '{name}': expected {inner.__name__}, got {value!r}")
+    return value
+
+
+def load_study_config(name_or_path: str | Path = "tiny-study", overrides: list[str] | None = None) -> StudyConfig:
+    """A shipped name or a YAML path, with `key=value` overrides (dotted for sections)."""
+    from regap.train.config import parse_override
+
+    path = Path(name_or_path)
+    if not path.is_file():
+        shipped = shipped_study_configs()
+        key = str(name_or_path).removesuffix(".yaml")
+        if key not in shipped:
+            raise RegapError(f"study config not found: {name_or_path} (not a file; shipped: {', '.join(shipped)})")
+        path = shipped[key]
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise RegapError(f"invalid YAML in {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise RegapError(f"{path}: a study config must be a mapping of keys")
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = data
+        for part in keys[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RegapError(f"override {text!r}: '{part}' has no sub-keys")
+        node[keys[-1]] = value
+    return _from_dict(StudyConfig, data, "").check()

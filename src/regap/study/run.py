@@ -1,0 +1,198 @@
+"""`regap study`: run the units that are not summarised yet, then aggregate every unit that is.
+
+Layout of OUT (default `results/tiny-study`):
+* `units/UNIT.json`: one small summary per (seed, arm) unit, and `units/backbone.json` (the LLM
+  before stage 2, text only: the same model for every unit, so it runs once);
+* `summary.json`, `report.md`, `report.html` and `figures/`: the aggregate over the units present;
+* `work/`: weights, generations and caches (large; not meant for git), with step markers, so an
+  interrupted unit continues from its last finished step.
+
+A unit whose summary exists with the current configuration is skipped, so the study can be run
+unit by unit (`--unit NAME`) over several sittings; the statistics use whatever units exist and
+say how many seeds each arm has."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from regap.errors import RegapError
+from regap.files import write_json_atomic
+from regap.study.config import StudyConfig
+from regap.study.steps import StepMarkers
+from regap.study.unit import UnitRunner, safety_record, unit_config_hash
+from regap.study.units import UnitSpec, plan_units, study_arms
+
+
+def _console_log(progress: bool) -> Callable[[str], None]:
+    def log(text: str) -> None:
+        if progress:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold cyan]study[/] {time.strftime('%H:%M:%S')} {text}")
+
+    return log
+
+
+class Study:
+    def __init__(self, config: StudyConfig, out: Path, work: Path | None = None, progress: bool = True) -> None:
+        from regap.precision import resolve_dtype
+
+        self.config, self.out, self.progress = config, Path(out), progress
+        self.work = Path(work) if work is not None else self.out / "work"
+        self.log = _console_log(progress)
+        self.dtype = str(resolve_dtype(config.dtype, "cuda" if torch.cuda.is_available() else "cpu").dtype
+                         ).removeprefix("torch.")
+        self.markers = StepMarkers(self.work / ".steps")
+        self.config_hash = unit_config_hash(config)
+
+    # ---- planning ----------------------------------------------------------------------------------
+    def summary_path(self, name: str) -> Path:
+        return self.out / "units" / f"{name}.json"
+
+    def summarised(self, spec: UnitSpec) -> bool:
+        path = self.summary_path(spec.name)
+        if not path.is_file():
+            return False
+        try:
+            return json.loads(path.read_text()).get("config_hash") == self.config_hash
+        except json.JSONDecodeError:
+            return False
+
+    def todo(self, only: list[str] | None = None) -> list[UnitSpec]:
+        units = plan_units(self.config)
+        if only:
+            names = {u.name for u in units}
+            unknown = [n for n in only if n not in names]
+            if unknown:
+                raise RegapError(f"--unit: unknown unit(s) {', '.join(unknown)}; this study has: "
+                                 f"{', '.join(sorted(names))}")
+            units = [u for u in units if u.name in only]
+        return [u for u in units if not self.summarised(u)]
+
+    def minutes_per_unit(self) -> tuple[float, str]:
+        """The median wall time of the units summarised so far in this dtype, else the config's estimate."""
+        times = []
+        for path in (self.out / "units").glob("*.json"):
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                continue
+            if data.get("status") == "completed" and data.get("dtype") == self.dtype and data.get("timings_seconds"):
+                times.append(sum(data["timings_seconds"].values()) / 60)
+        if times:
+            return statistics.median(times), f"median of {len(times)} unit(s) run here in {self.dtype}"
+        return self.config.minutes_per_unit, "the config's estimate (no unit timed yet)"
+
+    # ---- running -----------------------------------------------------------------------------------
+    def data(self) -> None:
+        from regap.data.synth import generate_synthetic
+
+        c = self.config.data
+        folder = self.work / "data"
+        self.markers.run("data", [c.synth_n, c.synth_seed],
+                         lambda: generate_synthetic(folder, c.synth_n, seed=c.synth_seed, image_size=224,
+                                                    overwrite=True))
+
+    def backbone(self, runner: UnitRunner) -> None:
+        """The `backbone` condition once, on any unit's stage-2 model (its adapter disabled)."""
+        if "backbone" not in self.config.safety.conditions:
+            return
+        path = self.summary_path("backbone")
+        if path.is_file() and json.loads(path.read_text()).get("config_hash") == self.config_hash:
+            return
+        from regap.safety.runner import SafetyRun, run_safety
+
+        c = self.config.safety
+        limits = {k: v for k, v in {"starter-harmful": c.harmful, "starter-benign": c.benign}.items() if v is not None}
+        folder = self.work / "backbone"
+        self.log("backbone (the LLM before stage 2, text only)")
+        run = SafetyRun(model=f"{self.config.model} (LLM before stage 2)", out=folder,
+                        prompts=["starter-harmful", "starter-benign"], conditions=["backbone"], judges=c.judges,
+                        source_limits=limits, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
+                        dtype=self.dtype, seed=0)
+        started = time.time()
+        run_safety(run, progress=self.progress, model=runner.final_model())
+        from regap.provenance import provenance
+
+        write_json_atomic(path, {"format": "regap-study-unit/1", "unit": "backbone", "arm": "backbone",
+                                 "config_hash": self.config_hash, "dtype": self.dtype, "status": "completed",
+                                 "model_from": runner.spec.name,
+                                 "safety": {"backbone": safety_record(folder, c.judges)},
+                                 "timings_seconds": {"backbone": round(time.time() - started, 1)},
+                                 "provenance": provenance(command="regap study", unit="backbone")})
+
+    def run(self, only: list[str] | None = None, max_units: int | None = None) -> list[str]:
+        """Run the missing units (all, or `only`); returns the names run."""
+        todo = self.todo(only)
+        minutes, how = self.minutes_per_unit()
+        self.log(f"{len(todo)} unit(s) to run, about {minutes * len(todo):.0f} min at {minutes:.1f} min per unit "
+                 f"({how}); dtype {self.dtype}")
+        if max_units is not None:
+            todo = todo[:max_units]
+        if not todo:
+            return []
+        self.data()
+        done = []
+        for spec in todo:
+            runner = UnitRunner(self.config, spec, self.out, self.work, self.dtype, self.log, self.progress)
+            self.log(f"unit {spec.name} ({len(done) + 1}/{len(todo)})")
+            summary = runner.run()
+            if summary["status"] == "completed":
+                self.backbone(runner)
+            runner.release()
+            done.append(spec.name)
+        return done
+
+    # ---- aggregating -------------------------------------------------------------------------------
+    def aggregate(self) -> dict[str, Any]:
+        from regap.provenance import provenance
+        from regap.study.stats import aggregate, judge_agreement, load_units
+
+        units, notes = load_units(self.out)
+        if not units:
+            raise RegapError(f"{self.out / 'units'}: no finished unit to aggregate yet")
+        backbone_path = self.summary_path("backbone")
+        backbone = json.loads(backbone_path.read_text()) if backbone_path.is_file() else None
+        c = self.config
+        planned = plan_units(c)
+        present = {u["unit"] for u in units}
+        missing = [u.name for u in planned if u.name not in present]
+        if missing:
+            notes.append(f"{len(missing)} of {len(planned)} planned unit(s) not run yet: {', '.join(missing)}")
+        stats = {judge: aggregate(units, backbone, judge, study_arms(c), c.safety.conditions, c.stats.n_boot,
+                                  c.stats.level) for judge in c.safety.judges}
+        summary = {
+            "study": c.name, "config": c.to_dict(), "config_hash": self.config_hash, "dtype": self.dtype,
+            "units": sorted(present), "units_planned": [u.name for u in planned], "notes": notes,
+            "primary_judge": c.safety.primary_judge,
+            "results": stats[c.safety.primary_judge],
+            "other_judges": {j: {"arms": {a: v["unsafe"] for a, v in s["arms"].items()}, "claims": s["claims"]}
+                             for j, s in stats.items() if j != c.safety.primary_judge},
+            "judge_agreement": judge_agreement(units, c.safety.judges),
+            "utility": {u["unit"]: {arm: {k: v for k, v in rec.items() if k != "examples"} | {
+                "qa": {k: v for k, v in rec["qa"].items() if k not in ("items", "correct")}}
+                for arm, rec in u.get("utility", {}).items()} for u in units},
+            "curves": {u["unit"]: u["curve"] for u in units if "curve" in u},
+            "timings_minutes": {u["unit"]: round(sum(u["timings_seconds"].values()) / 60, 1) for u in units},
+            "provenance": provenance(command="regap study", study=c.to_dict()),
+        }
+        write_json_atomic(self.out / "summary.json", summary)
+        from regap.study.study_report import write_report
+
+        write_report(self.out, summary, units)
+        return summary
+
+
+def run_study(config: StudyConfig, out: str | Path, *, work: str | Path | None = None, only: list[str] | None = None,
+              max_units: int | None = None, run: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Run what is missing (unless `run` is False) and aggregate; returns the summary."""
+    study = Study(config, Path(out), Path(work) if work else None, progress)
+    if run:
+        study.run(only, max_units)
+    return study.aggregate()

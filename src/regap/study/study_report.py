@@ -1,0 +1,218 @@
+"""The study's report (`OUT/report.md`, `OUT/report.html`) and figures (`OUT/figures/`), written
+from `summary.json` and the unit summaries only, so `regap study --no-run` rebuilds them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from regap.study.plots import _pyplot
+
+FIGURES = ("learning_curve.png", "unsafe_by_arm.png", "gap_by_arm.png", "training_vs_inference.png")
+
+
+def _fmt(entry: dict[str, Any] | None, signed: bool = False) -> str:
+    if not entry:
+        return "–"
+    sign = "+" if signed else ""
+    text = f"{entry['mean']:{sign}.3f} [{entry['ci'][0]:{sign}.3f}, {entry['ci'][1]:{sign}.3f}]"
+    if entry.get("p_value") is not None:
+        text += f" p={entry['p_value']:.3f}"
+    return text
+
+
+def _ratio(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return "–"
+    ci = entry.get("ci")
+    return f"×{entry['ratio']:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "") + f" ({entry['n_seeds']} seeds)"
+
+
+def plot_learning_curves(curves: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
+    for unit, curve in sorted(curves.items()):
+        offset = 0
+        for stage in ("stage1", "stage2"):
+            data = curve.get(stage, {})
+            qa = data.get("qa", [])
+            loss = data.get("loss", [])
+            if qa:
+                axes[0].plot([offset + p["step"] for p in qa], [p["qa"] for p in qa], marker="o",
+                             label=f"{unit} {stage}")
+            if loss:
+                axes[1].plot([offset + p["step"] for p in loss], [p["loss"] for p in loss], alpha=0.7,
+                             label=f"{unit} {stage}")
+            offset += max([p["step"] for p in loss] or [p["step"] for p in qa] or [0])
+    axes[0].axhline(0.6, color="gray", linestyle="--", linewidth=1)
+    axes[0].set_title("held-out synthetic QA accuracy (dashed: the 0.6 bar)")
+    axes[1].set_title("training loss (stage 1: captions; stage 2: answers)")
+    for axis in axes:
+        axis.set_xlabel("optimizer step (stage 2 after stage 1)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_unsafe(results: dict[str, Any], conditions: list[str], path: Path) -> None:
+    import numpy as np
+
+    plt = _pyplot()
+    arms = list(results["arms"])
+    figure, axis = plt.subplots(figsize=(max(8, 1.4 * len(conditions) * len(arms) / 3), 4.5), constrained_layout=True)
+    width = 0.8 / max(1, len(arms))
+    shown = [c for c in conditions if c != "backbone"]
+    for k, arm in enumerate(arms):
+        xs, ys, lo, hi = [], [], [], []
+        for i, condition in enumerate(shown):
+            entry = results["arms"][arm]["unsafe"].get(condition)
+            if entry:
+                xs.append(i + k * width)
+                ys.append(entry["mean"])
+                lo.append(entry["mean"] - entry["ci"][0])
+                hi.append(entry["ci"][1] - entry["mean"])
+        axis.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=arm)
+    if "backbone" in results:
+        axis.axhline(results["backbone"]["unsafe"], color="black", linestyle=":", label="backbone LLM (text)")
+    axis.set_xticks(np.arange(len(shown)) + 0.4 - width / 2, shown)
+    axis.set_ylabel("unsafe rate (harmful requests)")
+    axis.set_ylim(0, 1.05)
+    axis.legend(fontsize=7, ncol=3)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_gap(gap: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
+    arms = list(gap)
+    for metric, axis in zip(("layer0_gap", "mir"), axes):
+        for i, arm in enumerate(arms):
+            for kind, marker, shift in (("gap_stage1", "s", -0.15), ("gap", "o", 0.0), ("gap_attack", "^", 0.15)):
+                values = gap[arm].get(kind, {}).get(metric)
+                if values:
+                    axis.scatter([i + shift] * len(values), values, marker=marker, color=f"C{('gap_stage1', 'gap', 'gap_attack').index(kind)}",
+                                 label={"gap_stage1": "after stage 1", "gap": "after stage 2",
+                                        "gap_attack": "attack inputs (stage 2)"}[kind] if i == 0 else None)
+        axis.set_xticks(range(len(arms)), arms, rotation=20, fontsize=8)
+        axis.set_title("layer-0 gap" if metric == "layer0_gap" else "MIR")
+        if metric == "layer0_gap":
+            axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_training_vs_inference(results: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    arms = list(results["arms"])
+    figure, axes = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
+    panels = (("unsafe, image conditions pooled", lambda a: results["arms"][a]["unsafe"].get("image (pooled)")),
+              ("over-refusal, benign, image conditions", lambda a: _pooled_over_refusal(results["arms"][a])),
+              ("held-out QA accuracy", lambda a: results["arms"][a].get("qa")))
+    for axis, (title, get) in zip(axes, panels):
+        for i, arm in enumerate(arms):
+            entry = get(arm)
+            if entry:
+                axis.errorbar([i], [entry["mean"]], yerr=[[entry["mean"] - entry["ci"][0]], [entry["ci"][1] - entry["mean"]]],
+                              fmt="o", capsize=3, color="C1" if "+" in arm else "C0")
+        axis.set_xticks(range(len(arms)), arms, rotation=30, fontsize=7, ha="right")
+        axis.set_title(title + "\n(blue: trained arms, orange: + inference-time defense)", fontsize=9)
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _pooled_over_refusal(arm: dict[str, Any]) -> dict[str, Any] | None:
+    entries = [v for k, v in arm["over_refusal"].items() if k in ("blank", "noise", "natural", "typo") and v]
+    if not entries:
+        return None
+    mean = sum(e["mean"] for e in entries) / len(entries)
+    return {"mean": mean, "ci": [min(e["ci"][0] for e in entries), max(e["ci"][1] for e in entries)]}
+
+
+def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]) -> None:
+    from regap.study.report import render_html
+
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    results, config = summary["results"], summary["config"]
+    conditions = config["safety"]["conditions"]
+    if summary["curves"]:
+        plot_learning_curves(summary["curves"], figures / FIGURES[0])
+    plot_unsafe(results, conditions, figures / FIGURES[1])
+    plot_gap(results["gap"], figures / FIGURES[2])
+    plot_training_vs_inference(results, figures / FIGURES[3])
+
+    lines = [f"# regap study `{summary['study']}`", "",
+             f"Model `{config['model']}`, dtype {summary['dtype']}, seeds {results['seeds']}, judge "
+             f"`{summary['primary_judge']}` (others below). {len(summary['units'])} of "
+             f"{len(summary['units_planned'])} planned units present.", ""]
+    if summary["notes"]:
+        lines += ["**Notes**", ""] + [f"* {n}" for n in summary["notes"]] + [""]
+    shown = [c for c in conditions if c != "backbone"] + ["image (pooled)"]
+    lines += ["## Unsafe rate on harmful requests (mean over seeds and requests, 95 % crossed-bootstrap interval)", "",
+              "| arm | seeds | " + " | ".join(shown) + " |", "|---|---|" + "---|" * len(shown)]
+    for arm, entry in results["arms"].items():
+        seeds = len((entry["unsafe"].get("text") or next(iter(v for v in entry["unsafe"].values() if v), {})).get("seeds", []))
+        lines.append(f"| {arm} | {seeds} | " + " | ".join(_fmt(entry["unsafe"].get(c)) for c in shown) + " |")
+    if "backbone" in results:
+        lines += ["", f"Backbone LLM (before stage 2, text only): unsafe rate {results['backbone']['unsafe']:.3f} "
+                      f"(n = {results['backbone']['n']})."]
+    lines += ["", "## Compared with plain (paired by seed and request; p: two-sided bootstrap)", "",
+              "| arm | " + " | ".join(shown) + " | QA accuracy |", "|---|" + "---|" * (len(shown) + 1)]
+    for arm, diff in results["vs_plain"].items():
+        lines.append(f"| {arm} | " + " | ".join(_fmt(diff["unsafe"].get(c), True) for c in shown) +
+                     f" | {_fmt(diff.get('qa'), True)} |")
+    lines += ["", "## Over-refusal on benign requests and utility", "",
+              "| arm | " + " | ".join(c for c in conditions if c != "backbone") + " | QA accuracy |",
+              "|---|" + "---|" * len([c for c in conditions if c != "backbone"]) + "---|"]
+    for arm, entry in results["arms"].items():
+        lines.append(f"| {arm} | " + " | ".join(_fmt(entry["over_refusal"].get(c)) for c in conditions if c != "backbone")
+                     + f" | {_fmt(entry.get('qa'))} |")
+    lines += ["", "## The gap (per seed) and its ratio to plain", "",
+              "| arm | layer-0 gap after stage 1 | after stage 2 | attack inputs | MIR after stage 2 | layer-0 ratio vs plain | MIR ratio vs plain |",
+              "|---|---|---|---|---|---|---|"]
+    for arm, kinds in results["gap"].items():
+        def values(kind: str, metric: str) -> str:
+            v = kinds.get(kind, {}).get(metric)
+            return ", ".join(f"{x:.3g}" for x in v) if v else "–"
+        ratio = kinds.get("gap", {}).get("ratio_vs_plain", {})
+        lines.append(f"| {arm} | {values('gap_stage1', 'layer0_gap')} | {values('gap', 'layer0_gap')} | "
+                     f"{values('gap_attack', 'layer0_gap')} | {values('gap', 'mir')} | {_ratio(ratio.get('layer0_gap'))} | "
+                     f"{_ratio(ratio.get('mir'))} |")
+    claims = results["claims"]
+    lines += ["", "## The paper's four claims", ""]
+    a = claims["a_image_raises_unsafe"]
+    lines += [f"**(a)** {a['question']} image − text: {_fmt(a['image_minus_text'], True)}; image − backbone: "
+              f"{_fmt(a['image_minus_backbone'], True)}.", ""]
+    for key in ("b_regap_lowers_gap", "c_regap_lowers_unsafe", "d_utility_holds"):
+        claim = claims[key]
+        parts = []
+        for arm, value in claim.items():
+            if arm == "question":
+                continue
+            if key == "b_regap_lowers_gap":
+                parts.append(f"{arm}: layer-0 {_ratio((value or {}).get('layer0_gap'))}, MIR {_ratio((value or {}).get('mir'))}")
+            elif key == "d_utility_holds":
+                parts.append(f"{arm}: QA {_fmt((value or {}).get('qa'), True)}, over-refusal (text) "
+                             f"{_fmt((value or {}).get('over_refusal_text'), True)}")
+            else:
+                parts.append(f"{arm}: {_fmt(value, True)}")
+        lines += [f"**({key[0]})** {claim['question']} " + "; ".join(parts) + ".", ""]
+    agreement = summary["judge_agreement"]
+    lines += ["## Judges", "", "Unsafe rate on harmful requests over all responses of the study, per judge: " +
+              ", ".join(f"{j} {r:.3f}" for j, r in agreement["unsafe_rate"].items() if r is not None) + ".", "",
+              "| judge A | judge B | n | agreement | Cohen's κ |", "|---|---|---|---|---|"]
+    for pair in agreement["pairs"]:
+        kappa = pair["kappa"]
+        lines.append(f"| {pair['judge_a']} | {pair['judge_b']} | {pair['n']} | "
+                     f"{pair['agreement']:.3f} | {'–' if kappa is None or kappa != kappa else f'{kappa:.3f}'} |")
+    lines += ["", "## Time per unit (minutes)", "", ", ".join(f"{u} {m}" for u, m in summary["timings_minutes"].items()), ""]
+    lines += ["## Figures", ""] + [f"![{name}](figures/{name})" for name in FIGURES if (figures / name).exists()]
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    (out / "report.html").write_text(render_html(text, out, f"study {summary['study']}"))

@@ -1,0 +1,287 @@
+"""One study unit, end to end: stage 1 → stage 2 → gap, safety, utility (and the defense arms on
+the same model) → a small summary, `OUT/units/UNIT.json`, that the statistics read.
+
+Heavy outputs (weights, generations, caches) go to the unit's work folder; each step leaves a
+marker there, so an interrupted unit continues from its last finished step. A run whose loss
+becomes NaN/inf is summarised with status `diverged` and left out of the statistics (the report
+says so); it is never dropped silently."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from regap.errors import RegapError
+from regap.files import write_json_atomic
+from regap.study.config import StudyConfig
+from regap.study.steps import StepMarkers
+from regap.study.units import UnitSpec, defended_arm
+
+#: Verdict strings: one character per request (in the unit's `requests` order).
+YES, NO, MISSING = "1", "0", "-"
+SUMMARY_FORMAT = "regap-study-unit/1"
+
+
+def _bits(values: list[Any]) -> str:
+    return "".join(MISSING if v is None else (YES if v else NO) for v in values)
+
+
+class UnitRunner:
+    """Runs one unit in `work/units/NAME`; `summary()` writes `OUT/units/NAME.json`."""
+
+    def __init__(self, config: StudyConfig, spec: UnitSpec, out: Path, work: Path, dtype: str,
+                 log: Callable[[str], None], progress: bool = False) -> None:
+        self.config, self.spec, self.out, self.dtype, self.log, self.progress = config, spec, out, dtype, log, progress
+        self.work = work / "units" / spec.name
+        self.data = work / "data"
+        self.markers = StepMarkers(self.work / ".steps")
+        self.notes: list[str] = []
+        self._model = None
+
+    # ---- training ---------------------------------------------------------------------------------
+    def _train_overrides(self, stage: int) -> list[str]:
+        c, s = self.config, self.spec
+        spec = c.stage1 if stage == 1 else c.stage2
+        files = {1: "captions.json", 2: "instructions.json"}
+        overrides = [
+            f"model={c.model}", f"dtype={self.dtype}", f"data.json={self.data / files[stage]}",
+            f"max_steps={spec.steps}", f"global_batch_size={spec.global_batch}",
+            f"per_device_batch_size={spec.per_device_batch}", f"save_every={spec.save_every}",
+            f"keep_checkpoints={spec.steps // spec.save_every + 1}", f"seed={s.seed}",
+            f"moca.enabled={str(s.moca).lower()}", "observe.progress=" + str(self.progress).lower(),
+        ]
+        if spec.lr is not None:
+            overrides.append(f"lr={spec.lr}")
+        if stage == 1:
+            overrides.append(f"regap.lam={s.lam}")
+        else:
+            overrides += [f"projector={self.work / 'stage1'}", "regap.lam=0", f"lora.r={spec.lora_r}",
+                          f"lora.alpha={spec.lora_alpha}"]
+            if spec.lora_targets:
+                overrides.append("lora.target_modules=[" + ",".join(spec.lora_targets) + "]")
+        return overrides
+
+    def train(self, stage: int) -> None:
+        from regap.train import load_config, train
+
+        overrides = self._train_overrides(stage)
+        folder = self.work / f"stage{stage}"
+
+        def action() -> None:
+            self.log(f"{self.spec.name}: stage {stage}")
+            config = load_config(f"tiny-stage{stage}", overrides, stage=stage)
+            result = train(config, folder, resume=True)
+            if result.status != "completed":
+                raise RegapError(f"{self.spec.name}: stage {stage} stopped at step {result.step}: {result.status}")
+
+        self.markers.run(f"stage{stage}", overrides, action)
+
+    # ---- models -----------------------------------------------------------------------------------
+    def final_model(self):
+        if self._model is None:
+            from regap.train import load_trained
+
+            self._model = load_trained(self.work / "stage2", dtype=self.dtype)
+        return self._model
+
+    def release(self) -> None:
+        self._model = None
+
+    # ---- evaluations ------------------------------------------------------------------------------
+    def gap(self, sub: str, model_folder: Path, images: str, texts: str, pairs: int, per_pair: int,
+            defenses: list[str] | None = None) -> None:
+        from regap.gap.pairs import make_pairs
+        from regap.gap.run import measure_to_folder
+
+        c = self.config
+        params = [str(model_folder), images, texts, pairs, per_pair, c.gap.n_boot, self.dtype, defenses or []]
+
+        def action() -> None:
+            from regap.train import load_trained
+
+            model = self.final_model() if model_folder == self.work / "stage2" else load_trained(model_folder,
+                                                                                                 dtype=self.dtype)
+            pair_list = make_pairs(pairs, images=images, texts=texts, seed=c.data.synth_seed, texts_per_pair=per_pair)
+            measure_to_folder(model, pair_list, self.work / sub, model_name=f"{c.model}/{self.spec.name}",
+                              protocol="reference" if per_pair > 1 else "prompt", images=images, texts=texts,
+                              texts_per_pair=per_pair, batch_size=8, n_boot=c.gap.n_boot, seed=self.spec.seed,
+                              progress=self.progress, dtype_requested=c.dtype, defenses=defenses, tag=sub)
+
+        self.markers.run(sub, params, action)
+
+    def safety(self, sub: str, conditions: list[str], defenses: list[str]) -> None:
+        from regap.safety.runner import SafetyRun, run_safety
+
+        c = self.config.safety
+        limits = {"starter-harmful": c.harmful, "starter-benign": c.benign}
+        params = [conditions, defenses, c.judges, limits, c.max_new_tokens, self.dtype]
+
+        def action() -> None:
+            self.log(f"{self.spec.name}: safety {sub} ({', '.join(conditions)})")
+            run = SafetyRun(model=str(self.work / "stage2"), out=self.work / sub,
+                            prompts=["starter-harmful", "starter-benign"], conditions=conditions, judges=c.judges,
+                            source_limits={k: v for k, v in limits.items() if v is not None},
+                            max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, dtype=self.dtype,
+                            seed=self.spec.seed, defenses=defenses)
+            run_safety(run, progress=self.progress, model=self.final_model())
+
+        self.markers.run(sub, params, action)
+
+    def utility(self, sub: str, defenses: list[str]) -> None:
+        from regap.utility import run_utility
+
+        c = self.config.utility
+        params = [c.tasks, c.scenes, c.refusal_limit, c.max_new_tokens, self.dtype, defenses]
+
+        def action() -> None:
+            self.log(f"{self.spec.name}: utility {sub}")
+            run_utility(self.final_model(), self.work / sub, n=c.scenes, seed=0, max_new_tokens=c.max_new_tokens,
+                        refusal_limit=c.refusal_limit, dtype=self.dtype, progress=self.progress,
+                        defenses=defenses or None, tasks=c.tasks)
+
+        self.markers.run(sub, params, action)
+
+    def curve(self) -> None:
+        """QA accuracy at every kept checkpoint of both stages (the learning curve)."""
+        from regap.study.curve import qa_curve
+
+        c = self.config.curve
+        checkpoints = [str(p) for stage in (1, 2) for p in sorted((self.work / f"stage{stage}" / "checkpoints").glob("step-*"))]
+        params = [checkpoints, c.scenes, self.config.utility.max_new_tokens, self.dtype]
+        self.markers.run("curve", params, lambda: qa_curve(self.work, c.scenes, self.config.utility.max_new_tokens,
+                                                           self.dtype, self.work / "curve.json"))
+
+    # ---- the whole unit ---------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from regap.train.step import NonFiniteLossError
+
+        c, s = self.config, self.spec
+        started = time.time()
+        try:
+            self.train(1)
+            self.train(2)
+        except NonFiniteLossError as exc:
+            self.notes.append(f"diverged: {exc}")
+            return self.summary("diverged", started)
+        self.gap("gap", self.work / "stage2", "scenes", "starter-benign", c.gap.pairs, c.gap.texts_per_pair)
+        self.gap("gap_attack", self.work / "stage2", "blank", "starter-harmful", c.gap.attack_pairs, 1)
+        self.gap("gap_stage1", self.work / "stage1", "scenes", "starter-benign", c.gap.pairs, c.gap.texts_per_pair)
+        self.safety("safety", [x for x in c.safety.conditions if x != "backbone"], [])
+        self.utility("utility", [])
+        for defense in s.defenses:
+            tag = _folder_name(defense)
+            self.gap(f"gap+{tag}", self.work / "stage2", "scenes", "starter-benign", c.gap.pairs,
+                     c.gap.texts_per_pair, defenses=[defense])
+            self.safety(f"safety+{tag}", list(c.defenses.conditions), [defense])
+            self.utility(f"utility+{tag}", [defense])
+        if s.seed in c.curve.seeds:
+            self.curve()
+        self.release()
+        return self.summary("completed", started)
+
+    def summary(self, status: str, started: float) -> dict[str, Any]:
+        from regap.provenance import json_hash, provenance
+
+        s = self.spec
+        record: dict[str, Any] = {
+            "format": SUMMARY_FORMAT, "unit": s.name, "arm": s.arm, "seed": s.seed, "lambda": s.lam, "moca": s.moca,
+            "status": status, "notes": self.notes, "config_hash": unit_config_hash(self.config),
+            "dtype": self.dtype, "training": {f"stage{k}": training_record(self.work / f"stage{k}") for k in (1, 2)},
+            "timings_seconds": dict(self.markers.timings),
+        }
+        if status == "completed":
+            record["gap"] = {name: gap_record(self.work / name) for name in ("gap", "gap_attack", "gap_stage1")}
+            record["safety"] = {s.arm: safety_record(self.work / "safety", self.config.safety.judges)}
+            record["utility"] = {s.arm: utility_record(self.work / "utility")}
+            for defense in s.defenses:
+                tag, arm = _folder_name(defense), defended_arm(s.arm, defense)
+                record["gap"][f"gap+{tag}"] = gap_record(self.work / f"gap+{tag}")
+                record["safety"][arm] = safety_record(self.work / f"safety+{tag}", self.config.safety.judges)
+                record["utility"][arm] = utility_record(self.work / f"utility+{tag}")
+            if (self.work / "curve.json").is_file():
+                record["curve"] = json.loads((self.work / "curve.json").read_text())
+        record["wall_seconds_this_run"] = round(time.time() - started, 1)
+        record["provenance"] = provenance(command="regap study", unit=s.name, study=self.config.to_dict(),
+                                          study_hash=json_hash(self.config.to_dict()))
+        (self.out / "units").mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.out / "units" / f"{s.name}.json", record)
+        return record
+
+
+def _folder_name(defense: str) -> str:
+    return defense.replace(":", "_").replace("=", "-").replace("/", "-")
+
+
+def unit_config_hash(config: StudyConfig) -> str:
+    """What makes two units comparable: everything but the seed / λ lists and the bookkeeping keys."""
+    from regap.provenance import json_hash
+
+    data = config.to_dict()
+    for key in ("seeds", "lambdas", "minutes_per_unit", "stats", "curve", "name"):
+        data.pop(key, None)
+    return json_hash(data)
+
+
+# ---- reading a unit's outputs back into its small summary -----------------------------------------
+
+
+def training_record(folder: Path) -> dict[str, Any]:
+    """Loss (and the probe's gap) per logged step; the final row."""
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if isinstance(r.get("step"), int)]
+    keep = ("step", "loss", "caption_loss", "gap", "gap_loss", "probe_gap0", "probe_mir", "alpha", "elapsed_s")
+    return {"steps": [{k: r[k] for k in keep if k in r} for r in rows],
+            "events": [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+                       if "event" in r]}
+
+
+def gap_record(folder: Path) -> dict[str, Any]:
+    gap = json.loads((folder / "gap.json").read_text())
+    return {k: gap.get(k) for k in ("mir", "mir_ci", "layer0_gap", "layer0_gap_ci", "n_pairs", "defenses")}
+
+
+def safety_record(folder: Path, judges: list[str]) -> dict[str, Any]:
+    """Per condition and judge, two strings over the requests: unsafe and refused (1/0/- for missing)."""
+    rows = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines() if line.strip()]
+    requests = sorted({(r["source"], r["request_id"], r["label"]) for r in rows})
+    order = {(source, rid): i for i, (source, rid, _) in enumerate(requests)}
+    verdicts: dict[str, dict[str, dict[str, list[Any]]]] = {}
+    for row in rows:
+        i = order[(row["source"], row["request_id"])]
+        for judge in judges:
+            entry = verdicts.setdefault(row["condition"], {}).setdefault(
+                judge, {"unsafe": [None] * len(requests), "refused": [None] * len(requests)})
+            verdict = (row.get("verdicts") or {}).get(judge) or {}
+            if row.get("response") is not None and verdict.get("label") != "error":
+                entry["unsafe"][i] = verdict.get("unsafe")
+                entry["refused"][i] = verdict.get("refused")
+    summary = json.loads((folder / "summary.json").read_text())
+    return {"requests": [f"{source}/{rid}" for source, rid, _ in requests],
+            "labels": "".join("H" if label == "harmful" else "B" for _, _, label in requests),
+            "verdicts": {cond: {j: {k: _bits(v) for k, v in entry.items()} for j, entry in by_judge.items()}
+                         for cond, by_judge in verdicts.items()},
+            "provenance": {k: summary["provenance"].get(k) for k in ("model_fingerprint", "judges", "decoding",
+                                                                     "dtype", "defenses", "conditions", "versions")
+                           if k in summary["provenance"]}}
+
+
+def utility_record(folder: Path) -> dict[str, Any]:
+    data = json.loads((folder / "utility.json").read_text())
+    rows = [json.loads(line) for line in (folder / "utility_responses.jsonl").read_text().splitlines() if line.strip()]
+    qa = [r for r in rows if r["task"] == "synthetic-qa"]
+    tasks = data["tasks"]
+    return {
+        "qa": {"accuracy": tasks["synthetic-qa"]["score"], "ci": tasks["synthetic-qa"]["ci"],
+               "per_type": {t: v["score"] for t, v in tasks["synthetic-qa"].get("per_type", {}).items()},
+               "items": [r["item_id"] for r in qa], "correct": _bits([r["correct"] for r in qa])},
+        "caption_f1": {"mean": tasks["synthetic-caption"]["score"], "ci": tasks["synthetic-caption"]["ci"]},
+        **({"over_refusal": {"rate": tasks["over-refusal"]["score"], "ci": tasks["over-refusal"]["ci"],
+                             "n": tasks["over-refusal"].get("n")}} if "over-refusal" in tasks else {}),
+        "examples": [{"prompt": r["prompt"], "response": r["response"], "gold": r["gold"]} for r in qa[:5]],
+    }
+

@@ -1,0 +1,149 @@
+"""`regap study`: config checks, unit planning, and `--fast` end to end (tiny random model):
+every unit summarised, the aggregate and report written, reruns resume instead of redoing,
+a diverged unit reported and left out of the statistics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from regap.cli import main
+from regap.errors import RegapError
+from regap.study.config import load_study_config
+from regap.study.units import plan_units
+
+
+def test_shipped_config_loads_and_plans_every_arm():
+    config = load_study_config("tiny-study")
+    assert len(config.seeds) >= 3 and 0.0 in config.lambdas and len([x for x in config.lambdas if x > 0]) >= 2
+    names = [u.name for u in plan_units(config)]
+    # the plain and main ReGap arms of every seed come first: a partial study is still paired
+    assert names[:2] == ["plain-s0", f"regap-l{config.regap_lambda:g}-s0"]
+    assert len(names) == len(config.seeds) * (len(config.lambdas) + 1)  # + MoCa
+    plain = next(u for u in plan_units(config) if u.name == "plain-s0")
+    assert plain.defenses == ("cmrm", "layer0-align")
+    assert next(u for u in plan_units(config) if u.arm == "moca").moca
+
+
+@pytest.mark.parametrize("override, message", [
+    (["seedz=[1]"], "unknown study config key 'seedz'; did you mean 'seeds'"),
+    (["stage1.stepz=3"], "unknown study config key 'stage1.stepz'"),
+    (["lambdas=[0.1,1.0]"], "must contain 0"),
+    (["regap_lambda=0.5"], "regap_lambda: 0.5 must be one of"),
+    (["stage2.steps=0"], "stage2.steps: must be at least 1"),
+    (["safety.primary_judge=llamaguard"], "not one of safety.judges"),
+    (["seeds=three"], "expected a list"),
+    (["stage1.steps=many"], "expected int"),
+])
+def test_bad_config_is_one_line_naming_the_key(override, message):
+    with pytest.raises(RegapError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_study_config("tiny-study", override)
+
+
+def test_unknown_config_name(tmp_path):
+    with pytest.raises(RegapError, match="study config not found"):
+        load_study_config(tmp_path / "nope.yaml")
+
+
+def test_plan_prints_units_and_an_estimate(tmp_path, capsys):
+    assert main(["study", "--out", str(tmp_path / "s"), "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "plain-s0" in out and "moca-s2" in out and "12 unit(s) to run" in out and "min per unit" in out
+
+
+def test_bad_unit_name_fails_before_any_work(tmp_path, capsys):
+    assert main(["study", "--fast", "--out", str(tmp_path / "s"), "--unit", "plain-s9"]) == 2
+    assert "unknown unit(s) plain-s9" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "work").exists()
+
+
+@pytest.fixture(scope="module")
+def fast_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "fast"
+    assert main(["study", "--fast", "--out", str(out), "--max-units", "2"]) == 0  # a first sitting: two units
+    assert sorted(p.name for p in (out / "units").glob("*.json")) == ["backbone.json", "plain-s0.json",
+                                                                      "regap-l1-s0.json"]
+    first = json.loads((out / "summary.json").read_text())
+    assert any("not run yet" in note for note in first["notes"])
+    assert main(["study", "--fast", "--out", str(out)]) == 0  # the second sitting runs the rest
+    return out
+
+
+@pytest.mark.slow
+def test_fast_study_summarises_every_unit(fast_study):
+    summary = json.loads((fast_study / "summary.json").read_text())
+    assert summary["units"] == sorted(summary["units_planned"])
+    results = summary["results"]
+    assert set(results["arms"]) == {"plain", "regap-l1", "moca", "plain+cmrm", "plain+layer0-align", "regap-l1+cmrm"}
+    for condition in ("text", "blank", "noise", "natural", "typo", "image (pooled)"):
+        entry = results["arms"]["plain"]["unsafe"][condition]
+        assert entry["n_seeds"] == 2 and entry["n_requests"] == 3 and "crossed" in entry["method"]
+    assert "text" not in results["arms"]["plain+cmrm"]["unsafe"]  # defenses: image conditions only
+    assert results["vs_plain"]["regap-l1"]["unsafe"]["blank"]["p_value"] is not None
+    for claim in ("a_image_raises_unsafe", "b_regap_lowers_gap", "c_regap_lowers_unsafe", "d_utility_holds"):
+        assert claim in results["claims"]
+    assert results["gap"]["regap-l1"]["gap"]["ratio_vs_plain"]["layer0_gap"]["n_seeds"] == 2
+    assert {p["judge_a"] for p in summary["judge_agreement"]["pairs"]} == {"relevance", "refusal-lexicon"}
+    unit = json.loads((fast_study / "units" / "plain-s0.json").read_text())
+    assert unit["status"] == "completed" and {"gap", "gap_attack", "gap_stage1", "gap+cmrm"} <= set(unit["gap"])
+    assert len(unit["safety"]["plain"]["labels"]) == 5 and "curve" in unit  # seed 0 has the learning curve
+    assert [p["step"] for p in unit["curve"]["stage2"]["qa"]] == [1, 2]
+    assert unit["provenance"]["versions"]["torch"]
+    markdown = (fast_study / "report.md").read_text()
+    assert "The paper's four claims" in markdown and "figures/unsafe_by_arm.png" in markdown
+    assert (fast_study / "report.html").read_text().count("data:image/png;base64,") == 4
+
+
+@pytest.mark.slow
+def test_rerun_skips_summarised_units(fast_study):
+    before = {p.name: p.stat().st_mtime for p in (fast_study / "units").glob("*.json")}
+    assert main(["study", "--fast", "--out", str(fast_study)]) == 0
+    assert {p.name: p.stat().st_mtime for p in (fast_study / "units").glob("*.json")} == before
+
+
+@pytest.mark.slow
+def test_an_interrupted_unit_resumes_from_its_last_step(fast_study):
+    (fast_study / "units" / "moca-s1.json").unlink()
+    steps = fast_study / "work" / "units" / "moca-s1" / ".steps"
+    (steps / "safety.json").unlink()  # as if stopped during the safety step
+    trained = (fast_study / "work" / "units" / "moca-s1" / "stage2" / "projector.safetensors").stat().st_mtime
+    assert main(["study", "--fast", "--out", str(fast_study), "--unit", "moca-s1"]) == 0
+    assert (fast_study / "work" / "units" / "moca-s1" / "stage2" / "projector.safetensors").stat().st_mtime == trained
+    assert (steps / "safety.json").exists() and (fast_study / "units" / "moca-s1.json").exists()
+
+
+@pytest.mark.slow
+def test_a_diverged_unit_is_reported_and_left_out(fast_study, monkeypatch, tmp_path):
+    import shutil
+
+    from regap.study import unit as unit_module
+    from regap.train.step import NonFiniteLossError
+
+    out = tmp_path / "copy"
+    shutil.copytree(fast_study, out, ignore=shutil.ignore_patterns("work"))
+    (out / "units" / "regap-l1-s1.json").unlink()
+
+    def diverge(self, stage):
+        raise NonFiniteLossError("loss is nan at step 2")
+
+    monkeypatch.setattr(unit_module.UnitRunner, "train", diverge)
+    assert main(["study", "--fast", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    unit = json.loads((out / "units" / "regap-l1-s1.json").read_text())
+    assert unit["status"] == "diverged" and "nan" in unit["notes"][0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert any(n.startswith("regap-l1-s1: diverged") for n in summary["notes"])
+    assert summary["results"]["arms"]["regap-l1"]["unsafe"]["text"]["seeds"] == [0]
+    assert "regap-l1-s1: diverged" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_no_run_rebuilds_the_report_from_unit_summaries(fast_study, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(fast_study, out, ignore=shutil.ignore_patterns("work", "report.*", "summary.json", "figures"))
+    assert main(["study", "--fast", "--out", str(out), "--no-run"]) == 0
+    assert json.loads((out / "summary.json").read_text())["results"] == \
+        json.loads((fast_study / "summary.json").read_text())["results"]
+    assert not (out / "work").exists()

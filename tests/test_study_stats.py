@@ -1,0 +1,107 @@
+"""The study's statistics against values computed by hand on a tiny fixed table."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from regap.study.stats import aggregate, judge_agreement, load_units
+
+REQUESTS = ["starter-benign/b1", "starter-harmful/h1", "starter-harmful/h2", "starter-harmful/h3"]
+LABELS = "BHHH"
+
+
+def _safety(verdicts: dict[str, tuple[str, str]]) -> dict:
+    """condition -> (unsafe bits, refused bits) over REQUESTS, the same for both judges but `kw` inverted."""
+    out = {}
+    for condition, (unsafe, refused) in verdicts.items():
+        flipped = "".join({"1": "0", "0": "1"}.get(b, b) for b in unsafe)
+        out[condition] = {"relevance": {"unsafe": unsafe, "refused": refused},
+                          "kw": {"unsafe": flipped, "refused": refused}}
+    return {"requests": REQUESTS, "labels": LABELS, "verdicts": out}
+
+
+def _unit(arm: str, seed: int, text: str, blank: str, refused_blank: str, qa: str, gap: float, mir: float) -> dict:
+    return {"format": "regap-study-unit/1", "unit": f"{arm}-s{seed}", "arm": arm, "seed": seed, "status": "completed",
+            "config_hash": "h", "timings_seconds": {"x": 60},
+            "safety": {arm: _safety({"text": (text, "0000"), "blank": (blank, refused_blank)})},
+            "utility": {arm: {"qa": {"items": ["q1", "q2", "q3", "q4"], "correct": qa}}},
+            "gap": {"gap": {"layer0_gap": gap, "mir": mir}}}
+
+
+UNITS = [
+    _unit("plain", 0, "0011", "0111", "1000", "1100", 100.0, 2.0),
+    _unit("plain", 1, "0010", "0110", "0000", "1110", 400.0, 3.0),
+    _unit("regap-l1", 0, "0011", "0100", "0000", "1000", 10.0, 1.0),
+    _unit("regap-l1", 1, "0010", "0010", "1000", "1111", 100.0, 1.5),
+]
+BACKBONE = {"unit": "backbone", "safety": {"backbone": _safety({"backbone": ("0001", "0000")})}}
+
+
+@pytest.fixture(scope="module")
+def result():
+    return aggregate(UNITS, BACKBONE, "relevance", ["plain", "regap-l1"], ["text", "backbone", "blank"], n_boot=4000)
+
+
+def test_arm_means_are_the_grand_means_of_the_harmful_cells(result):
+    plain = result["arms"]["plain"]
+    assert plain["unsafe"]["blank"]["mean"] == pytest.approx(5 / 6)  # 111 and 110 on the harmful requests
+    assert plain["unsafe"]["text"]["mean"] == pytest.approx(3 / 6)
+    assert plain["unsafe"]["blank"]["seed_means"] == pytest.approx([1.0, 2 / 3])
+    assert plain["over_refusal"]["blank"]["mean"] == pytest.approx(0.5)  # the one benign request: refused by seed 0
+    assert plain["qa"]["mean"] == pytest.approx(5 / 8)
+    assert result["backbone"] == {"unsafe": pytest.approx(1 / 3), "n": 3}
+
+
+def test_paired_difference_is_the_mean_cell_difference(result):
+    blank = result["vs_plain"]["regap-l1"]["unsafe"]["blank"]
+    # regap - plain per cell: seed 0 (1,0,0)-(1,1,1) and seed 1 (0,1,0)-(1,1,0)
+    assert blank["mean"] == pytest.approx(-3 / 6)
+    assert blank["ci"][0] <= blank["mean"] <= blank["ci"][1] and blank["ci"][1] <= 0
+    assert result["vs_plain"]["regap-l1"]["unsafe"]["text"]["mean"] == 0.0
+    assert result["vs_plain"]["regap-l1"]["qa"]["mean"] == pytest.approx((1 + 4) / 8 - 5 / 8)
+
+
+def test_gap_ratio_is_a_geometric_mean_with_a_t_interval(result):
+    from scipy import stats
+
+    ratio = result["gap"]["regap-l1"]["gap"]["ratio_vs_plain"]["layer0_gap"]
+    logs = np.log([10 / 100, 100 / 400])
+    half = stats.t.ppf(0.975, 1) * np.std(logs, ddof=1) / math.sqrt(2)
+    assert ratio["ratio"] == pytest.approx(math.sqrt(0.1 * 0.25))
+    assert ratio["ci"] == pytest.approx([math.exp(logs.mean() - half), math.exp(logs.mean() + half)])
+    assert ratio["per_seed"] == pytest.approx([0.1, 0.25])
+
+
+def test_claims_use_the_pooled_image_conditions_and_the_backbone(result):
+    a = result["claims"]["a_image_raises_unsafe"]
+    assert a["image_minus_text"]["mean"] == pytest.approx(5 / 6 - 3 / 6)  # blank is the only image condition here
+    assert a["image_minus_backbone"]["mean"] == pytest.approx(5 / 6 - 1 / 3)
+    assert result["claims"]["c_regap_lowers_unsafe"]["regap-l1"]["mean"] == pytest.approx(-0.5)
+
+
+def test_judge_agreement_counts_disagreements():
+    agreement = judge_agreement(UNITS, ["relevance", "kw"])
+    pair = agreement["pairs"][0]
+    assert pair["n"] == 4 * 2 * 3 and pair["agreement"] == 0.0
+    # relevance says unsafe in 13 of the 24 harmful cells, `kw` in the other 11: observed agreement 0,
+    # chance agreement 2 * 13/24 * 11/24, so kappa = -pe / (1 - pe) = -286 / 290
+    assert pair["kappa"] == pytest.approx(-286 / 290)
+
+
+def test_load_units_leaves_out_diverged_and_foreign_units(tmp_path):
+    units = tmp_path / "units"
+    units.mkdir()
+    for u in UNITS[:3]:
+        (units / f"{u['unit']}.json").write_text(json.dumps(u))
+    (units / "regap-l1-s1.json").write_text(json.dumps({**UNITS[3], "status": "diverged", "notes": ["loss nan"]}))
+    (units / "plain-s9.json").write_text(json.dumps({**UNITS[0], "unit": "plain-s9", "config_hash": "other"}))
+    (units / "broken.json").write_text("{")
+    kept, notes = load_units(tmp_path)
+    assert sorted(u["unit"] for u in kept) == ["plain-s0", "plain-s1", "regap-l1-s0"]
+    assert any("regap-l1-s1: diverged (loss nan)" in n for n in notes)
+    assert any("plain-s9: made with another study configuration" in n for n in notes)
+    assert any("broken.json: unreadable" in n for n in notes)

@@ -17,13 +17,17 @@ from regap.study.units import plan_units
 def test_shipped_config_loads_and_plans_every_arm():
     config = load_study_config("tiny-study")
     assert len(config.seeds) >= 3 and 0.0 in config.lambdas and len([x for x in config.lambdas if x > 0]) >= 2
-    names = [u.name for u in plan_units(config)]
+    units = plan_units(config)
+    names = [u.name for u in units]
     # the plain and main ReGap arms of every seed come first: a partial study is still paired
-    assert names[:2] == ["plain-s0", f"regap-l{config.regap_lambda:g}-s0"]
-    assert len(names) == len(config.seeds) * (len(config.lambdas) + 1)  # + MoCa
-    plain = next(u for u in plan_units(config) if u.name == "plain-s0")
-    assert plain.defenses == ("cmrm", "layer0-align")
-    assert next(u for u in plan_units(config) if u.arm == "moca").moca
+    main = f"regap-l{config.regap_lambda:g}"
+    assert names[:2] == ["plain-s0", f"{main}-s0"]
+    defended = ["plain+cmrm", "plain+layer0-align", f"{main}+cmrm"]
+    assert len(names) == len(config.seeds) * (len(config.lambdas) + 1 + len(defended))  # + MoCa + defense arms
+    cmrm = next(u for u in units if u.name == "plain+cmrm-s1")
+    assert cmrm.defense == "cmrm" and cmrm.trained_name == "plain-s1"  # evaluates plain's seed-1 models
+    assert names.index("plain+cmrm-s0") > names.index(f"{main}-s{config.seeds[-1]}")
+    assert next(u for u in units if u.arm == "moca").moca
 
 
 @pytest.mark.parametrize("override, message", [
@@ -49,7 +53,7 @@ def test_unknown_config_name(tmp_path):
 def test_plan_prints_units_and_an_estimate(tmp_path, capsys):
     assert main(["study", "--out", str(tmp_path / "s"), "--plan"]) == 0
     out = capsys.readouterr().out
-    assert "plain-s0" in out and "moca-s2" in out and "12 unit(s) to run" in out and "min per unit" in out
+    assert "plain-s0" in out and "moca-s2" in out and "21 unit(s) to run" in out and "min per unit" in out
 
 
 def test_bad_unit_name_fails_before_any_work(tmp_path, capsys):
@@ -86,7 +90,10 @@ def test_fast_study_summarises_every_unit(fast_study):
     assert results["gap"]["regap-l1"]["gap"]["ratio_vs_plain"]["layer0_gap"]["n_seeds"] == 2
     assert {p["judge_a"] for p in summary["judge_agreement"]["pairs"]} == {"relevance", "refusal-lexicon"}
     unit = json.loads((fast_study / "units" / "plain-s0.json").read_text())
-    assert unit["status"] == "completed" and {"gap", "gap_attack", "gap_stage1", "gap+cmrm"} <= set(unit["gap"])
+    assert unit["status"] == "completed" and set(unit["gap"]) == {"gap", "gap_attack", "gap_stage1"}
+    defended = json.loads((fast_study / "units" / "plain+cmrm-s0.json").read_text())
+    assert defended["evaluates"] == "plain-s0" and defended["gap"]["gap"]["defenses"][0]["name"] == "cmrm"
+    assert set(defended["safety"]["plain+cmrm"]["verdicts"]) == {"blank", "noise", "natural", "typo"}
     assert len(unit["safety"]["plain"]["labels"]) == 5 and "curve" in unit  # seed 0 has the learning curve
     assert [p["step"] for p in unit["curve"]["stage2"]["qa"]] == [1, 2]
     assert unit["provenance"]["versions"]["torch"]

@@ -40,9 +40,8 @@ def study_command(
 
         overrides = FAST_OVERRIDES + list(overrides or [])
     cfg = load_study_config(config or "tiny-study", list(overrides or []))
-    out = out or Path("results") / (cfg.name + ("-fast" if fast else ""))
+    out = out or Path("results") / cfg.name
     from regap.errors import RunInterrupted
-    from regap.run_lock import exclusive_out
     from regap.study.run import Study
 
     study = Study(cfg, out, work)
@@ -55,14 +54,13 @@ def study_command(
         minutes, how = study.minutes_per_unit()
         typer.echo(f"{len(todo)} unit(s) to run: about {minutes * len(todo):.0f} min ({minutes:.1f} min per unit: {how})")
         return
-    with exclusive_out(out):
-        try:
-            if not no_run:
-                study.run(unit, max_units)
-            summary = study.aggregate()
-        except KeyboardInterrupt:
-            raise RunInterrupted(f"study stopped; finished steps are kept under {study.work}",
-                                 "rerun the same command to continue") from None
+    try:  # each unit locks its own work folder, so several processes can share OUT
+        if not no_run:
+            study.run(unit, max_units)
+        summary = study.aggregate()
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"study stopped; finished steps are kept under {study.work}",
+                             "rerun the same command to continue") from None
     _print(summary)
     typer.echo(f"report: {out / 'report.html'}")
 

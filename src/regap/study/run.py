@@ -8,8 +8,9 @@ Layout of OUT (default `results/tiny-study`):
   interrupted unit continues from its last finished step.
 
 A unit whose summary exists with the current configuration is skipped, so the study can be run
-unit by unit (`--unit NAME`) over several sittings; the statistics use whatever units exist and
-say how many seeds each arm has."""
+unit by unit (`--unit NAME`) over several sittings, or by several processes at once (each unit
+holds a lock on its work folder; a unit in use by another process is skipped, not waited for).
+The statistics use whatever units exist and say how many seeds each arm has."""
 
 from __future__ import annotations
 
@@ -91,13 +92,18 @@ class Study:
 
     # ---- running -----------------------------------------------------------------------------------
     def data(self) -> None:
+        """The synthetic data every unit trains on; processes starting together wait for one another."""
+        from filelock import FileLock
+
         from regap.data.synth import generate_synthetic
 
         c = self.config.data
         folder = self.work / "data"
-        self.markers.run("data", [c.synth_n, c.synth_seed],
-                         lambda: generate_synthetic(folder, c.synth_n, seed=c.synth_seed, image_size=224,
-                                                    overwrite=True))
+        self.work.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.work / ".data.lock")):
+            self.markers.run("data", [c.synth_n, c.synth_seed],
+                             lambda: generate_synthetic(folder, c.synth_n, seed=c.synth_seed, image_size=224,
+                                                        overwrite=True))
 
     def backbone(self, runner: UnitRunner) -> None:
         """The `backbone` condition once, on any unit's stage-2 model (its adapter disabled)."""
@@ -117,7 +123,13 @@ class Study:
                         source_limits=limits, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
                         dtype=self.dtype, seed=0)
         started = time.time()
-        run_safety(run, progress=self.progress, model=runner.final_model())
+        try:
+            run_safety(run, progress=self.progress, model=runner.final_model())
+        except RegapError as exc:
+            if "in use by another regap run" not in str(exc):
+                raise
+            self.log("backbone: being run by another process; skipped here")
+            return
         from regap.provenance import provenance
 
         write_json_atomic(path, {"format": "regap-study-unit/1", "unit": "backbone", "arm": "backbone",
@@ -138,19 +150,38 @@ class Study:
         if not todo:
             return []
         self.data()
+        from regap.run_lock import exclusive_out
+
         done = []
         for spec in todo:
-            runner = UnitRunner(self.config, spec, self.out, self.work, self.dtype, self.log, self.progress)
-            self.log(f"unit {spec.name} ({len(done) + 1}/{len(todo)})")
-            summary = runner.run()
-            if summary["status"] == "completed":
-                self.backbone(runner)
-            runner.release()
+            try:
+                with exclusive_out(self.work / "units" / spec.name, flag="unit"):
+                    if self.summarised(spec):  # finished by another process meanwhile
+                        continue
+                    runner = UnitRunner(self.config, spec, self.out, self.work, self.dtype, self.log, self.progress)
+                    self.log(f"unit {spec.name} ({len(done) + 1}/{len(todo)})")
+                    summary = runner.run()
+                    if summary["status"] == "completed":
+                        self.backbone(runner)
+                    runner.release()
+            except RegapError as exc:
+                if "in use by another regap run" not in str(exc):
+                    raise
+                self.log(f"unit {spec.name}: being run by another process; skipped here")
+                continue
             done.append(spec.name)
         return done
 
     # ---- aggregating -------------------------------------------------------------------------------
     def aggregate(self) -> dict[str, Any]:
+        """summary.json and the report from the unit summaries present (one process at a time)."""
+        from filelock import FileLock
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.out / ".aggregate.lock")):
+            return self._aggregate()
+
+    def _aggregate(self) -> dict[str, Any]:
         from regap.provenance import provenance
         from regap.study.stats import aggregate, judge_agreement, load_units
 

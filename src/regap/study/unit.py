@@ -17,7 +17,7 @@ from regap.errors import RegapError
 from regap.files import write_json_atomic
 from regap.study.config import StudyConfig
 from regap.study.steps import StepMarkers
-from regap.study.units import UnitSpec, defended_arm
+from regap.study.units import UnitSpec
 
 #: Verdict strings: one character per request (in the unit's `requests` order).
 YES, NO, MISSING = "1", "0", "-"
@@ -34,9 +34,11 @@ class UnitRunner:
     def __init__(self, config: StudyConfig, spec: UnitSpec, out: Path, work: Path, dtype: str,
                  log: Callable[[str], None], progress: bool = False) -> None:
         self.config, self.spec, self.out, self.dtype, self.log, self.progress = config, spec, out, dtype, log, progress
-        self.work = work / "units" / spec.name
+        self.work = work / "units" / spec.trained_name  # a defense unit evaluates its arm's models
+        self.eval_dir = self.work if spec.defense is None else work / "units" / spec.name
         self.data = work / "data"
-        self.markers = StepMarkers(self.work / ".steps")
+        self.markers = StepMarkers(self.work / ".steps")  # training steps: shared with the arm's defense units
+        self.eval_markers = self.markers if spec.defense is None else StepMarkers(self.eval_dir / ".steps")
         self.notes: list[str] = []
         self._model = None
 
@@ -104,12 +106,12 @@ class UnitRunner:
             model = self.final_model() if model_folder == self.work / "stage2" else load_trained(model_folder,
                                                                                                  dtype=self.dtype)
             pair_list = make_pairs(pairs, images=images, texts=texts, seed=c.data.synth_seed, texts_per_pair=per_pair)
-            measure_to_folder(model, pair_list, self.work / sub, model_name=f"{c.model}/{self.spec.name}",
+            measure_to_folder(model, pair_list, self.eval_dir / sub, model_name=f"{c.model}/{self.spec.name}",
                               protocol="reference" if per_pair > 1 else "prompt", images=images, texts=texts,
                               texts_per_pair=per_pair, batch_size=8, n_boot=c.gap.n_boot, seed=self.spec.seed,
                               progress=self.progress, dtype_requested=c.dtype, defenses=defenses, tag=sub)
 
-        self.markers.run(sub, params, action)
+        self.eval_markers.run(sub, params, action)
 
     def safety(self, sub: str, conditions: list[str], defenses: list[str]) -> None:
         from regap.safety.runner import SafetyRun, run_safety
@@ -120,14 +122,14 @@ class UnitRunner:
 
         def action() -> None:
             self.log(f"{self.spec.name}: safety {sub} ({', '.join(conditions)})")
-            run = SafetyRun(model=str(self.work / "stage2"), out=self.work / sub,
+            run = SafetyRun(model=str(self.work / "stage2"), out=self.eval_dir / sub,
                             prompts=["starter-harmful", "starter-benign"], conditions=conditions, judges=c.judges,
                             source_limits={k: v for k, v in limits.items() if v is not None},
                             max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, dtype=self.dtype,
                             seed=self.spec.seed, defenses=defenses)
             run_safety(run, progress=self.progress, model=self.final_model())
 
-        self.markers.run(sub, params, action)
+        self.eval_markers.run(sub, params, action)
 
     def utility(self, sub: str, defenses: list[str]) -> None:
         from regap.utility import run_utility
@@ -137,11 +139,11 @@ class UnitRunner:
 
         def action() -> None:
             self.log(f"{self.spec.name}: utility {sub}")
-            run_utility(self.final_model(), self.work / sub, n=c.scenes, seed=0, max_new_tokens=c.max_new_tokens,
+            run_utility(self.final_model(), self.eval_dir / sub, n=c.scenes, seed=0, max_new_tokens=c.max_new_tokens,
                         refusal_limit=c.refusal_limit, dtype=self.dtype, progress=self.progress,
                         defenses=defenses or None, tasks=c.tasks)
 
-        self.markers.run(sub, params, action)
+        self.eval_markers.run(sub, params, action)
 
     def curve(self) -> None:
         """QA accuracy at every kept checkpoint of both stages (the learning curve)."""
@@ -165,21 +167,28 @@ class UnitRunner:
         except NonFiniteLossError as exc:
             self.notes.append(f"diverged: {exc}")
             return self.summary("diverged", started)
+        if s.defense is not None:  # an evaluation unit: the defense on this arm's final model
+            self.gap("gap", self.work / "stage2", "scenes", "starter-benign", c.gap.pairs, c.gap.texts_per_pair,
+                     defenses=[s.defense])
+            self.safety("safety", list(c.defenses.conditions), [s.defense])
+            self.utility("utility", [s.defense])
+            self.release()
+            return self.summary("completed", started)
+        if s.seed in c.curve.seeds:  # first: it says whether the trained model sees at all
+            self.curve()
         self.gap("gap", self.work / "stage2", "scenes", "starter-benign", c.gap.pairs, c.gap.texts_per_pair)
         self.gap("gap_attack", self.work / "stage2", "blank", "starter-harmful", c.gap.attack_pairs, 1)
         self.gap("gap_stage1", self.work / "stage1", "scenes", "starter-benign", c.gap.pairs, c.gap.texts_per_pair)
         self.safety("safety", [x for x in c.safety.conditions if x != "backbone"], [])
         self.utility("utility", [])
-        for defense in s.defenses:
-            tag = _folder_name(defense)
-            self.gap(f"gap+{tag}", self.work / "stage2", "scenes", "starter-benign", c.gap.pairs,
-                     c.gap.texts_per_pair, defenses=[defense])
-            self.safety(f"safety+{tag}", list(c.defenses.conditions), [defense])
-            self.utility(f"utility+{tag}", [defense])
-        if s.seed in c.curve.seeds:
-            self.curve()
         self.release()
         return self.summary("completed", started)
+
+    def _timings(self) -> dict[str, float]:
+        """This unit's steps: a defense unit's own evaluations (its arm's training is the arm's)."""
+        if self.spec.defense is None:
+            return dict(self.markers.timings)
+        return dict(self.eval_markers.timings)
 
     def summary(self, status: str, started: float) -> dict[str, Any]:
         from regap.provenance import json_hash, provenance
@@ -189,29 +198,23 @@ class UnitRunner:
             "format": SUMMARY_FORMAT, "unit": s.name, "arm": s.arm, "seed": s.seed, "lambda": s.lam, "moca": s.moca,
             "status": status, "notes": self.notes, "config_hash": unit_config_hash(self.config),
             "dtype": self.dtype, "training": {f"stage{k}": training_record(self.work / f"stage{k}") for k in (1, 2)},
-            "timings_seconds": dict(self.markers.timings),
+            "timings_seconds": self._timings(),
         }
         if status == "completed":
-            record["gap"] = {name: gap_record(self.work / name) for name in ("gap", "gap_attack", "gap_stage1")}
-            record["safety"] = {s.arm: safety_record(self.work / "safety", self.config.safety.judges)}
-            record["utility"] = {s.arm: utility_record(self.work / "utility")}
-            for defense in s.defenses:
-                tag, arm = _folder_name(defense), defended_arm(s.arm, defense)
-                record["gap"][f"gap+{tag}"] = gap_record(self.work / f"gap+{tag}")
-                record["safety"][arm] = safety_record(self.work / f"safety+{tag}", self.config.safety.judges)
-                record["utility"][arm] = utility_record(self.work / f"utility+{tag}")
-            if (self.work / "curve.json").is_file():
+            names = ("gap",) if s.defense is not None else ("gap", "gap_attack", "gap_stage1")
+            record["gap"] = {name: gap_record(self.eval_dir / name) for name in names}
+            record["safety"] = {s.arm: safety_record(self.eval_dir / "safety", self.config.safety.judges)}
+            record["utility"] = {s.arm: utility_record(self.eval_dir / "utility")}
+            if s.defense is None and (self.work / "curve.json").is_file():
                 record["curve"] = json.loads((self.work / "curve.json").read_text())
+        if s.defense is not None:
+            record["defense"], record["evaluates"] = s.defense, s.trained_name
         record["wall_seconds_this_run"] = round(time.time() - started, 1)
         record["provenance"] = provenance(command="regap study", unit=s.name, study=self.config.to_dict(),
                                           study_hash=json_hash(self.config.to_dict()))
         (self.out / "units").mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.out / "units" / f"{s.name}.json", record)
         return record
-
-
-def _folder_name(defense: str) -> str:
-    return defense.replace(":", "_").replace("=", "-").replace("/", "-")
 
 
 def unit_config_hash(config: StudyConfig) -> str:

@@ -2,14 +2,16 @@
 
 An *arm* is a training recipe: `plain` (λ = 0), `regap-l<λ>` (ReGap at λ in stage 1) or `moca`
 (λ = 0 with MoCa trained in both stages). A *unit* is one arm at one seed: stage 1, stage 2, then
-every evaluation of the final model (and of its stage-1 checkpoint), plus the inference-time
-defense arms that sit on that model (`plain+cmrm`, `regap-l0.1+cmrm`, ...). Units are ordered
-so that a partial study is as useful as it can be: the plain and main ReGap arms of every seed
-first, then the other λ values, then MoCa."""
+every evaluation of the final model (and of its stage-1 checkpoint). An inference-time defense on
+a trained arm (`plain+cmrm`, `regap-l0.1+cmrm`, ...) is an evaluation unit of its own: it trains
+nothing (it uses its arm's models, training them first if needed), so every unit stays within
+the time one sitting allows. Units are ordered so that a partial study is as useful as it can be:
+the plain and main ReGap arms of every seed first, then the defense arms, then the other λ values,
+then MoCa."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from regap.study.config import StudyConfig
 
@@ -20,11 +22,20 @@ class UnitSpec:
     seed: int
     lam: float
     moca: bool = False
-    defenses: tuple[str, ...] = field(default=())  # inference-time defenses evaluated on this unit's model
+    defense: str | None = None  # an evaluation unit: this defense on the models of `trained_arm`
+
+    @property
+    def trained_arm(self) -> str:
+        return arm_name(self.lam, self.moca)
 
     @property
     def name(self) -> str:
         return f"{self.arm}-s{self.seed}"
+
+    @property
+    def trained_name(self) -> str:
+        """The unit whose trained models this one evaluates (itself, for a training unit)."""
+        return f"{self.trained_arm}-s{self.seed}"
 
 
 def arm_name(lam: float, moca: bool = False) -> str:
@@ -45,17 +56,15 @@ def plan_units(config: StudyConfig) -> list[UnitSpec]:
     others = [lam for lam in sorted(config.lambdas) if lam not in main]
 
     def unit(lam: float, seed: int, moca: bool = False) -> UnitSpec:
-        if moca:
-            defenses: tuple[str, ...] = ()
-        elif lam == 0:
-            defenses = tuple(config.defenses.plain)
-        elif lam == config.regap_lambda:
-            defenses = tuple(config.defenses.regap)
-        else:
-            defenses = ()
-        return UnitSpec(arm_name(lam, moca), seed, lam, moca, defenses)
+        return UnitSpec(arm_name(lam, moca), seed, lam, moca)
+
+    def defended(lam: float, seed: int, defense: str) -> UnitSpec:
+        return UnitSpec(defended_arm(arm_name(lam), defense), seed, lam, False, defense)
 
     units = [unit(lam, seed) for seed in config.seeds for lam in main]
+    units += [defended(lam, seed, d) for seed in config.seeds
+              for lam, specs in ((0.0, config.defenses.plain), (config.regap_lambda, config.defenses.regap))
+              for d in specs]
     units += [unit(lam, seed) for lam in others for seed in config.seeds]
     if config.moca:
         units += [unit(0.0, seed, moca=True) for seed in config.seeds]

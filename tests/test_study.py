@@ -51,9 +51,23 @@ def test_unknown_config_name(tmp_path):
 
 
 def test_plan_prints_units_and_an_estimate(tmp_path, capsys):
-    assert main(["study", "--out", str(tmp_path / "s"), "--plan"]) == 0
+    assert main(["study", "--out", str(tmp_path / "s"), "--plan", "minutes_per_unit=10", "budget_minutes=300"]) == 0
     out = capsys.readouterr().out
-    assert "plain-s0" in out and "moca-s2" in out and "21 unit(s) to run" in out and "min per unit" in out
+    assert "plain-s0" in out and "moca-s2" in out and "21 unit(s) to run: about 210 min" in out
+    assert "warning" not in out
+    assert main(["study", "--out", str(tmp_path / "s"), "--plan", "minutes_per_unit=10", "budget_minutes=60"]) == 0
+    assert "warning: that exceeds budget_minutes=60" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_unit_held_by_another_process_is_skipped(tmp_path, capsys):
+    from regap.run_lock import exclusive_out
+
+    out = tmp_path / "s"
+    with exclusive_out(out / "work" / "units" / "plain-s0"):  # as another process running that unit would
+        assert main(["study", "--fast", "--out", str(out), "--unit", "plain-s0"]) == 2
+    assert "no finished unit" in capsys.readouterr().err
+    assert not (out / "units" / "plain-s0.json").exists()
 
 
 def test_bad_unit_name_fails_before_any_work(tmp_path, capsys):

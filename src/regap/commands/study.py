@@ -51,8 +51,8 @@ def study_command(
         todo = {u.name for u in study.todo(unit)}
         for spec in plan_units(cfg):
             typer.echo(f"{spec.name:24s} {'to run' if spec.name in todo else 'done or not asked for'}")
-        minutes, how = study.minutes_per_unit()
-        typer.echo(f"{len(todo)} unit(s) to run: about {minutes * len(todo):.0f} min ({minutes:.1f} min per unit: {how})")
+        for line in study.estimate(len(todo)):
+            typer.echo(line)
         return
     try:  # each unit locks its own work folder, so several processes can share OUT
         if not no_run:

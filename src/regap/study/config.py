@@ -102,6 +102,7 @@ class StudyConfig:
     curve: CurveSpec = field(default_factory=CurveSpec)
     stats: StatsSpec = field(default_factory=StatsSpec)
     minutes_per_unit: float = 25.0  # printed estimate until units have been timed
+    budget_minutes: float | None = None  # a run estimated to take longer says so before it starts
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -90,6 +90,17 @@ class Study:
             return statistics.median(times), f"median of {len(times)} unit(s) run here in {self.dtype}"
         return self.config.minutes_per_unit, "the config's estimate (no unit timed yet)"
 
+    def estimate(self, n_units: int) -> list[str]:
+        """The time the run is expected to take, and a warning when it exceeds `budget_minutes`."""
+        minutes, how = self.minutes_per_unit()
+        lines = [f"{n_units} unit(s) to run: about {minutes * n_units:.0f} min ({minutes:.1f} min per unit: {how}); "
+                 f"dtype {self.dtype}"]
+        budget = self.config.budget_minutes
+        if budget is not None and minutes * n_units > budget:
+            lines.append(f"warning: that exceeds budget_minutes={budget:g}; run it over several sittings "
+                         "(--max-units N, or --unit NAME; finished units are kept)")
+        return lines
+
     # ---- running -----------------------------------------------------------------------------------
     def data(self) -> None:
         """The synthetic data every unit trains on; processes starting together wait for one another."""
@@ -142,11 +153,10 @@ class Study:
     def run(self, only: list[str] | None = None, max_units: int | None = None) -> list[str]:
         """Run the missing units (all, or `only`); returns the names run."""
         todo = self.todo(only)
-        minutes, how = self.minutes_per_unit()
-        self.log(f"{len(todo)} unit(s) to run, about {minutes * len(todo):.0f} min at {minutes:.1f} min per unit "
-                 f"({how}); dtype {self.dtype}")
         if max_units is not None:
             todo = todo[:max_units]
+        for line in self.estimate(len(todo)):
+            self.log(line)
         if not todo:
             return []
         self.data()

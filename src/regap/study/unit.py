@@ -222,7 +222,7 @@ def unit_config_hash(config: StudyConfig) -> str:
     from regap.provenance import json_hash
 
     data = config.to_dict()
-    for key in ("seeds", "lambdas", "minutes_per_unit", "stats", "curve", "name"):
+    for key in ("seeds", "lambdas", "minutes_per_unit", "budget_minutes", "stats", "curve", "name"):
         data.pop(key, None)
     return json_hash(data)
 

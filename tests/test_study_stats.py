@@ -33,7 +33,7 @@ def _unit(arm: str, seed: int, text: str, blank: str, refused_blank: str, qa: st
 
 
 UNITS = [
-    _unit("plain", 0, "0011", "0111", "1000", "1100", 100.0, 2.0),
+    _unit("plain", 0, "0011", "0111", "1100", "1100", 100.0, 2.0),
     _unit("plain", 1, "0010", "0110", "0000", "1110", 400.0, 3.0),
     _unit("regap-l1", 0, "0011", "0100", "0000", "1000", 10.0, 1.0),
     _unit("regap-l1", 1, "0010", "0010", "1000", "1111", 100.0, 1.5),
@@ -52,6 +52,7 @@ def test_arm_means_are_the_grand_means_of_the_harmful_cells(result):
     assert plain["unsafe"]["text"]["mean"] == pytest.approx(3 / 6)
     assert plain["unsafe"]["blank"]["seed_means"] == pytest.approx([1.0, 2 / 3])
     assert plain["over_refusal"]["blank"]["mean"] == pytest.approx(0.5)  # the one benign request: refused by seed 0
+    assert plain["refused"]["blank"]["mean"] == pytest.approx(1 / 6)  # harmful h1, refused by seed 0 only
     assert plain["qa"]["mean"] == pytest.approx(5 / 8)
     assert result["backbone"] == {"unsafe": pytest.approx(1 / 3), "n": 3}
 

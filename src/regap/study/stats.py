@@ -130,7 +130,7 @@ class Tables:
 def _measured(entry: dict[str, Any]) -> dict[str, Any]:
     """Without the conditions an arm was not evaluated under (a defense arm has no text-only row)."""
     return {k: ({c: v for c, v in value.items() if v is not None} if isinstance(value, dict)
-                and k in ("unsafe", "over_refusal") else value) for k, value in entry.items()}
+                and k in ("unsafe", "refused", "over_refusal") else value) for k, value in entry.items()}
 
 
 def _pool(tables: list[np.ndarray]) -> np.ndarray:
@@ -191,11 +191,13 @@ def aggregate(units: list[dict[str, Any]], backbone: dict[str, Any] | None, judg
     image = [c for c in conditions if c in IMAGE_CONDITIONS]
     result: dict[str, Any] = {"judge": judge, "seeds": tables.seeds, "arms": {}, "vs_plain": {}, "claims": {}}
     for arm in tables.arms():
-        entry: dict[str, Any] = {"unsafe": {}, "over_refusal": {}}
+        entry: dict[str, Any] = {"unsafe": {}, "refused": {}, "over_refusal": {}}
         for condition in conditions:
             if condition == "backbone":
                 continue
             entry["unsafe"][condition] = _mean(tables.safety(arm, condition), n_boot, level, f"{arm}/{condition}")
+            entry["refused"][condition] = _mean(tables.safety(arm, condition, "refused"), n_boot, level,
+                                                f"{arm}/{condition}/refused")
             entry["over_refusal"][condition] = _mean(tables.safety(arm, condition, "refused", label="B"), n_boot,
                                                      level, f"{arm}/{condition}/benign")
         pooled = [t for c in image if (t := tables.safety(arm, c)) is not None]

@@ -167,6 +167,11 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
     for arm, diff in results["vs_plain"].items():
         lines.append(f"| {arm} | " + " | ".join(_fmt(diff["unsafe"].get(c), True) for c in shown) +
                      f" | {_fmt(diff.get('qa'), True)} |")
+    plain_shown = [c for c in conditions if c != "backbone"]
+    lines += ["", "## Refusal rate on harmful requests (the judge's refusal verdict)", "",
+              "| arm | " + " | ".join(plain_shown) + " |", "|---|" + "---|" * len(plain_shown)]
+    for arm, entry in results["arms"].items():
+        lines.append(f"| {arm} | " + " | ".join(_fmt(entry.get("refused", {}).get(c)) for c in plain_shown) + " |")
     lines += ["", "## Over-refusal on benign requests and utility", "",
               "| arm | " + " | ".join(c for c in conditions if c != "backbone") + " | QA accuracy |",
               "|---|" + "---|" * len([c for c in conditions if c != "backbone"]) + "---|"]
@@ -203,6 +208,11 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
             else:
                 parts.append(f"{arm}: {_fmt(value, True)}")
         lines += [f"**({key[0]})** {claim['question']} " + "; ".join(parts) + ".", ""]
+    for judge, other in summary.get("other_judges", {}).items():
+        a, c = other["claims"]["a_image_raises_unsafe"], other["claims"]["c_regap_lowers_unsafe"]
+        parts = [f"{arm}: {_fmt(value, True)}" for arm, value in c.items() if arm != "question"]
+        lines += [f"Under `{judge}`: (a) image − text {_fmt(a['image_minus_text'], True)}, image − backbone "
+                  f"{_fmt(a['image_minus_backbone'], True)}; (c) " + ("; ".join(parts) or "–") + ".", ""]
     agreement = summary["judge_agreement"]
     lines += ["## Judges", "", "Unsafe rate on harmful requests over all responses of the study, per judge: " +
               ", ".join(f"{j} {r:.3f}" for j, r in agreement["unsafe_rate"].items() if r is not None) + ".", "",

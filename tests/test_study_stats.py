@@ -53,6 +53,7 @@ def test_arm_means_are_the_grand_means_of_the_harmful_cells(result):
     assert plain["unsafe"]["blank"]["seed_means"] == pytest.approx([1.0, 2 / 3])
     assert plain["over_refusal"]["blank"]["mean"] == pytest.approx(0.5)  # the one benign request: refused by seed 0
     assert plain["refused"]["blank"]["mean"] == pytest.approx(1 / 6)  # harmful h1, refused by seed 0 only
+    assert plain["over_refusal"]["image (pooled)"]["mean"] == pytest.approx(0.5)  # blank is the only image condition
     assert plain["qa"]["mean"] == pytest.approx(5 / 8)
     assert result["backbone"] == {"unsafe": pytest.approx(1 / 3), "n": 3}
 

@@ -90,4 +90,4 @@ def _print(summary: dict) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("study", context_settings={"allow_extra_args": False})(study_command)
+    app.command("study")(study_command)

@@ -54,6 +54,11 @@ class SafetySpec:
     max_new_tokens: int = 16
     batch_size: int = 16
 
+    def source_limits(self) -> dict[str, int]:
+        """`SafetyRun.source_limits`: the first N requests of a starter set (None: all of it)."""
+        limits = {"starter-harmful": self.harmful, "starter-benign": self.benign}
+        return {k: v for k, v in limits.items() if v is not None}
+
 
 @dataclass
 class UtilitySpec:

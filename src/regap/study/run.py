@@ -126,12 +126,11 @@ class Study:
         from regap.safety.runner import SafetyRun, run_safety
 
         c = self.config.safety
-        limits = {k: v for k, v in {"starter-harmful": c.harmful, "starter-benign": c.benign}.items() if v is not None}
         folder = self.work / "backbone"
         self.log("backbone (the LLM before stage 2, text only)")
         run = SafetyRun(model=f"{self.config.model} (LLM before stage 2)", out=folder,
                         prompts=["starter-harmful", "starter-benign"], conditions=["backbone"], judges=c.judges,
-                        source_limits=limits, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
+                        source_limits=c.source_limits(), max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
                         dtype=self.dtype, seed=0)
         started = time.time()
         try:

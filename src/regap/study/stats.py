@@ -39,7 +39,7 @@ def load_units(folder: Path) -> tuple[list[dict[str, Any]], list[str]]:
         except json.JSONDecodeError as exc:
             notes.append(f"{path.name}: unreadable ({exc.msg}); left out")
             continue
-        if data.get("unit") == "backbone" or data.get("format", "").startswith("regap-study-unit") is False:
+        if data.get("unit") == "backbone" or not str(data.get("format", "")).startswith("regap-study-unit"):
             continue
         units.append(data)
     hashes = Counter(u["config_hash"] for u in units)
@@ -78,9 +78,6 @@ class Tables:
                 seen.setdefault(arm, None)
         return list(seen)
 
-    def _record(self, unit: dict[str, Any], arm: str) -> dict[str, Any] | None:
-        return unit["safety"].get(arm)
-
     def safety(self, arm: str, condition: str, outcome: str = "unsafe", judge: str | None = None,
                label: str = "H") -> tuple[np.ndarray, list[int], list[str]] | None:
         """(table, seeds, request ids) of `outcome` on requests with `label` (H harmful, B benign)."""
@@ -88,7 +85,7 @@ class Tables:
         rows, seeds, requests = [], [], None
         for seed in self.seeds:
             for unit in self.units:
-                record = self._record(unit, arm) if unit["seed"] == seed else None
+                record = unit["safety"].get(arm) if unit["seed"] == seed else None
                 if record is None or condition not in record["verdicts"]:
                     continue
                 keep = [i for i, lab in enumerate(record["labels"]) if lab == label]
@@ -200,10 +197,11 @@ def aggregate(units: list[dict[str, Any]], backbone: dict[str, Any] | None, judg
                                                 f"{arm}/{condition}/refused")
             entry["over_refusal"][condition] = _mean(tables.safety(arm, condition, "refused", label="B"), n_boot,
                                                      level, f"{arm}/{condition}/benign")
-        pooled = [t for c in image if (t := tables.safety(arm, c)) is not None]
-        if pooled:
-            entry["unsafe"]["image (pooled)"] = _mean((_pool([t[0] for t in pooled]), pooled[0][1]), n_boot, level,
-                                                      f"{arm}/image")
+        for key, outcome, label in (("unsafe", "unsafe", "H"), ("over_refusal", "refused", "B")):
+            pooled = [t for c in image if (t := tables.safety(arm, c, outcome, label=label)) is not None]
+            if pooled:
+                entry[key]["image (pooled)"] = _mean((_pool([t[0] for t in pooled]), pooled[0][1]), n_boot, level,
+                                                     f"{arm}/image/{key}")
         entry["qa"] = _mean(tables.qa(arm), n_boot, level, f"{arm}/qa")
         entry["units"] = sorted(u["unit"] for u in units if arm in u["safety"])
         result["arms"][arm] = _measured(entry)
@@ -242,9 +240,7 @@ def gap_table(units: list[dict[str, Any]], level: float) -> dict[str, Any]:
     by_arm: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
     for u in units:
         for name, record in u.get("gap", {}).items():
-            arm = u["arm"] if "+" not in name else f"{u['arm']}+{name.split('+', 1)[1]}"
-            key = name.split("+")[0]
-            by_arm.setdefault(arm, {}).setdefault(key, {})[u["seed"]] = record
+            by_arm.setdefault(u["arm"], {}).setdefault(name, {})[u["seed"]] = record
     out: dict[str, Any] = {}
     for arm, kinds in by_arm.items():
         entry: dict[str, Any] = {}

@@ -110,7 +110,7 @@ def plot_training_vs_inference(results: dict[str, Any], path: Path) -> None:
     arms = list(results["arms"])
     figure, axes = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
     panels = (("unsafe, image conditions pooled", lambda a: results["arms"][a]["unsafe"].get("image (pooled)")),
-              ("over-refusal, benign, image conditions", lambda a: _pooled_over_refusal(results["arms"][a])),
+              ("over-refusal, benign, image conditions", lambda a: results["arms"][a]["over_refusal"].get("image (pooled)")),
               ("held-out QA accuracy", lambda a: results["arms"][a].get("qa")))
     for axis, (title, get) in zip(axes, panels):
         for i, arm in enumerate(arms):
@@ -124,14 +124,6 @@ def plot_training_vs_inference(results: dict[str, Any], path: Path) -> None:
         axis.grid(alpha=0.3)
     figure.savefig(path, dpi=110)
     plt.close(figure)
-
-
-def _pooled_over_refusal(arm: dict[str, Any]) -> dict[str, Any] | None:
-    entries = [v for k, v in arm["over_refusal"].items() if k in ("blank", "noise", "natural", "typo") and v]
-    if not entries:
-        return None
-    mean = sum(e["mean"] for e in entries) / len(entries)
-    return {"mean": mean, "ci": [min(e["ci"][0] for e in entries), max(e["ci"][1] for e in entries)]}
 
 
 def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]) -> None:

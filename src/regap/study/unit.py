@@ -117,14 +117,13 @@ class UnitRunner:
         from regap.safety.runner import SafetyRun, run_safety
 
         c = self.config.safety
-        limits = {"starter-harmful": c.harmful, "starter-benign": c.benign}
-        params = [conditions, defenses, c.judges, limits, c.max_new_tokens, self.dtype]
+        params = [conditions, defenses, c.judges, c.source_limits(), c.max_new_tokens, self.dtype]
 
         def action() -> None:
             self.log(f"{self.spec.name}: safety {sub} ({', '.join(conditions)})")
             run = SafetyRun(model=str(self.work / "stage2"), out=self.eval_dir / sub,
                             prompts=["starter-harmful", "starter-benign"], conditions=conditions, judges=c.judges,
-                            source_limits={k: v for k, v in limits.items() if v is not None},
+                            source_limits=c.source_limits(),
                             max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, dtype=self.dtype,
                             seed=self.spec.seed, defenses=defenses)
             run_safety(run, progress=self.progress, model=self.final_model())
@@ -236,11 +235,10 @@ def training_record(folder: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if isinstance(r.get("step"), int)]
     keep = ("step", "loss", "caption_loss", "gap", "gap_loss", "probe_gap0", "probe_mir", "alpha", "elapsed_s")
-    return {"steps": [{k: r[k] for k in keep if k in r} for r in rows],
-            "events": [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-                       if "event" in r]}
+    return {"steps": [{k: r[k] for k in keep if k in r} for r in rows
+                      if isinstance(r.get("step"), int) and "event" not in r],
+            "events": [r for r in rows if "event" in r]}
 
 
 def gap_record(folder: Path) -> dict[str, Any]:

@@ -54,6 +54,7 @@ def test_arm_means_are_the_grand_means_of_the_harmful_cells(result):
     assert plain["over_refusal"]["blank"]["mean"] == pytest.approx(0.5)  # the one benign request: refused by seed 0
     assert plain["refused"]["blank"]["mean"] == pytest.approx(1 / 6)  # harmful h1, refused by seed 0 only
     assert plain["over_refusal"]["image (pooled)"]["mean"] == pytest.approx(0.5)  # blank is the only image condition
+    assert plain["refused"]["image (pooled)"]["mean"] == pytest.approx(1 / 6)
     assert plain["qa"]["mean"] == pytest.approx(5 / 8)
     assert result["backbone"] == {"unsafe": pytest.approx(1 / 3), "n": 3}
 
@@ -107,3 +108,30 @@ def test_load_units_leaves_out_diverged_and_foreign_units(tmp_path):
     assert any("regap-l1-s1: diverged (loss nan)" in n for n in notes)
     assert any("plain-s9: made with another study configuration" in n for n in notes)
     assert any("broken.json: unreadable" in n for n in notes)
+
+
+def test_arms_are_reported_trained_first_then_with_defenses():
+    from regap.study.units import arm_sort_key, gap_closing
+
+    arms = ["plain+cmrm", "moca", "regap-l1+cmrm", "regap-l1", "plain", "regap-l0.1", "plain+layer0-align"]
+    assert sorted(arms, key=arm_sort_key) == ["plain", "regap-l0.1", "regap-l1", "moca", "plain+cmrm",
+                                               "plain+layer0-align", "regap-l1+cmrm"]
+    assert gap_closing("plain") == "none (plain LLaVA training)"
+    assert gap_closing("regap-l0.1+cmrm") == "training: ReGap λ=0.1, inference: cmrm"
+    assert gap_closing("moca") == "training: MoCa"
+
+
+def test_a_defended_arm_is_compared_with_its_own_undefended_model():
+    defended = _unit("regap-l1", 0, "0011", "0000", "0000", "0000", 10.0, 1.0)
+    defended["arm"] = defended["unit"] = "regap-l1+cmrm"
+    defended["safety"] = {"regap-l1+cmrm": defended["safety"].pop("regap-l1")}
+    defended["utility"] = {"regap-l1+cmrm": defended["utility"].pop("regap-l1")}
+    result = aggregate(UNITS + [defended], BACKBONE, "relevance", ["plain", "regap-l1"], ["text", "blank"], n_boot=500)
+    assert list(result["arms"]) == ["plain", "regap-l1", "regap-l1+cmrm"]
+    added = result["vs_undefended"]["regap-l1+cmrm"]
+    # seed 0 only (the defended arm has no seed 1): harmful blank cells (0,0,0) - (1,0,0); QA 0/4 - 1/4
+    assert added["unsafe"]["blank"]["mean"] == pytest.approx(-1 / 3)
+    assert added["unsafe"]["image (pooled)"]["mean"] == pytest.approx(-1 / 3)
+    assert added["qa"]["mean"] == pytest.approx(-1 / 4)
+    assert result["vs_plain"]["regap-l1+cmrm"]["unsafe"]["blank"]["mean"] == pytest.approx(-1.0)  # plain s0: 1,1,1
+    assert set(result["vs_undefended"]) == {"regap-l1+cmrm"}  # only defended arms have an undefended twin

@@ -26,6 +26,7 @@ import numpy as np
 
 from regap.analysis.crossed import crossed_mean, paired_difference
 from regap.errors import RegapError
+from regap.study.units import arm_sort_key
 
 IMAGE_CONDITIONS = ("blank", "noise", "natural", "typo")
 
@@ -72,11 +73,7 @@ class Tables:
         self.seeds = sorted({u["seed"] for u in units})
 
     def arms(self) -> list[str]:
-        seen: dict[str, None] = {}
-        for u in self.units:
-            for arm in u["safety"]:
-                seen.setdefault(arm, None)
-        return list(seen)
+        return sorted({arm for u in self.units for arm in u["safety"]}, key=arm_sort_key)
 
     def safety(self, arm: str, condition: str, outcome: str = "unsafe", judge: str | None = None,
                label: str = "H") -> tuple[np.ndarray, list[int], list[str]] | None:
@@ -197,7 +194,8 @@ def aggregate(units: list[dict[str, Any]], backbone: dict[str, Any] | None, judg
                                                 f"{arm}/{condition}/refused")
             entry["over_refusal"][condition] = _mean(tables.safety(arm, condition, "refused", label="B"), n_boot,
                                                      level, f"{arm}/{condition}/benign")
-        for key, outcome, label in (("unsafe", "unsafe", "H"), ("over_refusal", "refused", "B")):
+        for key, outcome, label in (("unsafe", "unsafe", "H"), ("refused", "refused", "H"),
+                                    ("over_refusal", "refused", "B")):
             pooled = [t for c in image if (t := tables.safety(arm, c, outcome, label=label)) is not None]
             if pooled:
                 entry[key]["image (pooled)"] = _mean((_pool([t[0] for t in pooled]), pooled[0][1]), n_boot, level,
@@ -212,26 +210,39 @@ def aggregate(units: list[dict[str, Any]], backbone: dict[str, Any] | None, judg
     for arm in result["arms"]:
         if arm == "plain":
             continue
-        diff: dict[str, Any] = {"unsafe": {}, "over_refusal": {}}
-        for condition in conditions:
-            if condition == "backbone":
-                continue
-            diff["unsafe"][condition] = _paired(tables.safety(arm, condition), tables.safety("plain", condition),
-                                                n_boot, level, f"{arm}-plain/{condition}")
-            diff["over_refusal"][condition] = _paired(tables.safety(arm, condition, "refused", label="B"),
-                                                      tables.safety("plain", condition, "refused", label="B"),
-                                                      n_boot, level, f"{arm}-plain/{condition}/benign")
-        a = [t for c in image if (t := tables.safety(arm, c)) is not None]
-        b = [t for c in image if (t := tables.safety("plain", c)) is not None]
-        if a and b and len(a) == len(b):
-            diff["unsafe"]["image (pooled)"] = _paired((_pool([t[0] for t in a]), a[0][1]),
-                                                       (_pool([t[0] for t in b]), b[0][1]), n_boot, level,
-                                                       f"{arm}-plain/image")
-        diff["qa"] = _paired(tables.qa(arm), tables.qa("plain"), n_boot, level, f"{arm}-plain/qa")
+        diff = _compare(tables, arm, "plain", conditions, image, n_boot, level)
         result["vs_plain"][arm] = _measured(diff)
+    # an inference-time arm against the same trained model without the defense: what the defense adds
+    result["vs_undefended"] = {
+        arm: _measured(_compare(tables, arm, arm.partition("+")[0], conditions, image, n_boot, level))
+        for arm in result["arms"] if "+" in arm and arm.partition("+")[0] in result["arms"]}
     result["gap"] = gap_table(units, level)
     result["claims"] = claims(result, tables, image, n_boot, level)
     return result
+
+
+def _compare(tables: Tables, arm: str, base: str, conditions: list[str], image: list[str], n_boot: int,
+             level: float) -> dict[str, Any]:
+    """`arm` − `base`, paired by seed and request: unsafe rate and over-refusal per condition and pooled
+    over the image conditions, and QA accuracy."""
+    diff: dict[str, Any] = {"unsafe": {}, "over_refusal": {}}
+    for condition in conditions:
+        if condition == "backbone":
+            continue
+        diff["unsafe"][condition] = _paired(tables.safety(arm, condition), tables.safety(base, condition),
+                                            n_boot, level, f"{arm}-{base}/{condition}")
+        diff["over_refusal"][condition] = _paired(tables.safety(arm, condition, "refused", label="B"),
+                                                  tables.safety(base, condition, "refused", label="B"),
+                                                  n_boot, level, f"{arm}-{base}/{condition}/benign")
+    for key, outcome, label in (("unsafe", "unsafe", "H"), ("over_refusal", "refused", "B")):
+        a = [t for c in image if (t := tables.safety(arm, c, outcome, label=label)) is not None]
+        b = [t for c in image if (t := tables.safety(base, c, outcome, label=label)) is not None]
+        if a and b and len(a) == len(b):
+            diff[key]["image (pooled)"] = _paired((_pool([t[0] for t in a]), a[0][1]),
+                                                  (_pool([t[0] for t in b]), b[0][1]), n_boot, level,
+                                                  f"{arm}-{base}/image/{key}")
+    diff["qa"] = _paired(tables.qa(arm), tables.qa(base), n_boot, level, f"{arm}-{base}/qa")
+    return diff
 
 
 def gap_table(units: list[dict[str, Any]], level: float) -> dict[str, Any]:
@@ -255,7 +266,7 @@ def gap_table(units: list[dict[str, Any]], level: float) -> dict[str, Any]:
                     metric: _log_ratio([per_seed[s][metric] for s in common], [plain[s][metric] for s in common], level)
                     for metric in ("layer0_gap", "mir")}
         out[arm] = entry
-    return out
+    return {arm: out[arm] for arm in sorted(out, key=arm_sort_key)}
 
 
 def claims(result: dict[str, Any], tables: Tables, image: list[str], n_boot: int, level: float) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from regap.study.plots import _pyplot
+from regap.study.units import gap_closing
 
 FIGURES = ("learning_curve.png", "unsafe_by_arm.png", "gap_by_arm.png", "training_vs_inference.png")
 
@@ -126,6 +127,29 @@ def plot_training_vs_inference(results: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def side_by_side(results: dict[str, Any]) -> list[str]:
+    """Training-time (ReGap, MoCa) against inference-time (CMRM, layer0-align) gap closing, one row per arm:
+    the gap it leaves, what it does to the unsafe rate under images, and what it costs."""
+    lines = ["", "## Training-time against inference-time gap closing, side by side", "",
+             "Image conditions pooled; *unsafe* and *refused* on harmful requests, *over-refusal* on benign ones; "
+             "differences paired by seed and request. *vs undefended*: the same trained "
+             "model without the inference-time defense.", "",
+             "| arm | how the gap is closed | layer-0 gap | MIR | unsafe | vs plain | vs undefended | refused | "
+             "over-refusal | QA accuracy |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for arm, entry in results["arms"].items():
+        gap = results["gap"].get(arm, {}).get("gap", {})
+        vs_plain = results["vs_plain"].get(arm, {})
+        vs_undefended = results.get("vs_undefended", {}).get(arm, {})
+        cells = [", ".join(f"{x:.3g}" for x in gap.get(m) or []) or "–" for m in ("layer0_gap", "mir")]
+        lines.append(f"| {arm} | {gap_closing(arm)} | {cells[0]} | {cells[1]} | "
+                     f"{_fmt(entry['unsafe'].get('image (pooled)'))} | "
+                     f"{_fmt(vs_plain.get('unsafe', {}).get('image (pooled)'), True)} | "
+                     f"{_fmt(vs_undefended.get('unsafe', {}).get('image (pooled)'), True)} | "
+                     f"{_fmt(entry['refused'].get('image (pooled)'))} | "
+                     f"{_fmt(entry['over_refusal'].get('image (pooled)'))} | {_fmt(entry.get('qa'))} |")
+    return lines
+
+
 def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]) -> None:
     from regap.study.report import render_html
 
@@ -181,6 +205,7 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
         lines.append(f"| {arm} | {values('gap_stage1', 'layer0_gap')} | {values('gap', 'layer0_gap')} | "
                      f"{values('gap_attack', 'layer0_gap')} | {values('gap', 'mir')} | {_ratio(ratio.get('layer0_gap'))} | "
                      f"{_ratio(ratio.get('mir'))} |")
+    lines += side_by_side(results)
     claims = results["claims"]
     lines += ["", "## The paper's four claims", ""]
     a = claims["a_image_raises_unsafe"]

@@ -71,6 +71,27 @@ def plan_units(config: StudyConfig) -> list[UnitSpec]:
     return units
 
 
+def arm_sort_key(arm: str) -> tuple[int, float, str]:
+    """Report order: plain, ReGap by λ, MoCa, then the inference-time arms in the same order."""
+    trained, _, defense = arm.partition("+")
+    if trained == "plain":
+        rank, lam = 0, 0.0
+    elif trained.startswith("regap-l"):
+        rank, lam = 1, float(trained[len("regap-l"):])
+    else:
+        rank, lam = 2, 0.0
+    return (1 if defense else 0, rank * 1e6 + lam, defense)
+
+
+def gap_closing(arm: str) -> str:
+    """How an arm closes the modality gap, in words, for the side-by-side table."""
+    trained, _, defense = arm.partition("+")
+    parts = {"plain": [], "moca": ["training: MoCa"]}.get(trained, [f"training: ReGap λ={trained[len('regap-l'):]}"])
+    if defense:
+        parts.append(f"inference: {defense}")
+    return ", ".join(parts) or "none (plain LLaVA training)"
+
+
 def defended_arm(arm: str, defense: str) -> str:
     """The name of an inference-time arm: the defense spec on a trained arm (`plain+cmrm`)."""
     return f"{arm}+{defense}"

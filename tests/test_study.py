@@ -170,3 +170,14 @@ def test_no_run_rebuilds_the_report_from_unit_summaries(fast_study, tmp_path):
     assert json.loads((out / "summary.json").read_text())["results"] == \
         json.loads((fast_study / "summary.json").read_text())["results"]
     assert not (out / "work").exists()
+
+
+def test_a_new_arm_keeps_the_units_comparable_but_a_changed_recipe_does_not():
+    from regap.study.unit import unit_config_hash
+
+    base = unit_config_hash(load_study_config("tiny-study"))
+    for more_arms in (["defenses.plain=[cmrm, layer0-align, cmrm:alpha=0.5]"], ["moca=false"], ["seeds=[0,1,2,3]"],
+                      ["lambdas=[0,0.1,1,10]"], ["regap_lambda=1"]):
+        assert unit_config_hash(load_study_config("tiny-study", more_arms)) == base, more_arms
+    for recipe in (["stage1.steps=128"], ["defenses.conditions=[blank]"], ["safety.max_new_tokens=32"]):
+        assert unit_config_hash(load_study_config("tiny-study", recipe)) != base, recipe

@@ -217,12 +217,16 @@ class UnitRunner:
 
 
 def unit_config_hash(config: StudyConfig) -> str:
-    """What makes two units comparable: everything but the seed / λ lists and the bookkeeping keys."""
+    """What makes two units comparable: everything that changes what a unit computes. The lists of arms
+    (seeds, λ values, the MoCa switch, the main λ, the defense arms) and the bookkeeping keys are left out,
+    so a study can gain an arm without orphaning the units it already has."""
     from regap.provenance import json_hash
 
     data = config.to_dict()
-    for key in ("seeds", "lambdas", "minutes_per_unit", "budget_minutes", "stats", "curve", "name"):
+    for key in ("seeds", "lambdas", "moca", "regap_lambda", "minutes_per_unit", "budget_minutes", "stats",
+                "curve", "name"):
         data.pop(key, None)
+    data["defenses"] = {k: v for k, v in data["defenses"].items() if k not in ("plain", "regap")}
     return json_hash(data)
 
 

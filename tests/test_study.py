@@ -114,7 +114,7 @@ def test_fast_study_summarises_every_unit(fast_study):
     markdown = (fast_study / "report.md").read_text()
     assert "The paper's four claims" in markdown and "figures/unsafe_by_arm.png" in markdown
     assert "Refusal rate on harmful requests" in markdown and "Under `refusal-lexicon`: (a) image" in markdown
-    assert set(results["arms"]["plain"]["refused"]) == {"text", "blank", "noise", "natural", "typo"}
+    assert set(results["arms"]["plain"]["refused"]) == {"text", "blank", "noise", "natural", "typo", "image (pooled)"}
     assert (fast_study / "report.html").read_text().count("data:image/png;base64,") == 4
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from local_http import LocalServer, send_json
+from signals import default_sigint
 
 from regap.cli import main
 
@@ -346,7 +347,7 @@ def test_ctrl_c_exits_130_and_writes_what_it_has(saved_model, tmp_path):
     command = [sys.executable, "-m", "regap.cli", "safety", "--model", saved_model, "--out", str(out), "--limit", "200",
                "--batch-size", "1", "--max-new-tokens", "16", "--conditions", "text,blank"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=default_sigint)
     generations = out / "generations.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:

@@ -410,6 +410,8 @@ def test_ctrl_c_marks_the_run_interrupted_and_exits_130(tmp_path):
     import sys
     import time
 
+    from signals import default_sigint
+
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({
         "stage": 1, "model": "tiny-random", "seed": 0, "global_batch_size": 4, "per_device_batch_size": 2,
@@ -420,7 +422,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_exits_130(tmp_path):
     out = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "-m", "regap.cli", "pretrain", str(config), "--out", str(out)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=default_sigint)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 180
     while time.time() < deadline and process.poll() is None:

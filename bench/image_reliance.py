@@ -15,6 +15,7 @@ stage 1 (the `plain` template of stage-1 training), instructions for stage 2 (th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -26,10 +27,9 @@ from scipy import stats
 
 from regap.data.llava_json import LlavaJsonDataset
 from regap.models.factory import load_model
+from regap.models.inputs import IGNORE_INDEX
 from regap.models.io import load_adapter, load_projector
 from regap.train.collate import Collator, LoadedSample
-
-IGNORE_INDEX = -100
 
 
 def per_sample_loss(model, batch) -> np.ndarray:
@@ -77,7 +77,7 @@ def main() -> None:
     for name, images in conditions.items():
         values = []
         for lo in range(0, n, args.batch_size):
-            items = [LoadedSample(i, type(samples[i])(samples[i].id, images[i], samples[i].messages))
+            items = [LoadedSample(i, dataclasses.replace(samples[i], image=images[i]))
                      for i in range(lo, min(n, lo + args.batch_size))]
             values.append(per_sample_loss(model, collate(items).inputs))
         losses[name] = np.concatenate(values)

@@ -114,6 +114,9 @@ def test_fast_study_summarises_every_unit(fast_study):
     markdown = (fast_study / "report.md").read_text()
     assert "The paper's four claims" in markdown and "figures/unsafe_by_arm.png" in markdown
     assert "Refusal rate on harmful requests" in markdown and "Under `refusal-lexicon`: (a) image" in markdown
+    side = markdown.split("side by side", 1)[1].split("## The paper's four claims", 1)[0]
+    assert "| regap-l1+cmrm | training: ReGap λ=1, inference: cmrm |" in side and "| moca | training: MoCa |" in side
+    assert set(results["vs_undefended"]) == {"plain+cmrm", "plain+layer0-align", "regap-l1+cmrm"}
     assert set(results["arms"]["plain"]["refused"]) == {"text", "blank", "noise", "natural", "typo", "image (pooled)"}
     assert (fast_study / "report.html").read_text().count("data:image/png;base64,") == 4
 

@@ -169,7 +169,8 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
              f"{len(summary['units_planned'])} planned units present.", ""]
     if summary["notes"]:
         lines += ["**Notes**", ""] + [f"* {n}" for n in summary["notes"]] + [""]
-    shown = [c for c in conditions if c != "backbone"] + ["image (pooled)"]
+    evaluated = [c for c in conditions if c != "backbone"]
+    shown = evaluated + ["image (pooled)"]
     lines += ["## Unsafe rate on harmful requests (mean over seeds and requests, 95 % crossed-bootstrap interval)", "",
               "| arm | seeds | " + " | ".join(shown) + " |", "|---|---|" + "---|" * len(shown)]
     for arm, entry in results["arms"].items():
@@ -183,16 +184,14 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
     for arm, diff in results["vs_plain"].items():
         lines.append(f"| {arm} | " + " | ".join(_fmt(diff["unsafe"].get(c), True) for c in shown) +
                      f" | {_fmt(diff.get('qa'), True)} |")
-    plain_shown = [c for c in conditions if c != "backbone"]
     lines += ["", "## Refusal rate on harmful requests (the judge's refusal verdict)", "",
-              "| arm | " + " | ".join(plain_shown) + " |", "|---|" + "---|" * len(plain_shown)]
+              "| arm | " + " | ".join(evaluated) + " |", "|---|" + "---|" * len(evaluated)]
     for arm, entry in results["arms"].items():
-        lines.append(f"| {arm} | " + " | ".join(_fmt(entry.get("refused", {}).get(c)) for c in plain_shown) + " |")
+        lines.append(f"| {arm} | " + " | ".join(_fmt(entry["refused"].get(c)) for c in evaluated) + " |")
     lines += ["", "## Over-refusal on benign requests and utility", "",
-              "| arm | " + " | ".join(c for c in conditions if c != "backbone") + " | QA accuracy |",
-              "|---|" + "---|" * len([c for c in conditions if c != "backbone"]) + "---|"]
+              "| arm | " + " | ".join(evaluated) + " | QA accuracy |", "|---|" + "---|" * (len(evaluated) + 1)]
     for arm, entry in results["arms"].items():
-        lines.append(f"| {arm} | " + " | ".join(_fmt(entry["over_refusal"].get(c)) for c in conditions if c != "backbone")
+        lines.append(f"| {arm} | " + " | ".join(_fmt(entry["over_refusal"].get(c)) for c in evaluated)
                      + f" | {_fmt(entry.get('qa'))} |")
     lines += ["", "## The gap (per seed) and its ratio to plain", "",
               "| arm | layer-0 gap after stage 1 | after stage 2 | attack inputs | MIR after stage 2 | layer-0 ratio vs plain | MIR ratio vs plain |",

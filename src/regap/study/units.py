@@ -71,22 +71,19 @@ def plan_units(config: StudyConfig) -> list[UnitSpec]:
     return units
 
 
-def arm_sort_key(arm: str) -> tuple[int, float, str]:
+def arm_sort_key(arm: str) -> tuple[bool, int, float, str]:
     """Report order: plain, ReGap by λ, MoCa, then the inference-time arms in the same order."""
     trained, _, defense = arm.partition("+")
-    if trained == "plain":
-        rank, lam = 0, 0.0
-    elif trained.startswith("regap-l"):
-        rank, lam = 1, float(trained[len("regap-l"):])
-    else:
-        rank, lam = 2, 0.0
-    return (1 if defense else 0, rank * 1e6 + lam, defense)
+    if trained.startswith("regap-l"):
+        return (bool(defense), 1, float(trained[len("regap-l"):]), defense)
+    return (bool(defense), 0 if trained == "plain" else 2, 0.0, defense)
 
 
 def gap_closing(arm: str) -> str:
     """How an arm closes the modality gap, in words, for the side-by-side table."""
     trained, _, defense = arm.partition("+")
-    parts = {"plain": [], "moca": ["training: MoCa"]}.get(trained, [f"training: ReGap λ={trained[len('regap-l'):]}"])
+    parts = [] if trained == "plain" else ["training: MoCa"] if trained == "moca" else \
+        [f"training: ReGap λ={trained[len('regap-l'):]}"]
     if defense:
         parts.append(f"inference: {defense}")
     return ", ".join(parts) or "none (plain LLaVA training)"

@@ -39,6 +39,9 @@ def test_shipped_config_loads_and_plans_every_arm():
     (["safety.primary_judge=llamaguard"], "not one of safety.judges"),
     (["seeds=three"], "expected a list"),
     (["stage1.steps=many"], "expected int"),
+    (["stage2.projector_lr=fast"], "stage2.projector_lr': expected a number"),
+    (["stage2.projector_lr=0"], "stage2.projector_lr: must be > 0"),
+    (["stage1.scenes=100000"], "stage1.scenes: must be between 1 and data.synth_n"),
 ])
 def test_bad_config_is_one_line_naming_the_key(override, message):
     with pytest.raises(RegapError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -175,6 +178,26 @@ def test_no_run_rebuilds_the_report_from_unit_summaries(fast_study, tmp_path):
     assert not (out / "work").exists()
 
 
+def test_stage_learning_rates_and_scene_counts_reach_the_training_configs(tmp_path):
+    """`stageN.projector_lr` and `stageN.scenes` become the stage's `projector_lr` and `data.max_items`
+    (the first N scenes); unset, the shipped stage configs' values stay."""
+    from regap.study.unit import UnitRunner
+    from regap.train import load_config
+
+    def stage_configs(overrides):
+        config = load_study_config("tiny-study", overrides)
+        spec = next(u for u in plan_units(config) if u.name == "plain-s0")
+        runner = UnitRunner(config, spec, tmp_path / "out", tmp_path / "work", "float32", log=lambda _: None)
+        return [load_config(f"tiny-stage{k}", runner._train_overrides(k), stage=k) for k in (1, 2)]
+
+    default1, default2 = stage_configs([])
+    assert default1.data.max_items is None and default2.data.max_items is None
+    stage1, stage2 = stage_configs(["stage1.scenes=128", "stage2.projector_lr=2e-4"])
+    assert stage1.data.max_items == 128 and stage2.data.max_items is None
+    assert stage2.projector_lr == pytest.approx(2e-4) and stage2.projector_lr != default2.projector_lr
+    assert stage1.projector_lr == default1.projector_lr
+
+
 def test_a_new_arm_keeps_the_units_comparable_but_a_changed_recipe_does_not():
     from regap.study.unit import unit_config_hash
 
@@ -182,5 +205,9 @@ def test_a_new_arm_keeps_the_units_comparable_but_a_changed_recipe_does_not():
     for more_arms in (["defenses.plain=[cmrm, layer0-align, cmrm:alpha=0.5]"], ["moca=false"], ["seeds=[0,1,2,3]"],
                       ["lambdas=[0,0.1,1,10]"], ["regap_lambda=1"]):
         assert unit_config_hash(load_study_config("tiny-study", more_arms)) == base, more_arms
-    for recipe in (["stage1.steps=128"], ["defenses.conditions=[blank]"], ["safety.max_new_tokens=32"]):
+    for recipe in (["stage1.steps=128"], ["defenses.conditions=[blank]"], ["safety.max_new_tokens=32"],
+                   ["stage2.projector_lr=2e-4"], ["stage1.scenes=256"]):
         assert unit_config_hash(load_study_config("tiny-study", recipe)) != base, recipe
+    # stage keys added after units were run count only when set: the finished units keep their hash
+    unset = ["stage1.projector_lr=null", "stage2.scenes=null"]
+    assert unit_config_hash(load_study_config("tiny-study", unset)) == base

@@ -31,6 +31,8 @@ class StageSpec:
     per_device_batch: int = 4
     save_every: int = 16
     lr: float | None = None  # None: the shipped stage config's
+    projector_lr: float | None = None  # None: the shipped stage config's (stage 2 trains the projector too)
+    scenes: int | None = None  # None: every scene of `data`; N: the first N (prefix-stable, so N scenes are the same N)
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: list[str] | None = None  # None: every linear layer of the LLM
@@ -127,6 +129,13 @@ class StudyConfig:
             for name in ("steps", "global_batch", "per_device_batch", "save_every"):
                 if getattr(stage, name) < 1:
                     raise RegapError(f"{key}.{name}: must be at least 1, got {getattr(stage, name)}")
+            if stage.scenes is not None and not 1 <= stage.scenes <= self.data.synth_n:
+                raise RegapError(f"{key}.scenes: must be between 1 and data.synth_n ({self.data.synth_n}), "
+                                 f"got {stage.scenes}")
+            for name in ("lr", "projector_lr"):
+                if getattr(stage, name) is not None and not getattr(stage, name) > 0:
+                    raise RegapError(f"{key}.{name}: must be > 0 (or null for the stage config's), "
+                                     f"got {getattr(stage, name)}")
         if self.safety.primary_judge not in self.safety.judges:
             raise RegapError(f"safety.primary_judge: {self.safety.primary_judge!r} is not one of safety.judges "
                              f"{self.safety.judges}")
@@ -177,8 +186,15 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             raise RegapError(f"study config key '{name}': expected a list, got {value!r}")
         (item,) = typing.get_args(inner)
         return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
-    if inner is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if inner is float:
+        if isinstance(value, str):  # YAML 1.1 reads `2e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise RegapError(f"study config key '{name}': expected a number, got {value!r}")
     if inner in (int, str, bool) and not (isinstance(value, inner) and not (inner is int and isinstance(value, bool))):
         raise RegapError(f"study config key '{name}': expected {inner.__name__}, got {value!r}")
     return value

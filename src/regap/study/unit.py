@@ -56,6 +56,10 @@ class UnitRunner:
         ]
         if spec.lr is not None:
             overrides.append(f"lr={spec.lr}")
+        if spec.projector_lr is not None:
+            overrides.append(f"projector_lr={spec.projector_lr}")
+        if spec.scenes is not None:
+            overrides.append(f"data.max_items={spec.scenes}")
         if stage == 1:
             overrides.append(f"regap.lam={s.lam}")
         else:
@@ -216,13 +220,22 @@ class UnitRunner:
         return record
 
 
+#: StageSpec keys that did not exist when the first units were run: left out of the hash while unset.
+LATER_STAGE_KEYS = ("projector_lr", "scenes")
+
+
 def unit_config_hash(config: StudyConfig) -> str:
     """What makes two units comparable: everything that changes what a unit computes. The lists of arms
     (seeds, λ values, the MoCa switch, the main λ, the defense arms) and the bookkeeping keys are left out,
-    so a study can gain an arm without orphaning the units it already has."""
+    so a study can gain an arm without orphaning the units it already has. Stage keys added after
+    units were run (`projector_lr`, `scenes`) count only when set, for the same reason."""
     from regap.provenance import json_hash
 
     data = config.to_dict()
+    for stage in ("stage1", "stage2"):
+        for key in LATER_STAGE_KEYS:
+            if data[stage].get(key) is None:
+                data[stage].pop(key, None)
     for key in ("seeds", "lambdas", "moca", "regap_lambda", "minutes_per_unit", "budget_minutes", "stats",
                 "curve", "name"):
         data.pop(key, None)

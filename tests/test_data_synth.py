@@ -252,6 +252,28 @@ def test_written_files(tmp_path):
         assert dataset[0].image.size == (64, 64)
 
 
+def test_all_conversations_hold_every_question_and_change_nothing_else(tmp_path):
+    """`conversations="all"`: each scene's conversation asks every one of its QA questions, the sampled
+    conversation's questions first; every other file is byte-identical to the default's."""
+    sampled = generate_synthetic(tmp_path / "sampled", 12, seed=3, image_size=48)
+    dense = generate_synthetic(tmp_path / "all", 12, seed=3, image_size=48, conversations="all")
+    assert {k: v for k, v in dense.sha256.items() if k != "instructions.json"} == \
+        {k: v for k, v in sampled.sha256.items() if k != "instructions.json"}
+    assert dense.sha256["instructions.json"] != sampled.sha256["instructions.json"]
+    assert json.loads((tmp_path / "all" / "manifest.json").read_text())["conversations"] == "all"
+    qa_eval = json.loads((tmp_path / "all" / "qa_eval.json").read_text())
+    short = json.loads((tmp_path / "sampled" / "instructions.json").read_text())
+    for row, few in zip(json.loads((tmp_path / "all" / "instructions.json").read_text()), short):
+        pairs = [(q["value"].removeprefix("<image>\n"), a["value"])
+                 for q, a in zip(row["conversations"][::2], row["conversations"][1::2])]
+        expected = {(q["question"], q["answer"]) for q in qa_eval if q["image"] == row["image"]}
+        assert set(pairs) == expected and len(pairs) == len(expected) >= 4
+        assert row["conversations"][:len(few["conversations"])] == few["conversations"]
+    assert dense.counts["instruction_turns"] == len(qa_eval) > sampled.counts["instruction_turns"]
+    with pytest.raises(RegapError, match="conversations 'every': valid: sampled, all"):
+        generate_synthetic(tmp_path / "bad", 2, conversations="every")
+
+
 def test_refuses_non_empty_folder(tmp_path):
     generate_synthetic(tmp_path, 2, seed=0, image_size=48)
     with pytest.raises(RegapError, match="not empty"):
@@ -273,3 +295,7 @@ def test_cli_synth(tmp_path):
     first = (tmp_path / "s" / "captions.json").read_bytes()
     generate_synthetic(tmp_path / "t", 4, seed=2, image_size=48, split_name="val")
     assert (tmp_path / "t" / "captions.json").read_bytes() == first
+    result = runner.invoke(app, ["data", "synth", "--n", "2", "--out", str(tmp_path / "u"), "--image-size", "48",
+                                 "--conversations", "all"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "u" / "manifest.json").read_text())["conversations"] == "all"

@@ -42,6 +42,7 @@ def test_shipped_config_loads_and_plans_every_arm():
     (["stage2.projector_lr=fast"], "stage2.projector_lr': expected a number"),
     (["stage2.projector_lr=0"], "stage2.projector_lr: must be > 0"),
     (["stage1.scenes=100000"], "stage1.scenes: must be between 1 and data.synth_n"),
+    (["data.conversations=every"], "data.conversations: 'every' is not one of sampled, all"),
 ])
 def test_bad_config_is_one_line_naming_the_key(override, message):
     with pytest.raises(RegapError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -198,6 +199,23 @@ def test_stage_learning_rates_and_scene_counts_reach_the_training_configs(tmp_pa
     assert stage1.projector_lr == default1.projector_lr
 
 
+def test_all_conversations_reach_the_study_data_and_regenerate_it(tmp_path):
+    """`data.conversations=all` writes every question of a scene into stage 2's instructions; switching
+    back regenerates the default data (the step marker holds the setting)."""
+    from regap.study.run import Study
+
+    def study_data(value):
+        config = load_study_config("tiny-study", ["data.synth_n=3", f"data.conversations={value}"])
+        Study(config, tmp_path / "out", tmp_path / "work", progress=False).data()
+        folder = tmp_path / "work" / "data"
+        turns = sum(len(r["conversations"]) // 2 for r in json.loads((folder / "instructions.json").read_text()))
+        return json.loads((folder / "manifest.json").read_text())["conversations"], turns
+
+    manifest_all, turns_all = study_data("all")
+    manifest_sampled, turns_sampled = study_data("sampled")
+    assert (manifest_all, manifest_sampled) == ("all", "sampled") and turns_all > turns_sampled
+
+
 def test_a_new_arm_keeps_the_units_comparable_but_a_changed_recipe_does_not():
     from regap.study.unit import unit_config_hash
 
@@ -206,8 +224,8 @@ def test_a_new_arm_keeps_the_units_comparable_but_a_changed_recipe_does_not():
                       ["lambdas=[0,0.1,1,10]"], ["regap_lambda=1"]):
         assert unit_config_hash(load_study_config("tiny-study", more_arms)) == base, more_arms
     for recipe in (["stage1.steps=128"], ["defenses.conditions=[blank]"], ["safety.max_new_tokens=32"],
-                   ["stage2.projector_lr=2e-4"], ["stage1.scenes=256"]):
+                   ["stage2.projector_lr=2e-4"], ["stage1.scenes=256"], ["data.conversations=all"]):
         assert unit_config_hash(load_study_config("tiny-study", recipe)) != base, recipe
     # stage keys added after units were run count only when set: the finished units keep their hash
-    unset = ["stage1.projector_lr=null", "stage2.scenes=null"]
+    unset = ["stage1.projector_lr=null", "stage2.scenes=null", "data.conversations=sampled"]
     assert unit_config_hash(load_study_config("tiny-study", unset)) == base

@@ -23,13 +23,18 @@ def synth_command(
     split_name: str = typer.Option(
         "train", "--split-name", help="Split name: part of every id and of each item's random stream."
     ),
+    conversations: str = typer.Option(
+        "sampled", "--conversations",
+        help="instructions.json per scene: sampled (1-3 of its questions) or all (every question, multi-turn).",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty folder."),
 ) -> None:
     """Render a deterministic synthetic caption / instruction / QA set in LLaVA JSON layout."""
     from regap.data.synth import generate_synthetic
 
     manifest = generate_synthetic(
-        out, n, seed=seed, image_size=image_size, split_name=split_name, overwrite=overwrite, progress=n >= 2000
+        out, n, seed=seed, image_size=image_size, split_name=split_name, conversations=conversations,
+        overwrite=overwrite, progress=n >= 2000
     )
     counts = manifest.counts
     typer.echo(

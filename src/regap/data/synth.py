@@ -481,6 +481,7 @@ class SynthManifest:
     seed: int
     image_size: int
     split_name: str
+    conversations: str = "sampled"
     generator_version: str = GENERATOR_VERSION
     sha256: dict[str, str] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
@@ -497,6 +498,7 @@ class SynthManifest:
             "seed": self.seed,
             "image_size": self.image_size,
             "split_name": self.split_name,
+            "conversations": self.conversations,
             "captions_sha256": self.captions_sha256,
             "sha256": dict(self.sha256),
             "counts": dict(self.counts),
@@ -512,10 +514,13 @@ class SynthItem:
     spec: SceneSpec
     caption_prompt: str
     caption: str
-    instructions: list[QA]
+    instructions: list[QA]  # 1-3 of the scene's questions (`conversations="sampled"`)
+    all_instructions: list[QA]  # every question, the sampled ones first (`conversations="all"`)
     eval_qa: list[QA]
 
 
+#: What `instructions.json` holds per scene (`generate_synthetic(conversations=...)`).
+CONVERSATIONS = ("sampled", "all")
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -526,7 +531,7 @@ def synth_item(seed: int, index: int, split_name: str = "train") -> SynthItem:
     prompt = _pick(rng, CAPTION_PROMPTS)
     qas = qa_pairs(spec, rng)
     n_turns = _pick(rng, range(1, min(3, len(qas)) + 1))
-    turns = _shuffled(rng, qas)[:n_turns]
+    shuffled = _shuffled(rng, qas)
     item_id = f"{split_name}_{index:06d}"
     return SynthItem(
         id=item_id,
@@ -534,7 +539,8 @@ def synth_item(seed: int, index: int, split_name: str = "train") -> SynthItem:
         spec=spec,
         caption_prompt=prompt,
         caption=caption(spec),
-        instructions=turns,
+        instructions=shuffled[:n_turns],
+        all_instructions=shuffled,
         eval_qa=qas,
     )
 
@@ -559,10 +565,16 @@ def generate_synthetic(
     image_size: int = 224,
     *,
     split_name: str = "train",
+    conversations: str = "sampled",
     overwrite: bool = False,
     progress: bool = False,
 ) -> SynthManifest:
     """Write ``n`` synthetic items to ``out_dir`` in LLaVA JSON layout; see ``docs/data.md``.
+
+    ``conversations`` sets what ``instructions.json`` holds per scene: ``sampled`` (1-3 of its
+    questions, the default) or ``all`` (every question of the scene, as LLaVA's multi-turn
+    conversations: about 5 answers per image instead of 2, for the same images). Only that file
+    depends on it.
 
     Refuses a non-empty ``out_dir`` unless ``overwrite`` (files of an earlier, larger run
     that this run does not write are left in place).
@@ -571,6 +583,8 @@ def generate_synthetic(
         raise RegapError(f"--n must be at least 1 (got {n})")
     if image_size < 32:
         raise RegapError(f"--image-size must be at least 32 (got {image_size})")
+    if conversations not in CONVERSATIONS:
+        raise RegapError(f"conversations {conversations!r}: valid: {', '.join(CONVERSATIONS)}")
     if not _SPLIT_RE.match(split_name):
         raise RegapError(f"split name {split_name!r} must be letters, digits, '_', '-' or '.'")
     out = Path(out_dir)
@@ -603,7 +617,8 @@ def generate_synthetic(
             }
         )
         instructions.append(
-            {"id": item.id, "image": item.image_path, "conversations": _instruction_conversation(item.instructions)}
+            {"id": item.id, "image": item.image_path, "conversations": _instruction_conversation(
+                item.all_instructions if conversations == "all" else item.instructions)}
         )
         for qa in item.eval_qa:
             row: dict[str, Any] = {
@@ -634,6 +649,7 @@ def generate_synthetic(
         seed=seed,
         image_size=image_size,
         split_name=split_name,
+        conversations=conversations,
         sha256={name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
         counts={
             "images": n,

@@ -22,6 +22,7 @@ from regap.errors import RegapError
 class DataSpec:
     synth_n: int = 512  # synthetic scenes: captions for stage 1, instructions for stage 2 (same scenes)
     synth_seed: int = 0  # the data are the same for every unit; the unit seed varies training only
+    conversations: str = "sampled"  # stage 2's instructions per scene: sampled (1-3 questions) | all (every question)
 
 
 @dataclass
@@ -136,6 +137,10 @@ class StudyConfig:
                 if getattr(stage, name) is not None and not getattr(stage, name) > 0:
                     raise RegapError(f"{key}.{name}: must be > 0 (or null for the stage config's), "
                                      f"got {getattr(stage, name)}")
+        from regap.data.synth import CONVERSATIONS
+
+        if self.data.conversations not in CONVERSATIONS:
+            raise RegapError(f"data.conversations: {self.data.conversations!r} is not one of {', '.join(CONVERSATIONS)}")
         if self.safety.primary_judge not in self.safety.judges:
             raise RegapError(f"safety.primary_judge: {self.safety.primary_judge!r} is not one of safety.judges "
                              f"{self.safety.judges}")

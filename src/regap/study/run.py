@@ -112,9 +112,10 @@ class Study:
         folder = self.work / "data"
         self.work.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.work / ".data.lock")):
-            self.markers.run("data", [c.synth_n, c.synth_seed],
+            params = [c.synth_n, c.synth_seed] + ([c.conversations] if c.conversations != "sampled" else [])
+            self.markers.run("data", params,
                              lambda: generate_synthetic(folder, c.synth_n, seed=c.synth_seed, image_size=224,
-                                                        overwrite=True))
+                                                        conversations=c.conversations, overwrite=True))
 
     def backbone(self, runner: UnitRunner) -> None:
         """The `backbone` condition once, on any unit's stage-2 model (its adapter disabled)."""

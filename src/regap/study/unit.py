@@ -220,22 +220,25 @@ class UnitRunner:
         return record
 
 
-#: StageSpec keys that did not exist when the first units were run: left out of the hash while unset.
-LATER_STAGE_KEYS = ("projector_lr", "scenes")
+#: Keys that did not exist when the first units were run, with their defaults: left out of the hash
+#: while at the default.
+LATER_KEYS = {"stage1": {"projector_lr": None, "scenes": None}, "stage2": {"projector_lr": None, "scenes": None},
+              "data": {"conversations": "sampled"}}
 
 
 def unit_config_hash(config: StudyConfig) -> str:
     """What makes two units comparable: everything that changes what a unit computes. The lists of arms
     (seeds, λ values, the MoCa switch, the main λ, the defense arms) and the bookkeeping keys are left out,
-    so a study can gain an arm without orphaning the units it already has. Stage keys added after
-    units were run (`projector_lr`, `scenes`) count only when set, for the same reason."""
+    so a study can gain an arm without orphaning the units it already has. Keys added after units were
+    run (`stageN.projector_lr`, `stageN.scenes`, `data.conversations`) count only when set away from
+    their default, for the same reason."""
     from regap.provenance import json_hash
 
     data = config.to_dict()
-    for stage in ("stage1", "stage2"):
-        for key in LATER_STAGE_KEYS:
-            if data[stage].get(key) is None:
-                data[stage].pop(key, None)
+    for section, defaults in LATER_KEYS.items():
+        for key, default in defaults.items():
+            if data[section].get(key) == default:
+                data[section].pop(key, None)
     for key in ("seeds", "lambdas", "moca", "regap_lambda", "minutes_per_unit", "budget_minutes", "stats",
                 "curve", "name"):
         data.pop(key, None)

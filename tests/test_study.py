@@ -63,6 +63,46 @@ def test_plan_prints_units_and_an_estimate(tmp_path, capsys):
     assert "warning: that exceeds budget_minutes=60" in capsys.readouterr().out
 
 
+def _timed_unit(units, name, arm, config_hash, timings, recipe=None):
+    record = {"unit": name, "arm": arm, "status": "completed", "dtype": "float32", "config_hash": config_hash,
+              "timings_seconds": timings, "provenance": {"study": recipe or {}}}
+    (units / f"{name}.json").write_text(json.dumps(record))
+
+
+def test_estimate_times_training_and_evaluation_units_apart_and_scales_another_recipe(tmp_path):
+    from regap.study.run import Study
+
+    config = load_study_config("tiny-study", ["dtype=float32", "stage1.steps=512", "stage1.save_every=64",
+                                              "stage2.steps=256", "stage2.save_every=64"])
+    out = tmp_path / "s"
+    units = out / "units"
+    units.mkdir(parents=True)
+    study = Study(config, out, progress=False)
+    old = {"stage1": {"steps": 256, "global_batch": 8, "save_every": 64},
+           "stage2": {"steps": 256, "global_batch": 8, "save_every": 64}}
+    # a training unit of an older, shorter recipe: stage 1 doubles (512 vs 256 steps), the curve has
+    # 12 checkpoints instead of 8, the evaluations stay as they were
+    _timed_unit(units, "plain-s0", "plain", "old", {"stage1": 600, "stage2": 600, "curve": 80, "safety": 600}, old)
+    _timed_unit(units, "plain+cmrm-s0", "plain+cmrm", "old", {"gap": 60, "safety": 540})
+    _timed_unit(units, "backbone", "backbone", study.config_hash, {"backbone": 6000})  # not a unit's time
+    minutes, how = study.minutes_per_unit(training=True)
+    assert minutes == pytest.approx((1200 + 600 + 120 + 600) / 60) and "another recipe" in how
+    assert study.minutes_per_unit(training=False)[0] == pytest.approx(10.0)
+    todo = [u for u in plan_units(config) if u.seed == 0]
+    lines = study.estimate(todo)
+    n_train = sum(u.defense is None for u in todo)
+    n_eval = len(todo) - n_train
+    assert lines[0].startswith(f"{len(todo)} unit(s) to run: about {42 * n_train + 10 * n_eval:.0f} min")
+    # a unit of this very recipe wins over the rescaled one
+    _timed_unit(units, "regap-l0.1-s0", "regap-l0.1", study.config_hash, {"stage1": 1800, "safety": 1200})
+    assert study.minutes_per_unit(training=True) == (50.0, "median of 1 training unit(s) run here in float32")
+    # a unit whose recipe is not recorded is not guessed at
+    (units / "plain-s0.json").unlink()
+    (units / "regap-l0.1-s0.json").unlink()
+    _timed_unit(units, "moca-s0", "moca", "old", {"stage1": 600})
+    assert study.minutes_per_unit(training=True)[1] == "the config's estimate (no unit timed yet)"
+
+
 @pytest.mark.slow
 def test_a_unit_held_by_another_process_is_skipped(tmp_path, capsys):
     from regap.run_lock import exclusive_out

@@ -48,10 +48,11 @@ def study_command(
     if plan:
         from regap.study.units import plan_units
 
-        todo = {u.name for u in study.todo(unit)}
+        todo = study.todo(unit)
+        names = {u.name for u in todo}
         for spec in plan_units(cfg):
-            typer.echo(f"{spec.name:24s} {'to run' if spec.name in todo else 'done or not asked for'}")
-        for line in study.estimate(len(todo)):
+            typer.echo(f"{spec.name:24s} {'to run' if spec.name in names else 'done or not asked for'}")
+        for line in study.estimate(todo):
             typer.echo(line)
         return
     try:  # each unit locks its own work folder, so several processes can share OUT

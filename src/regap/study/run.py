@@ -76,27 +76,72 @@ class Study:
             units = [u for u in units if u.name in only]
         return [u for u in units if not self.summarised(u)]
 
-    def minutes_per_unit(self) -> tuple[float, str]:
-        """The median wall time of the units summarised so far in this dtype, else the config's estimate."""
-        times = []
+    def minutes_per_unit(self, training: bool = True) -> tuple[float, str]:
+        """The median wall time of the units of this kind summarised so far in this dtype, else the
+        config's estimate. A training unit trains both stages and evaluates; an evaluation unit (a
+        defense on a trained arm) only evaluates, so the two kinds are timed apart.
+
+        Training units of another recipe (config hash) count too, with their training and learning-curve
+        phases scaled to this config's steps, batch and checkpoints: a four-times-longer recipe must not
+        be estimated at the old recipe's time."""
+        same, scaled = [], []
         for path in (self.out / "units").glob("*.json"):
             try:
                 data = json.loads(path.read_text())
             except json.JSONDecodeError:
                 continue
-            if data.get("status") == "completed" and data.get("dtype") == self.dtype and data.get("timings_seconds"):
-                times.append(sum(data["timings_seconds"].values()) / 60)
-        if times:
-            return statistics.median(times), f"median of {len(times)} unit(s) run here in {self.dtype}"
+            if (data.get("status") != "completed" or data.get("dtype") != self.dtype
+                    or not data.get("timings_seconds") or data.get("arm") in (None, "backbone")):
+                continue
+            if ("+" not in data["arm"]) != training:
+                continue
+            if data.get("config_hash") == self.config_hash:
+                same.append(sum(data["timings_seconds"].values()) / 60)
+            elif (minutes := self._rescaled_minutes(data)) is not None:
+                scaled.append(minutes)
+        kind = "training" if training else "evaluation"
+        if same:
+            return statistics.median(same), f"median of {len(same)} {kind} unit(s) run here in {self.dtype}"
+        if scaled:
+            how = ", training and curve scaled to this recipe's steps and batch" if training else ""
+            return (statistics.median(scaled),
+                    f"median of {len(scaled)} {kind} unit(s) of another recipe run here in {self.dtype}{how}")
         return self.config.minutes_per_unit, "the config's estimate (no unit timed yet)"
 
-    def estimate(self, n_units: int) -> list[str]:
+    def _rescaled_minutes(self, unit: dict[str, Any]) -> float | None:
+        """A unit's wall time had it run this config's stage lengths; None when its recipe is not recorded."""
+        recipe = (unit.get("provenance") or {}).get("study") or {}
+        seconds = 0.0
+        checkpoints_then = checkpoints_now = 0
+        for phase, value in unit["timings_seconds"].items():
+            stage = phase if phase in ("stage1", "stage2") else None
+            if stage is None:
+                seconds += value if phase != "curve" else 0.0
+                continue
+            then, now = recipe.get(stage), getattr(self.config, stage)
+            if not isinstance(then, dict) or not then.get("steps") or not then.get("global_batch"):
+                return None
+            seconds += value * (now.steps * now.global_batch) / (then["steps"] * then["global_batch"])
+            checkpoints_then += then["steps"] // max(int(then.get("save_every") or then["steps"]), 1)
+            checkpoints_now += now.steps // max(now.save_every, 1)
+        curve = unit["timings_seconds"].get("curve", 0.0)
+        if curve and checkpoints_then:
+            seconds += curve * checkpoints_now / checkpoints_then
+        return seconds / 60
+
+    def estimate(self, units: list[UnitSpec]) -> list[str]:
         """The time the run is expected to take, and a warning when it exceeds `budget_minutes`."""
-        minutes, how = self.minutes_per_unit()
-        lines = [f"{n_units} unit(s) to run: about {minutes * n_units:.0f} min ({minutes:.1f} min per unit: {how}); "
-                 f"dtype {self.dtype}"]
+        lines, total = [], 0.0
+        for training in (True, False):
+            n = sum((u.defense is None) == training for u in units)
+            if n:
+                minutes, how = self.minutes_per_unit(training)
+                total += minutes * n
+                lines.append(f"{n} {'training' if training else 'evaluation'} unit(s): {minutes:.1f} min each "
+                             f"({how})")
+        lines.insert(0, f"{len(units)} unit(s) to run: about {total:.0f} min; dtype {self.dtype}")
         budget = self.config.budget_minutes
-        if budget is not None and minutes * n_units > budget:
+        if budget is not None and total > budget:
             lines.append(f"warning: that exceeds budget_minutes={budget:g}; run it over several sittings "
                          "(--max-units N, or --unit NAME; finished units are kept)")
         return lines
@@ -155,7 +200,7 @@ class Study:
         todo = self.todo(only)
         if max_units is not None:
             todo = todo[:max_units]
-        for line in self.estimate(len(todo)):
+        for line in self.estimate(todo):
             self.log(line)
         if not todo:
             return []

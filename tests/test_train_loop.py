@@ -355,6 +355,40 @@ def test_stage2_lora_trains_adapters_only_and_warns_about_regap(synth, tmp_path)
         assert torch.allclose(model.eval()(batch).logits, rebuilt(batch).logits, atol=1e-5)
 
 
+def test_a_checkpoint_loads_as_the_model_at_its_step(synth, tmp_path):
+    """`OUT/checkpoints/step-N` works wherever a model is asked for (learning curves, runs still training)."""
+    from regap.cli import main
+    from regap.models import load_model
+    from regap.train import load_trained
+
+    config = make_config(synth, stage=2, tune="lora", template="chat", max_steps=4, save_every=2, keep_checkpoints=0,
+                         lr=5e-2, data={"json": str(synth / "instructions.json")}, lora={"r": 4, "alpha": 8})
+    out = tmp_path / "s2"
+    train(config, out)
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "one two"}]
+    final = load_trained(out)
+    batch = final.build_inputs([conversation], template="chat")
+
+    def logits(model):
+        with torch.no_grad():
+            return model(batch).logits
+
+    at_4 = load_model(str(out / "checkpoints" / "step-0000004"), dtype="float32")
+    at_2 = load_model(str(out / "checkpoints" / "step-0000002"), dtype="float32")
+    assert torch.allclose(logits(at_4), logits(final), atol=1e-5)  # the last checkpoint is the final model
+    assert not torch.allclose(logits(at_2), logits(final), atol=1e-3)  # step 2 is not
+    projector_2 = load_file(str(out / "checkpoints" / "step-0000002" / "projector.safetensors"))
+    for name, tensor in at_2.projector.state_dict().items():
+        assert torch.equal(tensor, projector_2[name]), name
+    # the command line takes it as --model
+    assert main(["chat", "--model", str(out / "checkpoints" / "step-0000002"), "--max-new-tokens", "2",
+                 "--dtype", "float32", "Hi"]) == 0
+    # a run that has not finished says where its checkpoints are
+    (out / "projector.safetensors").unlink()
+    with pytest.raises(RegapError, match="a checkpoint loads as a model too"):
+        load_trained(out)
+
+
 # ---------------------------------------------------------------------- command line
 
 

@@ -18,6 +18,7 @@ from regap.models.folders import (  # noqa: F401 (re-exported: these lived here)
     CONFIG_FILE,
     PROJECTOR_FILE,
     TRAIN_CONFIG_FILE,
+    is_training_checkpoint,
     is_training_output,
 )
 from regap.models.io import load_saved
@@ -57,7 +58,7 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str
     (`regap.train.load_trained`: projector, LoRA adapter or full LLM, and MoCa), a folder saved
     by `save_model`, or an HF LLaVA checkpoint (folder or hub id)."""
     path = Path(name_or_path)
-    if is_training_output(path):
+    if is_training_output(path) or is_training_checkpoint(path):
         # The one import from `regap.models` into a higher layer, kept inside this function:
         # a training output folder is described by its training config (`config.yaml`: base
         # model, projector type, LoRA, MoCa), which only `regap.train` reads, and `regap.train`

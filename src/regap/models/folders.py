@@ -10,6 +10,12 @@ PROJECTOR_FILE = "projector.safetensors"
 TRAIN_CONFIG_FILE = "config.yaml"  # written by `regap.train` into every training output folder
 
 
+def is_training_checkpoint(path: Path) -> bool:
+    """A checkpoint of a training run, ``OUT/checkpoints/step-N`` (loadable as the model at step N)."""
+    return path.is_dir() and (path / "state.json").is_file() and path.parent.name == "checkpoints" and \
+        (path.parent.parent / TRAIN_CONFIG_FILE).is_file()
+
+
 def is_training_output(path: Path) -> bool:
     """A folder written by `regap pretrain` / `regap finetune` (its config and projector, or checkpoints)."""
     return path.is_dir() and (path / TRAIN_CONFIG_FILE).is_file() and \

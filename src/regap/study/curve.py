@@ -15,29 +15,10 @@ from typing import Any
 from regap.files import write_json_atomic
 
 
-def _load_checkpoint_parts(model: Any, checkpoint: Path) -> None:
-    """The checkpoint's projector, adapter (stage 2) and MoCa into `model`, in place."""
-    from safetensors.torch import load_file
-
-    from regap.models import load_projector
-    from regap.models.moca import MOCA_FILE, load_moca
-
-    load_projector(model, checkpoint / "projector.safetensors")
-    adapter = checkpoint / "adapter" / "adapter_model.safetensors"
-    if adapter.is_file():
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(model.llm, load_file(str(adapter)))
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise RuntimeError(f"{adapter}: adapter keys not in the model: {unexpected[:3]}")
-    if (checkpoint / MOCA_FILE).is_file() and model.moca is not None:
-        model.moca.load_state_dict(load_moca(checkpoint / MOCA_FILE, model.llm).state_dict())
-
-
 def qa_curve(work: Path, scenes: int, max_new_tokens: int, dtype: str, out_path: Path) -> dict[str, Any]:
     """QA accuracy per checkpoint of `work/stage1` and `work/stage2`; written to `out_path`."""
     from regap.train import load_trained
+    from regap.train.outputs import load_checkpoint_parts
     from regap.utility import run_utility
 
     result: dict[str, Any] = {"scenes": scenes, "max_new_tokens": max_new_tokens}
@@ -47,7 +28,7 @@ def qa_curve(work: Path, scenes: int, max_new_tokens: int, dtype: str, out_path:
         model = load_trained(folder, dtype=dtype)
         points = []
         for checkpoint in checkpoints:
-            _load_checkpoint_parts(model, checkpoint)
+            load_checkpoint_parts(model, checkpoint)
             target = work / "curve" / f"stage{stage}-{checkpoint.name}"
             utility = run_utility(model, target, tasks="synthetic-qa", n=scenes, seed=0,
                                   max_new_tokens=max_new_tokens, dtype=dtype)

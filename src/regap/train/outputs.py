@@ -69,17 +69,33 @@ def save_outputs(accelerator: Any, out_dir: Path, module: nn.Module, config: Tra
 def load_trained(out_dir: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu") -> LVLM:
     """Rebuild a trained model from a training output folder: base model + projector
     (+ LoRA adapter or full LLM) + MoCa, which the returned LVLM applies by itself
-    (`regap.models.load_model` and every ``--model OUT`` come here)."""
+    (`regap.models.load_model` and every ``--model OUT`` come here). ``OUT/checkpoints/step-N``
+    gives the model at step N, so a learning curve (or a run still training) can be evaluated
+    with the same commands as a finished one."""
     out_dir = Path(out_dir)
+    from regap.models.folders import is_training_checkpoint
     from regap.train.config import read_yaml
     from regap.train.setup import build_model
 
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).replace("torch.", "")
-    config = TrainConfig.from_dict(read_yaml(out_dir / "config.yaml"))
+    checkpoint = out_dir if is_training_checkpoint(out_dir) else None
+    run_dir = out_dir.parent.parent if checkpoint is not None else out_dir
+    config = TrainConfig.from_dict(read_yaml(run_dir / "config.yaml"))
+    if checkpoint is not None:
+        if config.tune == "full" and config.stage == 2:
+            raise RegapError(f"{checkpoint}: a checkpoint of a full-LLM stage 2 holds the LLM only as training "
+                             "state; load the finished output folder instead")
+        lvlm = build_model(config if dtype is None else dataclasses.replace(config, dtype=dtype)).to(device)
+        if (checkpoint / "adapter").is_dir():  # wraps the LLM with peft; its weights are set below
+            from regap.models.io import load_adapter
+
+            load_adapter(lvlm, checkpoint / "adapter")
+        load_checkpoint_parts(lvlm, checkpoint)
+        return lvlm.eval()
     if not (out_dir / "projector.safetensors").is_file():
-        raise RegapError(f"{out_dir}: no projector.safetensors (the training has not finished; its checkpoints "
-                         f"are in {out_dir / 'checkpoints'})")
+        raise RegapError(f"{out_dir}: no projector.safetensors (the training has not finished); a checkpoint "
+                         f"loads as a model too: {out_dir / 'checkpoints' / 'step-N'}")
     if (out_dir / "model").is_dir():
         from regap.models import load_model
 
@@ -94,6 +110,33 @@ def load_trained(out_dir: str | Path, *, dtype: str | torch.dtype | None = None,
     if lvlm.moca is None and (out_dir / MOCA_FILE).is_file():  # `model/` (full stage 2) may hold it already
         lvlm.set_moca(load_moca(out_dir / MOCA_FILE, lvlm.llm))
     return lvlm.eval()
+
+
+def load_checkpoint_parts(lvlm: LVLM, checkpoint: Path) -> None:
+    """A checkpoint's projector, LoRA adapter (stage 2) and MoCa into `lvlm`, in place (a learning curve
+    swaps them into one model instead of rebuilding it per checkpoint)."""
+    from safetensors.torch import load_file
+
+    from regap.models.io import load_projector
+
+    if not (checkpoint / "projector.safetensors").is_file():
+        raise RegapError(f"{checkpoint}: no projector.safetensors (not a regap training checkpoint)")
+    load_projector(lvlm, checkpoint / "projector.safetensors")
+    adapter = checkpoint / "adapter" / "adapter_model.safetensors"
+    if adapter.is_file():
+        if not hasattr(lvlm.llm, "peft_config"):
+            raise RegapError(f"{checkpoint}: holds a LoRA adapter, but the model it is loaded into has none")
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(lvlm.llm, load_file(str(adapter)))
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise RegapError(f"{adapter}: adapter keys not in the model: {unexpected[:3]}")
+    if (checkpoint / MOCA_FILE).is_file():
+        if lvlm.moca is None:
+            lvlm.set_moca(load_moca(checkpoint / MOCA_FILE, lvlm.llm))
+        else:
+            lvlm.moca.load_state_dict(load_moca(checkpoint / MOCA_FILE, lvlm.llm).state_dict())
 
 
 def write_data_report(out_dir: Path, dataset: Any, skipped: list[dict[str, Any]], truncated: int) -> None:

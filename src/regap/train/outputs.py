@@ -84,8 +84,8 @@ def load_trained(out_dir: str | Path, *, dtype: str | torch.dtype | None = None,
     config = TrainConfig.from_dict(read_yaml(run_dir / "config.yaml"))
     if checkpoint is not None:
         if config.tune == "full" and config.stage == 2:
-            raise RegapError(f"{checkpoint}: a checkpoint of a full-LLM stage 2 holds the LLM only as training "
-                             "state; load the finished output folder instead")
+            raise RegapError(f"{checkpoint}: a checkpoint of a full-LLM stage 2 holds the LLM only as raw "
+                             "training state; load the finished output folder instead")
         lvlm = build_model(config if dtype is None else dataclasses.replace(config, dtype=dtype)).to(device)
         if (checkpoint / "adapter").is_dir():  # wraps the LLM with peft; its weights are set below
             from regap.models.io import load_adapter

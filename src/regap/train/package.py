@@ -67,6 +67,8 @@ def package_preset(train_out: str | Path, name: str, dest: str | Path, *, info: 
         source, target = train_out / relative, staging / relative
         if dtype is not None and relative.endswith(".safetensors"):
             _resave(source, target, dtype)
+        elif relative.endswith(ADAPTER_CONFIG_FILE):
+            _portable_adapter_config(source, target, config.model)
         else:
             shutil.copyfile(source, target)
     hashes = {relative: file_sha256(staging / relative) for relative in files}
@@ -87,6 +89,16 @@ def package_preset(train_out: str | Path, name: str, dest: str | Path, *, info: 
         shutil.rmtree(dest)
     os.replace(staging, dest)
     return PackagedPreset(dest, dict(sorted(pins.items())), manifest, total)
+
+
+def _portable_adapter_config(source: Path, target: Path, base: str) -> None:
+    """peft's adapter config with `base_model_name_or_path` naming the base preset's LLM instead of the
+    packager's cache folder (peft only records it: the model is built from the preset, not from it)."""
+    adapter_config = _read_json(source)
+    preset = PRESETS.get(base)
+    llm = preset.config.llm_source if preset is not None and preset.config is not None else base
+    adapter_config["base_model_name_or_path"] = llm
+    target.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
 
 
 def _stage2_lora_config(train_out: Path) -> TrainConfig:

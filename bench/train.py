@@ -119,38 +119,10 @@ def part_a(args: argparse.Namespace, data: Path) -> dict:
 
 def part_c(args: argparse.Namespace, data: Path) -> dict:
     """float32 vs bfloat16 step times, alternating, and the `auto` choice on this machine."""
-    import torch
-
-    from regap.data import LlavaJsonDataset
-    from regap.models import load_model
     from regap.precision import cpu_capability, cpu_probe, resolve_dtype
-    from regap.train import TrainConfig
-    from regap.train.collate import Collator, TrainSamples
-    from regap.train.setup import make_optimizer, setup_model
-    from regap.train.step import TrainStep
+    from unit_time import training_step  # bench/unit_time.py: one stage-1 step of the shipped tiny config
 
-    def stepper(dtype: str):
-        # No Accelerator here: its state is a per-process singleton, and the two set-ups need
-        # different mixed precision. bf16 autocast is what Accelerate's mixed_precision=bf16 does on a CPU.
-        config = TrainConfig.from_dict({"model": "tiny", "dtype": dtype,
-                                        "data": {"json": str(data / "captions.json")}}).resolved()
-        lvlm = load_model("tiny", dtype=dtype)
-        module, _ = setup_model(lvlm, config, log=lambda m: None)
-        optimizer = make_optimizer(module, config)
-        dataset = LlavaJsonDataset(data / "captions.json")
-        batch = Collator(lvlm, "plain", 256)([TrainSamples(dataset)[i] for i in range(args.batch)]).inputs
-        autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else None
-        train_step = TrainStep(module, optimizer, autocast=autocast)
-
-        def step() -> float:
-            start = time.perf_counter()
-            train_step(batch)
-            return time.perf_counter() - start
-
-        step()  # warm-up
-        return step
-
-    steps = {"float32": stepper("float32"), "bfloat16": stepper("bfloat16")}
+    steps = {dtype: training_step(1, dtype, data, args.batch) for dtype in ("float32", "bfloat16")}
     times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
     for k in range(args.dtype_pairs):
         for dtype in (("float32", "bfloat16") if k % 2 == 0 else ("bfloat16", "float32")):

@@ -14,7 +14,7 @@ measured bf16 unit's phases are scaled by their ratio.
 
 The gap phases (forward passes only) are scaled by the generation ratio, which is prefill-bound too.
 
-    python bench/unit_time.py [--pairs 3] [--unit results/tiny-study/units/plain-s0.json] [--json OUT]
+    python bench/unit_time.py [--pairs 3] [--unit results/tiny-study-blind/units/plain-s0.json] [--json OUT]
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="samples per training step (the study's per-device batch)")
     parser.add_argument("--requests", type=int, default=16, help="requests per generation batch (the study's batch)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--unit", type=Path, default=Path("results/tiny-study/units/plain-s0.json"),
+    parser.add_argument("--unit", type=Path, default=Path("results/tiny-study-blind/units/plain-s0.json"),
                         help="a unit summary measured in bfloat16, to project")
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args()

@@ -5,11 +5,13 @@ a diverged unit reported and left out of the statistics."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from regap.cli import main
 from regap.errors import RegapError
+from regap.files import file_sha256
 from regap.study.config import load_study_config
 from regap.study.units import plan_units
 
@@ -155,6 +157,8 @@ def test_fast_study_summarises_every_unit(fast_study):
     assert len(unit["safety"]["plain"]["labels"]) == 5 and "curve" in unit  # seed 0 has the learning curve
     assert [p["step"] for p in unit["curve"]["stage2"]["qa"]] == [1, 2]
     assert unit["provenance"]["versions"]["torch"]
+    study_data = fast_study / "work" / "data" / "instructions.json"
+    assert unit["training"]["stage2"]["data"]["sha256"] == file_sha256(study_data) and unit["notes"] == []
     markdown = (fast_study / "report.md").read_text()
     assert "The paper's four claims" in markdown and "figures/unsafe_by_arm.png" in markdown
     assert "Refusal rate on harmful requests" in markdown and "Under `refusal-lexicon`: (a) image" in markdown
@@ -226,7 +230,7 @@ def test_stage_learning_rates_and_scene_counts_reach_the_training_configs(tmp_pa
     from regap.train import load_config
 
     def stage_configs(overrides):
-        config = load_study_config("tiny-study", overrides)
+        config = load_study_config("tiny-study-blind", overrides)  # the recipe with both keys at their defaults
         spec = next(u for u in plan_units(config) if u.name == "plain-s0")
         runner = UnitRunner(config, spec, tmp_path / "out", tmp_path / "work", "float32", log=lambda _: None)
         return [load_config(f"tiny-stage{k}", runner._train_overrides(k), stage=k) for k in (1, 2)]
@@ -259,13 +263,35 @@ def test_all_conversations_reach_the_study_data_and_regenerate_it(tmp_path):
 def test_a_new_arm_keeps_the_units_comparable_but_a_changed_recipe_does_not():
     from regap.study.unit import unit_config_hash
 
-    base = unit_config_hash(load_study_config("tiny-study"))
+    base = unit_config_hash(load_study_config("tiny-study-blind"))  # the recipe the first units ran
     for more_arms in (["defenses.plain=[cmrm, layer0-align, cmrm:alpha=0.5]"], ["moca=false"], ["seeds=[0,1,2,3]"],
                       ["lambdas=[0,0.1,1,10]"], ["regap_lambda=1"]):
-        assert unit_config_hash(load_study_config("tiny-study", more_arms)) == base, more_arms
+        assert unit_config_hash(load_study_config("tiny-study-blind", more_arms)) == base, more_arms
     for recipe in (["stage1.steps=128"], ["defenses.conditions=[blank]"], ["safety.max_new_tokens=32"],
                    ["stage2.projector_lr=2e-4"], ["stage1.scenes=256"], ["data.conversations=all"]):
-        assert unit_config_hash(load_study_config("tiny-study", recipe)) != base, recipe
+        assert unit_config_hash(load_study_config("tiny-study-blind", recipe)) != base, recipe
     # stage keys added after units were run count only when set: the finished units keep their hash
     unset = ["stage1.projector_lr=null", "stage2.scenes=null", "data.conversations=sampled"]
-    assert unit_config_hash(load_study_config("tiny-study", unset)) == base
+    assert unit_config_hash(load_study_config("tiny-study-blind", unset)) == base
+    # ... and the committed units of that recipe are still its units (their report rebuilds with --no-run)
+    committed = Path(__file__).parents[1] / "results" / "tiny-study-blind" / "units" / "plain-s0.json"
+    if committed.is_file():
+        assert json.loads(committed.read_text())["config_hash"] == base
+    assert unit_config_hash(load_study_config("tiny-study")) != base  # the shipped recipe is another one
+
+
+def test_a_stage_trained_on_other_data_is_noted(tmp_path):
+    """An adopted run (or study data regenerated after a stage ran) must not pass as the study's."""
+    from regap.study.unit import training_data_note
+
+    data = tmp_path / "instructions.json"
+    data.write_text("[]")
+    stage = tmp_path / "stage2"
+    stage.mkdir()
+    assert training_data_note(2, stage, data) is None  # no provenance yet: nothing to compare
+    (stage / "provenance.json").write_text(json.dumps({"data": {"json": str(data), "sha256": file_sha256(data)}}))
+    assert training_data_note(2, stage, data) is None
+    (stage / "provenance.json").write_text(json.dumps({"data": {"json": "/elsewhere/dense.json", "sha256": "ab" * 32}}))
+    note = training_data_note(2, stage, data)
+    assert note is not None and "/elsewhere/dense.json" in note and "abababababab" in note
+    assert file_sha256(data)[:12] in note

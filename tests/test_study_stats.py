@@ -100,6 +100,7 @@ def test_load_units_leaves_out_diverged_and_foreign_units(tmp_path):
     units.mkdir()
     for u in UNITS[:3]:
         (units / f"{u['unit']}.json").write_text(json.dumps(u))
+    (units / "plain-s1.json").write_text(json.dumps({**UNITS[1], "notes": ["stage 2 was trained on other data"]}))
     (units / "regap-l1-s1.json").write_text(json.dumps({**UNITS[3], "status": "diverged", "notes": ["loss nan"]}))
     (units / "plain-s9.json").write_text(json.dumps({**UNITS[0], "unit": "plain-s9", "config_hash": "other"}))
     (units / "broken.json").write_text("{")
@@ -108,6 +109,7 @@ def test_load_units_leaves_out_diverged_and_foreign_units(tmp_path):
     assert any("regap-l1-s1: diverged (loss nan)" in n for n in notes)
     assert any("plain-s9: made with another study configuration" in n for n in notes)
     assert any("broken.json: unreadable" in n for n in notes)
+    assert "plain-s1: stage 2 was trained on other data" in notes  # a kept unit's notes reach the report
 
 
 def test_arms_are_reported_trained_first_then_with_defenses():

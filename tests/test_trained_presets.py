@@ -111,10 +111,12 @@ def test_missing_assets_and_empty_pins_are_one_line_errors(stage2_out, register)
     from regap.cli import main
     from regap.models import load_model
 
-    for name in ("tiny-llava", "tiny-llava-regap"):  # registered, not packaged yet
-        if not PRESETS[name].pins:
-            with pytest.raises(RegapError, match=rf"preset {name}: assets not packaged yet"):
-                load_model(name)
+    unpinned = Preset(name=NAME, summary="test", needs_hub=False, projector_note="trained", base="tiny-random",
+                      assets=NAME, pins={})  # registered, not packaged yet
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(PRESETS, NAME, unpinned)
+        with pytest.raises(RegapError, match=rf"preset {NAME}: assets not packaged yet"):
+            load_model(NAME)
     register(stage2_out)
     (trained_presets.ASSETS_ROOT / NAME / "projector.safetensors").unlink()
     with pytest.raises(RegapError, match=rf"preset {NAME}: asset .*projector.safetensors is missing"):

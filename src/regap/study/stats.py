@@ -57,6 +57,7 @@ def load_units(folder: Path) -> tuple[list[dict[str, Any]], list[str]]:
             notes.append(f"{u['unit']}: {u['status']} ({'; '.join(u.get('notes', [])) or 'no detail'}); "
                          "left out of the statistics")
             continue
+        notes += [f"{u['unit']}: {note}" for note in u.get("notes", [])]
         kept.append(u)
     return kept, notes
 

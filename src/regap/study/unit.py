@@ -19,6 +19,8 @@ from regap.study.config import StudyConfig
 from regap.study.steps import StepMarkers
 from regap.study.units import UnitSpec
 
+#: The study data file each stage trains on.
+TRAINING_FILES = {1: "captions.json", 2: "instructions.json"}
 #: Verdict strings: one character per request (in the unit's `requests` order).
 YES, NO, MISSING = "1", "0", "-"
 SUMMARY_FORMAT = "regap-study-unit/1"
@@ -46,9 +48,8 @@ class UnitRunner:
     def _train_overrides(self, stage: int) -> list[str]:
         c, s = self.config, self.spec
         spec = c.stage1 if stage == 1 else c.stage2
-        files = {1: "captions.json", 2: "instructions.json"}
         overrides = [
-            f"model={c.model}", f"dtype={self.dtype}", f"data.json={self.data / files[stage]}",
+            f"model={c.model}", f"dtype={self.dtype}", f"data.json={self.data / TRAINING_FILES[stage]}",
             f"max_steps={spec.steps}", f"global_batch_size={spec.global_batch}",
             f"per_device_batch_size={spec.per_device_batch}", f"save_every={spec.save_every}",
             f"keep_checkpoints={spec.steps // spec.save_every + 1}", f"seed={s.seed}",
@@ -82,7 +83,8 @@ class UnitRunner:
             if result.status != "completed":
                 raise RegapError(f"{self.spec.name}: stage {stage} stopped at step {result.step}: {result.status}")
 
-        self.markers.run(f"stage{stage}", overrides, action)
+        # the marker keys on what the stage computes: showing a progress bar or not must not redo it
+        self.markers.run(f"stage{stage}", [o for o in overrides if not o.startswith("observe.progress=")], action)
 
     # ---- models -----------------------------------------------------------------------------------
     def final_model(self):
@@ -170,6 +172,10 @@ class UnitRunner:
         except NonFiniteLossError as exc:
             self.notes.append(f"diverged: {exc}")
             return self.summary("diverged", started)
+        for stage, name in TRAINING_FILES.items():
+            note = training_data_note(stage, self.work / f"stage{stage}", self.data / name)
+            if note is not None:
+                self.notes.append(note)
         if s.defense is not None:  # an evaluation unit: the defense on this arm's final model
             self.gap("gap", self.work / "stage2", "scenes", "starter-benign", c.gap.pairs, c.gap.texts_per_pair,
                      defenses=[s.defense])
@@ -250,15 +256,40 @@ def unit_config_hash(config: StudyConfig) -> str:
 
 
 def training_record(folder: Path) -> dict[str, Any]:
-    """Loss (and the probe's gap) per logged step; the final row."""
+    """Loss (and the probe's gap) per logged step, and the data the stage trained on."""
     path = folder / "metrics.jsonl"
     if not path.exists():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     keep = ("step", "loss", "caption_loss", "gap", "gap_loss", "probe_gap0", "probe_mir", "alpha", "elapsed_s")
-    return {"steps": [{k: r[k] for k in keep if k in r} for r in rows
-                      if isinstance(r.get("step"), int) and "event" not in r],
-            "events": [r for r in rows if "event" in r]}
+    record: dict[str, Any] = {"steps": [{k: r[k] for k in keep if k in r} for r in rows
+                                        if isinstance(r.get("step"), int) and "event" not in r],
+                              "events": [r for r in rows if "event" in r]}
+    data = _trained_data(folder)
+    if data:
+        record["data"] = {k: data[k] for k in ("json", "sha256", "loaded") if k in data}
+    return record
+
+
+def _trained_data(folder: Path) -> dict[str, Any]:
+    path = folder / "provenance.json"
+    return (json.loads(path.read_text()).get("data") or {}) if path.is_file() else {}
+
+
+def training_data_note(stage: int, folder: Path, expected: Path) -> str | None:
+    """A note when a stage was trained on other data than the study's file (a run adopted from
+    elsewhere, or study data regenerated after the stage ran): its results stand for that data,
+    and the report must say so."""
+    from regap.files import file_sha256
+
+    trained = _trained_data(folder).get("sha256")
+    if trained is None or not expected.is_file():
+        return None
+    study = file_sha256(expected)
+    if trained == study:
+        return None
+    return (f"stage {stage} was trained on {_trained_data(folder).get('json')} (sha256 {trained[:12]}), not on the "
+            f"study's {expected.name} (sha256 {study[:12]})")
 
 
 def gap_record(folder: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ measured bf16 unit's phases are scaled by their ratio.
 The gap phases (forward passes only) are scaled by the generation ratio, which is prefill-bound too.
 
     python bench/unit_time.py [--pairs 3] [--unit results/tiny-study-blind/units/plain-s0.json] [--json OUT]
+    python bench/unit_time.py --parts OUT --unit results/tiny-study/units/plain-s0.json   # reuse measured ratios
 """
 
 from __future__ import annotations
@@ -131,7 +132,20 @@ def main() -> None:
     parser.add_argument("--unit", type=Path, default=Path("results/tiny-study-blind/units/plain-s0.json"),
                         help="a unit summary measured in bfloat16, to project")
     parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument("--parts", type=Path, help="an earlier --json report: project --unit with its measured "
+                        "ratios instead of timing the parts again")
     args = parser.parse_args()
+    if args.parts is not None:
+        earlier = json.loads(args.parts.read_text())
+        if "parts" not in earlier:
+            raise SystemExit(f"{args.parts}: no field 'parts'; pass a report written by --json")
+        projection = project(args.unit, earlier["parts"])
+        print(f"unit {projection['unit']}: measured {projection['bfloat16_min']:.0f} min in bfloat16, projected "
+              f"{projection['float32_min']:.0f} min in float32 (ratios measured {args.parts})")
+        if args.json:
+            args.json.write_text(json.dumps({"parts_from": str(args.parts), "parts": earlier["parts"],
+                                             "projection": projection}, indent=1))
+        return
 
     from regap.data.synth import generate_synthetic
     from regap.precision import cpu_capability

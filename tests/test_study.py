@@ -103,6 +103,13 @@ def test_estimate_times_training_and_evaluation_units_apart_and_scales_another_r
     (units / "regap-l0.1-s0.json").unlink()
     _timed_unit(units, "moca-s0", "moca", "old", {"stage1": 600})
     assert study.minutes_per_unit(training=True)[1] == "the config's estimate (no unit timed yet)"
+    # no evaluation unit timed: a training unit of this recipe lends its evaluation phases, not its training
+    (units / "plain+cmrm-s0.json").unlink()
+    assert study.minutes_per_unit(training=False)[1] == "the config's estimate (no unit timed yet)"
+    _timed_unit(units, "plain-s0", "plain", study.config_hash,
+                {"stage1": 6000, "stage2": 6000, "curve": 600, "gap": 120, "safety": 1500, "utility": 300})
+    minutes, how = study.minutes_per_unit(training=False)
+    assert minutes == pytest.approx(32.0) and how.startswith("the evaluation phases of 1 training unit")
 
 
 @pytest.mark.slow

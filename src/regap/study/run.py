@@ -83,8 +83,9 @@ class Study:
 
         Training units of another recipe (config hash) count too, with their training and learning-curve
         phases scaled to this config's steps, batch and checkpoints: a four-times-longer recipe must not
-        be estimated at the old recipe's time."""
-        same, scaled = [], []
+        be estimated at the old recipe's time. With no evaluation unit timed, the evaluation phases of this
+        recipe's training units (gap, safety, utility) stand in: not the config's training-sized estimate."""
+        same, scaled, evaluations_of_training = [], [], []
         for path in (self.out / "units").glob("*.json"):
             try:
                 data = json.loads(path.read_text())
@@ -94,6 +95,9 @@ class Study:
                     or not data.get("timings_seconds") or data.get("arm") in (None, "backbone")):
                 continue
             if ("+" not in data["arm"]) != training:
+                if not training and data.get("config_hash") == self.config_hash:  # its evaluation phases
+                    evaluations_of_training.append(sum(v for k, v in data["timings_seconds"].items()
+                                                       if k not in ("stage1", "stage2", "curve")) / 60)
                 continue
             if data.get("config_hash") == self.config_hash:
                 same.append(sum(data["timings_seconds"].values()) / 60)
@@ -106,6 +110,9 @@ class Study:
             how = ", training and curve scaled to this recipe's steps and batch" if training else ""
             return (statistics.median(scaled),
                     f"median of {len(scaled)} {kind} unit(s) of another recipe run here in {self.dtype}{how}")
+        if evaluations_of_training:  # an evaluation unit runs what a training unit runs after training
+            return (statistics.median(evaluations_of_training),
+                    f"the evaluation phases of {len(evaluations_of_training)} training unit(s) run here in {self.dtype}")
         return self.config.minutes_per_unit, "the config's estimate (no unit timed yet)"
 
     def _rescaled_minutes(self, unit: dict[str, Any]) -> float | None:

@@ -302,3 +302,21 @@ def test_a_stage_trained_on_other_data_is_noted(tmp_path):
     note = training_data_note(2, stage, data)
     assert note is not None and "/elsewhere/dense.json" in note and "abababababab" in note
     assert file_sha256(data)[:12] in note
+
+
+def test_a_stage_marker_ignores_the_progress_display(tmp_path):
+    """Running a unit with or without progress bars must not redo (or refuse to resume) its training."""
+    from regap.study.unit import UnitRunner
+
+    config = load_study_config("tiny-study")
+    spec = next(u for u in plan_units(config) if u.name == "plain-s0")
+
+    def runner(progress: bool) -> UnitRunner:
+        return UnitRunner(config, spec, tmp_path / "out", tmp_path / "work", "float32", log=lambda _: None,
+                          progress=progress)
+
+    shown, hidden = runner(True), runner(False)
+    assert shown._train_overrides(1) != hidden._train_overrides(1)  # the display does reach training
+    for stage in (1, 2):
+        assert shown.stage_marker_params(stage) == hidden.stage_marker_params(stage)
+    assert shown.stage_marker_params(1) != shown.stage_marker_params(2)

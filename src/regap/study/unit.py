@@ -83,8 +83,13 @@ class UnitRunner:
             if result.status != "completed":
                 raise RegapError(f"{self.spec.name}: stage {stage} stopped at step {result.step}: {result.status}")
 
-        # the marker keys on what the stage computes: showing a progress bar or not must not redo it
-        self.markers.run(f"stage{stage}", [o for o in overrides if not o.startswith("observe.progress=")], action)
+        self.markers.run(f"stage{stage}", self.stage_marker_params(stage), action)
+
+    def stage_marker_params(self, stage: int) -> list[str]:
+        """What a stage's step marker keys on: its training overrides but the progress display, so that
+        showing a progress bar or not never redoes a stage (a stage trained elsewhere is adopted by
+        writing this marker: docs/study.md)."""
+        return [o for o in self._train_overrides(stage) if not o.startswith("observe.progress=")]
 
     # ---- models -----------------------------------------------------------------------------------
     def final_model(self):
@@ -282,13 +287,14 @@ def training_data_note(stage: int, folder: Path, expected: Path) -> str | None:
     and the report must say so."""
     from regap.files import file_sha256
 
-    trained = _trained_data(folder).get("sha256")
+    data = _trained_data(folder)
+    trained = data.get("sha256")
     if trained is None or not expected.is_file():
         return None
     study = file_sha256(expected)
     if trained == study:
         return None
-    return (f"stage {stage} was trained on {_trained_data(folder).get('json')} (sha256 {trained[:12]}), not on the "
+    return (f"stage {stage} was trained on {data.get('json')} (sha256 {trained[:12]}), not on the "
             f"study's {expected.name} (sha256 {study[:12]})")
 
 

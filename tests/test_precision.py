@@ -200,3 +200,45 @@ def test_usable_cpus_follow_the_affinity_mask(monkeypatch):
         assert precision.use_usable_cpus() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture
+def busy_warning_armed(monkeypatch):
+    monkeypatch.setattr(precision, "_busy_warned", False)
+
+
+def test_busy_cpus_warn_once_when_every_cpu_is_taken(monkeypatch, capsys, busy_warning_armed):
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.6, 1.4, 1.2))
+    assert precision.warn_if_cpus_busy(2) is True
+    assert "1-minute load 1.6" in capsys.readouterr().err
+    assert precision.warn_if_cpus_busy(2) is False  # once per process
+    assert capsys.readouterr().err == ""
+
+
+def test_idle_cpus_or_one_thread_do_not_warn(monkeypatch, capsys, busy_warning_armed):
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.5, 0.5))
+    assert precision.warn_if_cpus_busy(2) is False
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.8, 1.8, 1.8))
+    assert precision.warn_if_cpus_busy(1) is False  # one thread does not spin-wait on others
+    assert capsys.readouterr().err == ""
+
+
+def test_the_cli_warns_only_when_it_chose_the_threads(monkeypatch, capsys, busy_warning_armed):
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.8, 1.8, 1.8))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        precision.use_usable_cpus()
+        assert capsys.readouterr().err == ""  # the user chose: no advice
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        precision.use_usable_cpus()
+        assert "set OMP_NUM_THREADS" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

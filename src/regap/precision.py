@@ -122,7 +122,36 @@ def use_usable_cpus() -> int:
     OMP_NUM_THREADS (torch's own default can count CPUs outside the affinity mask)."""
     if not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(usable_cpu_count())
+        warn_if_cpus_busy(torch.get_num_threads())
     return torch.get_num_threads()
+
+
+#: Other work counts as present when the 1-minute load average reaches this many busy CPUs.
+BUSY_LOAD = 0.9
+_busy_warned = False
+
+
+def warn_if_cpus_busy(threads: int) -> bool:
+    """Say so, once per process, when this process takes every CPU while other jobs already run.
+
+    Why: OpenMP threads spin-wait on one another, so a thread that shares its core with another
+    job stalls all of them. On a 2-core machine a bf16 training step took 12-23 s with 2 threads
+    beside another job, against 1.2 s with 1 (bench/RESULTS.md). Threads are not cut
+    automatically: a default that depends on a moment's load would make runs irreproducible."""
+    global _busy_warned
+    if _busy_warned or threads < 2 or not hasattr(os, "getloadavg"):
+        return False
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return False
+    if load < BUSY_LOAD:
+        return False
+    _busy_warned = True
+    _warn(f"regap: other jobs are using the CPUs (1-minute load {load:.1f}) and this process takes "
+          f"{threads} threads. OpenMP threads that share cores with other jobs can run many times slower; "
+          "for jobs side by side, set OMP_NUM_THREADS to the CPUs each may have (e.g. 1).")
+    return True
 
 
 def _probe_key() -> str:

@@ -320,3 +320,29 @@ def test_a_stage_marker_ignores_the_progress_display(tmp_path):
     for stage in (1, 2):
         assert shown.stage_marker_params(stage) == hidden.stage_marker_params(stage)
     assert shown.stage_marker_params(1) != shown.stage_marker_params(2)
+
+
+def test_a_step_that_knows_its_own_time_records_it(tmp_path):
+    """A stage resumed over sittings reports its training time over all of them, not the wall time of
+    the sitting that finished it; a step without that knowledge keeps its wall time."""
+    from regap.study.steps import StepMarkers
+
+    markers = StepMarkers(tmp_path)
+    assert markers.run("stage1", ["a"], lambda: None, seconds=lambda: 4321.0)
+    assert markers.run("gap", ["b"], lambda: None)
+    assert markers.timings == {"stage1": 4321.0, "gap": pytest.approx(0.0, abs=0.5)}
+    again = StepMarkers(tmp_path)
+    assert not again.run("stage1", ["a"], lambda: pytest.fail("a marked step must not rerun"))
+    assert again.timings["stage1"] == 4321.0
+
+
+def test_training_seconds_sums_each_sitting_once():
+    from regap.train import training_seconds
+
+    old_file = [{"step": 1, "elapsed_s": 5.0}, {"step": 2, "elapsed_s": 10.0}, {"step": 3, "elapsed_s": 4.0},
+                {"step": 4, "elapsed_s": 8.5}]  # resumed after step 2, before the flag existed
+    assert training_seconds(old_file) == 18.5
+    flagged = [{"step": 1, "elapsed_s": 2.0, "sitting_start": True}, {"step": 2, "elapsed_s": 3.0},
+               {"step": 3, "elapsed_s": 7.0, "sitting_start": True}]  # a slow first step after the resume
+    assert training_seconds(flagged) == 10.0
+    assert training_seconds([{"step": 1}, {"step": 2, "elapsed_s": 1.5}]) == 1.5

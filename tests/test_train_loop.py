@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from regap.errors import RegapError
-from regap.train import TrainConfig, load_config, read_metrics, shipped_configs, train
+from regap.train import TrainConfig, load_config, read_metrics, shipped_configs, train, training_seconds
 from regap.train.config import derive_batch_layout
 from regap.train.loop import NonFiniteLossError
 
@@ -162,6 +162,7 @@ def test_resume_continues_exactly(synth, tmp_path):
 
     first = train(make_config(synth, stop_after_steps=3, **extra), tmp_path / "resumed")
     assert first.status == "stopped" and first.step == 3
+    first_sitting_s = read_metrics(tmp_path / "resumed" / "metrics.jsonl")[-1]["elapsed_s"]
     with pytest.raises(RegapError, match="already holds checkpoints"):
         train(make_config(synth, **extra), tmp_path / "resumed")
     second = train(make_config(synth, **extra), tmp_path / "resumed", resume=True)
@@ -175,6 +176,9 @@ def test_resume_continues_exactly(synth, tmp_path):
     rows_a = read_metrics(tmp_path / "straight" / "metrics.jsonl")
     rows_b = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
     assert [r["step"] for r in rows_b] == list(range(1, 9))
+    # The run's time counts both sittings, each step once (elapsed_s restarts at the resume).
+    assert [r["step"] for r in rows_b if r.get("sitting_start")] == [1, 4]
+    assert training_seconds(rows_b) == pytest.approx(first_sitting_s + rows_b[-1]["elapsed_s"], abs=0.06)
     for ra, rb in zip(rows_a, rows_b):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=1e-7)
         assert ra["alpha"] == pytest.approx(rb["alpha"], rel=1e-12)

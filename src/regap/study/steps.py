@@ -36,20 +36,22 @@ class StepMarkers:
     def seconds(self, name: str) -> float:
         return float(json.loads(self.path(name).read_text())["seconds"])
 
-    def mark(self, name: str, params: Any, started: float) -> None:
+    def mark(self, name: str, params: Any, seconds: float) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.path(name), json.dumps({"params": json_hash(params),
-                                                       "seconds": round(time.time() - started, 1)}))
+        write_text_atomic(self.path(name), json.dumps({"params": json_hash(params), "seconds": round(seconds, 1)}))
 
-    def run(self, name: str, params: Any, action: Callable[[], Any], *, label: str | None = None) -> bool:
+    def run(self, name: str, params: Any, action: Callable[[], Any], *, label: str | None = None,
+            seconds: Callable[[], float] | None = None) -> bool:
         """Run `action` unless `name` is marked with the same params; True when it ran. The time
-        (this run's, or the recorded one) goes to `timings[label or name]`."""
+        goes to `timings[label or name]`: the recorded one, else `seconds()` when given (a step that
+        resumes its own work across sittings knows its whole time), else this run's wall time."""
         key = label or name
         if self.done(name, params):
             self.timings[key] = self.seconds(name)
             return False
         started = time.time()
         action()
-        self.mark(name, params, started)
-        self.timings[key] = round(time.time() - started, 1)
+        took = seconds() if seconds is not None else time.time() - started
+        self.mark(name, params, took)
+        self.timings[key] = round(took, 1)
         return True

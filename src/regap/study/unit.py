@@ -71,7 +71,7 @@ class UnitRunner:
         return overrides
 
     def train(self, stage: int) -> None:
-        from regap.train import load_config, train
+        from regap.train import load_config, read_metrics, train, training_seconds
 
         overrides = self._train_overrides(stage)
         folder = self.work / f"stage{stage}"
@@ -83,7 +83,10 @@ class UnitRunner:
             if result.status != "completed":
                 raise RegapError(f"{self.spec.name}: stage {stage} stopped at step {result.step}: {result.status}")
 
-        self.markers.run(f"stage{stage}", self.stage_marker_params(stage), action)
+        def seconds() -> float:  # every sitting of the stage, not only the one that finished it
+            return training_seconds(read_metrics(folder / "metrics.jsonl"))
+
+        self.markers.run(f"stage{stage}", self.stage_marker_params(stage), action, seconds=seconds)
 
     def stage_marker_params(self, stage: int) -> list[str]:
         """What a stage's step marker keys on: its training overrides but the progress display, so that

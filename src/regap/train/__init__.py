@@ -25,7 +25,7 @@ from regap.train.loop import TrainResult, train
 from regap.train.module import TrainModule
 from regap.train.outputs import load_trained
 from regap.train.step import NonFiniteLossError, TrainStep, compute_losses
-from regap.train.observe import probe_gaps, read_metrics
+from regap.train.observe import probe_gaps, read_metrics, training_seconds
 from regap.train.regap_loss import GapOutput, ReGapLoss, corpus_token_counts, text_stats_from_counts
 
 __all__ = [
@@ -53,4 +53,5 @@ __all__ = [
     "shipped_configs",
     "text_stats_from_counts",
     "train",
+    "training_seconds",
 ]

@@ -349,6 +349,7 @@ class _Watch:
         self.window = LossWindow()
         self.last_row: dict[str, Any] = {}
         self.t_step = self.t_start = time.perf_counter()
+        self.first_row_of_sitting = True
 
     def add(self, outcome: StepOutcome, batch: TrainBatch) -> None:
         self.window.add(outcome.losses, batch)
@@ -388,6 +389,9 @@ class _Watch:
                 self.capture.clear()
             self.t_step = time.perf_counter()  # probe time is not training throughput
         if logged:
+            if self.first_row_of_sitting:  # elapsed_s restarts here (regap.train.observe.training_seconds)
+                row["sitting_start"] = True
+                self.first_row_of_sitting = False
             self.metrics.write(row)
         self.progress.update(row)
         self.last_row = row

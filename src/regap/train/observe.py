@@ -90,6 +90,26 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def training_seconds(rows: Sequence[dict[str, Any]]) -> float:
+    """How long a run's steps took, over all its sittings.
+
+    Why not the wall time of the call that finished it: a stage interrupted and resumed (a long
+    study unit spans sittings) would count only its last sitting. ``elapsed_s`` restarts at each
+    resume (its first row says ``sitting_start``) and the rows past the checkpoint are dropped
+    there, so summing its increments, sitting by sitting, counts every kept step once. Files
+    written before that flag existed are split where ``elapsed_s`` drops. Loading the model at
+    each start is not counted."""
+    total, previous = 0.0, 0.0
+    for row in rows:
+        elapsed = row.get("elapsed_s")
+        if not isinstance(elapsed, (int, float)):
+            continue
+        new_sitting = row.get("sitting_start") or elapsed < previous
+        total += elapsed if new_sitting else elapsed - previous
+        previous = elapsed
+    return round(total, 1)
+
+
 class Progress:
     """A tqdm bar over optimizer steps (disabled off the main process or on request)."""
 

@@ -16,6 +16,7 @@ from regap.errors import InternalError, RegapError
 from regap.models.engines import generate_vllm
 from regap.models.generation import DecodingSettings, count_until_eos, eos_token_ids
 from regap.models.inputs import InputBuilder, ModelInputs, build_batch, with_image_marker
+from regap.models.lm_head import keep_lm_head_input_contiguous
 from regap.models.projector import build_projector
 from regap.models.templates import get_template
 from regap.models.vision import VisionConfig, VisionTower
@@ -90,6 +91,7 @@ class LVLM(nn.Module):
         self.projector = projector or build_projector(config.projector_type, vision.hidden_size, self.hidden_size,
                                                       **config.extra.get("projector_options", {}))
         self.projector.to(dtype=next(llm.parameters()).dtype)
+        keep_lm_head_input_contiguous(llm)  # generate's last-position logits: a CPU bf16 slow path otherwise
         self.moca: MoCa | None = None
         #: Where the LLM's weights were read from when that is not `config.llm_source` (a saved
         #: folder's `llm/`, or training in memory): they may be tuned, so the LLM as it was before

@@ -128,6 +128,9 @@ class GenerativeJudge(Judge):
             model = hub_call(str(source), AutoModelForCausalLM.from_pretrained, str(source), dtype=self.dtype)
         else:
             model = source
+        from regap.models.lm_head import keep_lm_head_input_contiguous
+
+        keep_lm_head_input_contiguous(model)  # its generate's last-position logits (a CPU bf16 slow path)
         return model.to(self.device).eval()
 
     def _prepare_tokenizer(self) -> None:

@@ -6,6 +6,10 @@ the hook and without it in one process, alternating round by round so drifting m
 both alike; the ratio is the median time without over the median with. The responses must be
 identical both ways. A micro-benchmark of the projection itself comes first.
 
+The second part times a hidden-state pass as `regap gap` runs it (8 scene / benign-text pairs, 5 texts
+per pair as in the study, reference protocol) projecting every position onto the vocabulary, as it did,
+against one position (`logits_to_keep=1`); the hidden states must be identical.
+
     python bench/lm_head.py [--rounds 2] [--dtypes bfloat16 float32] [--json OUT]
 """
 
@@ -36,6 +40,32 @@ def projection_seconds(dtype: torch.dtype, contiguous: bool) -> float:
     with torch.no_grad():
         torch.nn.functional.linear(hidden, weight)
     return time.perf_counter() - start
+
+
+def hidden_state_pass(model, rounds: int) -> dict:
+    """A gap collection batch with all logits against one position, alternating."""
+    from regap.gap.pairs import conversation, make_pairs
+
+    pairs = make_pairs(8, texts_per_pair=5)
+    batch = model.build_inputs([conversation(p, "reference") for p in pairs], [[p.image] for p in pairs],
+                               padding_side="right")
+    times: dict[int | None, list[float]] = {None: [], 1: []}
+    states = {}
+    with torch.no_grad():
+        model(batch, output_hidden_states=True, use_labels=False, logits_to_keep=1)  # warm-up
+        for _ in range(rounds):
+            for keep in (None, 1):
+                start = time.perf_counter()
+                states[keep] = model(batch, output_hidden_states=True, use_labels=False, logits_to_keep=keep)
+                times[keep].append(time.perf_counter() - start)
+                states[keep] = states[keep].hidden_states
+    identical = all(torch.equal(a, b) for a, b in zip(states[None], states[1]))
+    every, one = statistics.median(times[None]), statistics.median(times[1])
+    print(f"{model.dtype} hidden-state pass ({tuple(batch.attention_mask.shape)} tokens): all logits {every:.2f} s, "
+          f"one position {one:.2f} s -> {every / one:.2f}x; identical hidden states: {identical}")
+    return {"tokens": list(batch.attention_mask.shape), "all_logits_s": [round(t, 2) for t in times[None]],
+            "one_position_s": [round(t, 2) for t in times[1]], "speedup": round(every / one, 2),
+            "identical_hidden_states": identical}
 
 
 def main() -> None:
@@ -77,6 +107,11 @@ def main() -> None:
                                     "identical_responses": texts[True] == texts[False]}
         print(f"{name} generate (batch of 16): without {without:.1f} s, with {with_hook:.1f} s "
               f"-> {without / with_hook:.2f}x; identical responses: {texts[True] == texts[False]}")
+        del model
+    report["hidden_state_pass"] = {}
+    for name in args.dtypes:
+        model = load_model(args.model, dtype=name)
+        report["hidden_state_pass"][name] = hidden_state_pass(model, args.rounds)
         del model
     report["load_average_end"] = os.getloadavg()
     if args.json:

@@ -1,4 +1,5 @@
-"""The LM head gets contiguous inputs (generate's last-position view hits a CPU bf16 slow path)."""
+"""The LM head: contiguous inputs (generate's last-position view hits a CPU bf16 slow path), and only
+the positions a pass needs (passes that read hidden states project one)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,36 @@ def test_hooked_once_and_models_without_a_head_are_left_alone():
     assert len(head._forward_pre_hooks) == 1
     assert keep_lm_head_input_contiguous(WithHead(), enabled=False) and len(head._forward_pre_hooks) == 0
     assert not keep_lm_head_input_contiguous(NoHead()) and not keep_lm_head_input_contiguous(nn.Linear(2, 2))
+
+
+def _projected_lengths(model) -> list[int]:
+    lengths: list[int] = []
+    model.llm.get_output_embeddings().register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
+    return lengths
+
+
+def test_forward_can_keep_one_position_with_the_same_hidden_states(tiny_model):
+    from PIL import Image
+
+    conversations = [[{"role": "user", "content": "<image>\nwhat is this?"}]] * 2
+    batch = tiny_model.build_inputs(conversations, [[Image.new("RGB", (56, 56))]] * 2,
+                                    padding_side="right")
+    with torch.no_grad():
+        full = tiny_model(batch, output_hidden_states=True, use_labels=False)
+        kept = tiny_model(batch, output_hidden_states=True, use_labels=False, logits_to_keep=1)
+    assert full.logits.shape[1] == batch.attention_mask.shape[1] and kept.logits.shape[1] == 1
+    assert all(torch.equal(a, b) for a, b in zip(full.hidden_states, kept.hidden_states))
+
+
+def test_gap_collection_and_cmrm_calibration_project_one_position(tiny_model, tmp_path):
+    from PIL import Image
+
+    from regap.defenses.cmrm import last_token_states
+    from regap.gap.collect import collect_hidden_states
+    from regap.gap.pairs import make_pairs
+
+    lengths = _projected_lengths(tiny_model)
+    collect_hidden_states(tiny_model, make_pairs(4, images="blank"), tmp_path / "h", batch_size=2, progress=False)
+    last_token_states(tiny_model, [[{"role": "user", "content": "<image>\nhi"}]] * 2,
+                      [[Image.new("RGB", (56, 56))]] * 2)
+    assert lengths and set(lengths) == {1}

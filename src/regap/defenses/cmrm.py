@@ -139,7 +139,7 @@ def last_token_states(model: LVLM, conversations: Sequence[Any], image_lists: Se
 
         handles = [block.register_forward_hook(capture(k)) for k, block in enumerate(blocks)]
         try:
-            model(batch, use_labels=False)
+            model(batch, use_labels=False, logits_to_keep=1)  # only the blocks' outputs are read
         finally:
             for handle in handles:
                 handle.remove()

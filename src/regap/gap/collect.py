@@ -120,7 +120,7 @@ def collect_hidden_states(
     for start, batch, text_mask, (conversations, image_lists) in iterator:
         context = intervention(conversations, image_lists, protocol == "prompt") if intervention else nullcontext()
         with context:
-            hidden = model(batch, output_hidden_states=True, use_labels=False).hidden_states
+            hidden = model(batch, output_hidden_states=True, use_labels=False, logits_to_keep=1).hidden_states
         if len(hidden) != n_layers:
             raise InternalError(f"the model returned {len(hidden)} hidden states, expected {n_layers}")
         rows = torch.arange(batch.image_mask.shape[0]).unsqueeze(1) + start

@@ -20,6 +20,14 @@ def unwrap_llm(llm: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else llm
 
 
+def accepts_logits_to_keep(llm: nn.Module) -> bool:
+    """Whether the causal LM can project only some positions onto the vocabulary (transformers'
+    `logits_to_keep`; older or remote-code models cannot, and then compute every position)."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(unwrap_llm(llm).forward).parameters
+
+
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a causal LM (`model.layers` for Llama/Qwen/Mistral, else searched)."""
     base = unwrap_llm(llm)

@@ -16,6 +16,7 @@ from regap.errors import InternalError, RegapError
 from regap.models.engines import generate_vllm
 from regap.models.generation import DecodingSettings, count_until_eos, eos_token_ids
 from regap.models.inputs import InputBuilder, ModelInputs, build_batch, with_image_marker
+from regap.models.layers import accepts_logits_to_keep
 from regap.models.lm_head import keep_lm_head_input_contiguous
 from regap.models.projector import build_projector
 from regap.models.templates import get_template
@@ -186,13 +187,20 @@ class LVLM(nn.Module):
         mask = inputs.image_mask.unsqueeze(-1).expand_as(embeds)
         return embeds.masked_scatter(mask, image_tokens.to(embeds.dtype).reshape(-1))
 
-    def forward(self, inputs: ModelInputs, output_hidden_states: bool = False, use_labels: bool = True) -> Any:
+    def forward(self, inputs: ModelInputs, output_hidden_states: bool = False, use_labels: bool = True,
+                logits_to_keep: int | None = None) -> Any:
+        """`logits_to_keep=1` for passes that only read hidden states (the gap, calibrations): the
+        vocabulary projection of every position is a large share of a small model's forward pass and a
+        [batch, length, vocabulary] tensor. Ignored by LLMs that cannot limit it, and with labels."""
         embeds = self.embed(inputs)
+        extra = {}
+        if logits_to_keep is not None and not use_labels and accepts_logits_to_keep(self.llm):
+            extra["logits_to_keep"] = logits_to_keep
         with self.image_positions(inputs.image_mask):
             return self.llm(
                 inputs_embeds=embeds, attention_mask=inputs.attention_mask.to(self.device),
                 labels=inputs.labels.to(self.device) if use_labels else None,
-                output_hidden_states=output_hidden_states, use_cache=False,
+                output_hidden_states=output_hidden_states, use_cache=False, **extra,
             )
 
     # ---- generation --------------------------------------------------------------------------

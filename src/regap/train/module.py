@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -11,8 +10,8 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from regap.models.inputs import ModelInputs
+from regap.models.layers import accepts_logits_to_keep
 from regap.models.moca import MoCa
-from regap.train.hooks import unwrap_llm
 
 
 @dataclass
@@ -43,7 +42,7 @@ class TrainModule(nn.Module):
     def __init__(self, lvlm: nn.Module) -> None:
         super().__init__()
         self.lvlm = lvlm
-        self._keep_ok = "logits_to_keep" in inspect.signature(unwrap_llm(lvlm.llm).forward).parameters
+        self._keep_ok = accepts_logits_to_keep(lvlm.llm)
 
     @property
     def moca(self) -> MoCa | None:

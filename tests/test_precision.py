@@ -211,8 +211,9 @@ def test_busy_cpus_warn_once_when_every_cpu_is_taken(monkeypatch, capsys, busy_w
     import os
 
     monkeypatch.setattr(os, "getloadavg", lambda: (1.6, 1.4, 1.2))
+    monkeypatch.setattr(precision, "other_runnable_tasks", lambda: 1)
     assert precision.warn_if_cpus_busy(2) is True
-    assert "1-minute load 1.6" in capsys.readouterr().err
+    assert "1-minute load 1.6, and other tasks are runnable now" in capsys.readouterr().err
     assert precision.warn_if_cpus_busy(2) is False  # once per process
     assert capsys.readouterr().err == ""
 
@@ -220,17 +221,33 @@ def test_busy_cpus_warn_once_when_every_cpu_is_taken(monkeypatch, capsys, busy_w
 def test_idle_cpus_or_one_thread_do_not_warn(monkeypatch, capsys, busy_warning_armed):
     import os
 
+    monkeypatch.setattr(precision, "other_runnable_tasks", lambda: 1)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.5, 0.5))
     assert precision.warn_if_cpus_busy(2) is False
     monkeypatch.setattr(os, "getloadavg", lambda: (1.8, 1.8, 1.8))
     assert precision.warn_if_cpus_busy(1) is False  # one thread does not spin-wait on others
+    # the load of a command that has just ended, with nothing else runnable now: no warning
+    monkeypatch.setattr(precision, "other_runnable_tasks", lambda: 0)
+    assert precision.warn_if_cpus_busy(2) is False
     assert capsys.readouterr().err == ""
+
+
+def test_other_runnable_tasks_leave_this_process_out(tmp_path):
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("2.01 2.01 2.00 3/88 16762\n")  # 3 runnable: this process and 2 others
+    assert precision.other_runnable_tasks(str(loadavg)) == 2
+    loadavg.write_text("0.10 0.20 0.30 1/88 16762\n")
+    assert precision.other_runnable_tasks(str(loadavg)) == 0
+    loadavg.write_text("garbage\n")
+    assert precision.other_runnable_tasks(str(loadavg)) is None
+    assert precision.other_runnable_tasks(str(tmp_path / "absent")) is None
 
 
 def test_the_cli_warns_only_when_it_chose_the_threads(monkeypatch, capsys, busy_warning_armed):
     import os
 
     monkeypatch.setattr(os, "getloadavg", lambda: (1.8, 1.8, 1.8))
+    monkeypatch.setattr(precision, "other_runnable_tasks", lambda: 2)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     before = torch.get_num_threads()
     try:

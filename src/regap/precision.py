@@ -126,9 +126,21 @@ def use_usable_cpus() -> int:
     return torch.get_num_threads()
 
 
-#: Other work counts as present when the 1-minute load average reaches this many busy CPUs.
+#: Other work counts as present when the 1-minute load average reaches this many busy CPUs and,
+#: where the OS says, another task is runnable right now (the load alone decays for a minute after a
+#: previous command ends, so a script of regap commands would warn at every step).
 BUSY_LOAD = 0.9
 _busy_warned = False
+
+
+def other_runnable_tasks(loadavg: str = "/proc/loadavg") -> int | None:
+    """Tasks runnable right now besides this process (Linux `/proc/loadavg`), None elsewhere."""
+    try:
+        with open(loadavg, encoding="ascii") as handle:
+            runnable = int(handle.read().split()[3].split("/")[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    return max(0, runnable - 1)
 
 
 def warn_if_cpus_busy(threads: int) -> bool:
@@ -145,10 +157,12 @@ def warn_if_cpus_busy(threads: int) -> bool:
         load = os.getloadavg()[0]
     except OSError:
         return False
-    if load < BUSY_LOAD:
+    others = other_runnable_tasks()
+    if load < BUSY_LOAD or others == 0:
         return False
     _busy_warned = True
-    _warn(f"regap: other jobs are using the CPUs (1-minute load {load:.1f}) and this process takes "
+    now = ", and other tasks are runnable now" if others is not None else ""
+    _warn(f"regap: other jobs are using the CPUs (1-minute load {load:.1f}{now}) and this process takes "
           f"{threads} threads. OpenMP threads that share cores with other jobs can run many times slower; "
           "for jobs side by side, set OMP_NUM_THREADS to the CPUs each may have (e.g. 1).")
     return True

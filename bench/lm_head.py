@@ -56,9 +56,9 @@ def hidden_state_pass(model, rounds: int) -> dict:
         for _ in range(rounds):
             for keep in (None, 1):
                 start = time.perf_counter()
-                states[keep] = model(batch, output_hidden_states=True, use_labels=False, logits_to_keep=keep)
+                out = model(batch, output_hidden_states=True, use_labels=False, logits_to_keep=keep)
                 times[keep].append(time.perf_counter() - start)
-                states[keep] = states[keep].hidden_states
+                states[keep] = out.hidden_states
     identical = all(torch.equal(a, b) for a, b in zip(states[None], states[1]))
     every, one = statistics.median(times[None]), statistics.median(times[1])
     print(f"{model.dtype} hidden-state pass ({tuple(batch.attention_mask.shape)} tokens): all logits {every:.2f} s, "

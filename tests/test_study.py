@@ -336,6 +336,56 @@ def test_a_step_that_knows_its_own_time_records_it(tmp_path):
     assert again.timings["stage1"] == 4321.0
 
 
+def test_a_step_finished_in_a_later_sitting_counts_the_earlier_ones(tmp_path):
+    """A killed sitting leaves its time in the partial record (the heartbeat writes it while the step
+    runs); the sitting that finishes the step adds it, and a partial record of other params is not counted."""
+    import json
+    import time as _time
+
+    from regap.study.steps import StepMarkers
+
+    markers = StepMarkers(tmp_path, heartbeat_s=0.01)
+
+    def until_the_heartbeat_wrote() -> None:
+        deadline = _time.time() + 10
+        while not markers.partial_path("safety").exists():
+            assert _time.time() < deadline, "no partial record while the step ran"
+            _time.sleep(0.01)
+
+    assert markers.run("safety", ["p"], until_the_heartbeat_wrote)
+    assert not markers.partial_path("safety").exists(), "a finished step keeps no partial record"
+
+    # a sitting killed after 600 s of this step (what its heartbeat left), then a sitting that finishes it
+    killed = StepMarkers(tmp_path)
+    killed._record_partial("gap", ["q"], 600.0)
+    assert killed.run("gap", ["q"], lambda: None)
+    assert killed.timings["gap"] == pytest.approx(600.0, abs=0.5)
+    assert json.loads(killed.path("gap").read_text())["seconds"] == pytest.approx(600.0, abs=0.5)
+
+    # the record of a step with other params belongs to another run of it
+    other = StepMarkers(tmp_path)
+    other._record_partial("utility", ["old"], 900.0)
+    assert other.run("utility", ["new"], lambda: None)
+    assert other.timings["utility"] == pytest.approx(0.0, abs=0.5)
+
+
+def test_an_interrupted_step_keeps_its_time_for_the_rerun(tmp_path):
+    from regap.study.steps import StepMarkers
+
+    markers = StepMarkers(tmp_path)
+    markers._record_partial("curve", ["c"], 100.0)
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        markers.run("curve", ["c"], interrupted)
+    assert not markers.done("curve", ["c"])
+    assert markers.earlier_seconds("curve", ["c"]) == pytest.approx(100.0, abs=0.5)
+    assert markers.run("curve", ["c"], lambda: None)
+    assert markers.timings["curve"] == pytest.approx(100.0, abs=0.5)
+
+
 def test_training_seconds_sums_each_sitting_once():
     from regap.train import training_seconds
 

@@ -3,11 +3,16 @@ its duration, so a rerun skips it, and a rerun with other parameters redoes it.
 
 Why: the demo and the study are long chains of steps whose outputs live in their own folders;
 an interrupted run must lose at most the step in flight, and a changed setting must never be
-answered from a stale result."""
+answered from a stale result.
+
+A step in flight also keeps `FOLDER/NAME.partial.json`, rewritten every `heartbeat_s` seconds with the
+time spent on it so far, so that a step finished in a later sitting reports the time of every sitting
+(a process killed at the end of a session cannot write anything as it dies)."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -17,12 +22,29 @@ from regap.provenance import json_hash
 
 
 class StepMarkers:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, heartbeat_s: float = 30.0) -> None:
         self.folder = folder
+        self.heartbeat_s = heartbeat_s
         self.timings: dict[str, float] = {}
 
     def path(self, name: str) -> Path:
         return self.folder / f"{name}.json"
+
+    def partial_path(self, name: str) -> Path:
+        return self.folder / f"{name}.partial.json"
+
+    def earlier_seconds(self, name: str, params: Any) -> float:
+        """Time spent on this step (same params) in sittings that did not finish it; 0 when none."""
+        try:
+            data = json.loads(self.partial_path(name).read_text())
+            return float(data["seconds"]) if data.get("params") == json_hash(params) else 0.0
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0.0
+
+    def _record_partial(self, name: str, params: Any, seconds: float) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.partial_path(name),
+                          json.dumps({"params": json_hash(params), "seconds": round(seconds, 1)}))
 
     def done(self, name: str, params: Any) -> bool:
         marker = self.path(name)
@@ -44,14 +66,37 @@ class StepMarkers:
             seconds: Callable[[], float] | None = None) -> bool:
         """Run `action` unless `name` is marked with the same params; True when it ran. The time
         goes to `timings[label or name]`: the recorded one, else `seconds()` when given (a step that
-        resumes its own work across sittings knows its whole time), else this run's wall time."""
+        resumes its own work across sittings knows its whole time), else the wall time of this
+        sitting plus that of earlier sittings which did not finish the step (their partial record),
+        including any work an interruption lost."""
         key = label or name
         if self.done(name, params):
             self.timings[key] = self.seconds(name)
             return False
+        earlier = self.earlier_seconds(name, params)
         started = time.time()
-        action()
-        took = seconds() if seconds is not None else time.time() - started
+        stop = threading.Event()
+
+        def heartbeat() -> None:
+            while not stop.wait(self.heartbeat_s):
+                try:
+                    self._record_partial(name, params, earlier + time.time() - started)
+                except OSError:  # a full disk must not stop the step itself
+                    pass
+
+        beat = threading.Thread(target=heartbeat, name=f"step-heartbeat-{name}", daemon=True)
+        beat.start()
+        try:
+            action()
+        except BaseException:  # Ctrl-C or an error: keep this sitting's time for the rerun
+            stop.set()
+            beat.join()
+            self._record_partial(name, params, earlier + time.time() - started)
+            raise
+        stop.set()
+        beat.join()
+        took = seconds() if seconds is not None else earlier + time.time() - started
         self.mark(name, params, took)
+        self.partial_path(name).unlink(missing_ok=True)
         self.timings[key] = round(took, 1)
         return True

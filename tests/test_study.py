@@ -57,9 +57,12 @@ def test_unknown_config_name(tmp_path):
 
 
 def test_plan_prints_units_and_an_estimate(tmp_path, capsys):
-    assert main(["study", "--out", str(tmp_path / "s"), "--plan", "minutes_per_unit=10", "budget_minutes=300"]) == 0
+    assert main(["study", "--out", str(tmp_path / "s"), "--plan", "minutes_per_unit=10",
+                 "minutes_per_evaluation_unit=2", "budget_minutes=300"]) == 0
     out = capsys.readouterr().out
-    assert "plain-s0" in out and "moca-s2" in out and "21 unit(s) to run: about 210 min" in out
+    # 12 training units (plain, two λ and MoCa on three seeds) and 9 defense-arm units
+    assert "plain-s0" in out and "moca-s2" in out and "21 unit(s) to run: about 138 min" in out
+    assert "9 evaluation unit(s): 2.0 min each (the config's estimate" in out
     assert "warning" not in out
     assert main(["study", "--out", str(tmp_path / "s"), "--plan", "minutes_per_unit=10", "budget_minutes=60"]) == 0
     assert "warning: that exceeds budget_minutes=60" in capsys.readouterr().out

@@ -109,7 +109,8 @@ class StudyConfig:
     defenses: DefenseSpec = field(default_factory=DefenseSpec)
     curve: CurveSpec = field(default_factory=CurveSpec)
     stats: StatsSpec = field(default_factory=StatsSpec)
-    minutes_per_unit: float = 25.0  # printed estimate until units have been timed
+    minutes_per_unit: float = 25.0  # printed estimate of a training unit until units have been timed
+    minutes_per_evaluation_unit: float = 10.0  # the same for a defense arm's unit (it trains nothing)
     budget_minutes: float | None = None  # a run estimated to take longer says so before it starts
 
     def to_dict(self) -> dict[str, Any]:

@@ -113,6 +113,8 @@ class Study:
         if evaluations_of_training:  # an evaluation unit runs what a training unit runs after training
             return (statistics.median(evaluations_of_training),
                     f"the evaluation phases of {len(evaluations_of_training)} training unit(s) run here in {self.dtype}")
+        if not training:
+            return self.config.minutes_per_evaluation_unit, "the config's estimate (no unit timed yet)"
         return self.config.minutes_per_unit, "the config's estimate (no unit timed yet)"
 
     def _rescaled_minutes(self, unit: dict[str, Any]) -> float | None:

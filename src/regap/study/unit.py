@@ -253,8 +253,8 @@ def unit_config_hash(config: StudyConfig) -> str:
         for key, default in defaults.items():
             if data[section].get(key) == default:
                 data[section].pop(key, None)
-    for key in ("seeds", "lambdas", "moca", "regap_lambda", "minutes_per_unit", "budget_minutes", "stats",
-                "curve", "name"):
+    for key in ("seeds", "lambdas", "moca", "regap_lambda", "minutes_per_unit", "minutes_per_evaluation_unit",
+                "budget_minutes", "stats", "curve", "name"):
         data.pop(key, None)
     data["defenses"] = {k: v for k, v in data["defenses"].items() if k not in ("plain", "regap")}
     return json_hash(data)

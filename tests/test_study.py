@@ -126,6 +126,24 @@ def test_a_unit_held_by_another_process_is_skipped(tmp_path, capsys):
     assert not (out / "units" / "plain-s0.json").exists()
 
 
+def test_plan_tells_done_running_and_not_asked_for_apart(tmp_path, capsys):
+    from regap.run_lock import exclusive_out
+    from regap.study.run import Study
+    from regap.study.unit import unit_config_hash
+
+    out = tmp_path / "s"
+    config = load_study_config("tiny-study", [])
+    (out / "units").mkdir(parents=True)
+    (out / "units" / "plain-s0.json").write_text(json.dumps({"config_hash": unit_config_hash(config)}))
+    with exclusive_out(Study(config, out).work / "units" / "regap-l0.1-s0"):  # another process's unit
+        assert main(["study", "--out", str(out), "--plan", "--unit", "plain-s0", "--unit", "regap-l0.1-s0",
+                     "--unit", "plain-s1"]) == 0
+    lines = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines()
+                 if line.split() and line.split()[0] in ("plain-s0", "regap-l0.1-s0", "plain-s1", "plain-s2"))
+    assert lines == {"plain-s0": "done", "regap-l0.1-s0": "running (another process holds it)",
+                     "plain-s1": "to run", "plain-s2": "not asked for"}
+
+
 def test_bad_unit_name_fails_before_any_work(tmp_path, capsys):
     assert main(["study", "--fast", "--out", str(tmp_path / "s"), "--unit", "plain-s9"]) == 2
     assert "unknown unit(s) plain-s9" in capsys.readouterr().err

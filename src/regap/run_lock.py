@@ -38,3 +38,20 @@ def exclusive_out(out: str | Path, flag: str = "--out") -> Iterator[Path]:
         yield out
     finally:
         lock.release()
+
+
+def held_by_another_run(folder: str | Path) -> bool:
+    """Whether another live process holds `folder`'s lock (for status displays: it takes the lock for
+    an instant, so a run starting at that very instant may find the folder busy and skip it)."""
+    from filelock import FileLock, Timeout
+
+    path = Path(folder) / LOCK_NAME
+    if not path.exists():
+        return False
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False

@@ -48,10 +48,20 @@ def study_command(
     if plan:
         from regap.study.units import plan_units
 
+        from regap.run_lock import held_by_another_run
+
         todo = study.todo(unit)
         names = {u.name for u in todo}
         for spec in plan_units(cfg):
-            typer.echo(f"{spec.name:24s} {'to run' if spec.name in names else 'done or not asked for'}")
+            if study.summarised(spec):
+                state = "done"
+            elif spec.name not in names:
+                state = "not asked for"
+            elif held_by_another_run(study.work / "units" / spec.name):
+                state = "running (another process holds it)"
+            else:
+                state = "to run"
+            typer.echo(f"{spec.name:24s} {state}")
         for line in study.estimate(todo):
             typer.echo(line)
         return

@@ -46,17 +46,16 @@ def study_command(
 
     study = Study(cfg, out, work)
     if plan:
+        from regap.run_lock import held_by_another_run
         from regap.study.units import plan_units
 
-        from regap.run_lock import held_by_another_run
-
-        todo = study.todo(unit)
+        todo = study.todo(unit)  # the asked-for units without a summary: nothing is read twice below
         names = {u.name for u in todo}
         for spec in plan_units(cfg):
-            if study.summarised(spec):
-                state = "done"
-            elif spec.name not in names:
+            if unit and spec.name not in unit:
                 state = "not asked for"
+            elif spec.name not in names:
+                state = "done"
             elif held_by_another_run(study.work / "units" / spec.name):
                 state = "running (another process holds it)"
             else:

@@ -42,9 +42,11 @@ class StepMarkers:
             return 0.0
 
     def _record_partial(self, name: str, params: Any, seconds: float) -> None:
+        self._write(self.partial_path(name), params, seconds)
+
+    def _write(self, path: Path, params: Any, seconds: float) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.partial_path(name),
-                          json.dumps({"params": json_hash(params), "seconds": round(seconds, 1)}))
+        write_text_atomic(path, json.dumps({"params": json_hash(params), "seconds": round(seconds, 1)}))
 
     def done(self, name: str, params: Any) -> bool:
         marker = self.path(name)
@@ -59,8 +61,7 @@ class StepMarkers:
         return float(json.loads(self.path(name).read_text())["seconds"])
 
     def mark(self, name: str, params: Any, seconds: float) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.path(name), json.dumps({"params": json_hash(params), "seconds": round(seconds, 1)}))
+        self._write(self.path(name), params, seconds)
 
     def run(self, name: str, params: Any, action: Callable[[], Any], *, label: str | None = None,
             seconds: Callable[[], float] | None = None) -> bool:
@@ -86,15 +87,15 @@ class StepMarkers:
 
         beat = threading.Thread(target=heartbeat, name=f"step-heartbeat-{name}", daemon=True)
         beat.start()
+        finished = False
         try:
             action()
-        except BaseException:  # Ctrl-C or an error: keep this sitting's time for the rerun
+            finished = True
+        finally:
             stop.set()
             beat.join()
-            self._record_partial(name, params, earlier + time.time() - started)
-            raise
-        stop.set()
-        beat.join()
+            if not finished:  # Ctrl-C or an error: keep this sitting's time for the rerun
+                self._record_partial(name, params, earlier + time.time() - started)
         took = seconds() if seconds is not None else earlier + time.time() - started
         self.mark(name, params, took)
         self.partial_path(name).unlink(missing_ok=True)

@@ -378,3 +378,39 @@ def test_batched_with_fallback_isolates_the_failing_item():
     # a batch function that returns the wrong number of results is treated as failing
     assert batched_with_fallback(lambda chunk: [0], [7, 8], batch_size=2) == [0, 0]
     assert batched_with_fallback(square, [], batch_size=4) == []
+
+
+def test_judge_in_batches_gives_each_failing_stage_its_own_error_verdict():
+    from regap.safety.judges.base import Judge, Verdict, judge_in_batches
+
+    class Probe(Judge):
+        name = "probe"
+
+        def template_text(self) -> str:
+            return "probe"
+
+    judge = Probe()
+    early = Verdict("refusal", False, True, 0.0, "probe", judge.prompt_hash, {})
+
+    def prepare(x):
+        if x == "bad-prepare":
+            raise TypeError("cannot prepare")
+        return early if x == "early" else x
+
+    def compute(chunk):
+        if "bad-compute" in chunk:
+            raise RuntimeError("model failed")
+        return [len(x) for x in chunk]
+
+    def decide(i, n):
+        if n == len("bad-decide"):
+            raise ValueError(f"cannot decide item {i}")
+        return Verdict("compliance", True, False, n / 100, "probe", judge.prompt_hash, {"i": i})
+
+    items = ["ab", "bad-prepare", "early", "bad-compute", "bad-decide", "abcd"]
+    out = judge_in_batches(judge, items, prepare, compute, decide, batch_size=2)
+    assert [v.label for v in out] == ["compliance", "error", "refusal", "error", "error", "compliance"]
+    assert "TypeError: cannot prepare" in out[1].detail["error"]
+    assert "RuntimeError: model failed" in out[3].detail["error"]
+    assert "cannot decide item 4" in out[4].detail["error"]
+    assert out[2] is early and out[0].detail == {"i": 0} and out[5].score == 0.04

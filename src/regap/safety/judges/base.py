@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from regap.provenance import text_hash
 from regap.registry import Registry
@@ -151,6 +151,45 @@ def batched_with_fallback(fn: Callable[[list[Any]], Sequence[Any]], inputs: list
     return results
 
 
+def judge_in_batches(
+    judge: Judge,
+    items: Sequence[Any],
+    prepare: Callable[[Any], Any],
+    compute: Callable[[list[Any]], Sequence[Any]],
+    decide: Callable[[int, Any], Verdict],
+    batch_size: int,
+) -> list[Verdict]:
+    """One verdict per item for a judge whose work is batched: prepare, compute, decide.
+
+    `prepare(item)` gives the model input of one item, or a `Verdict` when the item is
+    decided without the model; `compute` runs on chunks of prepared inputs
+    (`batched_with_fallback`); `decide(index, result)` turns one result into a verdict.
+    An exception at any of the three stages becomes that item's `error` verdict, so one
+    bad item never stops the batch.
+    """
+    verdicts: list[Verdict | None] = [None] * len(items)
+    ready: list[tuple[int, Any]] = []
+    for i, item in enumerate(items):
+        try:
+            prepared = prepare(item)
+        except Exception as exc:
+            verdicts[i] = Verdict.error(judge.name, judge.prompt_hash, exc)
+            continue
+        if isinstance(prepared, Verdict):
+            verdicts[i] = prepared
+        else:
+            ready.append((i, prepared))
+    results = batched_with_fallback(compute, [prepared for _, prepared in ready], batch_size)
+    for (i, _), result in zip(ready, results):
+        try:
+            if isinstance(result, Exception):
+                raise result
+            verdicts[i] = decide(i, result)
+        except Exception as exc:
+            verdicts[i] = Verdict.error(judge.name, judge.prompt_hash, exc)
+    return cast(list[Verdict], verdicts)  # every index was filled above
+
+
 J = TypeVar("J", bound=type[Judge])
 
 #: Every judge by name; `register_judge` adds to it, `judge_class` / `get_judge` read it.
@@ -194,6 +233,8 @@ __all__ = [
     "JudgeInput",
     "Verdict",
     "Judge",
+    "batched_with_fallback",
+    "judge_in_batches",
     "JUDGES",
     "register_judge",
     "judge_class",

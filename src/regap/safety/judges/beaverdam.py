@@ -21,7 +21,7 @@ import os
 from typing import Any, Sequence
 
 from regap.errors import RegapError
-from regap.safety.judges.base import Judge, JudgeInput, Verdict, batched_with_fallback, register_judge
+from regap.safety.judges.base import Judge, JudgeInput, Verdict, judge_in_batches, register_judge
 from regap.safety.judges.generative import describe_source, load_tokenizer, resolve_device, resolve_dtype
 
 #: The 14 BeaverTails harm categories, in the label order of the beaver-dam-7b head
@@ -219,22 +219,9 @@ class BeaverDamJudge(Judge):
         return Verdict("unsafe" if unsafe else "safe", unsafe, None, values[top], self.name, self.prompt_hash, detail)
 
     def judge_batch(self, items: list[JudgeInput]) -> list[Verdict]:
-        verdicts: list[Verdict | None] = [None] * len(items)
-        ready: list[tuple[int, str]] = []
-        for i, item in enumerate(items):
-            try:
-                ready.append((i, self.build_input(item)))
-            except Exception as exc:
-                verdicts[i] = Verdict.error(self.name, self.prompt_hash, exc)
-        rows = batched_with_fallback(self.probabilities, [text for _, text in ready], self.batch_size)
-        for (i, _), row in zip(ready, rows):
-            try:
-                if isinstance(row, Exception):
-                    raise row
-                verdicts[i] = self.decide(row)
-            except Exception as exc:
-                verdicts[i] = Verdict.error(self.name, self.prompt_hash, exc)
-        return [v for v in verdicts if v is not None]
+        return judge_in_batches(
+            self, items, self.build_input, self.probabilities, lambda _, row: self.decide(row), self.batch_size
+        )
 
     def judge_one(self, item: JudgeInput) -> Verdict:
         return self.judge_batch([item])[0]

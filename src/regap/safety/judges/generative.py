@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from regap.errors import RegapError
-from regap.safety.judges.base import Judge, JudgeInput, Verdict, batched_with_fallback
+from regap.safety.judges.base import Judge, JudgeInput, Verdict, judge_in_batches
 
 
 @dataclass
@@ -216,26 +216,18 @@ class GenerativeJudge(Judge):
         return results
 
     def judge_batch(self, items: list[JudgeInput]) -> list[Verdict]:
-        verdicts: list[Verdict | None] = [None] * len(items)
-        ready: list[tuple[int, str]] = []
-        for i, item in enumerate(items):
-            try:
-                prompt = self.build_prompt(item)
-                if self.max_input_tokens is not None:
-                    n = len(self.tokenizer(prompt, add_special_tokens=self.add_bos)["input_ids"])
-                    if n > self.max_input_tokens:
-                        raise ValueError(f"judge prompt has {n} tokens, over the limit of {self.max_input_tokens}")
-                ready.append((i, prompt))
-            except Exception as exc:
-                verdicts[i] = Verdict.error(self.name, self.prompt_hash, exc)
-        generations = batched_with_fallback(self.generate, [prompt for _, prompt in ready], self.batch_size)
-        for (i, _), gen in zip(ready, generations):
-            verdicts[i] = self._finish(gen)
-        return [v for v in verdicts if v is not None]
+        return judge_in_batches(self, items, self._checked_prompt, self.generate, self._finish, self.batch_size)
 
-    def _finish(self, gen: Any) -> Verdict:
-        if isinstance(gen, Exception):
-            return Verdict.error(self.name, self.prompt_hash, gen)
+    def _checked_prompt(self, item: JudgeInput) -> str:
+        prompt = self.build_prompt(item)
+        if self.max_input_tokens is not None:
+            n = len(self.tokenizer(prompt, add_special_tokens=self.add_bos)["input_ids"])
+            if n > self.max_input_tokens:
+                raise ValueError(f"judge prompt has {n} tokens, over the limit of {self.max_input_tokens}")
+        return prompt
+
+    def _finish(self, _index: int, gen: Generation) -> Verdict:
+        """The verdict for one generation; a parse failure keeps the raw answer in its detail."""
         try:
             return self.verdict(self.parse(gen.text), gen)
         except Exception as exc:

@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from regap.errors import MissingDependencyError, RegapError
-from regap.safety.judges.base import Judge, JudgeInput, Verdict, batched_with_fallback, register_judge
+from regap.safety.judges.base import Judge, JudgeInput, Verdict, judge_in_batches, register_judge
 from regap.safety.judges.keyword import KeywordJudge
 from regap.safety.judges.lexicon import RefusalLexiconJudge
 
@@ -332,33 +332,25 @@ class RelevanceJudge(Judge):
         return Verdict("off_topic", False, False, score, self.name, self.prompt_hash, detail)
 
     def judge_batch(self, items: list[JudgeInput]) -> list[Verdict]:
-        verdicts: list[Verdict | None] = [None] * len(items)
         refusals = self.refusal_stage.judge_batch(items)
-        pending: list[int] = []
-        for i, (item, ref) in enumerate(zip(items, refusals)):
-            try:
-                if ref.is_error:
-                    raise ValueError(ref.detail.get("error", "refusal check failed"))
-                if not isinstance(item.prompt, str):
-                    raise TypeError(f"prompt must be text, got {type(item.prompt).__name__}")
-                if ref.refused or not item.response.strip():
-                    verdicts[i] = self.decide(ref, None)
-                else:
-                    pending.append(i)
-            except Exception as exc:
-                verdicts[i] = Verdict.error(self.name, self.prompt_hash, exc)
-        pairs = [(items[i].prompt, items[i].response) for i in pending]
-        sims = batched_with_fallback(
-            lambda chunk: self.similarities([q for q, _ in chunk], [r for _, r in chunk]), pairs, max(1, len(pairs)),
+
+        def prepare(pair: tuple[JudgeInput, Verdict]) -> tuple[str, str] | Verdict:
+            item, ref = pair
+            if ref.is_error:
+                raise ValueError(ref.detail.get("error", "refusal check failed"))
+            if not isinstance(item.prompt, str):
+                raise TypeError(f"prompt must be text, got {type(item.prompt).__name__}")
+            if ref.refused or not item.response.strip():
+                return self.decide(ref, None)
+            return item.prompt, item.response
+
+        def similarities(pairs: list[tuple[str, str]]) -> Sequence[float]:
+            return self.similarities([q for q, _ in pairs], [r for _, r in pairs])
+
+        return judge_in_batches(
+            self, list(zip(items, refusals)), prepare, similarities,
+            lambda i, sim: self.decide(refusals[i], float(sim)), max(1, len(items)),
         )
-        for i, sim in zip(pending, sims):
-            try:
-                if isinstance(sim, Exception):
-                    raise sim
-                verdicts[i] = self.decide(refusals[i], float(sim))
-            except Exception as exc:
-                verdicts[i] = Verdict.error(self.name, self.prompt_hash, exc)
-        return [v for v in verdicts if v is not None]
 
     def judge_one(self, item: JudgeInput) -> Verdict:
         return self.judge_batch([item])[0]

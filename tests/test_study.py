@@ -68,9 +68,9 @@ def test_plan_prints_units_and_an_estimate(tmp_path, capsys):
     assert "warning: that exceeds budget_minutes=60" in capsys.readouterr().out
 
 
-def _timed_unit(units, name, arm, config_hash, timings, recipe=None):
+def _timed_unit(units, name, arm, config_hash, timings, recipe=None, created=""):
     record = {"unit": name, "arm": arm, "status": "completed", "dtype": "float32", "config_hash": config_hash,
-              "timings_seconds": timings, "provenance": {"study": recipe or {}}}
+              "timings_seconds": timings, "provenance": {"study": recipe or {}, "created_utc": created}}
     (units / f"{name}.json").write_text(json.dumps(record))
 
 
@@ -100,7 +100,7 @@ def test_estimate_times_training_and_evaluation_units_apart_and_scales_another_r
     assert lines[0].startswith(f"{len(todo)} unit(s) to run: about {42 * n_train + 10 * n_eval:.0f} min")
     # a unit of this very recipe wins over the rescaled one
     _timed_unit(units, "regap-l0.1-s0", "regap-l0.1", study.config_hash, {"stage1": 1800, "safety": 1200})
-    assert study.minutes_per_unit(training=True) == (50.0, "median of 1 training unit(s) run here in float32")
+    assert study.minutes_per_unit(training=True) == (50.0, "median of the 1 latest training unit(s) run here in float32")
     # a unit whose recipe is not recorded is not guessed at
     (units / "plain-s0.json").unlink()
     (units / "regap-l0.1-s0.json").unlink()
@@ -112,7 +112,25 @@ def test_estimate_times_training_and_evaluation_units_apart_and_scales_another_r
     _timed_unit(units, "plain-s0", "plain", study.config_hash,
                 {"stage1": 6000, "stage2": 6000, "curve": 600, "gap": 120, "safety": 1500, "utility": 300})
     minutes, how = study.minutes_per_unit(training=False)
-    assert minutes == pytest.approx(32.0) and how.startswith("the evaluation phases of 1 training unit")
+    assert minutes == pytest.approx(32.0) and how.startswith("the evaluation phases of the 1 latest training unit")
+
+
+def test_estimate_reads_the_latest_units_so_a_faster_code_version_is_not_outvoted(tmp_path):
+    from regap.study.run import RECENT_UNITS, Study
+
+    config = load_study_config("tiny-study", ["dtype=float32"])
+    out = tmp_path / "s"
+    units = out / "units"
+    units.mkdir(parents=True)
+    study = Study(config, out, progress=False)
+    # four evaluation units timed before a speed-up (30 min each), then three after it (9, 10, 8 min)
+    for k, minutes in enumerate([30, 30, 30, 30, 9, 10, 8]):
+        _timed_unit(units, f"plain+cmrm-s{k}", "plain+cmrm", study.config_hash, {"safety": minutes * 60},
+                    created=f"2026-11-{10 + k:02d}T00:00:00+00:00")
+    assert RECENT_UNITS == 3
+    minutes, how = study.minutes_per_unit(training=False)
+    assert minutes == pytest.approx(9.0)  # the median over all seven would say 30
+    assert how == "median of the 3 latest evaluation unit(s) run here in float32"
 
 
 @pytest.mark.slow

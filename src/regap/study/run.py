@@ -30,6 +30,16 @@ from regap.study.unit import UnitRunner, safety_record, unit_config_hash
 from regap.study.units import UnitSpec, plan_units, study_arms
 
 
+#: How many of the most recently created timed units an estimate reads (see `Study.minutes_per_unit`).
+RECENT_UNITS = 3
+
+
+def _recent_median(timed: list[tuple[str, float]]) -> tuple[int, float]:
+    """(how many, median minutes) of the `RECENT_UNITS` latest (created_utc, minutes) pairs."""
+    recent = [minutes for _, minutes in sorted(timed)[-RECENT_UNITS:]]
+    return len(recent), statistics.median(recent)
+
+
 def _console_log(progress: bool) -> Callable[[str], None]:
     def log(text: str) -> None:
         if progress:
@@ -84,8 +94,14 @@ class Study:
         Training units of another recipe (config hash) count too, with their training and learning-curve
         phases scaled to this config's steps, batch and checkpoints: a four-times-longer recipe must not
         be estimated at the old recipe's time. With no evaluation unit timed, the evaluation phases of this
-        recipe's training units (gap, safety, utility) stand in: not the config's training-sized estimate."""
-        same, scaled, evaluations_of_training = [], [], []
+        recipe's training units (gap, safety, utility) stand in: not the config's training-sized estimate.
+
+        Only the `RECENT_UNITS` most recently created units of each source count: a code change that makes
+        a phase faster (session 9's LM-head fix made evaluation 3.5x faster) keeps the recipe's hash, and a
+        median over every unit ever run would keep quoting the old code's time."""
+        same: list[tuple[str, float]] = []
+        scaled: list[tuple[str, float]] = []
+        evaluations_of_training: list[tuple[str, float]] = []
         for path in (self.out / "units").glob("*.json"):
             try:
                 data = json.loads(path.read_text())
@@ -94,25 +110,27 @@ class Study:
             if (data.get("status") != "completed" or data.get("dtype") != self.dtype
                     or not data.get("timings_seconds") or data.get("arm") in (None, "backbone")):
                 continue
+            created = str((data.get("provenance") or {}).get("created_utc") or "")
             if ("+" not in data["arm"]) != training:
                 if not training and data.get("config_hash") == self.config_hash:  # its evaluation phases
-                    evaluations_of_training.append(sum(v for k, v in data["timings_seconds"].items()
-                                                       if k not in ("stage1", "stage2", "curve")) / 60)
+                    evaluations_of_training.append((created, sum(v for k, v in data["timings_seconds"].items()
+                                                                 if k not in ("stage1", "stage2", "curve")) / 60))
                 continue
             if data.get("config_hash") == self.config_hash:
-                same.append(sum(data["timings_seconds"].values()) / 60)
+                same.append((created, sum(data["timings_seconds"].values()) / 60))
             elif (minutes := self._rescaled_minutes(data)) is not None:
-                scaled.append(minutes)
+                scaled.append((created, minutes))
         kind = "training" if training else "evaluation"
         if same:
-            return statistics.median(same), f"median of {len(same)} {kind} unit(s) run here in {self.dtype}"
+            n, minutes = _recent_median(same)
+            return minutes, f"median of the {n} latest {kind} unit(s) run here in {self.dtype}"
         if scaled:
             how = ", training and curve scaled to this recipe's steps and batch" if training else ""
-            return (statistics.median(scaled),
-                    f"median of {len(scaled)} {kind} unit(s) of another recipe run here in {self.dtype}{how}")
+            n, minutes = _recent_median(scaled)
+            return minutes, f"median of the {n} latest {kind} unit(s) of another recipe run here in {self.dtype}{how}"
         if evaluations_of_training:  # an evaluation unit runs what a training unit runs after training
-            return (statistics.median(evaluations_of_training),
-                    f"the evaluation phases of {len(evaluations_of_training)} training unit(s) run here in {self.dtype}")
+            n, minutes = _recent_median(evaluations_of_training)
+            return minutes, f"the evaluation phases of the {n} latest training unit(s) run here in {self.dtype}"
         if not training:
             return self.config.minutes_per_evaluation_unit, "the config's estimate (no unit timed yet)"
         return self.config.minutes_per_unit, "the config's estimate (no unit timed yet)"

@@ -37,8 +37,10 @@ PHASE_PART = {"stage1": "stage1", "stage2": "stage2", "curve": "generation", "ga
               "utility": "generation"}
 
 
-def training_step(stage: int, dtype: str, data: Path, batch_size: int) -> Callable[[], float]:
-    """One timed training step of the shipped tiny config of `stage` (frozen parts in `dtype`)."""
+def training_step(stage: int, dtype: str, data: Path, batch_size: int,
+                  extra: tuple[str, ...] = ()) -> Callable[[], float]:
+    """One timed training step of the shipped tiny config of `stage` (frozen parts in `dtype`;
+    `extra`: more `key=value` overrides, such as `attn_implementation=eager`)."""
     from regap.data import LlavaJsonDataset
     from regap.models import load_model
     from regap.train import load_config
@@ -51,7 +53,8 @@ def training_step(stage: int, dtype: str, data: Path, batch_size: int) -> Callab
     else:  # the study's stage 2 (tiny-study.yaml: stage2.lora_*)
         overrides, json_file = ["lora.r=8", "lora.alpha=16", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"], \
             data / "instructions.json"
-    config = load_config(f"tiny-stage{stage}", overrides + [f"dtype={dtype}", f"data.json={json_file}"]).resolved()
+    config = load_config(f"tiny-stage{stage}",
+                         overrides + [f"dtype={dtype}", f"data.json={json_file}", *extra]).resolved()
     lvlm = load_model("tiny", dtype=dtype)
     module, _ = setup_model(lvlm, config, log=lambda m: None)
     optimizer = make_optimizer(module, config)

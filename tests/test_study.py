@@ -287,6 +287,10 @@ def test_stage_learning_rates_and_scene_counts_reach_the_training_configs(tmp_pa
     assert stage1.data.max_items == 128 and stage2.data.max_items is None
     assert stage2.projector_lr == pytest.approx(2e-4) and stage2.projector_lr != default2.projector_lr
     assert stage1.projector_lr == default1.projector_lr
+    assert default1.attn_implementation is None and default2.attn_implementation is None
+    assert [c.attn_implementation for c in stage_configs(["attn_implementation=eager"])] == ["eager", "eager"]
+    with pytest.raises(RegapError, match="'attn_implementation' is 'flash'"):
+        stage_configs(["attn_implementation=flash"])
 
 
 def test_all_conversations_reach_the_study_data_and_regenerate_it(tmp_path):
@@ -314,10 +318,11 @@ def test_a_new_arm_keeps_the_units_comparable_but_a_changed_recipe_does_not():
                       ["lambdas=[0,0.1,1,10]"], ["regap_lambda=1"]):
         assert unit_config_hash(load_study_config("tiny-study-blind", more_arms)) == base, more_arms
     for recipe in (["stage1.steps=128"], ["defenses.conditions=[blank]"], ["safety.max_new_tokens=32"],
-                   ["stage2.projector_lr=2e-4"], ["stage1.scenes=256"], ["data.conversations=all"]):
+                   ["stage2.projector_lr=2e-4"], ["stage1.scenes=256"], ["data.conversations=all"],
+                   ["attn_implementation=eager"]):
         assert unit_config_hash(load_study_config("tiny-study-blind", recipe)) != base, recipe
     # stage keys added after units were run count only when set: the finished units keep their hash
-    unset = ["stage1.projector_lr=null", "stage2.scenes=null", "data.conversations=sampled"]
+    unset = ["stage1.projector_lr=null", "stage2.scenes=null", "data.conversations=sampled", "attn_implementation=null"]
     assert unit_config_hash(load_study_config("tiny-study-blind", unset)) == base
     # ... and the committed units of that recipe are still its units (their report rebuilds with --no-run)
     committed = Path(__file__).parents[1] / "results" / "tiny-study-blind" / "units" / "plain-s0.json"

@@ -199,6 +199,24 @@ def test_resume_restores_rng_states_for_dropout(synth, tmp_path):
         assert torch.allclose(a[key], b[key], atol=1e-7, rtol=0), key
 
 
+def test_attn_implementation_switches_the_llm_kernel_and_may_change_on_resume(synth, tmp_path):
+    from regap.models.attention import llm_attention
+    from regap.models.random_tiny import tiny_random_lvlm
+
+    model = tiny_random_lvlm(seed=0)
+    assert llm_attention(model) == "sdpa"  # the library's default
+    train(make_config(synth, attn_implementation="eager", stop_after_steps=1, max_steps=2), tmp_path / "run",
+          model=model)
+    assert llm_attention(model) == "eager"
+    assert "LLM attention: eager" in (tmp_path / "run" / "train.log").read_text()
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["attn_implementation"] == "eager"
+    # the kernel is how attention is computed, not what: a run may resume with another one
+    train(make_config(synth, max_steps=2), tmp_path / "run", resume=True)
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    with pytest.raises(RegapError, match="'attn_implementation' is 'flash'; valid: null"):
+        make_config(synth, attn_implementation="flash")
+
+
 def test_changed_config_cannot_resume(synth, tmp_path):
     train(make_config(synth, stop_after_steps=1, max_steps=2), tmp_path / "run")
     with pytest.raises(RegapError, match="config differs in lr"):

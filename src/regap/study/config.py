@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from regap.errors import RegapError
+from regap.models.attention import check_attention
 
 
 @dataclass
@@ -96,6 +97,7 @@ class StudyConfig:
     name: str = "tiny-study"
     model: str = "tiny"
     dtype: str = "auto"
+    attn_implementation: str | None = None  # the LLM's attention in both training stages (null: library default)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     lambdas: list[float] = field(default_factory=lambda: [0.0, 0.1, 1.0])
     regap_lambda: float = 0.1
@@ -118,6 +120,7 @@ class StudyConfig:
 
     def check(self) -> "StudyConfig":
         """Values that would fail minutes into a run fail here, naming the key."""
+        check_attention(self.attn_implementation)
         if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
             raise RegapError(f"seeds: need one or more distinct seeds, got {self.seeds}")
         if 0.0 not in self.lambdas:

@@ -55,6 +55,8 @@ class UnitRunner:
             f"keep_checkpoints={spec.steps // spec.save_every + 1}", f"seed={s.seed}",
             f"moca.enabled={str(s.moca).lower()}", "observe.progress=" + str(self.progress).lower(),
         ]
+        if c.attn_implementation is not None:
+            overrides.append(f"attn_implementation={c.attn_implementation}")
         if spec.lr is not None:
             overrides.append(f"lr={spec.lr}")
         if spec.projector_lr is not None:
@@ -236,7 +238,8 @@ class UnitRunner:
 
 #: Keys that did not exist when the first units were run, with their defaults: left out of the hash
 #: while at the default.
-LATER_KEYS = {"stage1": {"projector_lr": None, "scenes": None}, "stage2": {"projector_lr": None, "scenes": None},
+LATER_KEYS = {"": {"attn_implementation": None},
+              "stage1": {"projector_lr": None, "scenes": None}, "stage2": {"projector_lr": None, "scenes": None},
               "data": {"conversations": "sampled"}}
 
 
@@ -244,15 +247,16 @@ def unit_config_hash(config: StudyConfig) -> str:
     """What makes two units comparable: everything that changes what a unit computes. The lists of arms
     (seeds, λ values, the MoCa switch, the main λ, the defense arms) and the bookkeeping keys are left out,
     so a study can gain an arm without orphaning the units it already has. Keys added after units were
-    run (`stageN.projector_lr`, `stageN.scenes`, `data.conversations`) count only when set away from
+    run (`attn_implementation`, `stageN.projector_lr`, `stageN.scenes`, `data.conversations`) count only when set away from
     their default, for the same reason."""
     from regap.provenance import json_hash
 
     data = config.to_dict()
     for section, defaults in LATER_KEYS.items():
+        where = data[section] if section else data
         for key, default in defaults.items():
-            if data[section].get(key) == default:
-                data[section].pop(key, None)
+            if where.get(key) == default:
+                where.pop(key, None)
     for key in ("seeds", "lambdas", "moca", "regap_lambda", "minutes_per_unit", "minutes_per_evaluation_unit",
                 "budget_minutes", "stats", "curve", "name"):
         data.pop(key, None)

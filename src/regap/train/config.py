@@ -24,6 +24,7 @@ from typing import Any, Union
 import yaml
 
 from regap.errors import RegapError
+from regap.models.attention import check_attention
 
 DISTANCES = ("centroid", "centroid+norm", "frechet", "cosine")
 POOLINGS = ("batch", "sample")
@@ -129,6 +130,7 @@ class TrainConfig:
     dtype: str = "auto"  # weights of the frozen parts; auto: bfloat16 where the device computes it fast
     mixed_precision: str = "auto"  # auto (follows dtype) | no | bf16 | fp16 (autocast; trainable weights stay float32)
     cpu: bool = False  # force CPU even when a GPU is present
+    attn_implementation: str | None = None  # the LLM's attention: null (library default, sdpa) | eager | flash_attention_2 | ...
     projector: str | None = None  # initial projector: .safetensors file or a stage-1 output folder
     projector_type: str | None = None  # null: the model's own; linear | mlpNx_gelu | qformer: a fresh one of that kind
     template: str | None = None  # plain (stage 1) | chat | vicuna_v1
@@ -196,6 +198,7 @@ class TrainConfig:
         """Value checks that do not depend on the number of processes."""
         _choice("stage", self.stage, (1, 2))
         _choice("dtype", self.dtype, DTYPES)
+        check_attention(self.attn_implementation)
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         if self.tune is not None:
             _choice("tune", self.tune, TUNE[self.stage], f" for stage {self.stage}")
@@ -542,7 +545,7 @@ def derive_batch_layout(
 #: Keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = ("stop_after_steps", "save_every", "keep_checkpoints", "observe", "data.num_workers",
                      "data.feature_cache",
-                     "per_device_batch_size", "gradient_accumulation_steps", "cpu")
+                     "per_device_batch_size", "gradient_accumulation_steps", "cpu", "attn_implementation")
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "",

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from regap.errors import RegapError
+from regap.models.attention import llm_attention, set_llm_attention
 from regap.models.inputs import ModelInputs
 from regap.models.moca import MOCA_FILE, MoCa, load_moca
 from regap.models.presets import known_projector_type
@@ -74,6 +75,9 @@ def _projector_file(source: str) -> tuple[Path, Path | None]:
 
 def setup_model(lvlm: LVLM, config: TrainConfig, log: Any = print) -> tuple[TrainModule, MoCa | None]:
     """Load the initial projector, freeze/unfreeze per stage, add LoRA / MoCa, checkpointing."""
+    if config.attn_implementation is not None:  # before LoRA wraps the LLM
+        set_llm_attention(lvlm, config.attn_implementation)
+    log(f"LLM attention: {llm_attention(lvlm)}")
     moca_init = None
     if config.projector:
         from regap.models import load_projector

@@ -440,3 +440,24 @@ def test_training_seconds_sums_each_sitting_once():
                {"step": 3, "elapsed_s": 7.0, "sitting_start": True}]  # a slow first step after the resume
     assert training_seconds(flagged) == 10.0
     assert training_seconds([{"step": 1}, {"step": 2, "elapsed_s": 1.5}]) == 1.5
+
+
+def test_report_shows_each_seeds_difference_from_plain():
+    """With two or three seeds the pooled interval hides whether the seeds agree; the table shows it."""
+    from regap.study.study_report import _seeds, per_seed_table
+
+    def entry(means, seeds):
+        return {"mean": sum(means) / len(means), "ci": [-1, 1], "seed_means": means, "seeds": seeds}
+
+    vs_plain = {
+        "regap": {"unsafe": {"blank": entry([-0.25, 0.05], [0, 2]), "image (pooled)": entry([-0.1, 0.0], [0, 2])},
+                  "qa": entry([-0.2, -0.1], [0, 2])},
+        "plain+cmrm": {"unsafe": {"blank": entry([-0.6], [1]), "image (pooled)": None}, "qa": None},
+    }
+    lines = per_seed_table(vs_plain, ["text", "blank", "image (pooled)"])
+    rows = [line for line in lines if line.startswith("| regap") or line.startswith("| plain")]
+    assert rows == ["| regap | 0 | – | -0.250 | -0.100 | -0.200 |",
+                    "| regap | 2 | – | +0.050 | +0.000 | -0.100 |",
+                    "| plain+cmrm | 1 | – | -0.600 | – | – |"]
+    assert _seeds(entry([-0.0875, -0.0083], [0, 1])) == " (per seed -0.087, -0.008)"
+    assert _seeds(entry([0.3], [0])) == "" and _seeds(None) == ""

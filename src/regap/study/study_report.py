@@ -22,11 +22,32 @@ def _fmt(entry: dict[str, Any] | None, signed: bool = False) -> str:
     return text
 
 
+def _seeds(entry: dict[str, Any] | None) -> str:
+    """` (per seed +a, +b)` when the entry has one mean per seed and more than one seed."""
+    means = (entry or {}).get("seed_means") or []
+    return f" (per seed {', '.join(f'{m:+.3f}' for m in means)})" if len(means) > 1 else ""
+
+
 def _ratio(entry: dict[str, Any] | None) -> str:
     if not entry:
         return "–"
     ci = entry.get("ci")
     return f"×{entry['ratio']:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "") + f" ({entry['n_seeds']} seeds)"
+
+
+def per_seed_table(vs_plain: dict[str, Any], shown: list[str]) -> list[str]:
+    """Each arm's difference from plain seed by seed (mean over requests): with few seeds the pooled
+    interval hides whether the seeds agree, and a reader should see it when they do not."""
+    lines = ["", "### The same differences seed by seed (mean over requests)", "",
+             "| arm | seed | " + " | ".join(shown) + " | QA accuracy |", "|---|---|" + "---|" * (len(shown) + 1)]
+    for arm, diff in vs_plain.items():
+        entries = [diff["unsafe"].get(c) for c in shown] + [diff.get("qa")]
+        seeds = next((e["seeds"] for e in entries if e and e.get("seeds")), [])
+        for k, seed in enumerate(seeds):
+            cells = [f"{e['seed_means'][k]:+.3f}" if e and len(e.get("seed_means") or []) == len(seeds) else "–"
+                     for e in entries]
+            lines.append(f"| {arm} | {seed} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_learning_curves(curves: dict[str, Any], path: Path) -> None:
@@ -184,6 +205,7 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
     for arm, diff in results["vs_plain"].items():
         lines.append(f"| {arm} | " + " | ".join(_fmt(diff["unsafe"].get(c), True) for c in shown) +
                      f" | {_fmt(diff.get('qa'), True)} |")
+    lines += per_seed_table(results["vs_plain"], shown)
     lines += ["", "## Refusal rate on harmful requests (the judge's refusal verdict)", "",
               "| arm | " + " | ".join(evaluated) + " |", "|---|" + "---|" * len(evaluated)]
     for arm, entry in results["arms"].items():
@@ -208,8 +230,8 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
     claims = results["claims"]
     lines += ["", "## The paper's four claims", ""]
     a = claims["a_image_raises_unsafe"]
-    lines += [f"**(a)** {a['question']} image − text: {_fmt(a['image_minus_text'], True)}; image − backbone: "
-              f"{_fmt(a['image_minus_backbone'], True)}.", ""]
+    lines += [f"**(a)** {a['question']} image − text: {_fmt(a['image_minus_text'], True)}{_seeds(a['image_minus_text'])}; "
+              f"image − backbone: {_fmt(a['image_minus_backbone'], True)}{_seeds(a['image_minus_backbone'])}.", ""]
     for key in ("b_regap_lowers_gap", "c_regap_lowers_unsafe", "d_utility_holds"):
         claim = claims[key]
         parts = []
@@ -219,14 +241,14 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
             if key == "b_regap_lowers_gap":
                 parts.append(f"{arm}: layer-0 {_ratio((value or {}).get('layer0_gap'))}, MIR {_ratio((value or {}).get('mir'))}")
             elif key == "d_utility_holds":
-                parts.append(f"{arm}: QA {_fmt((value or {}).get('qa'), True)}, over-refusal (text) "
+                parts.append(f"{arm}: QA {_fmt((value or {}).get('qa'), True)}{_seeds((value or {}).get('qa'))}, over-refusal (text) "
                              f"{_fmt((value or {}).get('over_refusal_text'), True)}")
             else:
-                parts.append(f"{arm}: {_fmt(value, True)}")
+                parts.append(f"{arm}: {_fmt(value, True)}{_seeds(value)}")
         lines += [f"**({key[0]})** {claim['question']} " + "; ".join(parts) + ".", ""]
     for judge, other in summary.get("other_judges", {}).items():
         a, c = other["claims"]["a_image_raises_unsafe"], other["claims"]["c_regap_lowers_unsafe"]
-        parts = [f"{arm}: {_fmt(value, True)}" for arm, value in c.items() if arm != "question"]
+        parts = [f"{arm}: {_fmt(value, True)}{_seeds(value)}" for arm, value in c.items() if arm != "question"]
         lines += [f"Under `{judge}`: (a) image − text {_fmt(a['image_minus_text'], True)}, image − backbone "
                   f"{_fmt(a['image_minus_backbone'], True)}; (c) " + ("; ".join(parts) or "–") + ".", ""]
     agreement = summary["judge_agreement"]

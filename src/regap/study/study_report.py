@@ -41,11 +41,10 @@ def per_seed_table(vs_plain: dict[str, Any], shown: list[str]) -> list[str]:
     lines = ["", "### The same differences seed by seed (mean over requests)", "",
              "| arm | seed | " + " | ".join(shown) + " | QA accuracy |", "|---|---|" + "---|" * (len(shown) + 1)]
     for arm, diff in vs_plain.items():
-        entries = [diff["unsafe"].get(c) for c in shown] + [diff.get("qa")]
-        seeds = next((e["seeds"] for e in entries if e and e.get("seeds")), [])
-        for k, seed in enumerate(seeds):
-            cells = [f"{e['seed_means'][k]:+.3f}" if e and len(e.get("seed_means") or []) == len(seeds) else "–"
-                     for e in entries]
+        by_seed = [dict(zip(e["seeds"], e["seed_means"])) if e else {} for e in
+                   [diff["unsafe"].get(c) for c in shown] + [diff.get("qa")]]
+        for seed in sorted(set().union(*by_seed)):
+            cells = [f"{means[seed]:+.3f}" if seed in means else "–" for means in by_seed]
             lines.append(f"| {arm} | {seed} | " + " | ".join(cells) + " |")
     return lines
 

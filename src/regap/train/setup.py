@@ -75,8 +75,7 @@ def _projector_file(source: str) -> tuple[Path, Path | None]:
 
 def setup_model(lvlm: LVLM, config: TrainConfig, log: Any = print) -> tuple[TrainModule, MoCa | None]:
     """Load the initial projector, freeze/unfreeze per stage, add LoRA / MoCa, checkpointing."""
-    if config.attn_implementation is not None:  # before LoRA wraps the LLM
-        set_llm_attention(lvlm, config.attn_implementation)
+    set_llm_attention(lvlm, config.attn_implementation)  # before LoRA wraps the LLM; None keeps the loaded kernel
     log(f"LLM attention: {llm_attention(lvlm)}")
     moca_init = None
     if config.projector:

@@ -110,6 +110,32 @@ def test_main_returns_the_exit_status_of_the_command(extra_commands, capsys):
     assert main(["--no-such-option"]) == 2
 
 
+def test_sigterm_takes_ctrl_c_path_exits_143_and_a_repeat_does_not_cut_the_save_short(extra_commands, capsys):
+    import os
+    import signal
+    import time
+
+    saved: list[str] = []
+
+    def terminated() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+            saved.append("not interrupted")
+        except KeyboardInterrupt:
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler repeating the signal while the run saves
+            time.sleep(0.05)
+            saved.append("checkpoint")
+            raise
+
+    extra_commands("t-sigterm", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["t-sigterm"]) == 143
+    assert saved == ["checkpoint"]
+    assert capsys.readouterr().err.strip() == "terminated (SIGTERM)"
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler lives only while the command runs
+
+
 def _ctrl_c(*args, **kwargs):
     raise KeyboardInterrupt
 

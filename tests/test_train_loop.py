@@ -459,7 +459,10 @@ def test_cli_pretrain_writes_the_run_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_marks_the_run_interrupted_and_exits_130(tmp_path):
+@pytest.mark.parametrize("signal_name, exit_code, said", [("SIGINT", 130, "interrupted"),
+                                                          ("SIGTERM", 143, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_marks_the_run_interrupted_and_saves(tmp_path, signal_name, exit_code, said):
+    """SIGTERM is how a scheduler stops a job: it must save like Ctrl-C, not die mid-step."""
     import os
     import signal
     import subprocess
@@ -486,13 +489,13 @@ def test_ctrl_c_marks_the_run_interrupted_and_exits_130(tmp_path):
             break
         time.sleep(0.05)
     assert process.poll() is None, "the run should still be going"
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, signal_name))
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
+    assert process.returncode == exit_code, err
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["status"] == "interrupted" and 2 <= provenance["step"] < 5000
     step = provenance["step"]
     assert provenance["checkpoint"].endswith(f"step-{step:07d}")  # saved at the step it stopped
     message = err.strip().splitlines()[-1]
-    assert message.startswith(f"interrupted: training stopped at step {step}/5000; last checkpoint")
+    assert message.startswith(f"{said}: training stopped at step {step}/5000; last checkpoint")
     assert message.endswith(f"continue with: regap pretrain {config} --out {out} --resume")

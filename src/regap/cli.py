@@ -9,6 +9,9 @@ import typer
 
 from regap import __version__
 from regap.errors import RegapError, RunInterrupted
+from regap.signals import EXIT_TERMINATED, Termination, sigterm_as_interrupt
+
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (Ctrl-C)
 
 app = typer.Typer(
     name="regap",
@@ -50,23 +53,32 @@ _register_commands()
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app and return its exit status; user errors become one line on
-    stderr (exit 2), Ctrl-C exits 130 with where the run stopped and how to resume it."""
+    stderr (exit 2), Ctrl-C exits 130 with where the run stopped and how to resume it. SIGTERM
+    (a scheduler's stop) takes Ctrl-C's path, so the run saves what it has, and exits 143."""
+    with sigterm_as_interrupt() as termination:
+        code = _run(argv, termination)
+    if termination.received and code == EXIT_INTERRUPTED:
+        return EXIT_TERMINATED
+    return code
+
+
+def _run(argv: list[str] | None, termination: Termination) -> int:
     try:
         code = app(args=argv, standalone_mode=False)
     except RegapError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
     except RunInterrupted as exc:
-        typer.echo(f"interrupted: {exc}", err=True)
-        return 130
+        typer.echo(f"{_stopped_by(termination)}: {exc}", err=True)
+        return EXIT_INTERRUPTED
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:
         typer.echo("aborted", err=True)
-        return 130
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        return 130
+        typer.echo(_stopped_by(termination), err=True)
+        return EXIT_INTERRUPTED
     except Exception as exc:
         # usage errors: click's ClickException, or the copy of click that typer >= 0.2x vendors
         # (click itself need not be installed then); both show one line and carry the exit code
@@ -76,9 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         raise
     # Without standalone mode typer returns the status instead of exiting: `typer.Exit(code)`
     # from a command, and 130 for a Ctrl-C that no command turned into `RunInterrupted`.
-    if code == 130:
-        typer.echo("interrupted", err=True)
+    if code == EXIT_INTERRUPTED:
+        typer.echo(_stopped_by(termination), err=True)
     return code if isinstance(code, int) else 0
+
+
+def _stopped_by(termination: Termination) -> str:
+    return "terminated (SIGTERM)" if termination.received else "interrupted"
 
 
 if __name__ == "__main__":

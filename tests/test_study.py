@@ -461,3 +461,20 @@ def test_report_shows_each_seeds_difference_from_plain():
                     "| plain+cmrm | 1 | – | -0.600 | – | – |"]
     assert _seeds(entry([-0.0875, -0.0083], [0, 1])) == " (per seed -0.087, -0.008)"
     assert _seeds(entry([0.3], [0])) == "" and _seeds(None) == ""
+
+
+def test_a_stopped_training_step_tells_to_rerun_the_study_not_to_resume_the_stage(tmp_path, monkeypatch, capsys):
+    """The trainer's own advice (`--resume --out WORK/units/U/stage1`) is wrong inside a study: the
+    study's step markers resume the stage when the same study command runs again."""
+    from regap.errors import RunInterrupted
+    from regap.study.run import Study
+
+    def stopped_in_training(self, units, max_units):
+        raise RunInterrupted("training stopped at step 67/1024; last checkpoint W/step-0000067",
+                             "continue with --resume --out W")
+
+    monkeypatch.setattr(Study, "run", stopped_in_training)
+    assert main(["study", "--fast", "--out", str(tmp_path / "s"), "--unit", "plain-s0"]) == 130
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message == ("interrupted: study stopped: training stopped at step 67/1024; last checkpoint "
+                       "W/step-0000067; rerun the same command to continue (finished steps are reused)")

@@ -64,13 +64,16 @@ def study_command(
         for line in study.estimate(todo):
             typer.echo(line)
         return
+    resume = "rerun the same command to continue (finished steps are reused)"
     try:  # each unit locks its own work folder, so several processes can share OUT
         if not no_run:
             study.run(unit, max_units)
         summary = study.aggregate()
+    except RunInterrupted as exc:  # a training or safety step: its own where, the study's resume
+        exc.where, exc.resume = f"study stopped: {exc.where}", resume
+        raise
     except KeyboardInterrupt:
-        raise RunInterrupted(f"study stopped; finished steps are kept under {study.work}",
-                             "rerun the same command to continue") from None
+        raise RunInterrupted(f"study stopped; finished steps are kept under {study.work}", resume) from None
     _print(summary)
     typer.echo(f"report: {out / 'report.html'}")
 

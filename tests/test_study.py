@@ -162,6 +162,38 @@ def test_plan_tells_done_running_and_not_asked_for_apart(tmp_path, capsys):
                      "plain-s1": "to run", "plain-s2": "not asked for"}
 
 
+def test_plan_says_how_far_a_started_unit_got(tmp_path, capsys):
+    """A unit run over several sittings: `--plan` shows which stage is done and the checkpoint the next
+    sitting resumes from, for the unit and for the defense units that evaluate its models."""
+    from regap.study.run import Study
+    from regap.files import write_json_atomic
+    from regap.train.checkpoint import FORMAT, checkpoint_name
+
+    out = tmp_path / "s"
+    config = load_study_config("tiny-study", [])
+    study = Study(config, out)
+    spec = next(u for u in plan_units(config) if u.name == "plain-s1")
+    runner = study.runner(spec)
+    runner.markers.mark("stage1", runner.stage_marker_params(1), 60.0)
+    checkpoint = study.work / "units" / "plain-s1" / "stage2" / "checkpoints" / checkpoint_name(256)
+    checkpoint.mkdir(parents=True)
+    write_json_atomic(checkpoint / "state.json", {"format": FORMAT, "step": 256})
+    other_recipe = study.runner(next(u for u in plan_units(config) if u.name == "plain-s2"))
+    other_recipe.markers.mark("stage1", ["another recipe's overrides"], 1.0)  # not this recipe's: not done
+    assert main(["study", "--out", str(out), "--plan"]) == 0
+    lines = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines()
+                 if line.split() and line.split()[0] in ("plain-s1", "plain+cmrm-s1", "plain-s2", "regap-l0.1-s1"))
+    assert lines == {"plain-s1": "to run (stage 1 done; stage 2 checkpoint at step 256/768)",
+                     "plain+cmrm-s1": "to run (stage 1 done; stage 2 checkpoint at step 256/768)",
+                     "plain-s2": "to run", "regap-l0.1-s1": "to run"}
+    from regap.run_lock import exclusive_out
+
+    with exclusive_out(study.work / "units" / "plain-s1"):  # the next sitting, in another process
+        assert main(["study", "--out", str(out), "--plan", "--unit", "plain-s1"]) == 0
+    assert ("plain-s1                 running (another process holds it; stage 1 done; stage 2 checkpoint at "
+            "step 256/768)") in capsys.readouterr().out.splitlines()
+
+
 def test_bad_unit_name_fails_before_any_work(tmp_path, capsys):
     assert main(["study", "--fast", "--out", str(tmp_path / "s"), "--unit", "plain-s9"]) == 2
     assert "unknown unit(s) plain-s9" in capsys.readouterr().err

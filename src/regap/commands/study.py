@@ -56,10 +56,12 @@ def study_command(
                 state = "not asked for"
             elif spec.name not in names:
                 state = "done"
-            elif held_by_another_run(study.work / "units" / spec.name):
-                state = "running (another process holds it)"
             else:
-                state = "to run"
+                started = study.runner(spec).training_progress()
+                if held_by_another_run(study.work / "units" / spec.name):
+                    state = "running (another process holds it" + (f"; {started})" if started else ")")
+                else:
+                    state = f"to run ({started})" if started else "to run"
             typer.echo(f"{spec.name:24s} {state}")
         for line in study.estimate(todo):
             typer.echo(line)

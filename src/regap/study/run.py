@@ -86,6 +86,9 @@ class Study:
             units = [u for u in units if u.name in only]
         return [u for u in units if not self.summarised(u)]
 
+    def runner(self, spec: UnitSpec) -> UnitRunner:
+        return UnitRunner(self.config, spec, self.out, self.work, self.dtype, self.log, self.progress)
+
     def minutes_per_unit(self, training: bool = True) -> tuple[float, str]:
         """The median wall time of the units of this kind summarised so far in this dtype, else the
         config's estimate. A training unit trains both stages and evaluates; an evaluation unit (a
@@ -240,7 +243,7 @@ class Study:
                 with exclusive_out(self.work / "units" / spec.name, flag="unit"):
                     if self.summarised(spec):  # finished by another process meanwhile
                         continue
-                    runner = UnitRunner(self.config, spec, self.out, self.work, self.dtype, self.log, self.progress)
+                    runner = self.runner(spec)
                     self.log(f"unit {spec.name} ({len(done) + 1}/{len(todo)})")
                     summary = runner.run()
                     if summary["status"] == "completed":

@@ -96,6 +96,26 @@ class UnitRunner:
         writing this marker: docs/study.md)."""
         return [o for o in self._train_overrides(stage) if not o.startswith("observe.progress=")]
 
+    def training_progress(self) -> str | None:
+        """How far earlier sittings took this unit's training (its arm's, for a defense unit), for
+        `--plan`: a unit run over several sittings should say what is left; None when nothing started."""
+        from regap.train.checkpoint import latest_checkpoint, read_state
+
+        parts = []
+        for stage, spec in ((1, self.config.stage1), (2, self.config.stage2)):
+            if self.markers.done(f"stage{stage}", self.stage_marker_params(stage)):
+                parts.append(f"stage {stage} done")
+                continue
+            checkpoint = latest_checkpoint(self.work / f"stage{stage}" / "checkpoints")
+            if checkpoint is not None:
+                try:
+                    step = read_state(checkpoint)["step"]
+                except (RegapError, KeyError):
+                    step = "?"
+                parts.append(f"stage {stage} checkpoint at step {step}/{spec.steps}")
+            break
+        return "; ".join(parts) or None
+
     # ---- models -----------------------------------------------------------------------------------
     def final_model(self):
         if self._model is None:

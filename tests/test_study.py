@@ -181,8 +181,10 @@ def test_plan_says_how_far_a_started_unit_got(tmp_path, capsys):
     other_recipe = study.runner(next(u for u in plan_units(config) if u.name == "plain-s2"))
     other_recipe.markers.mark("stage1", ["another recipe's overrides"], 1.0)  # not this recipe's: not done
     assert main(["study", "--out", str(out), "--plan"]) == 0
-    lines = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines()
+    printed = capsys.readouterr().out.splitlines()
+    lines = dict(line.split(maxsplit=1) for line in printed
                  if line.split() and line.split()[0] in ("plain-s1", "plain+cmrm-s1", "plain-s2", "regap-l0.1-s1"))
+    assert "1 training unit(s) already started: counted whole, so the estimate is high" in "\n".join(printed)
     assert lines == {"plain-s1": "to run (stage 1 done; stage 2 checkpoint at step 256/768)",
                      "plain+cmrm-s1": "to run (stage 1 done; stage 2 checkpoint at step 256/768)",
                      "plain-s2": "to run", "regap-l0.1-s1": "to run"}

@@ -170,6 +170,10 @@ class Study:
                 lines.append(f"{n} {'training' if training else 'evaluation'} unit(s): {minutes:.1f} min each "
                              f"({how})")
         lines.insert(0, f"{len(units)} unit(s) to run: about {total:.0f} min; dtype {self.dtype}")
+        started = sum(u.defense is None and self.runner(u).training_progress() is not None for u in units)
+        if started:
+            lines.append(f"{started} training unit(s) already started: counted whole, so the estimate is high "
+                         "(--plan shows how far each got)")
         budget = self.config.budget_minutes
         if budget is not None and total > budget:
             lines.append(f"warning: that exceeds budget_minutes={budget:g}; run it over several sittings "

@@ -188,6 +188,11 @@ def test_plan_says_how_far_a_started_unit_got(tmp_path, capsys):
     assert lines == {"plain-s1": "to run (stage 1 done; stage 2 checkpoint at step 256/768)",
                      "plain+cmrm-s1": "to run (stage 1 done; stage 2 checkpoint at step 256/768)",
                      "plain-s2": "to run", "regap-l0.1-s1": "to run"}
+    unreadable = study.work / "units" / "regap-l0.1-s1" / "stage1" / "checkpoints" / checkpoint_name(8)
+    unreadable.mkdir(parents=True)
+    (unreadable / "state.json").write_text('{"format": "something else"}')
+    spec = next(u for u in plan_units(config) if u.name == "regap-l0.1-s1")
+    assert study.runner(spec).training_progress() == "stage 1 checkpoint at step ?/1024"  # shown, not fatal
     from regap.run_lock import exclusive_out
 
     with exclusive_out(study.work / "units" / "plain-s1"):  # the next sitting, in another process

@@ -165,8 +165,9 @@ def test_plan_tells_done_running_and_not_asked_for_apart(tmp_path, capsys):
 def test_plan_says_how_far_a_started_unit_got(tmp_path, capsys):
     """A unit run over several sittings: `--plan` shows which stage is done and the checkpoint the next
     sitting resumes from, for the unit and for the defense units that evaluate its models."""
-    from regap.study.run import Study
     from regap.files import write_json_atomic
+    from regap.run_lock import exclusive_out
+    from regap.study.run import Study
     from regap.train.checkpoint import FORMAT, checkpoint_name
 
     out = tmp_path / "s"
@@ -193,7 +194,6 @@ def test_plan_says_how_far_a_started_unit_got(tmp_path, capsys):
     (unreadable / "state.json").write_text('{"format": "something else"}')
     spec = next(u for u in plan_units(config) if u.name == "regap-l0.1-s1")
     assert study.runner(spec).training_progress() == "stage 1 checkpoint at step ?/1024"  # shown, not fatal
-    from regap.run_lock import exclusive_out
 
     with exclusive_out(study.work / "units" / "plain-s1"):  # the next sitting, in another process
         assert main(["study", "--out", str(out), "--plan", "--unit", "plain-s1"]) == 0

@@ -9,9 +9,7 @@ import typer
 
 from regap import __version__
 from regap.errors import RegapError, RunInterrupted
-from regap.signals import EXIT_TERMINATED, Termination, sigterm_as_interrupt
-
-EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (Ctrl-C)
+from regap.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Termination, sigterm_as_interrupt
 
 app = typer.Typer(
     name="regap",

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
 
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's code for a process ended by SIGINT (Ctrl-C)
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, the shell's code for a process ended by SIGTERM
 
 

@@ -162,7 +162,7 @@ def test_plan_tells_done_running_and_not_asked_for_apart(tmp_path, capsys):
                      "plain-s1": "to run", "plain-s2": "not asked for"}
 
 
-def test_plan_says_how_far_a_started_unit_got(tmp_path, capsys):
+def test_plan_says_how_far_a_started_unit_got(tmp_path, capsys, monkeypatch):
     """A unit run over several sittings: `--plan` shows which stage is done and the checkpoint the next
     sitting resumes from, for the unit and for the defense units that evaluate its models."""
     from regap.files import write_json_atomic
@@ -181,7 +181,13 @@ def test_plan_says_how_far_a_started_unit_got(tmp_path, capsys):
     write_json_atomic(checkpoint / "state.json", {"format": FORMAT, "step": 256})
     other_recipe = study.runner(next(u for u in plan_units(config) if u.name == "plain-s2"))
     other_recipe.markers.mark("stage1", ["another recipe's overrides"], 1.0)  # not this recipe's: not done
+    from regap.study.unit import UnitRunner
+
+    reads: list[str] = []  # each unit's checkpoints are read once: for its line and for the estimate
+    progress = UnitRunner.training_progress
+    monkeypatch.setattr(UnitRunner, "training_progress", lambda self: reads.append(self.spec.name) or progress(self))
     assert main(["study", "--out", str(out), "--plan"]) == 0
+    assert sorted(reads) == sorted(set(reads)) and "plain-s1" in reads
     printed = capsys.readouterr().out.splitlines()
     lines = dict(line.split(maxsplit=1) for line in printed
                  if line.split() and line.split()[0] in ("plain-s1", "plain+cmrm-s1", "plain-s2", "regap-l0.1-s1"))

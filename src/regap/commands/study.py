@@ -51,19 +51,20 @@ def study_command(
 
         todo = study.todo(unit)  # the asked-for units without a summary: nothing is read twice below
         names = {u.name for u in todo}
+        progress: dict[str, str | None] = {}  # read once, shown per unit and counted by the estimate
         for spec in plan_units(cfg):
             if unit and spec.name not in unit:
                 state = "not asked for"
             elif spec.name not in names:
                 state = "done"
             else:
-                started = study.runner(spec).training_progress()
+                started = progress[spec.name] = study.runner(spec).training_progress()
                 if held_by_another_run(study.work / "units" / spec.name):
                     state = "running (another process holds it" + (f"; {started})" if started else ")")
                 else:
                     state = f"to run ({started})" if started else "to run"
             typer.echo(f"{spec.name:24s} {state}")
-        for line in study.estimate(todo):
+        for line in study.estimate(todo, progress):
             typer.echo(line)
         return
     resume = "rerun the same command to continue (finished steps are reused)"

@@ -159,8 +159,9 @@ class Study:
             seconds += curve * checkpoints_now / checkpoints_then
         return seconds / 60
 
-    def estimate(self, units: list[UnitSpec]) -> list[str]:
-        """The time the run is expected to take, and a warning when it exceeds `budget_minutes`."""
+    def estimate(self, units: list[UnitSpec], progress: dict[str, str | None] | None = None) -> list[str]:
+        """The time the run is expected to take, and a warning when it exceeds `budget_minutes`.
+        `progress` (unit name -> `training_progress()`) spares reading checkpoints a caller already read."""
         lines, total = [], 0.0
         for training in (True, False):
             n = sum((u.defense is None) == training for u in units)
@@ -170,7 +171,9 @@ class Study:
                 lines.append(f"{n} {'training' if training else 'evaluation'} unit(s): {minutes:.1f} min each "
                              f"({how})")
         lines.insert(0, f"{len(units)} unit(s) to run: about {total:.0f} min; dtype {self.dtype}")
-        started = sum(u.defense is None and self.runner(u).training_progress() is not None for u in units)
+        if progress is None:
+            progress = {u.name: self.runner(u).training_progress() for u in units if u.defense is None}
+        started = sum(u.defense is None and progress.get(u.name) is not None for u in units)
         if started:
             lines.append(f"{started} training unit(s) already started: counted whole, so the estimate is high "
                          "(--plan shows how far each got)")

@@ -168,6 +168,7 @@ def test_plan_says_how_far_a_started_unit_got(tmp_path, capsys, monkeypatch):
     from regap.files import write_json_atomic
     from regap.run_lock import exclusive_out
     from regap.study.run import Study
+    from regap.study.unit import UnitRunner
     from regap.train.checkpoint import FORMAT, checkpoint_name
 
     out = tmp_path / "s"
@@ -181,8 +182,6 @@ def test_plan_says_how_far_a_started_unit_got(tmp_path, capsys, monkeypatch):
     write_json_atomic(checkpoint / "state.json", {"format": FORMAT, "step": 256})
     other_recipe = study.runner(next(u for u in plan_units(config) if u.name == "plain-s2"))
     other_recipe.markers.mark("stage1", ["another recipe's overrides"], 1.0)  # not this recipe's: not done
-    from regap.study.unit import UnitRunner
-
     reads: list[str] = []  # each unit's checkpoints are read once: for its line and for the estimate
     progress = UnitRunner.training_progress
     monkeypatch.setattr(UnitRunner, "training_progress", lambda self: reads.append(self.spec.name) or progress(self))

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import typer
 
+from regap.commands.options import ATTN_IMPLEMENTATION
 from regap.errors import RegapError
 
 defense_app = typer.Typer(
@@ -40,6 +41,7 @@ def calibrate_command(
     projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint to load into the model."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16; the runs that apply the file "
                               "must resolve to the same dtype (it is part of the model fingerprint)."),
+    attn_implementation: Optional[str] = ATTN_IMPLEMENTATION,
     images: Optional[str] = typer.Option(
         None, "--images", help="Calibration images: blank, noise, scenes, natural, typo or a folder "
         "(default: blank for cmrm, the paper's meaningless image; scenes for layer0-align)."),
@@ -76,7 +78,7 @@ def calibrate_command(
     from regap.defenses.calibration import save_calibration
     from regap.models import load_model, load_projector
 
-    loaded = load_model(model, dtype=dtype)
+    loaded = load_model(model, dtype=dtype, attn_implementation=attn_implementation)
     if projector is not None:
         load_projector(loaded, projector)
     options: dict[str, Any] = {"texts": texts, "pairs": pairs, "seed": seed, "batch_size": batch_size}

@@ -10,6 +10,7 @@ from typing import Any, Iterator, Optional
 
 import typer
 
+from regap.commands.options import ATTN_IMPLEMENTATION
 from regap.errors import RegapError, RunInterrupted
 
 
@@ -18,6 +19,7 @@ def measure_model(
     projector: Optional[Path], text_tokens: str, batch_size: int, texts_per_pair: int, dtype: str, mode: str,
     n_boot: int, seed: int, stability_run: bool, keep_hidden: bool, tag: str, ci: str = "linear",
     reuse_images: bool = False, image_problems: Optional[list[str]] = None, defenses: Optional[list[str]] = None,
+    attn_implementation: Optional[str] = None,
 ) -> dict[str, Any]:
     """Collect hidden states for one model on the given pairs and analyse them; returns the gap record.
     With `defenses` (specs of hidden-state defenses) the hidden states are collected under their
@@ -25,7 +27,7 @@ def measure_model(
     from regap.gap.run import measure_to_folder
     from regap.models import load_model, load_projector
 
-    model = load_model(model_name, dtype=dtype)
+    model = load_model(model_name, dtype=dtype, attn_implementation=attn_implementation)
     if projector is not None:
         load_projector(model, projector)
     return measure_to_folder(
@@ -64,6 +66,7 @@ def gap_command(
     texts_per_pair: int = typer.Option(1, "--texts-per-pair", help="Join this many texts per pair (more text tokens)."),
     batch_size: int = typer.Option(8, "--batch-size"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the device computes it fast, else float32), float32, bfloat16 or float16 (GPU only)."),
+    attn_implementation: Optional[str] = ATTN_IMPLEMENTATION,
     mode: str = typer.Option("exact", "--mode", help="exact (Fréchet) or reference-fast (the reference code's default; not a distance)."),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap replicates over pairs (0: no intervals)."),
     ci: str = typer.Option("linear", "--ci", help="Bootstrap replicates: linear (fast, trace term linearised) or exact (recomputed; small models)."),
@@ -87,7 +90,9 @@ def gap_command(
     from regap.gap.measure import CI_METHODS
     from regap.gap.mir import MODES
     from regap.gap.pairs import PROTOCOLS
+    from regap.models.attention import check_attention
 
+    check_attention(attn_implementation, "--attn-implementation")
     for flag, value, valid in (("--protocol", protocol, PROTOCOLS), ("--mode", mode, MODES),
                                ("--text-tokens", text_tokens, TEXT_TOKEN_MODES), ("--ci", ci, CI_METHODS)):
         if value not in valid:
@@ -117,7 +122,7 @@ def gap_command(
                   text_tokens=text_tokens, texts_per_pair=texts_per_pair,
                   batch_size=batch_size, dtype=dtype, mode=mode, n_boot=n_boot, seed=seed, ci=ci,
                   stability_run=stability_run, keep_hidden=keep_hidden, reuse_images=reuse_images,
-                  image_problems=problems)
+                  image_problems=problems, attn_implementation=attn_implementation)
     from regap.run_lock import exclusive_out
 
     with exclusive_out(out), _interrupted_gap(out):  # one run per --out

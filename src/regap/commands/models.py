@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from regap.commands.options import ATTN_IMPLEMENTATION
+
 EXAMPLE_IMAGE = "example_scene.png"
 
 
@@ -125,12 +127,13 @@ def chat_command(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Generation budget."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the device computes it fast, else float32), float32, bfloat16 or float16 (GPU only)."),
     template: Optional[str] = typer.Option(None, "--template", help="chat (tokenizer's), vicuna_v1 or plain."),
+    attn_implementation: Optional[str] = ATTN_IMPLEMENTATION,
     as_json: bool = typer.Option(False, "--json", help="Print the answer with its provenance as JSON."),
     engine: str = typer.Option("transformers", "--engine", help="Generation engine: transformers, static or vllm."),
 ) -> None:
     """Ask the model one question, optionally about an image."""
     from regap.images import load_image
-    from regap.models import DecodingSettings, load_model, load_projector
+    from regap.models import DecodingSettings, llm_attention, load_model, load_projector
     from regap.models.fingerprint import model_fingerprint
     from regap.provenance import provenance
 
@@ -141,7 +144,7 @@ def chat_command(
     if image_path is not None:
         images.append(load_image(image_path))
     settings = DecodingSettings(max_new_tokens=max_new_tokens, batch_size=1, engine=engine)
-    lvlm = load_model(model, dtype=dtype)
+    lvlm = load_model(model, dtype=dtype, attn_implementation=attn_implementation)
     if projector is not None:
         load_projector(lvlm, projector)
     answer = lvlm.generate([prompt], [images], settings, template=template)[0]
@@ -152,6 +155,7 @@ def chat_command(
                 model=model, model_config=lvlm.config.to_dict(), model_fingerprint=model_fingerprint(lvlm),
                 projector=str(projector) if projector else None, template=template or lvlm.config.template,
                 decoding=settings.to_dict(), dtype=str(lvlm.dtype).removeprefix("torch."), dtype_requested=dtype,
+                attn_implementation=llm_attention(lvlm),
             ),
         }
         typer.echo(json.dumps(record, indent=2))

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from regap.commands.options import ATTN_IMPLEMENTATION
 from regap.errors import RegapError
 
 
@@ -33,6 +34,7 @@ def safety_command(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     batch_size: int = typer.Option(16, "--batch-size"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the device computes it fast, else float32), float32, bfloat16 or float16 (GPU only)."),
+    attn_implementation: Optional[str] = ATTN_IMPLEMENTATION,
     projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint to load into the model."),
     defense: Optional[str] = typer.Option(None, "--defense", help="Comma-separated inference-time defenses."),
     seed: int = typer.Option(0, "--seed", help="Seed of decoding and of --sample's draw."),
@@ -78,7 +80,7 @@ def safety_command(
     sources = list(dict.fromkeys(parse_spec(spec)[0].strip().lower() for spec in _split(prompts)))
     run = SafetyRun(model=model, out=out, prompts=_split(prompts), conditions=_split(conditions),
                     judges=judges, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                    dtype=dtype, projector=str(projector) if projector else None, seed=seed,
+                    dtype=dtype, attn_implementation=attn_implementation, projector=str(projector) if projector else None, seed=seed,
                     defenses=_split(defense) if defense else [], engine=engine,
                     judge_options=scoped_options(option, judges, "judge", "--option"),
                     source_options=scoped_options(source_option, sources, "source", "--source-option"),

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from regap.commands.options import ATTN_IMPLEMENTATION
+
 
 def utility_command(
     model: str = typer.Option("tiny", "--model", "-m", help="Preset, regap model folder or HF LLaVA checkpoint."),
@@ -20,6 +22,7 @@ def utility_command(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     batch_size: int = typer.Option(16, "--batch-size"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the device computes it fast, else float32), float32, bfloat16 or float16 (GPU only)."),
+    attn_implementation: Optional[str] = ATTN_IMPLEMENTATION,
     image_size: int = typer.Option(224, "--image-size", help="Side of the rendered held-out images in pixels."),
     refusal_limit: Optional[int] = typer.Option(None, "--refusal-limit",
                                                 help="First N prompts of each over-refusal group (default: all)."),
@@ -41,6 +44,7 @@ def utility_command(
         try:
             summary = run_utility(model, out, tasks=tasks, n=n, seed=seed, xstest=xstest, projector=projector,
                                   max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
+                                  attn_implementation=attn_implementation,
                                   image_size=image_size, refusal_limit=refusal_limit, defenses=defenses,
                                   progress=True)
         except KeyboardInterrupt:

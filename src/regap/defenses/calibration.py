@@ -19,6 +19,7 @@ import torch
 from regap.defenses.base import Defense
 from regap.errors import RegapError
 from regap.files import atomic_path, file_sha256, write_json_atomic
+from regap.models.attention import llm_attention
 from regap.provenance import json_hash, provenance
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def save_calibration(path: str | Path, kind: str, tensors: dict[str, torch.Tenso
     path.parent.mkdir(parents=True, exist_ok=True)
     facts = model_facts(model)
     record = provenance(kind=kind, format=FORMAT_VERSION, model=model_name or model.config.name,
-                        dtype=str(model.dtype).removeprefix("torch."), **facts, calibration=calibration,
+                        dtype=str(model.dtype).removeprefix("torch."), attn_implementation=llm_attention(model), **facts, calibration=calibration,
                         tensors={k: list(v.shape) for k, v in tensors.items()})
     with atomic_path(path) as tmp:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
@@ -109,10 +110,14 @@ def load_calibration(path: str | Path, kind: str, model: LVLM, shapes: dict[str,
     if record.get("num_layers") != facts["num_layers"]:
         raise RegapError(f"calibration file {loaded.path} was made for {record.get('num_layers')} decoder layers, "
                          f"this model has {facts['num_layers']}")
+    kernel, recorded_kernel = llm_attention(model), record.get("attn_implementation", "sdpa")
+    if record.get("model_fingerprint") != facts["model_fingerprint"] and recorded_kernel != kernel:
+        raise RegapError(f"calibration file {loaded.path} was made with the LLM's attention kernel {recorded_kernel!r}; "
+                         f"this model runs {kernel!r}: pass --attn-implementation {recorded_kernel} or calibrate again")
     if record.get("model_fingerprint") != facts["model_fingerprint"]:
         raise RegapError(f"calibration file {loaded.path} was made for model fingerprint "
                          f"{record.get('model_fingerprint')} ({record.get('model')}), this model's is "
-                         f"{facts['model_fingerprint']}: calibrate again for this model (same --dtype and --projector)")
+                         f"{facts['model_fingerprint']}: calibrate again for this model (same --dtype, --projector and --attn-implementation)")
     sizes = {"d": facts["hidden_size"], "L": facts["num_layers"]}
     for name, shape in shapes.items():
         tensor = loaded.tensors.get(name)

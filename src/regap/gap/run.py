@@ -52,6 +52,7 @@ def measure_to_folder(
     `defenses` (specs of hidden-state defenses, e.g. ``cmrm``) are active while the hidden states
     are collected; calibration files made on first use go to `folder/defenses/`."""
     from regap.files import write_json_atomic
+    from regap.models.attention import llm_attention
     from regap.models.fingerprint import model_fingerprint
     from regap.provenance import provenance
 
@@ -75,7 +76,8 @@ def measure_to_folder(
         model=model_name, model_config=model.config.to_dict(), model_fingerprint=model_fingerprint(model),
         projector=str(projector) if projector else None, protocol=protocol, images=images, texts=texts,
         pairs=len(pairs), text_tokens=text_tokens, seed=seed, texts_per_pair=texts_per_pair,
-        dtype=str(model.dtype).removeprefix("torch."), dtype_requested=dtype_requested, mode=mode, n_boot=n_boot,
+        dtype=str(model.dtype).removeprefix("torch."), dtype_requested=dtype_requested,
+        attn_implementation=llm_attention(model), mode=mode, n_boot=n_boot,
         ci=ci, pair_ids=[p.id for p in pairs], defenses=described, **(extra_provenance or {}),
     )
     if write:

@@ -19,16 +19,18 @@ if TYPE_CHECKING:
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
-def check_attention(name: str | None, key: str = "attn_implementation") -> None:
-    """A clear error for a name that is not an attention implementation (None = the library's default)."""
+def check_attention(name: str | None, setting: str = "config key 'attn_implementation'") -> None:
+    """A clear error, naming the `setting` that gave it, for a name that is not an attention
+    implementation (None = the library's default)."""
     if name is not None and name not in ATTENTION_IMPLEMENTATIONS:
-        raise RegapError(f"config key '{key}' is {name!r}; valid: null (the library's default), "
+        raise RegapError(f"{setting} is {name!r}; valid: null (the library's default), "
                          f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
 
 
 def llm_attention(model: LVLM) -> str | None:
-    """The attention implementation the model's LLM runs now (for logs and provenance)."""
-    return getattr(model.llm.config, "_attn_implementation", None)
+    """The attention implementation the model's LLM runs now (for logs, provenance and the
+    fingerprint); None for a model without an HF LLM."""
+    return getattr(getattr(getattr(model, "llm", None), "config", None), "_attn_implementation", None)
 
 
 def set_llm_attention(model: LVLM, name: str | None) -> LVLM:

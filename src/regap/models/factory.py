@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from regap.errors import RegapError
+from regap.models.attention import check_attention, set_llm_attention
 from regap.models.blip2_hf import load_blip2_hf
 from regap.models.build import build_lvlm, load_llm, parse_dtype, replace_projector  # noqa: F401 (re-exported)
 from regap.models.folders import (  # noqa: F401 (re-exported: these lived here)
@@ -53,10 +54,19 @@ def build_base_model(name: str, dtype: str | torch.dtype = "auto", device: str =
     return lvlm
 
 
-def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "cpu") -> LVLM:
+def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "cpu",
+               attn_implementation: str | None = None) -> LVLM:
     """A preset name (a trained preset: `load_trained_preset`), a training output folder
     (`regap.train.load_trained`: projector, LoRA adapter or full LLM, and MoCa), a folder saved
-    by `save_model`, or an HF LLaVA checkpoint (folder or hub id)."""
+    by `save_model`, or an HF LLaVA checkpoint (folder or hub id).
+
+    `attn_implementation` switches the LLM's attention kernel after loading (None keeps the
+    library's choice, `sdpa` for most LLMs); a bad name fails before any weight loads."""
+    check_attention(attn_implementation, "attn_implementation (--attn-implementation)")
+    return set_llm_attention(_load_model(name_or_path, dtype, device), attn_implementation)
+
+
+def _load_model(name_or_path: str, dtype: str | torch.dtype, device: str) -> LVLM:
     path = Path(name_or_path)
     if is_training_output(path) or is_training_checkpoint(path):
         # The one import from `regap.models` into a higher layer, kept inside this function:

@@ -1,10 +1,12 @@
 """A model's fingerprint: what decides its outputs besides the inputs.
 
-Config, dtype, every projector weight, every MoCa weight (when the model has MoCa), and a
+Config, dtype, the LLM's attention kernel when it is not `sdpa`, every projector weight, every MoCa weight (when the model has MoCa), and a
 sample of every backbone weight (the first and last `sample` values of each tensor), so
 caches keyed by it are never reused after a projector or MoCa is retrained or an LLM
 fine-tuned, while hashing stays fast for a 7B model. A model without MoCa keeps the
-fingerprint it had before MoCa was part of it.
+fingerprint it had before MoCa was part of it, and one on `sdpa` (transformers' default) the
+fingerprint it had before the kernel was: kernels differ in rounding, so cached generations of
+one are not reused for another.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 from typing import TYPE_CHECKING, Any
+
+from regap.models.attention import llm_attention
 
 if TYPE_CHECKING:
     from regap.models.lvlm import LVLM
@@ -21,6 +25,9 @@ if TYPE_CHECKING:
 def model_fingerprint(model: LVLM, sample: int = 1024) -> str:
     digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     digest.update(str(model.dtype).encode())
+    kernel = llm_attention(model)
+    if kernel not in (None, "sdpa"):
+        digest.update(f"attention:{kernel}".encode())
     for name, tensor in sorted(model.projector.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())

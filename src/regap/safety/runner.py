@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from regap.errors import RegapError, RunInterrupted
 from regap.files import file_sha256, write_json_atomic, write_jsonl_atomic
+from regap.models.attention import check_attention, llm_attention, set_llm_attention
 from regap.models.fingerprint import model_fingerprint
 from regap.provenance import json_hash, provenance
 from regap.safety.store import JsonlStore
@@ -41,6 +42,7 @@ class SafetyRun:
     max_new_tokens: int = 128
     batch_size: int = 16
     dtype: str = "auto"
+    attn_implementation: str | None = None  # the LLM's attention kernel (None: as loaded; regap.models.attention)
     projector: str | None = None
     seed: int = 0
     defenses: list[str] = field(default_factory=list)
@@ -114,6 +116,10 @@ def resolve_run(run: SafetyRun) -> ResolvedRun:
     settings = _decoding_settings(run)  # bad engine names and settings fail here, before any model is loaded
     for defense in defenses:  # e.g. hook-based defenses cannot run with vLLM
         defense.check_engine(run.engine)
+    check_attention(run.attn_implementation, "attn_implementation (--attn-implementation)")
+    if run.attn_implementation is not None and run.engine == "vllm":
+        raise RegapError("--attn-implementation sets the transformers LLM's kernel; the vllm engine picks its own "
+                         "attention backend (leave --attn-implementation out, or use --engine transformers/static)")
     check_engine_available(run.engine)
     return ResolvedRun(run, conditions, defenses, settings, judges)
 
@@ -352,7 +358,9 @@ def _run_safety_locked(run: SafetyRun, progress: bool, model: LVLM | None) -> di
                       f"{lines[0]['reason']}); their items are redone", stacklevel=2)
     try:
         if model is None:
-            model = load_model(run.model, dtype=run.dtype)
+            model = load_model(run.model, dtype=run.dtype, attn_implementation=run.attn_implementation)
+        else:
+            set_llm_attention(model, run.attn_implementation)
         if run.projector:
             load_projector(model, run.projector)
         generate_missing(resolved, model, requests, generations, progress=progress)
@@ -385,6 +393,7 @@ def _write_outputs(resolved: ResolvedRun, model: LVLM, requests: list[Any], gene
         conditions={name: condition.describe() for name, condition in resolved.conditions},
         judges=judges, decoding={**settings.to_dict(), "greedy": not settings.do_sample},
         dtype=str(model.dtype).removeprefix("torch."), dtype_requested=run.dtype,
+        attn_implementation=llm_attention(model),
         defenses=[d.describe() for d in resolved.defenses], status=status,
     )
     write_jsonl_atomic(run.out / "results.jsonl", ({**r, "provenance": "summary.json#provenance"} for r in rows))

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from regap.errors import RegapError
 from regap.files import file_sha256
+from regap.models.attention import check_attention, llm_attention, set_llm_attention
 from regap.utility import scoring
 
 if TYPE_CHECKING:
@@ -317,6 +318,7 @@ def run_utility(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     dtype: str = "auto",
+    attn_implementation: str | None = None,
     image_size: int = 224,
     split_name: str = HELDOUT_SPLIT,
     refusal_limit: int | None = None,
@@ -331,7 +333,7 @@ def run_utility(
     `refusal_limit` keeps the first N prompts of each over-refusal group (default: all).
     `defenses` are inference-time defense specs (`cmrm`, `layer0-align:alpha=0.5`, ...), stacked
     the first outermost as in `regap safety`; their calibration files go under `out_dir`.
-    Greedy decoding. Returns the `utility.json` content.
+    `attn_implementation` switches the LLM's attention kernel (None: as loaded). Greedy decoding. Returns the `utility.json` content.
     """
     from regap.defenses import build_generate, get_defense
     from regap.models import DecodingSettings
@@ -341,6 +343,7 @@ def run_utility(
     from regap.safety.store import JsonlStore
 
     names = parse_tasks(tasks)
+    check_attention(attn_implementation, "attn_implementation (--attn-implementation)")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise RegapError(f"--n must be a positive integer, got {n!r}")
     if refusal_limit is not None and refusal_limit < 1:
@@ -364,9 +367,13 @@ def run_utility(
         from regap.models import load_model
 
         model_name = str(model)
-        lvlm = load_model(model_name, dtype=dtype)
+        lvlm = load_model(model_name, dtype=dtype, attn_implementation=attn_implementation)
     else:
         model_name, lvlm = getattr(getattr(model, "config", None), "name", type(model).__name__), model
+        if attn_implementation is not None and not hasattr(lvlm, "llm"):
+            raise RegapError(f"attn_implementation {attn_implementation!r}: the model {model_name} has no HF LLM to set it on")
+        if attn_implementation is not None:
+            set_llm_attention(lvlm, attn_implementation)
     if projector is not None:
         from regap.models import load_projector
 
@@ -419,6 +426,7 @@ def run_utility(
     record = provenance(
         model=model_name, model_config=lvlm.config.to_dict(), model_fingerprint=fingerprint,
         projector=str(projector) if projector is not None else None, dtype=str(lvlm.dtype).replace("torch.", ""),
+        attn_implementation=llm_attention(lvlm),
         tasks=names, n=n, seed=seed, refusal_limit=refusal_limit,
         data={"split_name": split_name, "image_size": image_size, "generator_version": GENERATOR_VERSION,
               "folder": DATA_DIR if synthetic else None},

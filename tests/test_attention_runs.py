@@ -64,7 +64,7 @@ def test_the_vllm_engine_refuses_a_transformers_kernel(tmp_path):
                    progress=False)
 
 
-def test_chat_and_gap_commands_take_the_flag(saved, tmp_path, capsys):
+def test_chat_gap_and_safety_commands_take_the_flag(saved, tmp_path, capsys):
     assert main(["chat", "--model", saved, "--max-new-tokens", "2", "--attn-implementation", "eager", "--json",
                  "hello"]) == 0
     record = json.loads(capsys.readouterr().out)
@@ -75,6 +75,10 @@ def test_chat_and_gap_commands_take_the_flag(saved, tmp_path, capsys):
     assert json.loads((out / "gap.json").read_text())["provenance"]["attn_implementation"] == "eager"
     assert main(["gap", "--model", saved, "--out", str(tmp_path / "bad"), "--attn-implementation", "flash"]) == 2
     assert "--attn-implementation is 'flash'" in capsys.readouterr().err
+    run = tmp_path / "safety"
+    assert main(["safety", "--model", saved, "--out", str(run), "--limit", "1", "--conditions", "blank",
+                 "--max-new-tokens", "2", "--attn-implementation", "eager"]) == 0
+    assert json.loads((run / "summary.json").read_text())["provenance"]["attn_implementation"] == "eager"
 
 
 def test_utility_records_the_kernel_it_ran(saved, tmp_path):

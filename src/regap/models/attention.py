@@ -15,6 +15,9 @@ from regap.errors import RegapError
 if TYPE_CHECKING:
     from regap.models.lvlm import LVLM
 
+#: How errors name the run setting (the Python argument and its command-line flag).
+RUN_SETTING = "attn_implementation (--attn-implementation)"
+
 #: The implementations transformers ships (flash-attention needs its package and a GPU).
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
@@ -49,4 +52,4 @@ def set_llm_attention(model: LVLM, name: str | None) -> LVLM:
     return model
 
 
-__all__ = ["ATTENTION_IMPLEMENTATIONS", "check_attention", "llm_attention", "set_llm_attention"]
+__all__ = ["ATTENTION_IMPLEMENTATIONS", "RUN_SETTING", "check_attention", "llm_attention", "set_llm_attention"]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from regap.errors import RegapError
-from regap.models.attention import check_attention, set_llm_attention
+from regap.models.attention import RUN_SETTING, check_attention, set_llm_attention
 from regap.models.blip2_hf import load_blip2_hf
 from regap.models.build import build_lvlm, load_llm, parse_dtype, replace_projector  # noqa: F401 (re-exported)
 from regap.models.folders import (  # noqa: F401 (re-exported: these lived here)
@@ -62,7 +62,7 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str
 
     `attn_implementation` switches the LLM's attention kernel after loading (None keeps the
     library's choice, `sdpa` for most LLMs); a bad name fails before any weight loads."""
-    check_attention(attn_implementation, "attn_implementation (--attn-implementation)")
+    check_attention(attn_implementation, RUN_SETTING)
     return set_llm_attention(_load_model(name_or_path, dtype, device), attn_implementation)
 
 

@@ -1,9 +1,9 @@
 """A model's fingerprint: what decides its outputs besides the inputs.
 
-Config, dtype, the LLM's attention kernel when it is not `sdpa`, every projector weight, every MoCa weight (when the model has MoCa), and a
-sample of every backbone weight (the first and last `sample` values of each tensor), so
-caches keyed by it are never reused after a projector or MoCa is retrained or an LLM
-fine-tuned, while hashing stays fast for a 7B model. A model without MoCa keeps the
+Config, dtype, the LLM's attention kernel when it is not `sdpa`, every projector weight, every
+MoCa weight (when the model has MoCa), and a sample of every backbone weight (the first and last
+`sample` values of each tensor), so caches keyed by it are never reused after a projector or MoCa
+is retrained or an LLM fine-tuned, while hashing stays fast for a 7B model. A model without MoCa keeps the
 fingerprint it had before MoCa was part of it, and one on `sdpa` (transformers' default) the
 fingerprint it had before the kernel was: kernels differ in rounding, so cached generations of
 one are not reused for another.

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from regap.errors import RegapError, RunInterrupted
 from regap.files import file_sha256, write_json_atomic, write_jsonl_atomic
-from regap.models.attention import check_attention, llm_attention, set_llm_attention
+from regap.models.attention import RUN_SETTING, check_attention, llm_attention, set_llm_attention
 from regap.models.fingerprint import model_fingerprint
 from regap.provenance import json_hash, provenance
 from regap.safety.store import JsonlStore
@@ -116,7 +116,7 @@ def resolve_run(run: SafetyRun) -> ResolvedRun:
     settings = _decoding_settings(run)  # bad engine names and settings fail here, before any model is loaded
     for defense in defenses:  # e.g. hook-based defenses cannot run with vLLM
         defense.check_engine(run.engine)
-    check_attention(run.attn_implementation, "attn_implementation (--attn-implementation)")
+    check_attention(run.attn_implementation, RUN_SETTING)
     if run.attn_implementation is not None and run.engine == "vllm":
         raise RegapError("--attn-implementation sets the transformers LLM's kernel; the vllm engine picks its own "
                          "attention backend (leave --attn-implementation out, or use --engine transformers/static)")

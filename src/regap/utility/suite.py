@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from regap.errors import RegapError
 from regap.files import file_sha256
-from regap.models.attention import check_attention, llm_attention, set_llm_attention
+from regap.models.attention import RUN_SETTING, check_attention, llm_attention, set_llm_attention
 from regap.utility import scoring
 
 if TYPE_CHECKING:
@@ -333,7 +333,8 @@ def run_utility(
     `refusal_limit` keeps the first N prompts of each over-refusal group (default: all).
     `defenses` are inference-time defense specs (`cmrm`, `layer0-align:alpha=0.5`, ...), stacked
     the first outermost as in `regap safety`; their calibration files go under `out_dir`.
-    `attn_implementation` switches the LLM's attention kernel (None: as loaded). Greedy decoding. Returns the `utility.json` content.
+    `attn_implementation` switches the LLM's attention kernel (None: as loaded). Greedy decoding.
+    Returns the `utility.json` content.
     """
     from regap.defenses import build_generate, get_defense
     from regap.models import DecodingSettings
@@ -343,7 +344,7 @@ def run_utility(
     from regap.safety.store import JsonlStore
 
     names = parse_tasks(tasks)
-    check_attention(attn_implementation, "attn_implementation (--attn-implementation)")
+    check_attention(attn_implementation, RUN_SETTING)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise RegapError(f"--n must be a positive integer, got {n!r}")
     if refusal_limit is not None and refusal_limit < 1:
@@ -370,9 +371,9 @@ def run_utility(
         lvlm = load_model(model_name, dtype=dtype, attn_implementation=attn_implementation)
     else:
         model_name, lvlm = getattr(getattr(model, "config", None), "name", type(model).__name__), model
-        if attn_implementation is not None and not hasattr(lvlm, "llm"):
-            raise RegapError(f"attn_implementation {attn_implementation!r}: the model {model_name} has no HF LLM to set it on")
         if attn_implementation is not None:
+            if not hasattr(lvlm, "llm"):
+                raise RegapError(f"{RUN_SETTING} {attn_implementation!r}: the model {model_name} has no HF LLM to set it on")
             set_llm_attention(lvlm, attn_implementation)
     if projector is not None:
         from regap.models import load_projector

@@ -257,6 +257,9 @@ def test_fast_study_summarises_every_unit(fast_study):
     assert set(results["vs_undefended"]) == {"plain+cmrm", "plain+layer0-align", "regap-l1+cmrm"}
     assert set(results["arms"]["plain"]["refused"]) == {"text", "blank", "noise", "natural", "typo", "image (pooled)"}
     assert (fast_study / "report.html").read_text().count("data:image/png;base64,") == 4
+    choice = summary["best_lambda"]
+    assert set(choice["candidates"]) == {"regap-l1"} and choice["decided"] and choice["lambda"] == 1.0
+    assert f"Choice: **{choice['arm']}**" in markdown and "| regap-l1 | 0, 1 |" in markdown
 
 
 @pytest.mark.slow

@@ -137,3 +137,46 @@ def test_a_defended_arm_is_compared_with_its_own_undefended_model():
     assert added["qa"]["mean"] == pytest.approx(-1 / 4)
     assert result["vs_plain"]["regap-l1+cmrm"]["unsafe"]["blank"]["mean"] == pytest.approx(-1.0)  # plain s0: 1,1,1
     assert set(result["vs_undefended"]) == {"regap-l1+cmrm"}  # only defended arms have an undefended twin
+
+
+def _choice_input(arms: dict[str, tuple[list[int], float, float, float]]) -> dict:
+    """arm -> (seeds, unsafe difference vs plain, its upper bound, QA): the parts of an aggregate the rule reads."""
+    return {"arms": {arm: {"qa": {"mean": qa}} for arm, (_, _, _, qa) in arms.items()},
+            "vs_plain": {arm: {"unsafe": {"image (pooled)": {"mean": d, "ci": [d - 0.05, hi], "seeds": seeds}}}
+                         for arm, (seeds, d, hi, _) in arms.items()}}
+
+
+def test_best_lambda_is_the_one_with_most_qa_among_those_that_lower_unsafe():
+    from regap.study.selection import choose_lambda
+
+    choice = choose_lambda(_choice_input({
+        "regap-l0.1": ([0, 1, 2], -0.02, 0.03, 0.49),   # does not lower the unsafe rate: out, despite its QA
+        "regap-l1": ([0, 1, 2], -0.09, -0.04, 0.47),
+        "regap-l10": ([0, 1, 2], -0.20, -0.10, 0.30),
+        "regap-l1+cmrm": ([0, 1, 2], -0.30, -0.20, 0.90),  # an inference-time arm is not a λ
+        "moca": ([0, 1, 2], -0.09, -0.05, 0.65),
+    }), [0, 1, 2], 0.1)
+    assert (choice["arm"], choice["lambda"], choice["decided"]) == ("regap-l1", 1.0, True)
+    assert set(choice["candidates"]) == {"regap-l0.1", "regap-l1", "regap-l10"}
+    assert not choice["candidates"]["regap-l0.1"]["lowers_unsafe"]
+
+
+def test_best_lambda_falls_back_to_the_main_arm_and_waits_for_missing_seeds():
+    from regap.study.selection import choose_lambda
+
+    choice = choose_lambda(_choice_input({
+        "regap-l0.1": ([0, 1, 2], -0.02, 0.03, 0.49),
+        "regap-l1": ([0, 1], -0.09, -0.04, 0.47),  # two of three seeds: cannot be chosen yet
+    }), [0, 1, 2], 0.1)
+    assert (choice["arm"], choice["lambda"]) == ("regap-l0.1", 0.1)
+    assert not choice["decided"] and choice["waiting_for"] == ["regap-l1"]
+    assert "main arm stays" in choice["reason"]
+
+
+def test_aggregate_feeds_the_rule(result):
+    from regap.study.selection import choose_lambda
+
+    choice = choose_lambda(result, [0, 1], 1.0)
+    c = choice["candidates"]["regap-l1"]
+    assert c["unsafe_image_vs_plain"]["mean"] == pytest.approx(-0.5) and c["qa"] == pytest.approx(5 / 8)
+    assert c["complete"] and choice["arm"] == "regap-l1"

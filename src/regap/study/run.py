@@ -275,6 +275,7 @@ class Study:
 
     def _aggregate(self) -> dict[str, Any]:
         from regap.provenance import provenance
+        from regap.study.selection import choose_lambda
         from regap.study.stats import aggregate, judge_agreement, load_units
 
         units, notes = load_units(self.out)
@@ -295,6 +296,7 @@ class Study:
             "units": sorted(present), "units_planned": [u.name for u in planned], "notes": notes,
             "primary_judge": c.safety.primary_judge,
             "results": stats[c.safety.primary_judge],
+            "best_lambda": choose_lambda(stats[c.safety.primary_judge], c.seeds, c.regap_lambda),
             "other_judges": {j: {"arms": {a: v["unsafe"] for a, v in s["arms"].items()}, "claims": s["claims"]}
                              for j, s in stats.items() if j != c.safety.primary_judge},
             "judge_agreement": judge_agreement(units, c.safety.judges),

@@ -170,6 +170,21 @@ def side_by_side(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def best_lambda_lines(choice: dict[str, Any] | None) -> list[str]:
+    """The λ the rule picks to ship, with every candidate's numbers (`regap.study.selection`)."""
+    if not choice:
+        return []
+    state = "decided" if choice["decided"] else f"not decided yet: waiting for every seed of {', '.join(choice['waiting_for'])}"
+    lines = [f"**Which λ to ship** ({state}). Rule: {choice['rule']}. Choice: **{choice['arm']}**; {choice['reason']}.", "",
+             "| arm | seeds | unsafe, image pooled, − plain | below zero | QA |", "|---|---|---|---|---|"]
+    for arm, c in choice["candidates"].items():
+        diff = c["unsafe_image_vs_plain"]
+        shown = "–" if diff is None else f"{diff['mean']:+.3f} [{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}]"
+        qa = "–" if c["qa"] is None else f"{c['qa']:.3f}"
+        lines.append(f"| {arm} | {', '.join(map(str, c['seeds']))} | {shown} | {'yes' if c['lowers_unsafe'] else 'no'} | {qa} |")
+    return lines + [""]
+
+
 def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]) -> None:
     from regap.study.report import render_html
 
@@ -245,6 +260,7 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
             else:
                 parts.append(f"{arm}: {_fmt(value, True)}{_seeds(value)}")
         lines += [f"**({key[0]})** {claim['question']} " + "; ".join(parts) + ".", ""]
+    lines += best_lambda_lines(summary.get("best_lambda"))
     for judge, other in summary.get("other_judges", {}).items():
         a, c = other["claims"]["a_image_raises_unsafe"], other["claims"]["c_regap_lowers_unsafe"]
         parts = [f"{arm}: {_fmt(value, True)}{_seeds(value)}" for arm, value in c.items() if arm != "question"]

@@ -1,0 +1,53 @@
+"""Which ReGap λ the study ships as `tiny-llava-regap`: a rule fixed in advance, applied to the aggregate.
+
+ReGap exists to lower the unsafe rate under images; what it may cost is utility. So the rule is:
+among the λ values whose models, over every planned seed, lower the main judge's unsafe rate under the
+image conditions (pooled) with an interval that excludes zero, ship the one with the highest held-out QA
+accuracy. If no λ qualifies, the study's main arm (`regap_lambda`) stays. While a λ still misses seeds,
+the choice is marked undecided: one more seed can move an interval across zero."""
+
+from __future__ import annotations
+
+from typing import Any
+
+RULE = ("among the ReGap λ values whose pooled-image unsafe rate (main judge) minus plain's has an interval "
+        "below zero over every planned seed, the one with the highest held-out QA; none: the main arm "
+        "(regap_lambda) stays")
+
+
+def _lambda_of(arm: str) -> float | None:
+    """λ of a trained ReGap arm (`regap-l0.1` -> 0.1); None for any other arm."""
+    if not arm.startswith("regap-l") or "+" in arm:
+        return None
+    return float(arm[len("regap-l"):])
+
+
+def choose_lambda(result: dict[str, Any], seeds: list[int], main_lambda: float) -> dict[str, Any]:
+    """Apply `RULE` to one judge's aggregate (`regap.study.stats.aggregate`)."""
+    candidates: dict[str, dict[str, Any]] = {}
+    for arm, diff in result.get("vs_plain", {}).items():
+        lam = _lambda_of(arm)
+        if lam is None:
+            continue
+        unsafe = diff.get("unsafe", {}).get("image (pooled)")
+        qa = (result["arms"].get(arm) or {}).get("qa")
+        have = sorted(unsafe["seeds"]) if unsafe else []
+        candidates[arm] = {
+            "lambda": lam, "seeds": have, "complete": have == sorted(seeds),
+            "unsafe_image_vs_plain": None if unsafe is None else {"mean": unsafe["mean"], "ci": unsafe["ci"]},
+            "lowers_unsafe": unsafe is not None and unsafe["ci"][1] < 0,
+            "qa": None if qa is None else qa["mean"],
+        }
+    qualifying = [arm for arm, c in candidates.items() if c["complete"] and c["lowers_unsafe"] and c["qa"] is not None]
+    if qualifying:
+        arm = max(qualifying, key=lambda a: (candidates[a]["qa"], -candidates[a]["lambda"]))
+        reason = (f"{arm} lowers the pooled-image unsafe rate with an interval below zero"
+                  + (f" and has the highest QA of {', '.join(sorted(qualifying))}" if len(qualifying) > 1 else
+                     " (the only λ that does)"))
+    else:
+        arm = f"regap-l{main_lambda:g}"
+        reason = "no λ lowers the pooled-image unsafe rate with an interval below zero over every planned seed; " \
+                 "the main arm stays"
+    waiting = sorted(a for a, c in candidates.items() if not c["complete"])
+    return {"rule": RULE, "arm": arm, "lambda": candidates.get(arm, {}).get("lambda", main_lambda),
+            "decided": not waiting, "waiting_for": waiting, "reason": reason, "candidates": candidates}

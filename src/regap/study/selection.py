@@ -10,23 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from regap.study.units import arm_lambda
+
 RULE = ("among the ReGap λ values whose pooled-image unsafe rate (main judge) minus plain's has an interval "
         "below zero over every planned seed, the one with the highest held-out QA; none: the main arm "
         "(regap_lambda) stays")
-
-
-def _lambda_of(arm: str) -> float | None:
-    """λ of a trained ReGap arm (`regap-l0.1` -> 0.1); None for any other arm."""
-    if not arm.startswith("regap-l") or "+" in arm:
-        return None
-    return float(arm[len("regap-l"):])
 
 
 def choose_lambda(result: dict[str, Any], seeds: list[int], main_lambda: float) -> dict[str, Any]:
     """Apply `RULE` to one judge's aggregate (`regap.study.stats.aggregate`)."""
     candidates: dict[str, dict[str, Any]] = {}
     for arm, diff in result.get("vs_plain", {}).items():
-        lam = _lambda_of(arm)
+        lam = arm_lambda(arm)
         if lam is None:
             continue
         unsafe = diff.get("unsafe", {}).get("image (pooled)")

@@ -71,11 +71,19 @@ def plan_units(config: StudyConfig) -> list[UnitSpec]:
     return units
 
 
+def arm_lambda(arm: str) -> float | None:
+    """λ of a trained ReGap arm (`regap-l0.1` -> 0.1); None for plain, MoCa or a defended arm."""
+    if not arm.startswith("regap-l") or "+" in arm:
+        return None
+    return float(arm[len("regap-l"):])
+
+
 def arm_sort_key(arm: str) -> tuple[bool, int, float, str]:
     """Report order: plain, ReGap by λ, MoCa, then the inference-time arms in the same order."""
     trained, _, defense = arm.partition("+")
-    if trained.startswith("regap-l"):
-        return (bool(defense), 1, float(trained[len("regap-l"):]), defense)
+    lam = arm_lambda(trained)
+    if lam is not None:
+        return (bool(defense), 1, lam, defense)
     return (bool(defense), 0 if trained == "plain" else 2, 0.0, defense)
 
 

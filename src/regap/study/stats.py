@@ -26,7 +26,7 @@ import numpy as np
 
 from regap.analysis.crossed import crossed_mean, paired_difference
 from regap.errors import RegapError
-from regap.study.units import arm_sort_key
+from regap.study.units import arm_lambda, arm_sort_key
 
 IMAGE_CONDITIONS = ("blank", "noise", "natural", "typo")
 
@@ -284,7 +284,7 @@ def claims(result: dict[str, Any], tables: Tables, image: list[str], n_boot: int
         "per_condition_minus_text": {c: _paired(tables.safety("plain", c), plain_text, n_boot, level, f"{c}-text")
                                      for c in image},
     }
-    regap_arms = [a for a in result["vs_plain"] if a.startswith("regap-l") and "+" not in a]
+    regap_arms = [a for a in result["vs_plain"] if arm_lambda(a) is not None]
     out["b_regap_lowers_gap"] = {
         "question": "Does ReGap lower the layer-0 gap and MIR (final models, after stage 2)?",
         **{arm: result["gap"].get(arm, {}).get("gap", {}).get("ratio_vs_plain") for arm in regap_arms}}

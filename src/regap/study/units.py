@@ -91,7 +91,7 @@ def gap_closing(arm: str) -> str:
     """How an arm closes the modality gap, in words, for the side-by-side table."""
     trained, _, defense = arm.partition("+")
     parts = [] if trained == "plain" else ["training: MoCa"] if trained == "moca" else \
-        [f"training: ReGap λ={trained[len('regap-l'):]}"]
+        [f"training: ReGap λ={arm_lambda(trained):g}"]
     if defense:
         parts.append(f"inference: {defense}")
     return ", ".join(parts) or "none (plain LLaVA training)"

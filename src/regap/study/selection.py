@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from regap.study.units import arm_lambda
+from regap.study.units import arm_lambda, arm_name
 
 RULE = ("among the ReGap λ values whose pooled-image unsafe rate (main judge) minus plain's has an interval "
         "below zero over every planned seed, the one with the highest held-out QA; none: the main arm "
@@ -40,7 +40,7 @@ def choose_lambda(result: dict[str, Any], seeds: list[int], main_lambda: float) 
                   + (f" and has the highest QA of {', '.join(sorted(qualifying))}" if len(qualifying) > 1 else
                      " (the only λ that does)"))
     else:
-        arm = f"regap-l{main_lambda:g}"
+        arm = arm_name(main_lambda)
         reason = "no λ lowers the pooled-image unsafe rate with an interval below zero over every planned seed; " \
                  "the main arm stays"
     waiting = sorted(a for a, c in candidates.items() if not c["complete"])

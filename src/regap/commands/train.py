@@ -20,10 +20,16 @@ import typer
 from regap.errors import RunInterrupted
 from regap.run_lock import exclusive_out
 
-_CONFIG_HELP = "Training config: a YAML path or a shipped name (see --list), e.g. tiny-stage1."
-_OVERRIDES_HELP = "key=value overrides, dotted for nested keys (e.g. regap.lam=0.5 max_steps=100)."
-_PROJECTOR_HELP = ("Put a fresh connector of this kind on the model (linear, mlp2x_gelu, qformer, ...); "
-                   "the same as the override projector_type=KIND.")
+# The two stages take the same arguments; each is defined once here.
+_CONFIG = typer.Argument(None, help="Training config: a YAML path or a shipped name (see --list), e.g. tiny-stage1.")
+_OVERRIDES = typer.Argument(None, help="key=value overrides, dotted for nested keys (e.g. regap.lam=0.5 max_steps=100).")
+_OUT = typer.Option(None, "--out", "-o", help="Output folder (default: runs/<config name>).")
+_RESUME = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out.")
+_SHOW = typer.Option(False, "--show", help="Print the resolved config (after overrides) and exit.")
+_LIST = typer.Option(False, "--list", help="List the shipped training configs and exit.")
+_PROJECTOR = typer.Option(None, "--projector",
+                          help="Put a fresh connector of this kind on the model (linear, mlp2x_gelu, qformer, ...); "
+                               "the same as the override projector_type=KIND.")
 
 
 def _list_configs() -> None:
@@ -77,26 +83,26 @@ def _run(stage: int, config: Optional[str], out: Optional[Path], resume: bool, o
 
 
 def pretrain_command(
-    config: Optional[str] = typer.Argument(None, help=_CONFIG_HELP),
-    overrides: Optional[List[str]] = typer.Argument(None, help=_OVERRIDES_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: runs/<config name>)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
-    show: bool = typer.Option(False, "--show", help="Print the resolved config (after overrides) and exit."),
-    list_configs: bool = typer.Option(False, "--list", help="List the shipped training configs and exit."),
-    projector: Optional[str] = typer.Option(None, "--projector", help=_PROJECTOR_HELP),
+    config: Optional[str] = _CONFIG,
+    overrides: Optional[List[str]] = _OVERRIDES,
+    out: Optional[Path] = _OUT,
+    resume: bool = _RESUME,
+    show: bool = _SHOW,
+    list_configs: bool = _LIST,
+    projector: Optional[str] = _PROJECTOR,
 ) -> None:
     """Stage 1: train the projector on captions (vision encoder and LLM frozen), with ReGap."""
     _run(1, config, out, resume, overrides, show, list_configs, projector)
 
 
 def finetune_command(
-    config: Optional[str] = typer.Argument(None, help=_CONFIG_HELP),
-    overrides: Optional[List[str]] = typer.Argument(None, help=_OVERRIDES_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: runs/<config name>)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
-    show: bool = typer.Option(False, "--show", help="Print the resolved config (after overrides) and exit."),
-    list_configs: bool = typer.Option(False, "--list", help="List the shipped training configs and exit."),
-    projector: Optional[str] = typer.Option(None, "--projector", help=_PROJECTOR_HELP),
+    config: Optional[str] = _CONFIG,
+    overrides: Optional[List[str]] = _OVERRIDES,
+    out: Optional[Path] = _OUT,
+    resume: bool = _RESUME,
+    show: bool = _SHOW,
+    list_configs: bool = _LIST,
+    projector: Optional[str] = _PROJECTOR,
 ) -> None:
     """Stage 2: instruction tuning of projector + LLM (full or LoRA); ReGap off by default."""
     _run(2, config, out, resume, overrides, show, list_configs, projector)

@@ -82,32 +82,26 @@ def _run(stage: int, config: Optional[str], out: Optional[Path], resume: bool, o
         typer.echo(f"done: {result.step} steps; outputs in {out_dir}")
 
 
-def pretrain_command(
-    config: Optional[str] = _CONFIG,
-    overrides: Optional[List[str]] = _OVERRIDES,
-    out: Optional[Path] = _OUT,
-    resume: bool = _RESUME,
-    show: bool = _SHOW,
-    list_configs: bool = _LIST,
-    projector: Optional[str] = _PROJECTOR,
-) -> None:
-    """Stage 1: train the projector on captions (vision encoder and LLM frozen), with ReGap."""
-    _run(1, config, out, resume, overrides, show, list_configs, projector)
+def _stage_command(stage: int, summary: str):
+    """One CLI command per stage: the two differ only in the stage they train and their help line."""
 
+    def command(
+        config: Optional[str] = _CONFIG,
+        overrides: Optional[List[str]] = _OVERRIDES,
+        out: Optional[Path] = _OUT,
+        resume: bool = _RESUME,
+        show: bool = _SHOW,
+        list_configs: bool = _LIST,
+        projector: Optional[str] = _PROJECTOR,
+    ) -> None:
+        _run(stage, config, out, resume, overrides, show, list_configs, projector)
 
-def finetune_command(
-    config: Optional[str] = _CONFIG,
-    overrides: Optional[List[str]] = _OVERRIDES,
-    out: Optional[Path] = _OUT,
-    resume: bool = _RESUME,
-    show: bool = _SHOW,
-    list_configs: bool = _LIST,
-    projector: Optional[str] = _PROJECTOR,
-) -> None:
-    """Stage 2: instruction tuning of projector + LLM (full or LoRA); ReGap off by default."""
-    _run(2, config, out, resume, overrides, show, list_configs, projector)
+    command.__doc__ = summary
+    return command
 
 
 def register(app: typer.Typer) -> None:
-    app.command("pretrain")(pretrain_command)
-    app.command("finetune")(finetune_command)
+    app.command("pretrain")(
+        _stage_command(1, "Stage 1: train the projector on captions (vision encoder and LLM frozen), with ReGap."))
+    app.command("finetune")(
+        _stage_command(2, "Stage 2: instruction tuning of projector + LLM (full or LoRA); ReGap off by default."))

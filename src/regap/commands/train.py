@@ -13,7 +13,7 @@ import os
 import shlex
 from contextlib import nullcontext
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import typer
 
@@ -82,7 +82,7 @@ def _run(stage: int, config: Optional[str], out: Optional[Path], resume: bool, o
         typer.echo(f"done: {result.step} steps; outputs in {out_dir}")
 
 
-def _stage_command(stage: int, summary: str):
+def _stage_command(stage: int, summary: str) -> Callable[..., None]:
     """One CLI command per stage: the two differ only in the stage they train and their help line."""
 
     def command(

@@ -525,3 +525,57 @@ def test_a_stopped_training_step_tells_to_rerun_the_study_not_to_resume_the_stag
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message == ("interrupted: study stopped: training stopped at step 67/1024; last checkpoint "
                        "W/step-0000067; rerun the same command to continue (finished steps are reused)")
+
+
+def test_stage_markers_key_on_content_not_on_the_folder(tmp_path):
+    """Two copies of a study in different folders, with the same data, share their stage-marker keys
+    (a moved or copied study continues); other data give another key."""
+    from regap.study.unit import UnitRunner
+
+    config = load_study_config("tiny-study")
+    spec = next(u for u in plan_units(config) if u.name == "regap-l1-s0")
+    runners = []
+    for where in ("a", "b"):
+        work = tmp_path / where / "work"
+        (work / "data").mkdir(parents=True)
+        (work / "data" / "captions.json").write_text('[{"id": "x"}]')
+        (work / "data" / "instructions.json").write_text('[{"id": "y"}]')
+        runners.append(UnitRunner(config, spec, tmp_path / where, work, "float32", log=lambda _: None))
+    for stage in (1, 2):
+        params = runners[0].stage_marker_params(stage)
+        assert params == runners[1].stage_marker_params(stage)
+        assert not any(str(tmp_path) in p for p in params)
+        assert runners[0].legacy_stage_marker_params(stage) != runners[1].legacy_stage_marker_params(stage)
+    (tmp_path / "b" / "work" / "data" / "captions.json").write_text('[{"id": "z"}]')
+    changed = UnitRunner(config, spec, tmp_path / "b", tmp_path / "b" / "work", "float32", log=lambda _: None)
+    assert changed.stage_marker_params(1) != runners[0].stage_marker_params(1)
+
+
+def test_a_marker_under_the_older_key_counts_and_is_rekeyed(tmp_path):
+    from regap.study.steps import StepMarkers
+
+    markers = StepMarkers(tmp_path)
+    markers.mark("stage1", ["data.json=/old/place/captions.json"], 12.0)
+    ran = []
+    assert not markers.run("stage1", ["data.sha256=abc"], lambda: ran.append(1),
+                           legacy=["data.json=/old/place/captions.json"])
+    assert not ran and markers.done("stage1", ["data.sha256=abc"]) and markers.timings["stage1"] == 12.0
+    assert markers.run("stage1", ["data.sha256=other"], lambda: ran.append(1))  # other content: runs
+    assert ran == [1]
+
+
+@pytest.mark.slow
+def test_a_moved_study_folder_continues_without_training_again(fast_study, tmp_path):
+    """`mv OUT OUT2` (work folder inside): an unfinished unit resumes its evaluations in the new place;
+    its training (hours on a CPU) is kept."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(fast_study, moved)
+    (moved / "units" / "moca-s1.json").unlink()
+    steps = moved / "work" / "units" / "moca-s1" / ".steps"
+    (steps / "safety.json").unlink()
+    weights = moved / "work" / "units" / "moca-s1" / "stage2" / "projector.safetensors"
+    trained = weights.stat().st_mtime
+    assert main(["study", "--fast", "--out", str(moved), "--unit", "moca-s1"]) == 0
+    assert weights.stat().st_mtime == trained and (moved / "units" / "moca-s1.json").exists()

@@ -223,6 +223,35 @@ def test_changed_config_cannot_resume(synth, tmp_path):
         train(make_config(synth, max_steps=2, lr=5e-3), tmp_path / "run", resume=True)
 
 
+def test_a_moved_run_and_data_resume_when_the_content_is_the_same(synth, tmp_path):
+    """The run folder and its data moved together (`mv`): the paths differ, the content does not."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    train(make_config(data, stop_after_steps=1, max_steps=2), tmp_path / "run")
+    shutil.move(tmp_path / "run", tmp_path / "run2")
+    shutil.move(data, tmp_path / "data2")
+    result = train(make_config(tmp_path / "data2", max_steps=2), tmp_path / "run2", resume=True)
+    assert result.status == "completed" and result.step == 2
+
+
+def test_a_stage2_resume_refuses_another_initial_projector(synth, tmp_path):
+    from regap.train.checkpoint import check_resume_projector, latest_checkpoint, projector_sha256
+
+    train(make_config(synth, max_steps=1), tmp_path / "s1")
+    (tmp_path / "s1b").mkdir()
+    weights = (tmp_path / "s1" / "projector.safetensors").read_bytes()
+    (tmp_path / "s1b" / "projector.safetensors").write_bytes(weights)
+    assert projector_sha256(str(tmp_path / "s1")) == projector_sha256(str(tmp_path / "s1b"))
+    stage2 = dict(stage=2, template="plain", projector=str(tmp_path / "s1"), stop_after_steps=1, max_steps=2)
+    train(make_config(synth, **stage2), tmp_path / "s2")
+    checkpoint = latest_checkpoint(tmp_path / "s2" / "checkpoints")
+    check_resume_projector(checkpoint, projector_sha256(str(tmp_path / "s1b")))  # same content, other path
+    with pytest.raises(RegapError, match="initial projector changed"):
+        check_resume_projector(checkpoint, "0" * 64)
+
+
 class _Payload:
     """Pickles to a call of Path.touch: loading it with a full unpickler would create the marker file."""
 

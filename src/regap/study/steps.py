@@ -48,14 +48,16 @@ class StepMarkers:
         self.folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps({"params": json_hash(params), "seconds": round(seconds, 1)}))
 
-    def done(self, name: str, params: Any) -> bool:
+    def done(self, name: str, params: Any, legacy: Any = None) -> bool:
+        """Whether `name` finished with these params (or with `legacy`, an older key for the same work)."""
         marker = self.path(name)
         if not marker.exists():
             return False
         try:
-            return json.loads(marker.read_text()).get("params") == json_hash(params)
-        except json.JSONDecodeError:
+            stored = json.loads(marker.read_text()).get("params")
+        except (json.JSONDecodeError, AttributeError):
             return False
+        return stored == json_hash(params) or (legacy is not None and stored == json_hash(legacy))
 
     def seconds(self, name: str) -> float:
         return float(json.loads(self.path(name).read_text())["seconds"])
@@ -64,15 +66,18 @@ class StepMarkers:
         self._write(self.path(name), params, seconds)
 
     def run(self, name: str, params: Any, action: Callable[[], Any], *, label: str | None = None,
-            seconds: Callable[[], float] | None = None) -> bool:
+            seconds: Callable[[], float] | None = None, legacy: Any = None) -> bool:
         """Run `action` unless `name` is marked with the same params; True when it ran. The time
         goes to `timings[label or name]`: the recorded one, else `seconds()` when given (a step that
         resumes its own work across sittings knows its whole time), else the wall time of this
         sitting plus that of earlier sittings which did not finish the step (their partial record),
-        including any work an interruption lost."""
+        including any work an interruption lost. A marker written under `legacy` (an older key for the
+        same work) counts as done and is re-keyed."""
         key = label or name
-        if self.done(name, params):
+        if self.done(name, params, legacy):
             self.timings[key] = self.seconds(name)
+            if not self.done(name, params):  # re-key a marker written under the older key
+                self.mark(name, params, self.timings[key])
             return False
         earlier = self.earlier_seconds(name, params)
         started = time.time()

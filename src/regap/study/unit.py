@@ -43,6 +43,7 @@ class UnitRunner:
         self.eval_markers = self.markers if spec.defense is None else StepMarkers(self.eval_dir / ".steps")
         self.notes: list[str] = []
         self._model = None
+        self._data_sha: dict[Path, str] = {}
 
     # ---- training ---------------------------------------------------------------------------------
     def _train_overrides(self, stage: int) -> list[str]:
@@ -88,12 +89,32 @@ class UnitRunner:
         def seconds() -> float:  # every sitting of the stage, not only the one that finished it
             return training_seconds(read_metrics(folder / "metrics.jsonl"))
 
-        self.markers.run(f"stage{stage}", self.stage_marker_params(stage), action, seconds=seconds)
+        self.markers.run(f"stage{stage}", self.stage_marker_params(stage), action, seconds=seconds,
+                         legacy=self.legacy_stage_marker_params(stage))
 
     def stage_marker_params(self, stage: int) -> list[str]:
         """What a stage's step marker keys on: its training overrides but the progress display, so that
         showing a progress bar or not never redoes a stage (a stage trained elsewhere is adopted by
-        writing this marker: docs/study.md)."""
+        writing this marker: docs/study.md). Paths are keyed by content (the data file's sha256; stage 2's
+        projector is this unit's own stage 1), so a study folder moved or copied elsewhere continues."""
+        from regap.files import file_sha256
+
+        params = []
+        for override in self.legacy_stage_marker_params(stage):
+            key, _, value = override.partition("=")
+            if key == "data.json":
+                path = Path(value)
+                if path not in self._data_sha:
+                    self._data_sha[path] = file_sha256(path) if path.is_file() else "missing"
+                override = f"data.sha256={self._data_sha[path]}"
+            elif key == "projector":
+                override = "projector=stage1"
+            params.append(override)
+        return params
+
+    def legacy_stage_marker_params(self, stage: int) -> list[str]:
+        """The marker key of studies run before markers were keyed by content (absolute paths): still
+        accepted, so a unit trained then is not trained again."""
         return [o for o in self._train_overrides(stage) if not o.startswith("observe.progress=")]
 
     def training_progress(self) -> str | None:
@@ -103,7 +124,8 @@ class UnitRunner:
 
         parts = []
         for stage, spec in ((1, self.config.stage1), (2, self.config.stage2)):
-            if self.markers.done(f"stage{stage}", self.stage_marker_params(stage)):
+            if self.markers.done(f"stage{stage}", self.stage_marker_params(stage),
+                                 legacy=self.legacy_stage_marker_params(stage)):
                 parts.append(f"stage {stage} done")
                 continue
             checkpoint = latest_checkpoint(self.work / f"stage{stage}" / "checkpoints")
@@ -134,7 +156,8 @@ class UnitRunner:
         from regap.gap.run import measure_to_folder
 
         c = self.config
-        params = [str(model_folder), images, texts, pairs, per_pair, c.gap.n_boot, self.dtype, defenses or []]
+        rest = [images, texts, pairs, per_pair, c.gap.n_boot, self.dtype, defenses or []]
+        params = [model_folder.relative_to(self.work).as_posix()] + rest  # relative: a moved study continues
 
         def action() -> None:
             from regap.train import load_trained
@@ -147,7 +170,7 @@ class UnitRunner:
                               texts_per_pair=per_pair, batch_size=8, n_boot=c.gap.n_boot, seed=self.spec.seed,
                               progress=self.progress, dtype_requested=c.dtype, defenses=defenses, tag=sub)
 
-        self.eval_markers.run(sub, params, action)
+        self.eval_markers.run(sub, params, action, legacy=[str(model_folder)] + rest)
 
     def safety(self, sub: str, conditions: list[str], defenses: list[str]) -> None:
         from regap.safety.runner import SafetyRun, run_safety

@@ -290,3 +290,23 @@ def check_resume_data(checkpoint: Path, json_path: Path, data_sha: str) -> None:
         raise RegapError(f"cannot resume {checkpoint.parent.parent}: the training data {json_path} changed since the "
                          f"checkpoint (sha256 {data_sha[:12]}..., checkpoint has {stored[:12]}...); restore the data "
                          "or start a new run with another --out")
+
+
+def projector_sha256(source: str | None) -> str | None:
+    """The content of a run's initial projector (`projector:`, a file or a training output folder):
+    its sha256, so a resume can find the same weights under another path."""
+    if not source:
+        return None
+    path = Path(source)
+    path = path / "projector.safetensors" if path.is_dir() else path
+    return files.file_sha256(path) if path.is_file() else None
+
+
+def check_resume_projector(checkpoint: Path, projector_sha: str | None) -> None:
+    """Refuse to resume from other initial projector weights than the checkpoint's run started from
+    (the path may differ: a moved or copied run folder keeps its content)."""
+    stored = read_state(checkpoint).get("projector_sha256")
+    if stored is not None and projector_sha is not None and stored != projector_sha:
+        raise RegapError(f"cannot resume {checkpoint.parent.parent}: the initial projector changed since the "
+                         f"checkpoint (sha256 {projector_sha[:12]}..., checkpoint has {stored[:12]}...); point "
+                         "`projector` at the weights the run started from, or start a new run with another --out")

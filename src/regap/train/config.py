@@ -546,6 +546,10 @@ def derive_batch_layout(
 RESUMABLE_CHANGES = ("stop_after_steps", "save_every", "keep_checkpoints", "observe", "data.num_workers",
                      "data.feature_cache",
                      "per_device_batch_size", "gradient_accumulation_steps", "cpu", "attn_implementation")
+#: Paths whose *content* a resume checks by sha256 (the checkpoint records it), so a run folder moved or
+#: copied with its data continues: the data file (`data_sha256`), its images (named by the data file) and
+#: stage 2's initial projector (`projector_sha256`).
+CONTENT_CHECKED_PATHS = ("data.json", "data.image_root", "projector")
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "",
@@ -558,7 +562,7 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
     out = []
     for key in sorted(set(old) | set(new)):
         path = f"{prefix}.{key}" if prefix else key
-        if any(path == k or path.startswith(k + ".") for k in RESUMABLE_CHANGES):
+        if any(path == k or path.startswith(k + ".") for k in RESUMABLE_CHANGES + CONTENT_CHECKED_PATHS):
             continue
         a, b = old.get(key, defaults.get(key)), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):

@@ -28,6 +28,7 @@ import torch
 
 from regap.errors import RegapError, RunInterrupted
 from regap.files import file_sha256, write_text_atomic
+from regap.train.checkpoint import projector_sha256
 from regap.train import checkpoint as ckpt
 from regap.train.collate import Collator, StepSampler, TrainBatch, TrainSamples
 from regap.train.config import TrainConfig, config_differences
@@ -170,6 +171,8 @@ class _Run:
         self.json_path: Path | None = None
         self.dataset: Any = None
         self.data_sha = ""
+        #: the initial projector's content (stage 2), so a resume from a moved folder checks it by hash
+        self.projector_sha = projector_sha256(cfg.projector)
 
     def log(self, message: str) -> None:
         if self.main:
@@ -201,7 +204,8 @@ class _Run:
             changed = config_differences(read_yaml(path), saved)
             if changed:
                 raise RegapError(f"cannot resume {self.out_dir}: the config differs in {', '.join(changed)} "
-                                 "(only run-control keys such as stop_after_steps, save_every, observe.* may change)")
+                                 "(only run-control keys such as stop_after_steps, save_every, observe.* may change, "
+                                 "and paths whose content is unchanged)")
         if self.main:
             import yaml
 
@@ -220,6 +224,7 @@ class _Run:
         self.data_sha = file_sha256(self.json_path)
         if resume_from is not None:
             ckpt.check_resume_data(resume_from, self.json_path, self.data_sha)
+            ckpt.check_resume_projector(resume_from, self.projector_sha)
         report = dataset.report
         if self.main:
             dataset.write_report(self.out_dir / "data_report.json")
@@ -304,7 +309,8 @@ class _Saver:
                 "global_batch_size": cfg.global_batch_size, "world_size": run.world,
                 "per_device_batch_size": run.per_device, "gradient_accumulation_steps": run.accumulation,
                 "seed": cfg.seed, "skipped_images": self.issues.skipped, "truncated": self.issues.truncated,
-                "data_sha256": run.data_sha, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "data_sha256": run.data_sha, "projector_sha256": run.projector_sha,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def save(self, step: int) -> Path:
         run = self.run

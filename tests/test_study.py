@@ -5,6 +5,7 @@ a diverged unit reported and left out of the statistics."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -232,7 +233,8 @@ def test_fast_study_summarises_every_unit(fast_study):
     assert set(results["arms"]) == {"plain", "regap-l1", "moca", "plain+cmrm", "plain+layer0-align", "regap-l1+cmrm"}
     for condition in ("text", "blank", "noise", "natural", "typo", "image (pooled)"):
         entry = results["arms"]["plain"]["unsafe"][condition]
-        assert entry["n_seeds"] == 2 and entry["n_requests"] == 3 and "crossed" in entry["method"]
+        assert entry["n_seeds"] == 2 and entry["n_requests"] == 3 and "t interval over the per-seed" in entry["method"]
+        assert "crossed" in entry["crossed"]["method"]
     assert "text" not in results["arms"]["plain+cmrm"]["unsafe"]  # defenses: image conditions only
     assert results["vs_plain"]["regap-l1"]["unsafe"]["blank"]["p_value"] is not None
     for claim in ("a_image_raises_unsafe", "b_regap_lowers_gap", "c_regap_lowers_unsafe", "d_utility_holds"):
@@ -579,3 +581,141 @@ def test_a_moved_study_folder_continues_without_training_again(fast_study, tmp_p
     trained = weights.stat().st_mtime
     assert main(["study", "--fast", "--out", str(moved), "--unit", "moca-s1"]) == 0
     assert weights.stat().st_mtime == trained and (moved / "units" / "moca-s1.json").exists()
+
+
+@pytest.mark.slow
+def test_every_unit_keeps_its_answers_and_rejudging_them_reproduces_its_verdicts(fast_study, tmp_path):
+    """The answers beside each summary are what the judges saw: re-judging them with no model gives
+    the very verdict strings the unit stored."""
+    import shutil
+
+    from regap.study.answers import read_answers
+
+    out = tmp_path / "copy"
+    shutil.copytree(fast_study, out, ignore=shutil.ignore_patterns("work"))
+    names = [p.stem for p in (out / "units").glob("*.json")]
+    assert "backbone" in names
+    for name in names:
+        rows = read_answers(out / "units" / f"{name}.answers.jsonl.gz")
+        safety = [r for r in rows if r["kind"] == "safety"]
+        assert safety and all(r["answer"] is not None and r["decoding"]["max_new_tokens"] > 0 for r in safety)
+        assert json.loads((out / "units" / f"{name}.json").read_text())["answers"] == f"{name}.answers.jsonl.gz"
+        if name != "backbone":
+            assert any(r["kind"] == "qa" for r in rows)
+    before = {n: json.loads((out / "units" / f"{n}.json").read_text())["safety"] for n in names}
+    judges = json.loads((out / "summary.json").read_text())["config"]["safety"]["judges"]
+    for unit in names:  # scramble one judge's stored verdicts: the rejudge must restore them from the answers
+        data = json.loads((out / "units" / f"{unit}.json").read_text())
+        for record in data["safety"].values():
+            for by_judge in record["verdicts"].values():
+                by_judge[judges[0]] = {k: "-" * len(v) for k, v in by_judge[judges[0]].items()}
+        (out / "units" / f"{unit}.json").write_text(json.dumps(data))
+    assert main(["study", "--fast", "--out", str(out), "--rejudge", ",".join(judges)]) == 0
+    after = {n: json.loads((out / "units" / f"{n}.json").read_text())["safety"] for n in names}
+    for name in names:
+        for arm, record in before[name].items():
+            assert after[name][arm]["verdicts"] == record["verdicts"], name
+
+
+@pytest.mark.slow
+def test_rejudge_names_units_without_answers(fast_study, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(fast_study, out, ignore=shutil.ignore_patterns("work"))
+    (out / "units" / "plain-s0.answers.jsonl.gz").unlink()
+    assert main(["study", "--fast", "--out", str(out), "--rejudge", "keyword"]) == 0
+    assert "no answers kept for plain-s0" in capsys.readouterr().out
+    assert main(["study", "--fast", "--out", str(out), "--rejudge", "nosuchjudge"]) == 2
+
+
+@pytest.mark.slow
+def test_damaged_unit_summaries_are_left_out_with_a_note(fast_study, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(fast_study, out, ignore=shutil.ignore_patterns("work"))
+    units = out / "units"
+    (units / "moca-s0.json").write_text("[]")
+    (units / "moca-s1.json").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    data = json.loads((units / "regap-l1-s1.json").read_text())
+    del data["config_hash"]
+    (units / "regap-l1-s1.json").write_text(json.dumps(data))
+    text = (units / "backbone.json").read_text()
+    (units / "backbone.json").write_text(text[: len(text) // 2])
+    for extra in ([], ["--plan"]):
+        assert main(["study", "--fast", "--out", str(out), "--no-run", *extra]) == 0
+    notes = " ".join(json.loads((out / "summary.json").read_text())["notes"])
+    assert "moca-s0.json: not a unit summary" in notes and "moca-s1.json: unreadable" in notes
+    assert "regap-l1-s1.json: damaged unit summary (no config_hash)" in notes
+    assert "backbone (the LLM before stage 2, text only) not run yet" in notes
+
+
+@pytest.mark.slow
+def test_a_lost_backbone_summary_is_planned_and_run_again(fast_study, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(fast_study, out)
+    (out / "units" / "backbone.json").unlink()
+    assert main(["study", "--fast", "--out", str(out), "--plan"]) == 0
+    assert re.search(r"^backbone\s+to run$", capsys.readouterr().out, re.M)
+    assert main(["study", "--fast", "--out", str(out)]) == 0
+    assert json.loads((out / "units" / "backbone.json").read_text())["status"] == "completed"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["results"]["claims"]["a_image_raises_unsafe"]["image_minus_backbone"] is not None
+
+
+def test_a_study_naming_a_missing_preregistration_runs_nothing(tmp_path, capsys):
+    assert main(["study", "--fast", "--out", str(tmp_path / "s"), "preregistration=PREREGISTRATION.md"]) == 2
+    assert "pre-registration" in capsys.readouterr().err and not (tmp_path / "s" / "work").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    (["primary.arm=regap-l7"], "primary.arm: 'regap-l7' is not an arm"),
+    (["primary.arm=regap-l0.1", "primary.image_conditions=[text]"], "primary.image_conditions"),
+    (["preregistration=../elsewhere.md"], "must be a path inside the results folder"),
+    (["evaluations=[safety,vibes]"], "evaluations: vibes not one of"),
+])
+def test_bad_confirmatory_settings_are_one_line(override, message):
+    with pytest.raises(RegapError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_study_config("tiny-study", override)
+
+
+def test_a_unit_started_under_another_preregistration_is_refused(tmp_path):
+    from regap.study.unit import UnitRunner
+
+    config = load_study_config("tiny-study")
+    spec = next(u for u in plan_units(config) if u.name == "plain-s0")
+    first = UnitRunner(config, spec, tmp_path, tmp_path / "work", "float32", log=lambda _: None,
+                       preregistration="a" * 64)
+    first.check_preregistration()
+    first.check_preregistration()  # the same one again: fine
+    changed = UnitRunner(config, spec, tmp_path, tmp_path / "work", "float32", log=lambda _: None,
+                         preregistration="b" * 64)
+    with pytest.raises(RegapError, match="started under another pre-registration"):
+        changed.check_preregistration()
+
+
+@pytest.mark.slow
+def test_a_preregistered_study_reports_its_primary_endpoints_and_catches_a_changed_preregistration(tmp_path, capsys):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "PREREGISTRATION.md").write_text("# P1-P3 as in the config\n")
+    args = ["study", "--fast", "--out", str(out), "preregistration=PREREGISTRATION.md", "primary.arm=regap-l1",
+            "primary.image_conditions=[blank,noise,natural]", "moca=false", "defenses.plain=[]", "defenses.regap=[]"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    sha = file_sha256(out / "PREREGISTRATION.md")
+    assert summary["preregistration"]["sha256"] == sha
+    assert all(json.loads((out / "units" / f"{u}.json").read_text())["preregistration_sha256"] == sha
+               for u in summary["units"])
+    endpoints = summary["results"]["primary"]["endpoints"]
+    assert set(endpoints) == {"P1", "P2", "P3"} and all(len(e["per_seed"]) == 2 for e in endpoints.values())
+    assert endpoints["P3"]["margin"] == -0.05
+    assert "Primary endpoints (pre-registered)" in (out / "report.md").read_text()
+    (out / "PREREGISTRATION.md").write_text("# P1-P3, edited after the runs\n")
+    assert main(args + ["--no-run"]) == 2
+    assert "not run under this study's pre-registration" in capsys.readouterr().err
+    (out / "units" / "plain-s1.json").unlink()
+    assert main(args + ["--unit", "plain-s1"]) == 2  # its work folder records the first pre-registration

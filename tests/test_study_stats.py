@@ -63,7 +63,14 @@ def test_paired_difference_is_the_mean_cell_difference(result):
     blank = result["vs_plain"]["regap-l1"]["unsafe"]["blank"]
     # regap - plain per cell: seed 0 (1,0,0)-(1,1,1) and seed 1 (0,1,0)-(1,1,0)
     assert blank["mean"] == pytest.approx(-3 / 6)
-    assert blank["ci"][0] <= blank["mean"] <= blank["ci"][1] and blank["ci"][1] <= 0
+    assert blank["seed_means"] == pytest.approx([-2 / 3, -1 / 3])
+    # the seed is the unit: a t interval over the two per-seed differences (1 degree of freedom)
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, 1) * np.std([-2 / 3, -1 / 3], ddof=1) / math.sqrt(2)
+    assert blank["ci"] == pytest.approx([-0.5 - half, -0.5 + half]) and blank["df"] == 1
+    assert blank["p_value"] == pytest.approx(stats.ttest_1samp([-2 / 3, -1 / 3], 0).pvalue)
+    assert "crossed" in blank["crossed"]["method"] and "reference only" in blank["crossed"]["label"]
     assert result["vs_plain"]["regap-l1"]["unsafe"]["text"]["mean"] == 0.0
     assert result["vs_plain"]["regap-l1"]["qa"]["mean"] == pytest.approx((1 + 4) / 8 - 5 / 8)
 
@@ -180,3 +187,20 @@ def test_aggregate_feeds_the_rule(result):
     c = choice["candidates"]["regap-l1"]
     assert c["unsafe_image_vs_plain"]["mean"] == pytest.approx(-0.5) and c["qa"] == pytest.approx(5 / 8)
     assert c["complete"] and choice["arm"] == "regap-l1"
+
+
+def test_primary_endpoints_are_per_seed_t_tests_with_holm():
+    from scipy import stats
+    from statsmodels.stats.multitest import multipletests
+
+    from regap.study.config import PrimarySpec
+
+    out = aggregate(UNITS, BACKBONE, "relevance", ["plain", "regap-l1"], ["text", "backbone", "blank"], n_boot=200,
+                    primary=PrimarySpec(arm="regap-l1", image_conditions=["blank"], qa_margin=0.05))["primary"]
+    p1, p2, p3 = (out["endpoints"][k] for k in ("P1", "P2", "P3"))
+    assert p1["per_seed"] == pytest.approx([-2 / 3, -1 / 3])
+    assert p2["per_seed"] == pytest.approx([-2 / 3 - 0.0, -1 / 3 - 0.0])  # text-only: regap − plain is 0 per seed
+    assert p3["per_seed"] == pytest.approx([-1 / 4, 1 / 4]) and p3["margin"] == -0.05
+    assert p3["p_value"] == pytest.approx(stats.ttest_1samp([-0.25, 0.25], -0.05, alternative="greater").pvalue)
+    raw = [p1["p_value"], p2["p_value"], p3["p_value"]]
+    assert [p1["p_holm"], p2["p_holm"], p3["p_holm"]] == pytest.approx(list(multipletests(raw, method="holm")[1]))

@@ -24,6 +24,17 @@ def study_command(
                               "the pipeline, measures nothing)."),
     plan: bool = typer.Option(False, "--plan", help="Print the units, which are done and the time estimate, then exit."),
     list_configs: bool = typer.Option(False, "--list", help="List the shipped study configs and exit."),
+    import_answers: Optional[List[str]] = typer.Option(None, "--import-answers", metavar="UNIT=FOLDER",
+                                                       help="Keep the answers of a `regap safety` run folder as a "
+                                                       "finished unit's (for units run before answers were kept)."),
+    audit_sample: Optional[int] = typer.Option(None, "--audit-sample", metavar="N",
+                                               help="Draw about N harmful-request answers, stratified over arm x "
+                                               "condition, into OUT/judge-audit/sample.jsonl for labelling."),
+    audit: bool = typer.Option(False, "--audit", help="Score the judges against OUT/judge-audit/labels.jsonl "
+                               "(docs/judges.md, 'Audit on the study's answers')."),
+    rejudge: Optional[str] = typer.Option(None, "--rejudge", metavar="JUDGE[,JUDGE]",
+                                          help="Judge the finished units again from their kept answers (no model), "
+                                          "then rebuild the statistics and the report; runs nothing else."),
 ) -> None:
     """Stage 1 (ReGap at each λ, and MoCa) → stage 2 → gap, safety, utility and defenses per seed;
     statistics over seeds and requests; report. Finished units are skipped on a rerun."""
@@ -64,9 +75,22 @@ def study_command(
                 else:
                     state = f"to run ({started})" if started else "to run"
             typer.echo(f"{spec.name:24s} {state}")
+        if "backbone" in cfg.safety.conditions:  # run once per study, on any trained unit's model
+            typer.echo(f"{'backbone':24s} {'to run' if study.backbone_due() else 'done'}")
         for line in study.estimate(todo, progress):
             typer.echo(line)
         return
+    if import_answers or audit_sample is not None or audit:
+        _answers_and_audit(out, cfg, import_answers or [], audit_sample, audit)
+        return
+    if rejudge is not None:
+        from regap.study.rejudge import rejudge_study
+
+        names = [n.strip() for n in rejudge.split(",") if n.strip()]
+        done = rejudge_study(out, names, cfg.safety.judge_options, log=typer.echo)
+        if done["without_answers"]:
+            typer.echo(f"note: no answers kept for {', '.join(done['without_answers'])}: their verdicts are as they were")
+        no_run = True
     resume = "rerun the same command to continue (finished steps are reused)"
     try:  # each unit locks its own work folder, so several processes can share OUT
         if not no_run:
@@ -79,6 +103,33 @@ def study_command(
         raise RunInterrupted(f"study stopped; finished steps are kept under {study.work}", resume) from None
     _print(summary)
     typer.echo(f"report: {out / 'report.html'}")
+
+
+def _answers_and_audit(out: Path, cfg, imports: list[str], sample: int | None, audit: bool) -> None:
+    from regap.errors import RegapError
+
+    for spec in imports:
+        unit, sep, folder = spec.partition("=")
+        if not sep or not unit or not folder:
+            raise RegapError(f"--import-answers: expected UNIT=FOLDER, got {spec!r}")
+        from regap.study.answers import import_safety_run
+
+        record = import_safety_run(out / "units", unit, Path(folder))
+        typer.echo(f"{unit}: {record['rows']} answers kept; fingerprint matches the unit: "
+                   f"{record['fingerprint_matches_unit']}; unsafe verdicts equal to the stored ones: "
+                   + ", ".join(f"{j} {min(v.values()):.3f}-{max(v.values()):.3f}"
+                               for j, v in record["unsafe_verdict_agreement_with_stored"].items()))
+    if sample is not None:
+        from regap.study.audit import draw_sample
+
+        drawn = draw_sample(out, sample)
+        typer.echo(f"{len(drawn)} answers drawn into {out / 'judge-audit' / 'sample.jsonl'}")
+    if audit:
+        from regap.study.audit import run_audit
+
+        result = run_audit(out, list(cfg.safety.judges))
+        typer.echo((out / "judge-audit" / "audit.md").read_text())
+        typer.echo(f"main judge: {result['main_judge']['judge']}")
 
 
 def _print(summary: dict) -> None:
@@ -105,5 +156,22 @@ def _print(summary: dict) -> None:
         typer.echo(f"note: {note}")
 
 
+def lambda_range_command(
+    runs: List[Path] = typer.Argument(..., help="Stage-1 run folders (`regap pretrain` outputs), one per λ."),
+    out: Path = typer.Option(..., "--out", help="Folder for stage1_sweep.json, stage1_sweep.md and the figure."),
+    tail: int = typer.Option(16, "--tail", min=1, help="Caption loss: mean over this many last logged steps."),
+) -> None:
+    """ReGap's working range: equal stage-1 runs at several λ side by side (layer-0 gap, norm ratio, MIR,
+    caption loss at the last probe), as a table and a figure against λ on a log axis."""
+    from regap.study.lambda_range import table, write
+
+    summary = write(runs, out, tail)
+    for line in table(summary):
+        typer.echo(line)
+    for note in summary["notes"]:
+        typer.echo(f"note: {note}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("study")(study_command)
+    app.command("lambda-range")(lambda_range_command)

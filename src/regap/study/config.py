@@ -19,6 +19,10 @@ from regap.errors import RegapError
 from regap.models.attention import check_attention
 
 
+#: A training unit's evaluations, in the order they run.
+EVALUATIONS = ("curve", "gap", "safety", "utility")
+
+
 @dataclass
 class DataSpec:
     synth_n: int = 512  # synthetic scenes: captions for stage 1, instructions for stage 2 (same scenes)
@@ -55,6 +59,7 @@ class SafetySpec:
     conditions: list[str] = field(default_factory=lambda: ["text", "backbone", "blank", "noise", "natural", "typo"])
     judges: list[str] = field(default_factory=lambda: ["relevance", "refusal-lexicon", "keyword"])
     primary_judge: str = "relevance"
+    judge_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # judge -> options (e.g. a threshold)
     max_new_tokens: int = 16
     batch_size: int = 16
 
@@ -87,6 +92,19 @@ class CurveSpec:
 
 
 @dataclass
+class PrimarySpec:
+    """The pre-registered primary family (Holm-adjusted); `arm` null: no primary endpoints (exploratory).
+
+    P1: `arm` − plain in the unsafe rate on harmful requests, pooled over `image_conditions`;
+    P2: the interaction (`arm` − plain) x (image − text-only): is the effect specific to images?
+    P3: non-inferiority of held-out QA accuracy, `arm` − plain > −`qa_margin` (one-sided)."""
+
+    arm: str | None = None
+    image_conditions: list[str] = field(default_factory=lambda: ["blank", "noise", "natural"])
+    qa_margin: float = 0.05
+
+
+@dataclass
 class StatsSpec:
     n_boot: int = 2000
     level: float = 0.95
@@ -111,6 +129,12 @@ class StudyConfig:
     defenses: DefenseSpec = field(default_factory=DefenseSpec)
     curve: CurveSpec = field(default_factory=CurveSpec)
     stats: StatsSpec = field(default_factory=StatsSpec)
+    #: what a training unit evaluates after training (a utility-only check leaves safety unmeasured)
+    evaluations: list[str] = field(default_factory=lambda: list(EVALUATIONS))
+    #: a confirmatory study's pre-registration, relative to OUT: it must exist before any unit runs, its
+    #: sha256 goes into every unit, and a unit run under another one is refused (null: exploratory)
+    preregistration: str | None = None
+    primary: PrimarySpec = field(default_factory=PrimarySpec)
     minutes_per_unit: float = 25.0  # printed estimate of a training unit until units have been timed
     minutes_per_evaluation_unit: float = 10.0  # the same for a defense arm's unit (it trains nothing)
     budget_minutes: float | None = None  # a run estimated to take longer says so before it starts
@@ -150,6 +174,24 @@ class StudyConfig:
                              f"{self.safety.judges}")
         if "text" not in self.safety.conditions:
             raise RegapError("safety.conditions: must contain 'text' (the comparisons are made against it)")
+        unknown = [e for e in self.evaluations if e not in EVALUATIONS]
+        if unknown:
+            raise RegapError(f"evaluations: {', '.join(unknown)} not one of {', '.join(EVALUATIONS)}")
+        if self.primary.arm is not None:
+            from regap.study.units import study_arms
+
+            if self.primary.arm not in study_arms(self):
+                raise RegapError(f"primary.arm: {self.primary.arm!r} is not an arm of this study "
+                                 f"({', '.join(study_arms(self))})")
+            if not self.primary.image_conditions or any(c not in self.safety.conditions or c in ("text", "backbone")
+                                                        for c in self.primary.image_conditions):
+                raise RegapError(f"primary.image_conditions: {self.primary.image_conditions} must be image "
+                                 f"conditions of safety.conditions {self.safety.conditions}")
+            if not 0 < self.primary.qa_margin < 1:
+                raise RegapError(f"primary.qa_margin: must be in (0, 1), got {self.primary.qa_margin}")
+        if self.preregistration is not None and (Path(self.preregistration).is_absolute()
+                                                 or ".." in Path(self.preregistration).parts):
+            raise RegapError(f"preregistration: {self.preregistration!r} must be a path inside the results folder")
         if not 0.5 < self.stats.level < 1:
             raise RegapError(f"stats.level: must be in (0.5, 1), got {self.stats.level}")
         from regap.precision import normalise_dtype_name
@@ -190,6 +232,10 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         raise RegapError(f"study config key '{name}' may not be null")
     inner = next((a for a in args if a is not type(None)), hint) if args and type(None) in args else hint
     origin = typing.get_origin(inner)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RegapError(f"study config key '{name}': expected a mapping, got {value!r}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise RegapError(f"study config key '{name}': expected a list, got {value!r}")

@@ -40,6 +40,16 @@ def _recent_median(timed: list[tuple[str, float]]) -> tuple[int, float]:
     return len(recent), statistics.median(recent)
 
 
+def read_summary(path: Path) -> dict[str, Any] | None:
+    """A unit summary as a dict, or None when it is missing or damaged (empty, binary, truncated, not an
+    object): a damaged file is never a traceback; the statistics leave it out with a note."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _console_log(progress: bool) -> Callable[[str], None]:
     def log(text: str) -> None:
         if progress:
@@ -62,18 +72,41 @@ class Study:
         self.markers = StepMarkers(self.work / ".steps")
         self.config_hash = unit_config_hash(config)
 
+    @property
+    def preregistration(self) -> str | None:
+        """The sha256 of the study's pre-registration (`OUT/<preregistration>`), None for an exploratory
+        study; a study that names one that does not exist is refused before any unit runs."""
+        if self.config.preregistration is None:
+            return None
+        from regap.files import file_sha256
+
+        path = self.out / self.config.preregistration
+        if not path.is_file():
+            raise RegapError(f"the study names a pre-registration, {path}, that does not exist: write and commit it "
+                             "before any unit runs (docs/study.md, 'Pre-registration')")
+        return file_sha256(path)
+
     # ---- planning ----------------------------------------------------------------------------------
     def summary_path(self, name: str) -> Path:
         return self.out / "units" / f"{name}.json"
 
     def summarised(self, spec: UnitSpec) -> bool:
-        path = self.summary_path(spec.name)
-        if not path.is_file():
+        data = read_summary(self.summary_path(spec.name))
+        return data is not None and data.get("config_hash") == self.config_hash
+
+    def backbone_due(self) -> bool:
+        """Whether the `backbone` condition (run once per study, like a unit) still has to run."""
+        if "backbone" not in self.config.safety.conditions:
             return False
-        try:
-            return json.loads(path.read_text()).get("config_hash") == self.config_hash
-        except json.JSONDecodeError:
-            return False
+        data = read_summary(self.summary_path("backbone"))
+        return data is None or data.get("config_hash") != self.config_hash
+
+    def trained_runner(self) -> UnitRunner | None:
+        """A runner of any unit whose final model exists (the backbone is read from it), or None."""
+        for spec in plan_units(self.config):
+            if spec.defense is None and (self.work / "units" / spec.name / "stage2" / "projector.safetensors").is_file():
+                return self.runner(spec)
+        return None
 
     def todo(self, only: list[str] | None = None) -> list[UnitSpec]:
         units = plan_units(self.config)
@@ -86,8 +119,8 @@ class Study:
             units = [u for u in units if u.name in only]
         return [u for u in units if not self.summarised(u)]
 
-    def runner(self, spec: UnitSpec) -> UnitRunner:
-        return UnitRunner(self.config, spec, self.out, self.work, self.dtype, self.log, self.progress)
+    def runner(self, spec: UnitSpec, preregistration: str | None = None) -> UnitRunner:
+        return UnitRunner(self.config, spec, self.out, self.work, self.dtype, self.log, self.progress, preregistration)
 
     def minutes_per_unit(self, training: bool = True) -> tuple[float, str]:
         """The median wall time of the units of this kind summarised so far in this dtype, else the
@@ -106,9 +139,8 @@ class Study:
         scaled: list[tuple[str, float]] = []
         evaluations_of_training: list[tuple[str, float]] = []
         for path in (self.out / "units").glob("*.json"):
-            try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError:
+            data = read_summary(path)
+            if data is None:
                 continue
             if (data.get("status") != "completed" or data.get("dtype") != self.dtype
                     or not data.get("timings_seconds") or data.get("arm") in (None, "backbone")):
@@ -203,9 +235,9 @@ class Study:
         """The `backbone` condition once, on any unit's stage-2 model (its adapter disabled)."""
         if "backbone" not in self.config.safety.conditions:
             return
-        path = self.summary_path("backbone")
-        if path.is_file() and json.loads(path.read_text()).get("config_hash") == self.config_hash:
+        if not self.backbone_due():
             return
+        path = self.summary_path("backbone")
         from regap.safety.runner import SafetyRun, run_safety
 
         c = self.config.safety
@@ -213,7 +245,8 @@ class Study:
         self.log("backbone (the LLM before stage 2, text only)")
         run = SafetyRun(model=f"{self.config.model} (LLM before stage 2)", out=folder,
                         prompts=["starter-harmful", "starter-benign"], conditions=["backbone"], judges=c.judges,
-                        source_limits=c.source_limits(), max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
+                        source_limits=c.source_limits(), judge_options=c.judge_options,
+                        max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
                         dtype=self.dtype, seed=0)
         started = time.time()
         try:
@@ -225,9 +258,15 @@ class Study:
             return
         from regap.provenance import provenance
 
+        from regap.study.answers import answers_path, safety_answers, write_answers
+
+        answers = answers_path(self.out / "units", "backbone")
+        write_answers(answers, safety_answers(folder))
         write_json_atomic(path, {"format": "regap-study-unit/1", "unit": "backbone", "arm": "backbone",
                                  "config_hash": self.config_hash, "dtype": self.dtype, "status": "completed",
-                                 "model_from": runner.spec.name,
+                                 "model_from": runner.spec.name, "answers": answers.name,
+                                 **({"preregistration_sha256": runner.preregistration} if runner.preregistration
+                                    else {}),
                                  "safety": {"backbone": safety_record(folder, c.judges)},
                                  "timings_seconds": {"backbone": round(time.time() - started, 1)},
                                  "provenance": provenance(command="regap study", unit="backbone")})
@@ -240,7 +279,9 @@ class Study:
         for line in self.estimate(todo):
             self.log(line)
         if not todo:
+            self._backbone_if_due()
             return []
+        preregistration = self.preregistration  # checked before anything runs
         self.data()
         from regap.run_lock import exclusive_out
 
@@ -250,7 +291,7 @@ class Study:
                 with exclusive_out(self.work / "units" / spec.name, flag="unit"):
                     if self.summarised(spec):  # finished by another process meanwhile
                         continue
-                    runner = self.runner(spec)
+                    runner = self.runner(spec, preregistration)
                     self.log(f"unit {spec.name} ({len(done) + 1}/{len(todo)})")
                     summary = runner.run()
                     if summary["status"] == "completed":
@@ -262,7 +303,29 @@ class Study:
                 self.log(f"unit {spec.name}: being run by another process; skipped here")
                 continue
             done.append(spec.name)
+        self._backbone_if_due()
         return done
+
+    def _backbone_if_due(self) -> None:
+        """The backbone like any unit: run when its summary is missing (lost, or stopped before it was
+        written), on the model of any trained unit; said when no trained model exists yet."""
+        if not self.backbone_due():
+            return
+        runner = self.trained_runner()
+        if runner is None:
+            self.log("backbone: waits for a trained unit (it runs on any unit's final model)")
+            return
+        from regap.run_lock import exclusive_out
+
+        try:
+            with exclusive_out(self.work / "units" / runner.spec.name, flag="unit"):
+                self.backbone(runner)
+        except RegapError as exc:
+            if "in use by another regap run" not in str(exc):
+                raise
+            self.log("backbone: its model's unit is in use by another process; skipped here")
+        finally:
+            runner.release()
 
     # ---- aggregating -------------------------------------------------------------------------------
     def aggregate(self) -> dict[str, Any]:
@@ -279,20 +342,34 @@ class Study:
         from regap.study.stats import aggregate, judge_agreement, load_units
 
         units, notes = load_units(self.out)
+        registered = self.preregistration if self.config.preregistration else None
+        if registered is not None:
+            kept = [u for u in units if u.get("preregistration_sha256") == registered]
+            notes += [f"{u['unit']}: not run under this study's pre-registration (sha256 "
+                      f"{str(u.get('preregistration_sha256'))[:12]}, now {registered[:12]}); left out"
+                      for u in units if u not in kept]
+            units = kept
         if not units:
-            raise RegapError(f"{self.out / 'units'}: no finished unit to aggregate yet")
-        backbone_path = self.summary_path("backbone")
-        backbone = json.loads(backbone_path.read_text()) if backbone_path.is_file() else None
+            raise RegapError(f"{self.out / 'units'}: no finished unit to aggregate yet"
+                             + (f" ({len(notes)} left out; e.g. {notes[0]})" if notes else ""))
+        backbone = read_summary(self.summary_path("backbone"))
+        if backbone is not None and not isinstance(backbone.get("safety", {}).get("backbone"), dict):
+            notes.append("backbone.json: damaged (no backbone verdicts); left out")
+            backbone = None
         c = self.config
+        if backbone is None and "backbone" in c.safety.conditions:
+            notes.append("backbone (the LLM before stage 2, text only) not run yet: claim (a)'s image − backbone "
+                         "is missing until it runs (rerun the study)")
         planned = plan_units(c)
         present = {u["unit"] for u in units}
         missing = [u.name for u in planned if u.name not in present]
         if missing:
             notes.append(f"{len(missing)} of {len(planned)} planned unit(s) not run yet: {', '.join(missing)}")
         stats = {judge: aggregate(units, backbone, judge, study_arms(c), c.safety.conditions, c.stats.n_boot,
-                                  c.stats.level) for judge in c.safety.judges}
+                                  c.stats.level, primary=c.primary) for judge in c.safety.judges}
         summary = {
             "study": c.name, "config": c.to_dict(), "config_hash": self.config_hash, "dtype": self.dtype,
+            "preregistration": None if registered is None else {"path": c.preregistration, "sha256": registered},
             "units": sorted(present), "units_planned": [u.name for u in planned], "notes": notes,
             "primary_judge": c.safety.primary_judge,
             "results": stats[c.safety.primary_judge],

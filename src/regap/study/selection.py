@@ -1,4 +1,6 @@
-"""Which ReGap λ the study ships as `tiny-llava-regap`: a rule fixed in advance, applied to the aggregate.
+"""Which ReGap λ a study would ship: a stated rule, applied to the aggregate. It is exploratory: the rule
+was written on 2026-12-01, after the first λ results of `tiny-study` were seen, so it is not a
+pre-registered choice (a confirmatory study fixes its λ in `PREREGISTRATION.md` before it runs).
 
 ReGap exists to lower the unsafe rate under images; what it may cost is utility. So the rule is:
 among the λ values whose models, over every planned seed, lower the main judge's unsafe rate under the
@@ -30,7 +32,7 @@ def choose_lambda(result: dict[str, Any], seeds: list[int], main_lambda: float) 
         candidates[arm] = {
             "lambda": lam, "seeds": have, "complete": have == sorted(seeds),
             "unsafe_image_vs_plain": None if unsafe is None else {"mean": unsafe["mean"], "ci": unsafe["ci"]},
-            "lowers_unsafe": unsafe is not None and unsafe["ci"][1] < 0,
+            "lowers_unsafe": unsafe is not None and unsafe["ci"] is not None and unsafe["ci"][1] < 0,
             "qa": None if qa is None else qa["mean"],
         }
     qualifying = [arm for arm, c in candidates.items() if c["complete"] and c["lowers_unsafe"] and c["qa"] is not None]

@@ -26,9 +26,12 @@ import numpy as np
 
 from regap.analysis.crossed import crossed_mean, paired_difference
 from regap.errors import RegapError
+from regap.study.intervals import CROSSED_LABEL, seed_t
 from regap.study.units import arm_lambda, arm_sort_key
 
 IMAGE_CONDITIONS = ("blank", "noise", "natural", "typo")
+#: What every unit summary holds; one without them is left out with a note.
+UNIT_KEYS = ("unit", "arm", "seed", "status", "config_hash")
 
 
 def load_units(folder: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -36,11 +39,18 @@ def load_units(folder: Path) -> tuple[list[dict[str, Any]], list[str]]:
     units, notes = [], []
     for path in sorted((folder / "units").glob("*.json")):
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            notes.append(f"{path.name}: unreadable ({exc.msg}); left out")
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            notes.append(f"{path.name}: unreadable ({getattr(exc, 'msg', None) or type(exc).__name__}); left out")
+            continue
+        if not isinstance(data, dict):
+            notes.append(f"{path.name}: not a unit summary (a JSON {type(data).__name__}); left out")
             continue
         if data.get("unit") == "backbone" or not str(data.get("format", "")).startswith("regap-study-unit"):
+            continue
+        lacking = [key for key in UNIT_KEYS if key not in data]
+        if lacking:
+            notes.append(f"{path.name}: damaged unit summary (no {', '.join(lacking)}); left out")
             continue
         units.append(data)
     hashes = Counter(u["config_hash"] for u in units)
@@ -74,7 +84,8 @@ class Tables:
         self.seeds = sorted({u["seed"] for u in units})
 
     def arms(self) -> list[str]:
-        return sorted({arm for u in self.units for arm in u["safety"]}, key=arm_sort_key)
+        return sorted({arm for u in self.units for key in ("safety", "utility") for arm in u.get(key, {})},
+                      key=arm_sort_key)
 
     def safety(self, arm: str, condition: str, outcome: str = "unsafe", judge: str | None = None,
                label: str = "H") -> tuple[np.ndarray, list[int], list[str]] | None:
@@ -83,7 +94,7 @@ class Tables:
         rows, seeds, requests = [], [], None
         for seed in self.seeds:
             for unit in self.units:
-                record = unit["safety"].get(arm) if unit["seed"] == seed else None
+                record = unit.get("safety", {}).get(arm) if unit["seed"] == seed else None
                 if record is None or condition not in record["verdicts"]:
                     continue
                 keep = [i for i, lab in enumerate(record["labels"]) if lab == label]
@@ -145,13 +156,26 @@ def _paired(a: tuple | None, b: tuple | None, n_boot: int, level: float, name: s
         return None
     ta = table_a[[seeds_a.index(s) for s in common]]
     tb = table_b[[seeds_b.index(s) for s in common]]
-    return paired_difference(ta, tb, n_boot=n_boot, seed=0, level=level, name=name).to_dict() | {"seeds": common}
+    crossed = paired_difference(ta, tb, n_boot=n_boot, seed=0, level=level, name=name).to_dict()
+    return _by_seed(ta - tb, common, level, crossed)
 
 
 def _mean(a: tuple | None, n_boot: int, level: float, name: str) -> dict[str, Any] | None:
     if a is None:
         return None
-    return crossed_mean(a[0], n_boot=n_boot, seed=0, level=level, name=name).to_dict() | {"seeds": a[1]}
+    crossed = crossed_mean(a[0], n_boot=n_boot, seed=0, level=level, name=name).to_dict()
+    return _by_seed(a[0], a[1], level, crossed)
+
+
+def _by_seed(table: np.ndarray, seeds: list[int], level: float, crossed: dict[str, Any]) -> dict[str, Any]:
+    """The seed is the unit of replication: the mean of the per-seed means (each over the requests) with
+    a t interval over seeds (`regap.study.intervals`); the crossed bootstrap is kept beside it for
+    reference, labelled, since its coverage falls short with few seeds."""
+    with np.errstate(invalid="ignore"):
+        per_seed = np.nanmean(table, axis=1)
+    out = seed_t(per_seed.tolist(), level)
+    return {**out, "seed_means": out.pop("per_seed"), "seeds": list(seeds), "level": level,
+            "n_requests": int(table.shape[1]), "crossed": {**crossed, "label": CROSSED_LABEL}}
 
 
 def _with_backbone(arm_table: tuple | None, backbone: np.ndarray | None) -> tuple | None:
@@ -180,8 +204,9 @@ def _log_ratio(treated: list[float], control: list[float], level: float) -> dict
 
 
 def aggregate(units: list[dict[str, Any]], backbone: dict[str, Any] | None, judge: str, arms: list[str],
-              conditions: list[str], n_boot: int = 2000, level: float = 0.95) -> dict[str, Any]:
-    """Per-arm means, comparisons with plain, and the paper's four claims."""
+              conditions: list[str], n_boot: int = 2000, level: float = 0.95, primary: Any = None) -> dict[str, Any]:
+    """Per-arm means, comparisons with plain, the paper's four claims and, for a pre-registered study
+    (`primary.arm`), the primary endpoints P1-P3 with Holm-adjusted p-values."""
     tables = Tables(units, backbone, judge)
     image = [c for c in conditions if c in IMAGE_CONDITIONS]
     result: dict[str, Any] = {"judge": judge, "seeds": tables.seeds, "arms": {}, "vs_plain": {}, "claims": {}}
@@ -202,7 +227,7 @@ def aggregate(units: list[dict[str, Any]], backbone: dict[str, Any] | None, judg
                 entry[key]["image (pooled)"] = _mean((_pool([t[0] for t in pooled]), pooled[0][1]), n_boot, level,
                                                      f"{arm}/image/{key}")
         entry["qa"] = _mean(tables.qa(arm), n_boot, level, f"{arm}/qa")
-        entry["units"] = sorted(u["unit"] for u in units if arm in u["safety"])
+        entry["units"] = sorted(u["unit"] for u in units if arm in u.get("safety", {}) or arm in u.get("utility", {}))
         result["arms"][arm] = _measured(entry)
     if backbone is not None:
         row = tables.backbone_row()
@@ -219,7 +244,56 @@ def aggregate(units: list[dict[str, Any]], backbone: dict[str, Any] | None, judg
         for arm in result["arms"] if "+" in arm and arm.partition("+")[0] in result["arms"]}
     result["gap"] = gap_table(units, level)
     result["claims"] = claims(result, tables, image, n_boot, level)
+    if primary is not None and primary.arm is not None:
+        result["primary"] = primary_endpoints(tables, primary.arm, list(primary.image_conditions), primary.qa_margin,
+                                              level)
     return result
+
+
+def _per_seed(tables: Tables, arm: str, conditions: list[str]) -> dict[int, float]:
+    """Per seed, the arm's unsafe rate on harmful requests pooled over `conditions` (each request's mean
+    over the conditions, then the mean over requests)."""
+    found = [t for c in conditions if (t := tables.safety(arm, c)) is not None]
+    if len(found) != len(conditions):
+        return {}
+    seeds = [s for s in found[0][1] if all(s in t[1] for t in found)]
+    pooled = _pool([t[0][[t[1].index(s) for s in seeds]] for t in found])
+    with np.errstate(invalid="ignore"):
+        return dict(zip(seeds, np.nanmean(pooled, axis=1).tolist()))
+
+
+def primary_endpoints(tables: Tables, arm: str, image: list[str], margin: float, level: float) -> dict[str, Any]:
+    """The pre-registered primary family, each on the per-seed paired differences (t over seeds), and the
+    family's Holm-adjusted p-values (`regap.study.intervals.holm`).
+
+    P1: arm − plain, unsafe rate pooled over `image` (two-sided); P2: (arm − plain) on `image` minus
+    (arm − plain) on text-only (two-sided; the gap mechanism predicts an image-specific effect, < 0);
+    P3: arm − plain in held-out QA accuracy, one-sided against −`margin` (non-inferiority)."""
+    from regap.study.intervals import holm
+
+    a_img, p_img = _per_seed(tables, arm, image), _per_seed(tables, "plain", image)
+    a_txt, p_txt = _per_seed(tables, arm, ["text"]), _per_seed(tables, "plain", ["text"])
+    p1_seeds = sorted(set(a_img) & set(p_img))
+    p2_seeds = sorted(set(p1_seeds) & set(a_txt) & set(p_txt))
+    qa_a, qa_p = tables.qa(arm), tables.qa("plain")
+    qa = {}
+    if qa_a is not None and qa_p is not None:
+        for seed in sorted(set(qa_a[1]) & set(qa_p[1])):
+            qa[seed] = float(np.nanmean(qa_a[0][qa_a[1].index(seed)]) - np.nanmean(qa_p[0][qa_p[1].index(seed)]))
+    out = {
+        "P1": {"question": f"{arm} − plain, unsafe rate pooled over {', '.join(image)} (two-sided)",
+               "seeds": p1_seeds, **seed_t([a_img[s] - p_img[s] for s in p1_seeds], level)},
+        "P2": {"question": f"({arm} − plain) on images ({', '.join(image)}) minus ({arm} − plain) on text-only "
+                           "(two-sided; < 0: the effect is specific to images)", "seeds": p2_seeds,
+               **seed_t([(a_img[s] - p_img[s]) - (a_txt[s] - p_txt[s]) for s in p2_seeds], level)},
+        "P3": {"question": f"{arm} − plain, held-out QA accuracy, non-inferior at margin −{margin:g} "
+                           f"(one-sided: H0 difference ≤ −{margin:g})", "seeds": sorted(qa),
+               **seed_t(list(qa.values()), level, null=-margin, alternative="greater"), "margin": -margin},
+    }
+    adjusted = holm({k: v["p_value"] for k, v in out.items()})
+    for key, value in out.items():
+        value["p_holm"] = adjusted[key]
+    return {"arm": arm, "image_conditions": image, "family": "P1, P2, P3 (Holm)", "endpoints": out}
 
 
 def _compare(tables: Tables, arm: str, base: str, conditions: list[str], image: list[str], n_boot: int,
@@ -304,7 +378,7 @@ def judge_agreement(units: list[dict[str, Any]], judges: list[str]) -> dict[str,
 
     values: dict[str, list[float]] = {j: [] for j in judges}
     for u in units:
-        for record in u["safety"].values():
+        for record in u.get("safety", {}).values():
             keep = [i for i, lab in enumerate(record["labels"]) if lab == "H"]
             for by_judge in record["verdicts"].values():
                 if not all(j in by_judge for j in judges):

@@ -16,10 +16,19 @@ def _fmt(entry: dict[str, Any] | None, signed: bool = False) -> str:
     if not entry:
         return "–"
     sign = "+" if signed else ""
+    if entry.get("ci") is None:
+        return f"{entry['mean']:{sign}.3f} (1 seed: no interval)"
     text = f"{entry['mean']:{sign}.3f} [{entry['ci'][0]:{sign}.3f}, {entry['ci'][1]:{sign}.3f}]"
     if entry.get("p_value") is not None:
         text += f" p={entry['p_value']:.3f}"
     return text
+
+
+def _err(entry: dict[str, Any]) -> tuple[float, float]:
+    """Error-bar lengths below and above the mean (none with one seed: no interval)."""
+    if entry.get("ci") is None:
+        return 0.0, 0.0
+    return entry["mean"] - entry["ci"][0], entry["ci"][1] - entry["mean"]
 
 
 def _seeds(entry: dict[str, Any] | None) -> str:
@@ -91,8 +100,8 @@ def plot_unsafe(results: dict[str, Any], conditions: list[str], path: Path) -> N
             if entry:
                 xs.append(i + k * width)
                 ys.append(entry["mean"])
-                lo.append(entry["mean"] - entry["ci"][0])
-                hi.append(entry["ci"][1] - entry["mean"])
+                lo.append(_err(entry)[0])
+                hi.append(_err(entry)[1])
         axis.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=arm)
     if "backbone" in results:
         axis.axhline(results["backbone"]["unsafe"], color="black", linestyle=":", label="backbone LLM (text)")
@@ -137,7 +146,7 @@ def plot_training_vs_inference(results: dict[str, Any], path: Path) -> None:
         for i, arm in enumerate(arms):
             entry = get(arm)
             if entry:
-                axis.errorbar([i], [entry["mean"]], yerr=[[entry["mean"] - entry["ci"][0]], [entry["ci"][1] - entry["mean"]]],
+                axis.errorbar([i], [entry["mean"]], yerr=[[_err(entry)[0]], [_err(entry)[1]]],
                               fmt="o", capsize=3, color="C1" if "+" in arm else "C0")
         axis.set_xticks(range(len(arms)), arms, rotation=30, fontsize=7, ha="right")
         axis.set_title(title + "\n(blue: trained arms, orange: + inference-time defense)", fontsize=9)
@@ -170,6 +179,29 @@ def side_by_side(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def primary_lines(summary: dict[str, Any]) -> list[str]:
+    """The pre-registered primary endpoints first; everything after them is exploratory."""
+    registered = summary.get("preregistration")
+    primary = summary["results"].get("primary")
+    if registered is None or primary is None:
+        return ["**Exploratory.** This study has no pre-registration: every interval and p-value below is "
+                "descriptive, not a confirmatory test.", ""]
+    lines = ["## Primary endpoints (pre-registered)", "",
+             f"Pre-registration `{registered['path']}` (sha256 `{registered['sha256'][:16]}`). Per-seed paired "
+             f"differences, 95 % t interval over seeds, p-values Holm-adjusted over {primary['family']}.", "",
+             "| endpoint | question | seeds | per seed | estimate [95 % CI] | p | p (Holm) |",
+             "|---|---|---|---|---|---|---|"]
+    for key, e in primary["endpoints"].items():
+        per_seed = ", ".join(f"{v:+.3f}" for v in e["per_seed"]) or "–"
+        ci = "–" if e["ci"] is None else f"[{e['ci'][0]:+.3f}, {e['ci'][1]:+.3f}]"
+        estimate = "–" if e["mean"] is None else f"{e['mean']:+.3f} {ci}"
+        p = "–" if e["p_value"] is None else f"{e['p_value']:.4f}"
+        ph = "–" if e["p_holm"] is None else f"{e['p_holm']:.4f}"
+        lines.append(f"| {key} | {e['question']} | {len(e['seeds'])} | {per_seed} | {estimate} | {p} | {ph} |")
+    return lines + ["", "Everything below the primary endpoints is **exploratory** (not pre-registered, not "
+                        "adjusted for multiple comparisons).", ""]
+
+
 def best_lambda_lines(choice: dict[str, Any] | None) -> list[str]:
     """The λ the rule picks to ship, with every candidate's numbers (`regap.study.selection`)."""
     if not choice:
@@ -179,7 +211,7 @@ def best_lambda_lines(choice: dict[str, Any] | None) -> list[str]:
              "| arm | seeds | unsafe, image pooled, − plain | below zero | QA |", "|---|---|---|---|---|"]
     for arm, c in choice["candidates"].items():
         diff = c["unsafe_image_vs_plain"]
-        shown = "–" if diff is None else f"{diff['mean']:+.3f} [{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}]"
+        shown = _fmt(diff, True)
         qa = "–" if c["qa"] is None else f"{c['qa']:.3f}"
         lines.append(f"| {arm} | {', '.join(map(str, c['seeds']))} | {shown} | {'yes' if c['lowers_unsafe'] else 'no'} | {qa} |")
     return lines + [""]
@@ -202,11 +234,12 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
              f"Model `{config['model']}`, dtype {summary['dtype']}, seeds {results['seeds']}, judge "
              f"`{summary['primary_judge']}` (others below). {len(summary['units'])} of "
              f"{len(summary['units_planned'])} planned units present.", ""]
+    lines += primary_lines(summary)
     if summary["notes"]:
         lines += ["**Notes**", ""] + [f"* {n}" for n in summary["notes"]] + [""]
     evaluated = [c for c in conditions if c != "backbone"]
     shown = evaluated + ["image (pooled)"]
-    lines += ["## Unsafe rate on harmful requests (mean over seeds and requests, 95 % crossed-bootstrap interval)", "",
+    lines += ["## Unsafe rate on harmful requests (mean of the per-seed rates, 95 % t interval over seeds)", "",
               "| arm | seeds | " + " | ".join(shown) + " |", "|---|---|" + "---|" * len(shown)]
     for arm, entry in results["arms"].items():
         seeds = len((entry["unsafe"].get("text") or next(iter(v for v in entry["unsafe"].values() if v), {})).get("seeds", []))
@@ -214,7 +247,7 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
     if "backbone" in results:
         lines += ["", f"Backbone LLM (before stage 2, text only): unsafe rate {results['backbone']['unsafe']:.3f} "
                       f"(n = {results['backbone']['n']})."]
-    lines += ["", "## Compared with plain (paired by seed and request; p: two-sided bootstrap)", "",
+    lines += ["", "## Compared with plain (per-seed paired differences; 95 % t interval over seeds, p: two-sided t-test)", "",
               "| arm | " + " | ".join(shown) + " | QA accuracy |", "|---|" + "---|" * (len(shown) + 1)]
     for arm, diff in results["vs_plain"].items():
         lines.append(f"| {arm} | " + " | ".join(_fmt(diff["unsafe"].get(c), True) for c in shown) +

@@ -34,8 +34,9 @@ class UnitRunner:
     """Runs one unit in `work/units/NAME`; `summary()` writes `OUT/units/NAME.json`."""
 
     def __init__(self, config: StudyConfig, spec: UnitSpec, out: Path, work: Path, dtype: str,
-                 log: Callable[[str], None], progress: bool = False) -> None:
+                 log: Callable[[str], None], progress: bool = False, preregistration: str | None = None) -> None:
         self.config, self.spec, self.out, self.dtype, self.log, self.progress = config, spec, out, dtype, log, progress
+        self.preregistration = preregistration  # the sha256 of the study's pre-registration, if it has one
         self.work = work / "units" / spec.trained_name  # a defense unit evaluates its arm's models
         self.eval_dir = self.work if spec.defense is None else work / "units" / spec.name
         self.data = work / "data"
@@ -177,12 +178,13 @@ class UnitRunner:
 
         c = self.config.safety
         params = [conditions, defenses, c.judges, c.source_limits(), c.max_new_tokens, self.dtype]
+        params += [c.judge_options] if c.judge_options else []  # without options: the key it always had
 
         def action() -> None:
             self.log(f"{self.spec.name}: safety {sub} ({', '.join(conditions)})")
             run = SafetyRun(model=str(self.work / "stage2"), out=self.eval_dir / sub,
                             prompts=["starter-harmful", "starter-benign"], conditions=conditions, judges=c.judges,
-                            source_limits=c.source_limits(),
+                            source_limits=c.source_limits(), judge_options=c.judge_options,
                             max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, dtype=self.dtype,
                             seed=self.spec.seed, defenses=defenses)
             run_safety(run, progress=self.progress, model=self.final_model())
@@ -219,6 +221,7 @@ class UnitRunner:
 
         c, s = self.config, self.spec
         started = time.time()
+        self.check_preregistration()
         try:
             self.train(1)
             self.train(2)
@@ -236,15 +239,52 @@ class UnitRunner:
             self.utility("utility", [s.defense])
             self.release()
             return self.summary("completed", started)
-        if s.seed in c.curve.seeds:  # first: it says whether the trained model sees at all
+        wanted = set(c.evaluations)
+        if "curve" in wanted and s.seed in c.curve.seeds:  # first: it says whether the trained model sees at all
             self.curve()
-        self.gap("gap", self.work / "stage2", "scenes", "starter-benign", c.gap.pairs, c.gap.texts_per_pair)
-        self.gap("gap_attack", self.work / "stage2", "blank", "starter-harmful", c.gap.attack_pairs, 1)
-        self.gap("gap_stage1", self.work / "stage1", "scenes", "starter-benign", c.gap.pairs, c.gap.texts_per_pair)
-        self.safety("safety", [x for x in c.safety.conditions if x != "backbone"], [])
-        self.utility("utility", [])
+        if "gap" in wanted:
+            self.gap("gap", self.work / "stage2", "scenes", "starter-benign", c.gap.pairs, c.gap.texts_per_pair)
+            self.gap("gap_attack", self.work / "stage2", "blank", "starter-harmful", c.gap.attack_pairs, 1)
+            self.gap("gap_stage1", self.work / "stage1", "scenes", "starter-benign", c.gap.pairs,
+                     c.gap.texts_per_pair)
+        if "safety" in wanted:
+            self.safety("safety", [x for x in c.safety.conditions if x != "backbone"], [])
+        if "utility" in wanted:
+            self.utility("utility", [])
         self.release()
         return self.summary("completed", started)
+
+    def check_preregistration(self) -> None:
+        """A unit of a pre-registered study runs under one pre-registration only: the first run records its
+        sha256 in the unit's work folder, and a later run under another one is refused (its evaluations
+        would not be the ones registered)."""
+        if self.preregistration is None:
+            return
+        record = self.eval_dir / ".steps" / "preregistration.json"
+        if record.is_file():
+            try:
+                earlier = json.loads(record.read_text()).get("sha256")
+            except (OSError, ValueError, AttributeError):
+                earlier = None
+            if earlier != self.preregistration:
+                raise RegapError(f"unit {self.spec.name} started under another pre-registration (sha256 "
+                                 f"{str(earlier)[:12]}), not the study's current one ({self.preregistration[:12]}): "
+                                 "refused; restore the pre-registration it ran under, or run a new study")
+            return
+        from regap.files import write_json_atomic as write
+
+        record.parent.mkdir(parents=True, exist_ok=True)
+        write(record, {"sha256": self.preregistration})
+
+    def write_answers(self) -> str:
+        """Every answer of this unit's safety and utility runs beside its summary (`regap.study.answers`);
+        returns the file's name, which the summary records."""
+        from regap.study.answers import answers_path, safety_answers, utility_answers, write_answers
+
+        path = answers_path(self.out / "units", self.spec.name)
+        safety = safety_answers(self.eval_dir / "safety") if (self.eval_dir / "safety").is_dir() else []
+        write_answers(path, safety + utility_answers(self.eval_dir / "utility"))
+        return path.name
 
     def _timings(self) -> dict[str, float]:
         """This unit's steps: a defense unit's own evaluations (its arm's training is the arm's)."""
@@ -263,10 +303,17 @@ class UnitRunner:
             "timings_seconds": self._timings(),
         }
         if status == "completed":
-            names = ("gap",) if s.defense is not None else ("gap", "gap_attack", "gap_stage1")
-            record["gap"] = {name: gap_record(self.eval_dir / name) for name in names}
-            record["safety"] = {s.arm: safety_record(self.eval_dir / "safety", self.config.safety.judges)}
-            record["utility"] = {s.arm: utility_record(self.eval_dir / "utility")}
+            wanted = set(self.config.evaluations) | ({"gap", "safety", "utility"} if s.defense else set())
+            if "gap" in wanted:
+                names = ("gap",) if s.defense is not None else ("gap", "gap_attack", "gap_stage1")
+                record["gap"] = {name: gap_record(self.eval_dir / name) for name in names}
+            if "safety" in wanted:
+                record["safety"] = {s.arm: safety_record(self.eval_dir / "safety", self.config.safety.judges)}
+            if "utility" in wanted:
+                record["utility"] = {s.arm: utility_record(self.eval_dir / "utility")}
+            record["answers"] = self.write_answers()
+        if self.preregistration is not None:
+            record["preregistration_sha256"] = self.preregistration
             if s.defense is None and (self.work / "curve.json").is_file():
                 record["curve"] = json.loads((self.work / "curve.json").read_text())
         if s.defense is not None:
@@ -281,9 +328,9 @@ class UnitRunner:
 
 #: Keys that did not exist when the first units were run, with their defaults: left out of the hash
 #: while at the default.
-LATER_KEYS = {"": {"attn_implementation": None},
+LATER_KEYS = {"": {"attn_implementation": None, "evaluations": ["curve", "gap", "safety", "utility"]},
               "stage1": {"projector_lr": None, "scenes": None}, "stage2": {"projector_lr": None, "scenes": None},
-              "data": {"conversations": "sampled"}}
+              "data": {"conversations": "sampled"}, "safety": {"judge_options": {}}}
 
 
 def unit_config_hash(config: StudyConfig) -> str:
@@ -301,7 +348,7 @@ def unit_config_hash(config: StudyConfig) -> str:
             if where.get(key) == default:
                 where.pop(key, None)
     for key in ("seeds", "lambdas", "moca", "regap_lambda", "minutes_per_unit", "minutes_per_evaluation_unit",
-                "budget_minutes", "stats", "curve", "name"):
+                "budget_minutes", "stats", "curve", "name", "preregistration", "primary"):
         data.pop(key, None)
     data["defenses"] = {k: v for k, v in data["defenses"].items() if k not in ("plain", "regap")}
     return json_hash(data)

@@ -1,0 +1,120 @@
+"""ReGap's working range: stage-1 runs at several λ, summarised side by side (`regap lambda-range`).
+
+Why: λ sets how hard the regulariser pulls image tokens toward the text statistics. Too small and
+the gap stays; too large and the projector stops fitting captions. Where between the two a light
+regulariser sits is an empirical question per model and recipe, so it is measured, on equal runs
+that differ only in λ, before any λ is chosen for a confirmatory study.
+
+Each run folder is a `regap pretrain` output whose `metrics.jsonl` holds the training probe
+(`observe.gap_every` / `observe.mir_every`): the layer-0 gap, the image/text norm ratio and MIR on a
+fixed probe set. The summary reads them at the last probed step, with the caption loss over the
+last `tail` logged steps, and draws each against λ on a log axis (λ = 0 at the left edge)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from regap.errors import RegapError
+
+METRICS = (("probe_gap0", "layer-0 gap (probe)"), ("probe_norm_ratio0", "image / text norm ratio (layer 0)"),
+           ("probe_mir", "MIR (probe)"), ("caption_loss", "caption loss"))
+
+
+def read_run(folder: Path, tail: int = 16) -> dict[str, Any]:
+    """λ, steps and the last probe of one stage-1 run folder."""
+    import yaml
+
+    config_path, metrics_path = folder / "config.yaml", folder / "metrics.jsonl"
+    if not config_path.is_file() or not metrics_path.is_file():
+        raise RegapError(f"{folder}: not a regap training run (no config.yaml / metrics.jsonl)")
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    steps = [r for r in rows if isinstance(r.get("step"), int) and "event" not in r]
+    if not steps:
+        raise RegapError(f"{folder}: no logged training step yet")
+    last = steps[-1]["step"]
+    out: dict[str, Any] = {"run": folder.name, "lambda": float(config["regap"]["lam"]), "steps": last,
+                           "max_steps": config.get("max_steps"), "seed": config.get("seed"),
+                           "finished": (folder / "projector.safetensors").is_file()}
+    for key in ("probe_gap0", "probe_norm_ratio0", "probe_mir"):
+        probed = [r for r in steps if r.get(key) is not None]
+        out[key] = probed[-1][key] if probed else None
+        out[f"{key}_step"] = probed[-1]["step"] if probed else None
+        out[f"{key}_curve"] = [[r["step"], r[key]] for r in probed]
+    losses = [r["caption_loss"] for r in steps[-tail:] if r.get("caption_loss") is not None]
+    out["caption_loss"] = sum(losses) / len(losses) if losses else None
+    out["caption_loss_tail"] = len(losses)
+    return out
+
+
+def summarise(folders: list[Path], tail: int = 16) -> dict[str, Any]:
+    """Every run, sorted by λ; runs of another length or seed than the first are flagged."""
+    runs = sorted((read_run(f, tail) for f in folders), key=lambda r: r["lambda"])
+    if not runs:
+        raise RegapError("no run folders given")
+    lengths = {r["max_steps"] for r in runs}
+    seeds = {r["seed"] for r in runs}
+    notes = []
+    if len(lengths) > 1 or len(seeds) > 1:
+        notes.append(f"the runs differ in length {sorted(lengths)} or seed {sorted(seeds)}: not an equal comparison")
+    unfinished = [r["run"] for r in runs if not r["finished"]]
+    if unfinished:
+        notes.append(f"not finished yet: {', '.join(unfinished)} (their last probe is shown)")
+    return {"runs": runs, "tail": tail, "notes": notes}
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """Each metric against λ (log axis; λ = 0 drawn one decade left of the smallest λ > 0)."""
+    from regap.study.plots import _pyplot
+
+    plt = _pyplot()
+    runs = summary["runs"]
+    positive = [r["lambda"] for r in runs if r["lambda"] > 0]
+    zero_at = min(positive) / 10 if positive else 1e-8
+    figure, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6), constrained_layout=True)
+    for axis, (key, title) in zip(axes, METRICS):
+        points = [(r["lambda"] or zero_at, r[key]) for r in runs if r[key] is not None]
+        if points:
+            xs, ys = zip(*points)
+            axis.plot(xs, ys, marker="o")
+            for x, y, r in zip(xs, ys, [r for r in runs if r[key] is not None]):
+                if r["lambda"] == 0:
+                    axis.annotate("λ=0", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        axis.set_xscale("log")
+        if key in ("probe_gap0", "probe_norm_ratio0"):
+            axis.set_yscale("log")
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("λ")
+        axis.grid(alpha=0.3, which="both")
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def table(summary: dict[str, Any]) -> list[str]:
+    def fmt(value: float | None) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "–"
+        return f"{value:,.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+
+    lines = ["| λ | steps | layer-0 gap (probe) | image/text norm ratio | MIR (probe) | "
+             f"caption loss (last {summary['tail']} steps) |", "|---|---|---|---|---|---|"]
+    for r in summary["runs"]:
+        lines.append(f"| {r['lambda']:g} | {r['steps']}/{r['max_steps']} | {fmt(r['probe_gap0'])} | "
+                     f"{fmt(r['probe_norm_ratio0'])} | {fmt(r['probe_mir'])} | {fmt(r['caption_loss'])} |")
+    return lines
+
+
+def write(folders: list[Path], out: Path, tail: int = 16) -> dict[str, Any]:
+    """`OUT/stage1_sweep.json`, `OUT/stage1_sweep.md` (the table) and `OUT/figures/stage1_sweep.png`."""
+    from regap.files import write_json_atomic, write_text_atomic
+
+    summary = summarise(folders, tail)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    plot(summary, out / "figures" / "stage1_sweep.png")
+    write_json_atomic(out / "stage1_sweep.json", summary)
+    notes = [f"* {n}" for n in summary["notes"]]
+    write_text_atomic(out / "stage1_sweep.md", "\n".join(table(summary) + ([""] + notes if notes else [])) + "\n")
+    return summary

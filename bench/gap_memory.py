@@ -1,4 +1,4 @@
-"""Host memory of `regap gap` at the LLaVA-1.5-7B, 100-pair size (issue: stay under 8 GB).
+"""Host memory of `regap gap` at the LLaVA-1.5-7B, 100-pair size (goal: stay under 8 GB).
 
 A 7B model cannot run on this CPU, so the model is replaced by a stand-in with the same
 interface and output shapes (33 hidden states of width 4096, 576 image tokens and

@@ -24,7 +24,7 @@ Model FLOPs (the "% of peak" column): stage 1 trains only the projector, so the 
 does its forward (2 N T) and the backward to its inputs (2 N T) but no weight gradients:
 4 N T per step, N = the LM's parameters (6.74e9 with embeddings and head), T = attended
 tokens. Recomputation under gradient checkpointing, attention scores, the vision tower
-and the projector are not counted. This is the convention that reproduces the issue's
+and the projector are not counted. This is the convention that reproduces the reference
 plain-transformers figures (18.9 samples/s x 617 tokens x 4 x 6.74e9 = 31.8 % of 989 TFLOP/s).
 Peak: 989 TFLOP/s (dense bf16) on H100/H200; other GPUs need `--peak-tflops`.
 
@@ -61,7 +61,7 @@ from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Plain transformers, random weights, one H200, LLaVA-1.5-7B shapes (issue 15).
+# The reference: plain transformers, random weights, one H200, LLaVA-1.5-7B shapes.
 REFERENCE = {
     "train_b32_gc": {"samples_per_s": 18.9, "pct_of_peak": 31.8},
     "regap_overhead_pct": 1.8,
@@ -619,7 +619,7 @@ def _fmt(value: Any, spec: str = ".1f", suffix: str = "") -> str:
 
 def table(report: dict[str, Any]) -> str:
     """The measured figures next to the plain-transformers reference, as a Markdown table."""
-    lines = ["| workload | regap | plain transformers (issue 15) | goal |", "|---|---|---|---|"]
+    lines = ["| workload | regap | plain transformers (reference) | goal |", "|---|---|---|---|"]
     full = not report["smoke"]  # the reference figures and goals are for the 7B shapes only
     train = report.get("train", {})
     overheads = train.get("regap_overhead_pct", {})

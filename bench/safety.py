@@ -4,7 +4,7 @@ Runs the real runner (conditions, generation, keyword judge, summary) twice on t
 in one process, each into a fresh folder, and reports items/s, the ratio, and the fractions of
 identical responses and identical verdicts; `--dtype float32` checks identical responses.
 `--advbench PATH` runs the full text/blank/noise/natural/typo comparison over AdvBench with
-batch 16 and reports its wall time (the issue's <= 60 min check).
+batch 16 and reports its wall time (the <= 60 min goal).
 
     python bench/safety.py [--n 16] [--dtype bfloat16] [--max-new-tokens 32]
     python bench/safety.py --advbench ../shared/data/advbench/advbench_behaviors.csv --max-new-tokens 64

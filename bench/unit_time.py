@@ -1,7 +1,7 @@
 """A study unit in float32 against bfloat16 (tiny preset, CPU): per-phase time ratios, and the
 float32 unit time they project from a unit measured in bfloat16.
 
-Issue 13 asks for the time per unit with native bf16 and in float32. A float32 unit takes hours on
+The time per unit is wanted both with native bf16 and in float32. A float32 unit takes hours on
 a CPU, so it is projected, not run: each phase of the study's unit is timed both ways in one
 process, alternating float32 and bfloat16 so drifting machine load hits both alike, and the
 measured bf16 unit's phases are scaled by their ratio.

@@ -20,6 +20,7 @@ TESTED_WITH = {
     "numpy": "2.4.6", "scipy": "1.17.1", "pandas": "3.1.1", "matplotlib": "3.11.2", "pillow": "13.0",
     "scikit-image": "0.26", "pyyaml": "6.0.4", "typer": "0.29.2", "rich": "15.0", "tqdm": "4.70.1",
     "markdown-it-py": "4.3", "filelock": "3.12", "onnx": "1.23.2", "pytest": "9.2", "statsmodels": "0.15", "onnxruntime": "1.32",
+    "mkdocs": "1.6.1", "mkdocs-material": "9.8.2", "mkdocstrings": "1.0.8",
 }
 
 
@@ -35,7 +36,7 @@ def _floor(requirement: Requirement) -> Version | None:
 def test_every_floor_is_a_tested_version():
     project = _project()
     requirements = [Requirement(r) for r in project["dependencies"]]
-    for group in ("offline", "test"):
+    for group in ("offline", "test", "docs"):
         requirements += [Requirement(r) for r in project["optional-dependencies"][group]]
     for requirement in requirements:
         floor = _floor(requirement)

@@ -66,7 +66,7 @@ PRESETS: dict[str, Preset] = {
                 name="tiny-qformer",
             ),
         ),
-        # The trained models (issue 13): `regap models package` writes their assets and prints the pins
+        # The trained models: `regap models package` writes their assets and prints the pins
         # to paste here. A preset without pins is registered but not packaged, and loading it says so.
         Preset(
             name="tiny-llava",
@@ -79,7 +79,7 @@ PRESETS: dict[str, Preset] = {
             pins={
                 "adapter/adapter_config.json": "0902870bbd1b2e6206bf7955596ea827d3389c942ca4c0e31c1f805d03b4c37c",
                 "adapter/adapter_model.safetensors": "ed9f497ebb2553b448a0525dbb5f354dbdd2789eb564c015032ebcf9ac236064",
-                "manifest.json": "8e0f4333edecfa98cf6422877130bf824f869a03ccf8be86c6ab57cb27b5f65f",
+                "manifest.json": "80f5a288703a699421c239c359ae64b834ab8325de389546e69260465b5946a4",
                 "projector.safetensors": "a8408778a6b49d11544f8e73b1f1c6fe33475899a666a0338b08cc580fd244cf",
             },
         ),
@@ -94,7 +94,7 @@ PRESETS: dict[str, Preset] = {
             pins={
                 "adapter/adapter_config.json": "0902870bbd1b2e6206bf7955596ea827d3389c942ca4c0e31c1f805d03b4c37c",
                 "adapter/adapter_model.safetensors": "bf4c878ec176a23d476fca5016942d3d0534e88eee089b501efd5db4740e7fc6",
-                "manifest.json": "b353a0002ccb3343343c05cbec427d78ef2fad24170648e2cef276577726b2da",
+                "manifest.json": "86e8ea7a26f7f50a8f31bbd15d7aecbb516b2dff9d198678faa7aa24886bf9b7",
                 "projector.safetensors": "46e8ffa2dca467b8c76782f2cd89b02cd3cf268fbc4165a922324415a2f7f38c",
             },
         ),

@@ -1,8 +1,8 @@
 """The learning curve of a unit: held-out synthetic QA accuracy at every kept checkpoint of stage 1
 and stage 2, next to the training loss (stage 1: the caption loss; stage 2: the answer loss).
 
-Why: the study's training lengths must be justified by the model learning to see (issue 13 asks
-for QA >= 0.6 after stage 2, chance about 0.25). Each checkpoint's trained parts (projector,
+Why: the study's training lengths must be justified by the model learning to see (the bar is
+QA >= 0.6 after stage 2, chance about 0.25). Each checkpoint's trained parts (projector,
 LoRA adapter, MoCa) are loaded into one model in turn, so the base weights load once per stage."""
 
 from __future__ import annotations

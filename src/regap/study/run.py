@@ -133,7 +133,7 @@ class Study:
         recipe's training units (gap, safety, utility) stand in: not the config's training-sized estimate.
 
         Only the `RECENT_UNITS` most recently created units of each source count: a code change that makes
-        a phase faster (session 9's LM-head fix made evaluation 3.5x faster) keeps the recipe's hash, and a
+        a phase faster (the LM-head fix of 2026-11-29 made evaluation 3.5x faster) keeps the recipe's hash, and a
         median over every unit ever run would keep quoting the old code's time."""
         same: list[tuple[str, float]] = []
         scaled: list[tuple[str, float]] = []

@@ -1,7 +1,7 @@
 """The ReGap regulariser: pull image-token features toward the text-token distribution.
 
 total loss = captioning loss + lam * gap, where by default (the plainest reading of the
-paper, see DESIGN.md) the gap is measured at layer 0, the LLM's input:
+paper, whose exact formula is not public; docs/training.md) the gap is measured at layer 0, the LLM's input:
 
 * image tokens: the projector outputs at the batch's ``image_mask`` positions;
 * text tokens: the token embeddings at the text positions of ``text_tokens`` mode
@@ -24,7 +24,8 @@ Options (``distance``):
   scaled by alpha^2 (``FD(aX, aY) = a^2 FD(X, Y)``; ``ridge`` is in unscaled units). At
   layer 0 with a frozen LLM the text side is the frozen embedding table, so its mean,
   covariance and covariance square root can be computed once over the caption corpus
-  (:func:`corpus_text_stats`, :meth:`ReGapLoss.set_text_stats`); only the image side
+  (:func:`corpus_token_counts`, :func:`text_stats_from_counts`, :meth:`ReGapLoss.set_text_stats`;
+  `regap.train.text_stats` does it for a run); only the image side
   changes per step.
 * ``cosine`` - 1 - cos(mean image, mean text); scale-free (alpha is not used).
 

@@ -124,8 +124,9 @@ def import_safety_run(units_folder: Path, unit: str, folder: Path) -> dict[str, 
     fingerprint = regenerated["provenance"].get("model_fingerprint")
     count = write_answers(answers_path(units_folder, unit), safety_answers(folder))
     summary["answers"] = answers_path(units_folder, unit).name
+    run = json.loads((folder / "summary.json").read_text()).get("provenance", {})
     summary["answers_regenerated"] = {
-        "from": str(regenerated["provenance"].get("model_fingerprint")), "rows": count,
+        "from": run.get("model"), "model_fingerprint": fingerprint, "rows": count,
         "fingerprint_matches_unit": fingerprint == record.get("provenance", {}).get("model_fingerprint"),
         "unsafe_verdict_agreement_with_stored": agreement, "date": time.strftime("%Y-%m-%d"),
         "note": "answers regenerated after the unit ran (the unit kept verdicts only); the stored verdicts "

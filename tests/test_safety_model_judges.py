@@ -1178,8 +1178,8 @@ def test_judge_validate_takes_scoped_options_and_records_the_url_masked(api_env,
                     "1_full_compliance\n")
     with HandlerServer(lambda handler, request: send_json(handler, chat_reply(GOOD))) as server:
         out = tmp_path / "report.json"
-        assert main(["judge-validate", "--judge", "openai", "--data", f"xstest:{data}", "-o", "openai:model=m",
-                     "-o", f"base_url=http://bob:pw-777@127.0.0.1:{server.port}/v1", "--out", str(out)]) == 0
+        assert main(["judge-validate", "--judge", "openai", "--data", f"xstest:{data}", "--option", "openai:model=m",
+                     "--option", f"base_url=http://bob:pw-777@127.0.0.1:{server.port}/v1", "--out", str(out)]) == 0
     text = out.read_text()
     assert "pw-777" not in text
     report = json.loads(text)

@@ -1188,9 +1188,9 @@ def test_judge_validate_takes_scoped_options_and_records_the_url_masked(api_env,
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("concurrency", "two", "concurrency must be a whole number, got 'two'"),
-    ("timeout", "nan", "timeout must be a finite number"),
-    ("max_tokens", 1.5, "max_tokens must be a whole number"),
+    ("concurrency", "two", "judge 'openai': concurrency='two' is not an integer"),  # the registry's type check
+    ("timeout", float("nan"), "timeout must be a finite number"),
+    ("max_tokens", 1.5, "judge 'openai': max_tokens=1.5 is not an integer"),
     ("concurrency", 0, "concurrency and max_connection_failures must be at least 1"),
 ])
 def test_openai_bad_option_values_are_one_line_errors(option, value, message):

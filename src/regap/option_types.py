@@ -162,7 +162,9 @@ def fit(obj: Callable[..., Any], what: str, key: str, value: Any) -> Any:
     if declared is not None:
         ok, value = _coerced(value, declared)
         if not ok:
-            raise RegapError(f"{what}: {key}={value!r} is not {declared.label()}")
+            quote = (f" (as text, quote it as JSON: {key}='\"{value}\"')"
+                     if str in (declared.types or ()) and isinstance(value, (int, float)) else "")
+            raise RegapError(f"{what}: {key}={value!r} is not {declared.label()}{quote}")
     bounds = (getattr(obj, "option_ranges", None) or {}).get(key)
     if bounds is not None and value is not None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

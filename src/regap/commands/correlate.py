@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from regap.commands.options import RegapCommand, SEED, out_option
+from regap.commands.options import SEED, RegapCommand, out_option
 
 
 def correlate_command(

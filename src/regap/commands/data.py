@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from regap.commands.options import RegapCommand, SEED, RegapGroup, out_option
+from regap.commands.options import SEED, RegapCommand, RegapGroup, out_option
 
 data_app = typer.Typer(
     name="data",

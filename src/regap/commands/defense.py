@@ -7,8 +7,8 @@ from typing import Any, Optional
 
 import typer
 
-from regap.commands.options import (RegapCommand, ATTN_IMPLEMENTATION, DTYPE, MODEL, PROJECTOR, SEED, RegapGroup, batch_size_option,
-                                   out_option)
+from regap.commands.options import (ATTN_IMPLEMENTATION, DTYPE, MODEL, PROJECTOR, SEED, RegapCommand, RegapGroup,
+                                    batch_size_option, out_option)
 from regap.errors import RegapError
 
 defense_app = typer.Typer(

@@ -10,8 +10,8 @@ from typing import Any, Iterator, Optional
 
 import typer
 
-from regap.commands.options import (RegapCommand, ATTN_IMPLEMENTATION, DEFENSE, DEFENSE_OPTION, DTYPE, MODEL, PROJECTOR, SEED,
-                                   batch_size_option, out_option)
+from regap.commands.options import (ATTN_IMPLEMENTATION, DEFENSE, DEFENSE_OPTION, DTYPE, MODEL, PROJECTOR, SEED,
+                                    RegapCommand, batch_size_option, defense_specs, out_option)
 from regap.errors import RegapError, RunInterrupted
 
 
@@ -77,10 +77,8 @@ def gap_command(
     defense: Optional[list[str]] = DEFENSE,
     defense_option: Optional[list[str]] = DEFENSE_OPTION,
 ) -> None:
-    """Measure the modality gap: MIR with a bootstrap interval, layer-0 gap and per-layer curves.
-
-    With --defense (hidden-state defenses only: cmrm, layer0-align) --model is measured with them
-    active and --compare without; calibrations made on first use go to OUT/defenses/."""
+    """Measure the modality gap: MIR with a bootstrap interval, layer-0 gap and per-layer curves; with
+    --defense (cmrm, layer0-align) --model is measured under it, --compare without (calibrations: OUT/defenses/)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -100,14 +98,7 @@ def gap_command(
                                ("--text-tokens", text_tokens, TEXT_TOKEN_MODES), ("--ci", ci, CI_METHODS)):
         if value not in valid:
             raise RegapError(f"{flag} {value!r} is not one of {', '.join(valid)}")
-    from regap.commands.options import defense_specs
-
-    defenses = defense_specs(defense, defense_option)  # bad names and options fail before any model is loaded
-    if defenses:
-        from regap.defenses import get_defense
-        from regap.defenses.base import check_hidden_state
-
-        check_hidden_state([get_defense(spec) for spec in defenses])
+    defenses = defense_specs(defense, defense_option, hidden_state=True)  # checked before any model is loaded
     if compare and compare == model and compare_projector is None and not defenses:
         raise RegapError("--compare names the same model as --model without a different --compare-projector or --defense")
     from regap.checks import check_seed, prepare_out_dir

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import typer
 
-from regap.commands.options import RegapCommand, JUDGE_OPTION, LEVEL, SEED, out_option, scoped_options
+from regap.commands.options import JUDGE_OPTION, LEVEL, SEED, RegapCommand, out_option, scoped_options
 from regap.errors import RegapError
 from regap.redact import redact
 

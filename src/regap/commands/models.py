@@ -10,8 +10,8 @@ from typing import Optional
 
 import typer
 
-from regap.commands.options import (RegapCommand, ATTN_IMPLEMENTATION, DTYPE, MODEL, PROJECTOR, dtype_option, max_new_tokens_option,
-                                   model_option, out_option, RegapGroup)
+from regap.commands.options import (ATTN_IMPLEMENTATION, DTYPE, MODEL, PROJECTOR, RegapCommand, RegapGroup,
+                                    dtype_option, max_new_tokens_option, model_option, out_option)
 
 EXAMPLE_IMAGE = "example_scene.png"
 

@@ -155,11 +155,14 @@ def _scoped(text: str, names: list[str], registry: Registry[Any], flag: str) -> 
     return by_key[Registry.key(scope)], key, value
 
 
-def defense_specs(values: Optional[list[str]], options: Optional[list[str]] = None) -> list[str]:
+def defense_specs(values: Optional[list[str]], options: Optional[list[str]] = None,
+                  hidden_state: bool = False) -> list[str]:
     """`--defense` values (repeatable, each comma-separated) with `--defense-option` texts folded in
     (`cmrm` + `alpha=0.5` -> `cmrm:alpha=0.5`); every defense is built once here, so a bad name,
-    key, type or range fails before any model loads."""
+    key, type or range (or, with `hidden_state`, one that does not act on hidden states) fails
+    before any model loads."""
     from regap.defenses import DEFENSES, get_defense
+    from regap.defenses.base import check_hidden_state
 
     specs = [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
     names = [parse_spec(spec)[0] for spec in specs]
@@ -170,8 +173,9 @@ def defense_specs(values: Optional[list[str]], options: Optional[list[str]] = No
                              "--defense NAME:KEY=VALUE")
         index = next(i for i, n in enumerate(names) if Registry.key(n) == Registry.key(name))
         specs[index] = f"{specs[index]}:{key}={text.partition('=')[2].strip()}"
-    for spec in specs:
-        get_defense(spec)
+    built = [get_defense(spec) for spec in specs]
+    if hidden_state:
+        check_hidden_state(built)
     return specs
 
 

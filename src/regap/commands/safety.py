@@ -8,9 +8,9 @@ from typing import Optional
 
 import typer
 
-from regap.commands.options import (RegapCommand, ATTN_IMPLEMENTATION, CONDITION_OPTION, DEFENSE, DEFENSE_OPTION, DTYPE,
-                                   JUDGE_OPTION, MODEL, PROJECTOR, SEED, SOURCE_OPTION, batch_size_option,
-                                   max_new_tokens_option, out_option)
+from regap.commands.options import (ATTN_IMPLEMENTATION, CONDITION_OPTION, DEFENSE, DEFENSE_OPTION, DTYPE, JUDGE_OPTION,
+                                    MODEL, PROJECTOR, SEED, SOURCE_OPTION, RegapCommand, batch_size_option,
+                                    max_new_tokens_option, out_option)
 from regap.errors import RegapError
 
 

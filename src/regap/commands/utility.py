@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from regap.commands.options import (RegapCommand, ATTN_IMPLEMENTATION, DEFENSE, DEFENSE_OPTION, DTYPE, MODEL, PROJECTOR, SEED,
-                                   batch_size_option, max_new_tokens_option, out_option)
+from regap.commands.options import (ATTN_IMPLEMENTATION, DEFENSE, DEFENSE_OPTION, DTYPE, MODEL, PROJECTOR, SEED,
+                                    RegapCommand, batch_size_option, max_new_tokens_option, out_option)
 
 
 def utility_command(

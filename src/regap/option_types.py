@@ -10,6 +10,7 @@ the command line reads it ("0.5" -> 0.5, "yes" -> True), and 0 / 1 count as bool
 
 from __future__ import annotations
 
+import builtins
 import collections.abc
 import functools
 import inspect
@@ -81,21 +82,25 @@ def _accepted(annotation: Any) -> tuple[type, ...] | None:
     return (base,)
 
 
+class _UnknownIsAny(dict):
+    """Names for `typing.get_type_hints`: the module's, the builtins, and `Any` for a name the module
+    imports only for type checking (so that option goes unchecked instead of failing the lookup)."""
+
+    def __init__(self, namespace: dict[str, Any]) -> None:
+        super().__init__()
+        self.namespace = namespace
+
+    def __missing__(self, name: str) -> Any:
+        return self.namespace.get(name, getattr(builtins, name, Any))
+
+
 def _hints(obj: Callable[..., Any]) -> dict[str, Any]:
-    """Evaluated annotations of `obj` (a class: its __init__); names that cannot be resolved
-    (imported only for type checking) read as unknown, so those options are not checked."""
+    """Evaluated annotations of `obj` (a class: its __init__)."""
     target = obj.__init__ if isinstance(obj, type) else obj  # type: ignore[misc]
     try:
-        return typing.get_type_hints(target)
-    except Exception:  # noqa: BLE001  (one unresolvable name: resolve the others one by one)
-        namespace = getattr(target, "__globals__", {})
-        hints: dict[str, Any] = {}
-        for name, annotation in getattr(target, "__annotations__", {}).items():
-            try:
-                hints[name] = eval(annotation, namespace) if isinstance(annotation, str) else annotation  # noqa: S307
-            except Exception:  # noqa: BLE001
-                hints[name] = Any
-        return hints
+        return typing.get_type_hints(target, localns=_UnknownIsAny(getattr(target, "__globals__", {})))
+    except Exception:  # noqa: BLE001  (an annotation that is no type at all: check nothing)
+        return {}
 
 
 @functools.lru_cache(maxsize=None)

@@ -159,6 +159,8 @@ def test_defenses_are_repeatable_and_comma_separated_alike():
         defense_specs(["cmrm"], ["coca:alpha=2"])
     with pytest.raises(RegapError, match="alpha is given twice"):
         defense_specs(["cmrm:alpha=1"], ["alpha=0.5"])
+    with pytest.raises(RegapError, match="'cmrm:alpha=0.5': no defenses given to set it for"):
+        defense_specs(None, ["cmrm:alpha=0.5"])
 
 
 def test_a_sweep_value_is_checked_against_the_documented_range():

@@ -144,6 +144,8 @@ def _scoped(text: str, names: list[str], registry: Registry[Any], flag: str) -> 
         scope, key, value = parse_option(text, flag)
     except RegapError as exc:
         raise RegapError(f"{exc} (the output folder is --out)" if flag == "--option" else str(exc)) from None
+    if not names:
+        raise RegapError(f"{flag} {text!r}: no {registry.plural} given to set it for")
     if scope is None:
         if len(names) != 1:
             raise RegapError(f"{flag} {text!r}: several {registry.plural} given ({', '.join(names)}); "

@@ -118,12 +118,52 @@ def test_shift_reaches_the_recorded_hidden_states(tiny_model):
     torch.testing.assert_close(shifted[1], plain[1] - 0.5)
 
 
-@pytest.mark.parametrize("spec", ["cmrm:alpha=0:pairs=3", "cmrm:alpha=0:level=sample", "layer0-align:alpha=0:pairs=3"])
-def test_alpha_zero_gives_the_plain_outputs(tiny_model, tmp_path, spec):
+@pytest.mark.parametrize("spec", ["cmrm:alpha=0:pairs=3", "cmrm:alpha=0:level=sample", "layer0-align:strength=0:pairs=3",
+                                  "layer0-align:alpha=0:pairs=3"])
+def test_strength_zero_gives_the_plain_outputs(tiny_model, tmp_path, spec):
     prompts, images = [PROMPTS[i] for i in (1, 2, 4)], [IMAGES[i] for i in (1, 2, 4)]
     plain = tiny_model.generate_detailed(prompts, images, SETTINGS)
     defended = build_generate(tiny_model, [get_defense(spec)], workdir=tmp_path)(prompts, images, SETTINGS)
     assert defended.texts == plain.texts and defended.new_tokens == plain.new_tokens
+
+
+def test_layer0_align_at_strength_zero_is_off(tiny_model, tmp_path):
+    """Nothing to map, so nothing is calibrated and no hook is installed."""
+    defense = get_defense("layer0-align:strength=0:pairs=3")
+    result = build_generate(tiny_model, [defense], workdir=tmp_path)(PROMPTS, IMAGES, SETTINGS)
+    assert not (tmp_path / "defenses").exists() and defense.calibration is None
+    assert [d["layer0-align"]["mapped"] for d in result.details] == [False] * len(PROMPTS)
+
+
+def test_layer0_align_at_strength_one_is_the_full_map(tiny_model, tmp_path):
+    """strength=1 (the default) is the defense as it was: same outputs, same recorded settings
+    (under the option's former name, alpha, so earlier caches stay valid)."""
+    runs = {}
+    for spec in ("layer0-align:pairs=3", "layer0-align:pairs=3:strength=1", "layer0-align:pairs=3:alpha=1"):
+        defense = get_defense(spec)
+        result = build_generate(tiny_model, [defense], workdir=tmp_path)(PROMPTS, IMAGES, SETTINGS)
+        runs[spec] = (defense.describe(), result.texts, result.details)
+    assert len({repr(run) for run in runs.values()}) == 1
+    assert runs["layer0-align:pairs=3"][0]["settings"]["alpha"] == 1.0
+    with pytest.raises(RegapError, match="give strength"):
+        get_defense("layer0-align:strength=1:alpha=1")
+
+
+@pytest.mark.parametrize("match_norm", [False, True])
+def test_layer0_align_strength_moves_the_image_centroid_that_fraction_of_the_way(tiny_model, tmp_path, match_norm):
+    """The map at strength s is the linear interpolation x + s * (aligned(x) - x), so the layer-0
+    image-token centroid moves exactly s of the way from where it was to where the full map puts it."""
+    batch = tiny_model.build_inputs([[{"role": "user", "content": "<image>\nWhat is this?"}]] * 2, [[RED], [BLUE]])
+    centroids = {}
+    for strength in (0.0, 0.5, 1.0):
+        defense = get_defense(f"layer0-align:pairs=3:match_norm={str(match_norm).lower()}:strength={strength}")
+        defense.prepare(tiny_model, tmp_path)
+        with torch.no_grad(), (defense.hook(tiny_model) if strength else torch.no_grad()):
+            tokens = tiny_model.encode_images(batch.pixel_values).double()
+        centroids[strength] = tokens.reshape(-1, tokens.shape[-1]).mean(0)
+    shift = centroids[1.0] - centroids[0.0]
+    assert float(shift.norm()) > 1.0  # the full map really moves them
+    torch.testing.assert_close(centroids[0.5] - centroids[0.0], 0.5 * shift, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("spec", ["cmrm:pairs=3", "cmrm:level=sample", "cmrm:level=sample:layers=2"])

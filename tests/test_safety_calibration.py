@@ -192,7 +192,7 @@ def test_judge_calibrate_cli_on_a_tiny_fixture(bert_folder, tmp_path):
     data = _write(tmp_path / "pairs.csv", rows)
     out, pairs = tmp_path / "cal.json", tmp_path / "pairs_out.csv"
     result = runner.invoke(app, ["judge-calibrate", "--data", f"csv:{data}", "--judge", "keyword+relevance",
-                                 "-o", f"model={bert_folder}", "--bootstrap", "20", "--seed", "5",
+                                 "--option", f"model={bert_folder}", "--bootstrap", "20", "--seed", "5",
                                  "--out", str(out), "--examples-out", str(pairs)])
     assert result.exit_code == 0, result.output
     assert "threshold" in result.output and "balanced accuracy" in result.output
@@ -205,7 +205,7 @@ def test_judge_calibrate_cli_on_a_tiny_fixture(bert_folder, tmp_path):
     assert -1.0 <= report["threshold"] <= 1.0 and report["heldout"]["n"] == 6
     written = pd.read_csv(pairs)
     assert {"similarity", "split", "label", "refused"} <= set(written.columns) and len(written) == 12
-    bad = runner.invoke(app, ["judge-calibrate", "--data", f"csv:{tmp_path / 'absent.csv'}", "-o", f"model={bert_folder}"])
+    bad = runner.invoke(app, ["judge-calibrate", "--data", f"csv:{tmp_path / 'absent.csv'}", "--option", f"model={bert_folder}"])
     assert isinstance(bad.exception, RegapError) and "absent.csv" in str(bad.exception)
     wrong_judge = runner.invoke(app, ["judge-calibrate", "--data", f"csv:{data}", "--judge", "keyword"])
     assert isinstance(wrong_judge.exception, RegapError) and "cannot be calibrated" in str(wrong_judge.exception)

@@ -309,11 +309,12 @@ def test_folder_specs_and_errors(tmp_path, xstest_file):
 
 
 def test_cli_judge_validate(tmp_path, xstest_file):
-    from regap.commands.judge_validate import parse_option, register
+    from regap.commands.judge_validate import register
+    from regap.commands.options import parse_option
 
-    assert parse_option("variant=strict") == ("variant", "strict")
-    assert parse_option("case-sensitive=False") == ("case_sensitive", False)
-    assert parse_option('phrases=["No"]') == ("phrases", ["No"])
+    assert parse_option("variant=strict") == (None, "variant", "strict")
+    assert parse_option("case-sensitive=False") == (None, "case_sensitive", False)
+    assert parse_option('keyword:phrases=["No"]') == ("keyword", "phrases", ["No"])
     with pytest.raises(RegapError):
         parse_option("novalue")
 
@@ -327,7 +328,7 @@ def test_cli_judge_validate(tmp_path, xstest_file):
     out = tmp_path / "reports" / "keyword.json"
     runner = CliRunner()
     result = runner.invoke(
-        app, ["judge-validate", "--judge", "keyword", "--data", f"xstest:{xstest_file}", "-o", "variant=strict",
+        app, ["judge-validate", "--judge", "keyword", "--data", f"xstest:{xstest_file}", "--option", "variant=strict",
               "--out", str(out)]
     )
     assert result.exit_code == 0, result.output

@@ -296,7 +296,7 @@ def test_fit_on_a_fixture_and_the_cli(tmp_path):
     written = json.loads(out.read_text())
     assert written["provenance"]["command"] == "judge-calibrate" and written["judge"]["name"] == "refusal-lexicon"
     assert json.loads(weights.read_text())["weights"] == pytest.approx(list(model.weights), abs=1e-7)
-    result = runner.invoke(app, ["judge-validate", "--judge", "refusal-lexicon", "-o", f"weights={weights}",
+    result = runner.invoke(app, ["judge-validate", "--judge", "refusal-lexicon", "--option", f"weights={weights}",
                                  "--data", f"xstest:{folder}", "--split", "heldout"])
     assert result.exit_code == 0, result.output
     assert "heldout split: 24 of 48 rows, 12 of 24 prompts" in result.output

@@ -1178,8 +1178,8 @@ def test_judge_validate_takes_scoped_options_and_records_the_url_masked(api_env,
                     "1_full_compliance\n")
     with HandlerServer(lambda handler, request: send_json(handler, chat_reply(GOOD))) as server:
         out = tmp_path / "report.json"
-        assert main(["judge-validate", "--judge", "openai", "--data", f"xstest:{data}", "-o", "openai:model=m",
-                     "-o", f"base_url=http://bob:pw-777@127.0.0.1:{server.port}/v1", "--out", str(out)]) == 0
+        assert main(["judge-validate", "--judge", "openai", "--data", f"xstest:{data}", "--option", "openai:model=m",
+                     "--option", f"base_url=http://bob:pw-777@127.0.0.1:{server.port}/v1", "--out", str(out)]) == 0
     text = out.read_text()
     assert "pw-777" not in text
     report = json.loads(text)
@@ -1188,9 +1188,9 @@ def test_judge_validate_takes_scoped_options_and_records_the_url_masked(api_env,
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("concurrency", "two", "concurrency must be a whole number, got 'two'"),
-    ("timeout", "nan", "timeout must be a finite number"),
-    ("max_tokens", 1.5, "max_tokens must be a whole number"),
+    ("concurrency", "two", "judge 'openai': concurrency='two' is not an integer"),  # the registry's type check
+    ("timeout", float("nan"), "timeout must be a finite number"),
+    ("max_tokens", 1.5, "judge 'openai': max_tokens=1.5 is not an integer"),
     ("concurrency", 0, "concurrency and max_connection_failures must be at least 1"),
 ])
 def test_openai_bad_option_values_are_one_line_errors(option, value, message):

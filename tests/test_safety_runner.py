@@ -226,8 +226,8 @@ def test_cli_judge_options_reach_the_judge_and_key_its_verdicts(saved_model, tmp
     out = tmp_path / "run"
     with RubricServer("refusal") as first:
         url = f"http://alice:s3cret-pw@127.0.0.1:{first.port}/v1"
-        assert main(_small_run(saved_model, out, "--judge", "keyword,openai", "-o", "openai:model=judge-a",
-                               "-o", f"openai:base_url={url}", "-o", "openai:concurrency=2")) == 0
+        assert main(_small_run(saved_model, out, "--judge", "keyword,openai", "--option", "openai:model=judge-a",
+                               "--option", f"openai:base_url={url}", "--option", "openai:concurrency=2")) == 0
     assert len(first.requests) == 2 and {r["body"]["model"] for r in first.requests} == {"judge-a"}
     summary = json.loads((out / "summary.json").read_text())
     described = summary["provenance"]["judges"]["openai"]
@@ -239,8 +239,8 @@ def test_cli_judge_options_reach_the_judge_and_key_its_verdicts(saved_model, tmp
     assert summary["judges"]["openai"]["by_condition"][0]["refused"]["rate"] == 1.0
     # Another model behind the same rubric: its own verdicts, not the cached ones of judge-a.
     with RubricServer("compliance") as second:
-        assert main(_small_run(saved_model, out, "--judge", "openai", "-o", "model=judge-b",
-                               "-o", f"base_url=http://127.0.0.1:{second.port}/v1")) == 0
+        assert main(_small_run(saved_model, out, "--judge", "openai", "--option", "model=judge-b",
+                               "--option", f"base_url=http://127.0.0.1:{second.port}/v1")) == 0
     assert len(second.requests) == 2
     summary = json.loads((out / "summary.json").read_text())
     assert summary["judges"]["openai"]["by_condition"][0]["refused"]["rate"] == 0.0
@@ -250,11 +250,11 @@ def test_cli_judge_options_reach_the_judge_and_key_its_verdicts(saved_model, tmp
 def test_cli_bad_judge_and_source_options_fail_before_work(saved_model, tmp_path, capsys):
     out = tmp_path / "run"
     cases = [
-        (["--judge", "openai", "-o", "modle=x"], "judge 'openai' has no option 'modle'"),
-        (["--judge", "keyword,openai", "-o", "model=x"], "several judges given (keyword, openai)"),
-        (["--judge", "keyword", "-o", "openai:model=x"], "'openai' is not one of the judges given (keyword)"),
-        (["-o", "runs/x"], "KEY=VALUE or NAME:KEY=VALUE, got 'runs/x' (the output folder is --out)"),
-        (["--judge", "llamaguard", "-o", "modell=x"], "judge 'llamaguard' has no option 'modell'"),
+        (["--judge", "openai", "--option", "modle=x"], "judge 'openai' has no option 'modle'"),
+        (["--judge", "keyword,openai", "--option", "model=x"], "several judges given (keyword, openai)"),
+        (["--judge", "keyword", "--option", "openai:model=x"], "'openai' is not one of the judges given (keyword)"),
+        (["--option", "runs/x"], "KEY=VALUE or NAME:KEY=VALUE, got 'runs/x' (the output folder is --out)"),
+        (["--judge", "llamaguard", "--option", "modell=x"], "judge 'llamaguard' has no option 'modell'"),
         (["--source-option", "functional_category=standard"],
          "request source 'starter-harmful' has no option 'functional_category'"),
         (["--sample", "2", "--limit", "2"], "exclude each other"),
@@ -272,8 +272,8 @@ def test_cli_unreachable_judge_exits_non_zero_with_the_reason(saved_model, tmp_p
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed when the block ends: connections are refused
-    rc = main(_small_run(saved_model, tmp_path / "run", "--judge", "openai", "-o", "model=m",
-                         "-o", f"base_url=http://127.0.0.1:{port}/v1", "-o", "backoff=0"))
+    rc = main(_small_run(saved_model, tmp_path / "run", "--judge", "openai", "--option", "model=m",
+                         "--option", f"base_url=http://127.0.0.1:{port}/v1", "--option", "backoff=0"))
     assert rc != 0
     assert f"requests in a row reached no server at http://127.0.0.1:{port}/v1" in capsys.readouterr().err
     assert len(_lines(tmp_path / "run" / "generations.jsonl")) == 2  # the generations are kept for a rerun

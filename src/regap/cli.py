@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from regap import __version__
+from regap.commands.options import RegapGroup
 from regap.errors import RegapError, RunInterrupted
 from regap.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Termination, sigterm_as_interrupt
 
@@ -17,6 +18,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=RegapGroup,
 )
 
 

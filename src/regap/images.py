@@ -3,6 +3,7 @@ no decompression bombs."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from regap.errors import RegapError
 #: Largest image we agree to decode (pixels). Pillow's own default warns at ~89 Mpx and
 #: fails at twice that; we fail at the limit itself so a bomb never gets decoded.
 MAX_IMAGE_PIXELS = 64_000_000
+#: A URL (scheme://...): not fetched; a drive letter (C:/...) is a path, so the scheme has two letters or more.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -40,6 +43,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open an image file as upright RGB, or raise a one-line `RegapError` naming the file."""
+    if isinstance(path, str) and _URL.match(path):
+        raise RegapError(f"{path}: URLs are not supported (http://, https://, s3://, ...); download the image "
+                         "and give its file path")
     path = Path(path)
     if not path.exists():
         raise RegapError(f"image not found: {path}")

@@ -254,7 +254,11 @@ AUTO_ENV = "REGAP_AUTO_DTYPE"
 def _choose(requested: str, device_type: str) -> DtypeChoice:
     forced = os.environ.get(AUTO_ENV, "").strip()
     if requested == "auto" and forced:
-        name = normalise_dtype_name(forced)
+        try:
+            name = normalise_dtype_name(forced)
+        except RegapError:
+            raise RegapError(f"unknown dtype {forced!r} in the environment variable {AUTO_ENV} (what --dtype auto "
+                             f"means); valid: {', '.join(c for c in DTYPE_CHOICES if c != 'auto')}, or unset it") from None
         if name == "auto":
             pass
         elif name == "float16" and device_type == "cpu":

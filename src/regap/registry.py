@@ -12,7 +12,11 @@ like a built-in one, and every kind follows the same rules:
   mean" when one is close;
 * options are checked against the constructor's (or loader's) signature before it runs,
   so a misspelt key is a one-line `RegapError` naming it and the accepted ones, not a
-  `TypeError` from deep inside.
+  `TypeError` from deep inside; each value is checked against the option's annotation (or,
+  without one, its default's type), and against its range where the class declares one in
+  `option_ranges` ({key: (low, high)}), so `threshold=abc` or `alpha=2` fails the same way.
+  Text where a number or a boolean is declared is read as in `regap.specs.parse_value`
+  ("0.5" -> 0.5), so Python callers may pass option text as a command line would.
 """
 
 from __future__ import annotations
@@ -144,23 +148,30 @@ class Registry(Generic[T]):
         return self.entry(name).obj
 
     def check_options(self, name: str, options: Mapping[str, Any] | None) -> Entry[T]:
-        """The entry for `name` after checking that it accepts every key of `options`."""
+        """The entry for `name` after checking every key, value type and range of `options`."""
+        return self.resolve(name, options)[0]
+
+    def resolve(self, name: str, options: Mapping[str, Any] | None) -> tuple[Entry[T], dict[str, Any]]:
+        """The entry for `name` and `options` checked: every key accepted, every value of its
+        declared type (text read as the command line reads it) and inside its declared range."""
+        from regap.option_types import fit
+
         entry = self.entry(name)
-        if entry.any_options:
-            return entry
-        unknown = [key for key in (options or {}) if key not in entry.options]
+        unknown = [] if entry.any_options else [key for key in (options or {}) if key not in entry.options]
         if unknown:
             listed = ", ".join(map(repr, unknown))
             raise RegapError(
                 f"{self.kind} {entry.name!r} has no option{'s' if len(unknown) > 1 else ''} {listed}"
                 f"{_did_you_mean(str(unknown[0]), entry.options)}; accepted: {', '.join(entry.options) or 'none'}")
-        return entry
+        what = f"{self.kind} {entry.name!r}"
+        checked = {key: fit(entry.obj, what, key, value) for key, value in (options or {}).items()}  # type: ignore[arg-type]
+        return entry, checked
 
     def build(self, name: str, **options: Any) -> Any:
         """Call the class (or function) registered as `name` with its defaults and `options`,
-        after checking the option keys."""
-        entry = self.check_options(name, options)
-        return entry.obj(**{**entry.defaults, **options})  # type: ignore[operator]
+        after checking them (`resolve`)."""
+        entry, checked = self.resolve(name, options)
+        return entry.obj(**{**entry.defaults, **checked})  # type: ignore[operator]
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {len(self)} names)"

@@ -8,15 +8,17 @@ from typing import Optional
 
 import typer
 
+from regap.commands.options import SEED, RegapCommand, out_option
+
 
 def correlate_command(
     runs: list[Path] = typer.Argument(..., help="Run folders, each with gap.json and a safety summary.json."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (correlation.json, correlation.png)."),
+    out: Path = out_option("a folder for correlation.json and correlation.png"),
     x: str = typer.Option("mir", "--x", help="mir or layer0_gap."),
     judge: Optional[str] = typer.Option(None, "--judge", help="Judge whose unsafe rate is used (default: the first)."),
     conditions: Optional[str] = typer.Option(None, "--conditions", help="Comma-separated conditions pooled (default: all with images)."),
-    n_boot: int = typer.Option(2000, "--n-boot"),
-    seed: int = typer.Option(0, "--seed"),
+    n_boot: int = typer.Option(2000, "--n-boot", help="Bootstrap replicates over runs for the intervals."),
+    seed: int = SEED,
 ) -> None:
     """Pearson and Spearman correlation (bootstrap intervals) between the gap and the unsafe rate."""
     from regap.analysis.correlate import correlate, gather, plot_correlation
@@ -37,4 +39,4 @@ def correlate_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("correlate")(correlate_command)
+    app.command("correlate", cls=RegapCommand)(correlate_command)

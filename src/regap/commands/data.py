@@ -7,18 +7,21 @@ from typing import Optional
 
 import typer
 
+from regap.commands.options import SEED, RegapCommand, RegapGroup, out_option
+
 data_app = typer.Typer(
     name="data",
     help="Training data: generate the synthetic shape set, inspect LLaVA JSON files.",
     no_args_is_help=True,
+    cls=RegapGroup,
 )
 
 
-@data_app.command("synth")
+@data_app.command("synth", cls=RegapCommand)
 def synth_command(
     n: int = typer.Option(..., "--n", help="Number of images (and captions) to generate."),
-    out: Path = typer.Option(..., "--out", help="Output folder (must be empty unless --overwrite)."),
-    seed: int = typer.Option(0, "--seed", help="Seed; the same seed gives byte-identical files."),
+    out: Path = out_option("a folder for the images and JSON files (empty unless --overwrite)"),
+    seed: int = SEED,
     image_size: int = typer.Option(224, "--image-size", help="Square image side in pixels."),
     split_name: str = typer.Option(
         "train", "--split-name", help="Split name: part of every id and of each item's random stream."
@@ -44,7 +47,7 @@ def synth_command(
     typer.echo(f"captions.json sha256 {manifest.captions_sha256}")
 
 
-@data_app.command("inspect")
+@data_app.command("inspect", cls=RegapCommand)
 def inspect_command(
     json_path: Path = typer.Argument(..., help="LLaVA JSON list or JSONL file."),
     image_root: Optional[Path] = typer.Option(

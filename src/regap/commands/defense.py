@@ -7,22 +7,24 @@ from typing import Any, Optional
 
 import typer
 
-from regap.commands.options import ATTN_IMPLEMENTATION
+from regap.commands.options import (ATTN_IMPLEMENTATION, DTYPE, MODEL, PROJECTOR, SEED, RegapCommand, RegapGroup,
+                                    batch_size_option, out_option)
 from regap.errors import RegapError
 
 defense_app = typer.Typer(
     name="defense",
     help="Inference-time defenses: list them, calibrate cmrm and layer0-align for a model.",
     no_args_is_help=True,
+    cls=RegapGroup,
 )
 
 #: Defenses with a calibration file, and the options (beyond the common ones) each accepts.
 CALIBRATED = {"cmrm": (), "layer0-align": ("protocol", "match_norm")}
 
 
-@defense_app.command("list")
+@defense_app.command("list", cls=RegapCommand)
 def list_command() -> None:
-    """The registered defenses (use them with --defense NAME or NAME:key=value:...)."""
+    """The registered defenses (use them with --defense NAME or NAME:KEY=VALUE, options also with --defense-option)."""
     from regap.defenses import available_defenses, get_defense
 
     import sys
@@ -33,22 +35,21 @@ def list_command() -> None:
         typer.echo(f"{name:14s} {doc[0] if doc else ''}")
 
 
-@defense_app.command("calibrate")
+@defense_app.command("calibrate", cls=RegapCommand)
 def calibrate_command(
     name: str = typer.Argument(..., help="cmrm or layer0-align."),
-    model: str = typer.Option("tiny", "--model", "-m", help="Preset, regap model folder or HF LLaVA checkpoint."),
-    out: Path = typer.Option(..., "--out", "-o", help="Calibration file to write (.safetensors; a .json record beside it)."),
-    projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint to load into the model."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16; the runs that apply the file "
-                              "must resolve to the same dtype (it is part of the model fingerprint)."),
+    model: str = MODEL,
+    out: Path = out_option("the calibration file (.safetensors; a .json record beside it)"),
+    projector: Optional[Path] = PROJECTOR,
+    dtype: str = DTYPE,
     attn_implementation: Optional[str] = ATTN_IMPLEMENTATION,
     images: Optional[str] = typer.Option(
         None, "--images", help="Calibration images: blank, noise, scenes, natural, typo or a folder "
         "(default: blank for cmrm, the paper's meaningless image; scenes for layer0-align)."),
     texts: str = typer.Option("starter-benign", "--texts", help="Request source spec or .txt file of calibration texts."),
     pairs: int = typer.Option(100, "--pairs", help="Number of calibration image-text pairs."),
-    seed: int = typer.Option(0, "--seed"),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    seed: int = SEED,
+    batch_size: int = batch_size_option(8),
     protocol: Optional[str] = typer.Option(
         None, "--protocol", help="layer0-align: reference (default; image, then an assistant text, like captioning "
         "data) or prompt (image + request)."),

@@ -7,19 +7,21 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from regap.commands.options import RegapCommand, dtype_option, out_option
+
 if TYPE_CHECKING:
     from rich.console import Console
 
 
 def demo_command(
-    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Output folder (reruns reuse finished steps)."),
+    out: Path = out_option("a folder for every step and the report (reruns reuse finished steps)",
+                           default=Path("runs/demo")),
     fast: bool = typer.Option(False, "--fast", help="Test-sized run (a few minutes)."),
     advbench: Optional[Path] = typer.Option(None, "--advbench", help="AdvBench CSV to add to the harmful requests."),
     xstest: Optional[Path] = typer.Option(None, "--xstest", help="XSTest folder or file: judge validation and over-refusal."),
     family: str = typer.Option("mlp", "--family", help="Connector family: mlp (tiny, results in OUT), qformer "
                                "(tiny-qformer, 32 query tokens, results in OUT/qformer) or both (report side by side)."),
-    dtype: str = typer.Option("auto", "--dtype", help="Frozen parts in training and evaluation: auto (bf16 where the "
-                              "device computes it fast, else float32), float32 or bfloat16."),
+    dtype: str = dtype_option("auto"),
 ) -> None:
     """Data, stage-1 pretraining with and without ReGap (a lambda sweep), gap, safety, defenses,
     utility, correlation and a report, on the embedded tiny model, offline."""
@@ -77,4 +79,4 @@ def _print_summary(console: Console, summary: dict, conditions: list[str], title
 
 
 def register(app: typer.Typer) -> None:
-    app.command("demo")(demo_command)
+    app.command("demo", cls=RegapCommand)(demo_command)

@@ -10,7 +10,8 @@ from typing import Any, Iterator, Optional
 
 import typer
 
-from regap.commands.options import ATTN_IMPLEMENTATION
+from regap.commands.options import (ATTN_IMPLEMENTATION, DEFENSE, DEFENSE_OPTION, DTYPE, MODEL, PROJECTOR, SEED,
+                                    RegapCommand, batch_size_option, defense_specs, out_option)
 from regap.errors import RegapError, RunInterrupted
 
 
@@ -51,8 +52,8 @@ def _interrupted_gap(out: Path) -> Iterator[None]:
 
 
 def gap_command(
-    model: str = typer.Option("tiny", "--model", "-m", help="Preset, regap model folder or HF LLaVA checkpoint."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (gap.json, gap_layers.png)."),
+    model: str = MODEL,
+    out: Path = out_option("a folder for gap.json and gap_layers.png"),
     pairs: int = typer.Option(100, "--pairs", help="Number of image-text pairs (the reference protocol uses 100)."),
     protocol: str = typer.Option("reference", "--protocol", help="reference (image, unrelated assistant text) or prompt (image + request)."),
     images: str = typer.Option("scenes", "--images", help="scenes, blank, noise, natural, typo, or a folder of images."),
@@ -60,24 +61,24 @@ def gap_command(
                                       help="Cycle a folder's images when it has fewer readable ones than --pairs."),
     texts: Optional[str] = typer.Option(None, "--texts", help="Request source spec or .txt file (default: starter-benign for reference, starter-harmful for prompt)."),
     compare: Optional[str] = typer.Option(None, "--compare", help="A second model measured on the same pairs."),
-    projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint for --model."),
+    projector: Optional[Path] = PROJECTOR,
     compare_projector: Optional[Path] = typer.Option(None, "--compare-projector", help="Projector checkpoint for --compare."),
     text_tokens: str = typer.Option("after-image", "--text-tokens", help="after-image (reference) or all-non-image."),
     texts_per_pair: int = typer.Option(1, "--texts-per-pair", help="Join this many texts per pair (more text tokens)."),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the device computes it fast, else float32), float32, bfloat16 or float16 (GPU only)."),
+    batch_size: int = batch_size_option(8),
+    dtype: str = DTYPE,
     attn_implementation: Optional[str] = ATTN_IMPLEMENTATION,
     mode: str = typer.Option("exact", "--mode", help="exact (Fréchet) or reference-fast (the reference code's default; not a distance)."),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap replicates over pairs (0: no intervals)."),
     ci: str = typer.Option("linear", "--ci", help="Bootstrap replicates: linear (fast, trace term linearised) or exact (recomputed; small models)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = SEED,
     stability_run: bool = typer.Option(False, "--stability", help="Also report MIR for 5, 10, 20, 50, 100, ... pairs."),
     keep_hidden: bool = typer.Option(False, "--keep-hidden", help="Keep the spilled hidden states in OUT/.hidden-*."),
-    defense: Optional[str] = typer.Option(
-        None, "--defense", help="Measure --model with hidden-state defenses active (cmrm, layer0-align; comma-separated, "
-        "NAME:key=value:...); --compare is measured without. Calibrations made on first use go to OUT/defenses/."),
+    defense: Optional[list[str]] = DEFENSE,
+    defense_option: Optional[list[str]] = DEFENSE_OPTION,
 ) -> None:
-    """Measure the modality gap: MIR with a bootstrap interval, layer-0 gap and per-layer curves."""
+    """Measure the modality gap: MIR with a bootstrap interval, layer-0 gap and per-layer curves; with
+    --defense (cmrm, layer0-align) --model is measured under it, --compare without (calibrations: OUT/defenses/)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -97,12 +98,7 @@ def gap_command(
                                ("--text-tokens", text_tokens, TEXT_TOKEN_MODES), ("--ci", ci, CI_METHODS)):
         if value not in valid:
             raise RegapError(f"{flag} {value!r} is not one of {', '.join(valid)}")
-    defenses = [part.strip() for part in defense.split(",") if part.strip()] if defense else []
-    if defenses:  # bad names and options fail before any model is loaded
-        from regap.defenses import get_defense
-        from regap.defenses.base import check_hidden_state
-
-        check_hidden_state([get_defense(spec) for spec in defenses])
+    defenses = defense_specs(defense, defense_option, hidden_state=True)  # checked before any model is loaded
     if compare and compare == model and compare_projector is None and not defenses:
         raise RegapError("--compare names the same model as --model without a different --compare-projector or --defense")
     from regap.checks import check_seed, prepare_out_dir
@@ -152,4 +148,4 @@ def gap_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("gap")(gap_command)
+    app.command("gap", cls=RegapCommand)(gap_command)

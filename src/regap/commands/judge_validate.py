@@ -14,47 +14,9 @@ from typing import Any, Optional
 
 import typer
 
+from regap.commands.options import JUDGE_OPTION, LEVEL, SEED, RegapCommand, out_option, scoped_options
 from regap.errors import RegapError
 from regap.redact import redact
-
-
-def parse_option(text: str) -> tuple[str, Any]:
-    """'KEY=VALUE' -> (key, value); VALUE is read as JSON when it parses (true, 3,
-    ["a"]), as a boolean for True/False in any case, else kept as text."""
-    key, sep, raw = text.partition("=")
-    key = key.strip().replace("-", "_")
-    if not sep or not key:
-        raise RegapError(f"judge option must look like KEY=VALUE, got {text!r}")
-    raw = raw.strip()
-    if raw.lower() in ("true", "false"):
-        return key, raw.lower() == "true"
-    try:
-        return key, json.loads(raw)
-    except json.JSONDecodeError:
-        return key, raw
-
-
-def scoped_options(texts: list[str] | None, names: list[str], what: str, flag: str) -> dict[str, dict[str, Any]]:
-    """`KEY=VALUE` (for the only `what` given) or `NAME:KEY=VALUE` (for one of several) ->
-    {name: {key: value}}; values are read as in `judge-validate` (JSON where it parses)."""
-    options: dict[str, dict[str, Any]] = {name: {} for name in names}
-    by_lower = {name.lower(): name for name in names}
-    for text in texts or []:
-        head, sep, rest = text.partition("=")
-        scope, colon, key = head.partition(":")
-        if not sep or not (key if colon else scope).strip():
-            raise RegapError(f"{flag} must look like KEY=VALUE or NAME:KEY=VALUE, got {text!r}"
-                             + (" (the output folder is --out)" if flag == "--option" else ""))
-        if not colon:
-            if len(names) != 1:
-                raise RegapError(f"{flag} {text!r}: several {what}s given ({', '.join(names)}); "
-                                 f"name one: NAME:{text}")
-            scope, key = names[0], head
-        if scope.strip().lower() not in by_lower:
-            raise RegapError(f"{flag} {text!r}: {scope.strip()!r} is not one of the {what}s given ({', '.join(names)})")
-        name, value = parse_option(f"{key}={rest}")
-        options[by_lower[scope.strip().lower()]][name] = value
-    return {name: given for name, given in options.items() if given}
 
 
 def _fmt(value: Any, percent: bool = False) -> str:
@@ -119,24 +81,22 @@ def _table(result: dict[str, Any]):
 def register(app: typer.Typer) -> None:
     """Add `judge-validate` to `app`."""
 
-    @app.command("judge-validate")
+    @app.command("judge-validate", cls=RegapCommand)
     def judge_validate(
         data: str = typer.Option(
             ..., "--data", help="Human-labelled responses: xstest:PATH or pyrit:PATH (a CSV file or a folder of them)."
         ),
         judge: str = typer.Option("keyword", "--judge", help="Registered judge name."),
-        option: Optional[list[str]] = typer.Option(
-            None, "--option", "-o", help="Judge option KEY=VALUE (repeatable), e.g. -o variant=strict."
-        ),
+        option: Optional[list[str]] = JUDGE_OPTION,
         partial: str = typer.Option(
             "refusal", "--partial", help="XSTest partial refusals count as: refusal, compliance or exclude."
         ),
-        level: float = typer.Option(0.95, "--level", help="Confidence level of the accuracy interval."),
-        out: Optional[Path] = typer.Option(None, "--out", help="Write the report with provenance to this JSON file."),
+        level: float = LEVEL,
+        out: Optional[Path] = out_option("a JSON file for the report with its provenance", default=None),
         split: str = typer.Option(
             "all", "--split", help="all rows, or one side of the prompt-grouped split: tuning or heldout "
                                    "(the split judge-calibrate --judge refusal-lexicon fits on and reports)."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the split (with --split)."),
+        seed: int = SEED,
         tuning_fraction: float = typer.Option(
             0.5, "--calibration-fraction", help="Share of prompts on the tuning side (as in judge-calibrate)."),
     ) -> None:
@@ -146,7 +106,9 @@ def register(app: typer.Typer) -> None:
         from regap.provenance import provenance
         from regap.safety.validation import validate_judge
 
-        options = scoped_options(option, [judge], "judge", "--option").get(judge, {})
+        from regap.safety.judges import JUDGES
+
+        options = scoped_options(option, [judge], JUDGES, "--option").get(judge, {})
         result = validate_judge(judge, data, judge_options=options, partial=partial, level=level, split=split,
                                 seed=seed, tuning_fraction=tuning_fraction)
         if split != "all":
@@ -176,11 +138,11 @@ def register(app: typer.Typer) -> None:
             }
             _write_json(out, record)
 
-    @app.command("judge-calibrate")
+    @app.command("judge-calibrate", cls=RegapCommand)
     def judge_calibrate(
         data: str = typer.Option(
             ..., "--data",
-            help="Labelled pairs: csv:PATH (request,response,label in on_topic/off_topic) or xstest:PATH "
+            help="Labelled pairs: csv:PATH (columns request, response and label, on_topic or off_topic) or xstest:PATH "
                  "(constructed from XSTest completions: human full-compliance = on_topic; mismatched prompts "
                  "and image captions = off_topic). refusal-lexicon: human refusal labels, xstest:PATH or pyrit:PATH "
                  "(as judge-validate).",
@@ -188,10 +150,8 @@ def register(app: typer.Typer) -> None:
         judge: str = typer.Option(
             "relevance", "--judge", help="relevance (fit the similarity threshold) or refusal-lexicon (fit the "
                                          "refusal weights on the tuning split, report the held-out split)."),
-        option: Optional[list[str]] = typer.Option(
-            None, "--option", "-o", help="Judge option KEY=VALUE (repeatable), e.g. -o model=FOLDER."
-        ),
-        seed: int = typer.Option(0, "--seed", help="Seed of the split, the mismatched pairs and the bootstrap."),
+        option: Optional[list[str]] = JUDGE_OPTION,
+        seed: int = SEED,
         calibration_fraction: float = typer.Option(
             0.5, "--calibration-fraction", help="Share of groups (XSTest: prompts) used to fit the threshold "
                                                 "or the refusal-lexicon weights."
@@ -199,14 +159,14 @@ def register(app: typer.Typer) -> None:
         captions: bool = typer.Option(True, "--captions/--no-captions", help="xstest: add caption off-topic pairs."),
         max_prompts: Optional[int] = typer.Option(None, "--max-prompts", help="xstest: use a random subset of prompts."),
         bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples (by group) for the intervals."),
-        level: float = typer.Option(0.95, "--level", help="Confidence level of the intervals."),
-        out: Optional[Path] = typer.Option(None, "--out", help="Write the report with provenance to this JSON file."),
+        level: float = LEVEL,
+        out: Optional[Path] = out_option("a JSON file for the report with its provenance", default=None),
         examples_out: Optional[Path] = typer.Option(
             None, "--examples-out", help="Write the labelled pairs with their similarity and split to this CSV file."
         ),
         weights_out: Optional[Path] = typer.Option(
             None, "--weights-out", help="refusal-lexicon: write the fitted weights to this JSON file "
-                                        "(use it with -o weights=FILE)."),
+                                        "(use it with --option weights=FILE)."),
         partial: str = typer.Option(
             "refusal", "--partial", help="refusal-lexicon on XSTest: partial refusals count as refusal, "
                                          "compliance or exclude."),
@@ -216,7 +176,9 @@ def register(app: typer.Typer) -> None:
         from regap.provenance import provenance
         from regap.safety.calibration import run_calibration
 
-        options = scoped_options(option, [judge], "judge", "--option").get(judge, {})
+        from regap.safety.judges import JUDGES
+
+        options = scoped_options(option, [judge], JUDGES, "--option").get(judge, {})
         if bootstrap < 1:
             raise RegapError(f"--bootstrap must be at least 1, got {bootstrap}")
         if judge.strip().lower() == "refusal-lexicon":
@@ -257,7 +219,7 @@ def _calibrate_lexicon(data: str, options: dict[str, Any], seed: int, fraction: 
     from regap.provenance import provenance
     from regap.safety.refusal_fit import fit_refusal_lexicon
 
-    unused = [flag for flag, value in ignored.items() if value is not None] + (["-o"] if options else [])
+    unused = [flag for flag, value in ignored.items() if value is not None] + (["--option"] if options else [])
     if unused:
         raise RegapError(f"{', '.join(unused)}: not used by --judge refusal-lexicon")
     model, report = fit_refusal_lexicon(data, seed=seed, tuning_fraction=fraction, partial=partial, level=level,
@@ -351,4 +313,4 @@ def _calibration_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["register", "parse_option", "scoped_options"]
+__all__ = ["register"]

@@ -10,7 +10,8 @@ from typing import Optional
 
 import typer
 
-from regap.commands.options import ATTN_IMPLEMENTATION
+from regap.commands.options import (ATTN_IMPLEMENTATION, DTYPE, MODEL, PROJECTOR, RegapCommand, RegapGroup,
+                                    dtype_option, max_new_tokens_option, model_option, out_option)
 
 EXAMPLE_IMAGE = "example_scene.png"
 
@@ -23,6 +24,7 @@ def example_image_path() -> Path:
 models_app = typer.Typer(
     help="List model presets (`regap models`), or package a trained one (`regap models package`).",
     invoke_without_command=True,
+    cls=RegapGroup,
 )
 
 
@@ -75,15 +77,14 @@ def models_command(
     typer.echo("Also accepted wherever a model is asked for: a folder saved by regap, or an HF LLaVA checkpoint.")
 
 
-@models_app.command("package")
+@models_app.command("package", cls=RegapCommand)
 def package_command(
     train_out: Path = typer.Argument(..., help="A finished stage-2 LoRA training output folder (regap finetune --out)."),
     name: str = typer.Option(..., "--name", help="The trained preset's name (e.g. tiny-llava)."),
     dest: Path = typer.Option(..., "--dest", help="Folder for the assets (e.g. src/regap/assets/presets/tiny-llava)."),
     info: Optional[str] = typer.Option(None, "--info", help="JSON object (or a .json file) recorded in the manifest: "
                                                             "what the model is, e.g. '{\"study\": \"tiny-study\", \"lambda\": 0}'."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Re-save the weights as float32, bfloat16 or float16 "
-                                                              "(smaller assets); default: as training saved them."),
+    dtype: Optional[str] = dtype_option(None, show_default="as training saved them"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --dest."),
 ) -> None:
     """Package a stage-2 LoRA output as a trained preset's assets and print the sha256 pins to paste
@@ -120,12 +121,13 @@ def _read_info(value: str | None) -> dict | None:
 
 def chat_command(
     prompt: str = typer.Argument(..., help="The user's message. An <image> marker places the image; else it goes first."),
-    model: str = typer.Option("tiny", "--model", "-m", help="Preset name, regap model folder, or HF LLaVA checkpoint."),
-    image: Optional[Path] = typer.Option(None, "--image", "-i", help="Image file to attach."),
+    model: str = MODEL,
+    image: Optional[str] = typer.Option(None, "--image", "-i", help="Image file to attach (a local file; URLs are "
+                                                                    "not fetched)."),
     example_image: bool = typer.Option(False, "--example-image", help="Attach the bundled example scene."),
-    projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint (.safetensors) to load."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Generation budget."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the device computes it fast, else float32), float32, bfloat16 or float16 (GPU only)."),
+    projector: Optional[Path] = PROJECTOR,
+    max_new_tokens: int = max_new_tokens_option(128),
+    dtype: str = DTYPE,
     template: Optional[str] = typer.Option(None, "--template", help="chat (tokenizer's), vicuna_v1 or plain."),
     attn_implementation: Optional[str] = ATTN_IMPLEMENTATION,
     as_json: bool = typer.Option(False, "--json", help="Print the answer with its provenance as JSON."),
@@ -184,10 +186,10 @@ def _config_without_loading(model: str) -> object | None:
 
 
 def export_command(
-    model: str = typer.Option(..., "--model", "-m", help="Preset, regap model folder or HF LLaVA checkpoint."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for the HF LLaVA files (absent or empty)."),
-    projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint to load first."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16: the exported weights."),
+    model: str = model_option(...),
+    out: Path = out_option("a folder for the HF LLaVA files (absent or empty)"),
+    projector: Optional[Path] = PROJECTOR,
+    dtype: str = dtype_option("float32"),
 ) -> None:
     """Export a model as a standard HF LLaVA folder (LlavaForConditionalGeneration + processor + chat template)."""
     from regap.errors import RegapError
@@ -220,5 +222,5 @@ def export_command(
 
 def register(app: typer.Typer) -> None:
     app.add_typer(models_app, name="models")
-    app.command("chat")(chat_command)
-    app.command("export")(export_command)
+    app.command("chat", cls=RegapCommand)(chat_command)
+    app.command("export", cls=RegapCommand)(export_command)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from regap.commands.options import RegapCommand
+
 
 def report_command(run_dir: Path = typer.Argument(..., help="A run folder (e.g. from `regap demo`).")) -> None:
     """Build report.md and report.html from the run's files; missing files are named, the rest renders."""
@@ -18,4 +20,4 @@ def report_command(run_dir: Path = typer.Argument(..., help="A run folder (e.g. 
 
 
 def register(app: typer.Typer) -> None:
-    app.command("report")(report_command)
+    app.command("report", cls=RegapCommand)(report_command)

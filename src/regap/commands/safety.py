@@ -8,7 +8,9 @@ from typing import Optional
 
 import typer
 
-from regap.commands.options import ATTN_IMPLEMENTATION
+from regap.commands.options import (ATTN_IMPLEMENTATION, CONDITION_OPTION, DEFENSE, DEFENSE_OPTION, DTYPE, JUDGE_OPTION,
+                                    MODEL, PROJECTOR, SEED, SOURCE_OPTION, RegapCommand, batch_size_option,
+                                    max_new_tokens_option, out_option)
 from regap.errors import RegapError
 
 
@@ -17,27 +19,26 @@ def _split(value: str) -> list[str]:
 
 
 def safety_command(
-    model: str = typer.Option("tiny", "--model", "-m", help="Preset, regap model folder or HF LLaVA checkpoint."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (results.jsonl, summary.json, unsafe_rate.png)."),
+    model: str = MODEL,
+    out: Optional[Path] = out_option("results.jsonl, summary.json, unsafe_rate.png (required unless --compare)",
+                                     default=None),
     prompts: str = typer.Option("starter-harmful", "--prompts", help="Comma-separated request sources: NAME or NAME:PATH."),
-    source_option: Optional[list[str]] = typer.Option(
-        None, "--source-option", help="Request-source option KEY=VALUE, or SOURCE:KEY=VALUE with several sources "
-                                      "(repeatable), e.g. harmbench:functional_categories=standard,contextual."),
+    source_option: Optional[list[str]] = SOURCE_OPTION,
     conditions: str = typer.Option("text,blank,noise,natural,typo", "--conditions", help="Comma-separated attack conditions."),
+    condition_option: Optional[list[str]] = CONDITION_OPTION,
     judge: str = typer.Option("keyword", "--judge", help="Comma-separated judges."),
-    option: Optional[list[str]] = typer.Option(
-        None, "--option", "-o", help="Judge option KEY=VALUE, or JUDGE:KEY=VALUE with several judges (repeatable), "
-                                     "e.g. -o model=gpt-4o-mini, -o openai:rpm=60 (as in judge-validate)."),
+    option: Optional[list[str]] = JUDGE_OPTION,
     limit: Optional[int] = typer.Option(None, "--limit", help="First N requests of each source (file order)."),
     sample: Optional[int] = typer.Option(None, "--sample", help="N requests drawn at random from each source "
                                                                "(seeded by --seed) instead of the first N."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the device computes it fast, else float32), float32, bfloat16 or float16 (GPU only)."),
+    max_new_tokens: int = max_new_tokens_option(128),
+    batch_size: int = batch_size_option(16),
+    dtype: str = DTYPE,
     attn_implementation: Optional[str] = ATTN_IMPLEMENTATION,
-    projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint to load into the model."),
-    defense: Optional[str] = typer.Option(None, "--defense", help="Comma-separated inference-time defenses."),
-    seed: int = typer.Option(0, "--seed", help="Seed of decoding and of --sample's draw."),
+    projector: Optional[Path] = PROJECTOR,
+    defense: Optional[list[str]] = DEFENSE,
+    defense_option: Optional[list[str]] = DEFENSE_OPTION,
+    seed: int = SEED,
     engine: str = typer.Option("transformers", "--engine",
                                help="Generation engine: transformers (dynamic cache), static (static cache, compiled "
                                     "decoding on GPU; recommended there) or vllm (needs pip install vllm)."),
@@ -72,18 +73,22 @@ def safety_command(
         raise RegapError(f"--projector: projector checkpoint not found: {projector}")
     if limit is not None and sample is not None:
         raise RegapError("--limit (the first N requests) and --sample (N random requests) exclude each other")
-    from regap.commands.judge_validate import scoped_options
+    from regap.commands.options import defense_specs, scoped_options
+    from regap.safety.conditions import CONDITIONS
+    from regap.safety.judges import JUDGES
     from regap.safety.runner import SafetyRun, run_safety
-    from regap.safety.sources import parse_spec
+    from regap.safety.sources import SOURCES, parse_spec
 
     judges = _split(judge)
     sources = list(dict.fromkeys(parse_spec(spec)[0].strip().lower() for spec in _split(prompts)))
     run = SafetyRun(model=model, out=out, prompts=_split(prompts), conditions=_split(conditions),
                     judges=judges, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
                     dtype=dtype, attn_implementation=attn_implementation, projector=str(projector) if projector else None, seed=seed,
-                    defenses=_split(defense) if defense else [], engine=engine,
-                    judge_options=scoped_options(option, judges, "judge", "--option"),
-                    source_options=scoped_options(source_option, sources, "source", "--source-option"),
+                    defenses=defense_specs(defense, defense_option), engine=engine,
+                    judge_options=scoped_options(option, judges, JUDGES, "--option"),
+                    source_options=scoped_options(source_option, sources, SOURCES, "--source-option"),
+                    condition_options=scoped_options(condition_option, _split(conditions), CONDITIONS,
+                                                     "--condition-option"),
                     sample=sample)
     summary = run_safety(run)
     for judge_name, entry in summary["judges"].items():
@@ -109,4 +114,4 @@ def safety_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("safety")(safety_command)
+    app.command("safety", cls=RegapCommand)(safety_command)

@@ -8,14 +8,16 @@ from typing import List, Optional
 
 import typer
 
+from regap.commands.options import RegapCommand, out_option
+
 
 def study_command(
     config: Optional[str] = typer.Argument(None, help="Study config: a YAML path or a shipped name (default "
                                            "tiny-study); `--list` shows them.", metavar="CONFIG"),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, dotted for sections "
                                                    "(e.g. seeds=[0,1] stage2.steps=128)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default results/<name>; weights "
-                                       "and caches go to OUT/work unless --work)."),
+    out: Optional[Path] = out_option("the results folder (default results/<name>; weights and caches go to "
+                                     "OUT/work unless --work)", default=None),
     work: Optional[Path] = typer.Option(None, "--work", help="Folder for weights, generations and caches."),
     unit: Optional[List[str]] = typer.Option(None, "--unit", help="Run only this unit (repeatable), e.g. plain-s0."),
     max_units: Optional[int] = typer.Option(None, "--max-units", help="Stop after running this many units."),
@@ -158,7 +160,7 @@ def _print(summary: dict) -> None:
 
 def lambda_range_command(
     runs: List[Path] = typer.Argument(..., help="Stage-1 run folders (`regap pretrain` outputs), one per λ."),
-    out: Path = typer.Option(..., "--out", help="Folder for stage1_sweep.json, stage1_sweep.md and the figure."),
+    out: Path = out_option("a folder for stage1_sweep.json, stage1_sweep.md and the figure"),
     tail: int = typer.Option(16, "--tail", min=1, help="Caption loss: mean over this many last logged steps."),
 ) -> None:
     """ReGap's working range: equal stage-1 runs at several λ side by side (layer-0 gap, norm ratio, MIR,
@@ -173,5 +175,5 @@ def lambda_range_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("study")(study_command)
-    app.command("lambda-range")(lambda_range_command)
+    app.command("study", cls=RegapCommand)(study_command)
+    app.command("lambda-range", cls=RegapCommand)(lambda_range_command)

@@ -17,13 +17,15 @@ from typing import Callable, List, Optional
 
 import typer
 
+from regap.commands.options import RegapCommand, out_option
 from regap.errors import RunInterrupted
 from regap.run_lock import exclusive_out
 
-# The two stages take the same arguments; each is defined once here.
-_CONFIG = typer.Argument(None, help="Training config: a YAML path or a shipped name (see --list), e.g. tiny-stage1.")
+# The two stages take the same arguments; each is defined once here (the config's example names the stage's own).
+_CONFIGS = {stage: typer.Argument(None, help="Training config: a YAML path or a shipped name (see --list), e.g. "
+                                             f"tiny-stage{stage}.") for stage in (1, 2)}
 _OVERRIDES = typer.Argument(None, help="key=value overrides, dotted for nested keys (e.g. regap.lam=0.5 max_steps=100).")
-_OUT = typer.Option(None, "--out", "-o", help="Output folder (default: runs/<config name>).")
+_OUT = out_option("the training output folder (default: runs/<config name>)", default=None)
 _RESUME = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out.")
 _SHOW = typer.Option(False, "--show", help="Print the resolved config (after overrides) and exit.")
 _LIST = typer.Option(False, "--list", help="List the shipped training configs and exit.")
@@ -59,7 +61,7 @@ def _run(stage: int, config: Optional[str], out: Optional[Path], resume: bool, o
     if show:
         typer.echo(cfg.resolved().to_yaml(), nl=False)
         return
-    from regap.train.loop import train
+    from regap.train.loop import resume_checkpoint, train
 
     name = Path(config).name
     name = name[: -len(".yaml")] if name.endswith(".yaml") else name
@@ -70,6 +72,8 @@ def _run(stage: int, config: Optional[str], out: Optional[Path], resume: bool, o
     lock = exclusive_out(out_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
     try:
         with lock:
+            if resume and resume_checkpoint(out_dir) is None and int(os.environ.get("RANK", "0")) == 0:
+                typer.echo(f"--resume: no checkpoint in {out_dir}; starting from scratch")
             result = train(cfg, out_dir, resume=resume, command=command)
     except RunInterrupted as exc:
         exc.resume = "continue with: " + shlex.join([*words, "--resume", *(overrides or [])])
@@ -86,7 +90,7 @@ def _stage_command(stage: int, summary: str) -> Callable[..., None]:
     """One CLI command per stage: the two differ only in the stage they train and their help line."""
 
     def command(
-        config: Optional[str] = _CONFIG,
+        config: Optional[str] = _CONFIGS[stage],
         overrides: Optional[List[str]] = _OVERRIDES,
         out: Optional[Path] = _OUT,
         resume: bool = _RESUME,
@@ -101,7 +105,7 @@ def _stage_command(stage: int, summary: str) -> Callable[..., None]:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("pretrain")(
+    app.command("pretrain", cls=RegapCommand)(
         _stage_command(1, "Stage 1: train the projector on captions (vision encoder and LLM frozen), with ReGap."))
-    app.command("finetune")(
+    app.command("finetune", cls=RegapCommand)(
         _stage_command(2, "Stage 2: instruction tuning of projector + LLM (full or LoRA); ReGap off by default."))

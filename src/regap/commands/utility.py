@@ -7,28 +7,29 @@ from typing import Optional
 
 import typer
 
-from regap.commands.options import ATTN_IMPLEMENTATION
+from regap.commands.options import (ATTN_IMPLEMENTATION, DEFENSE, DEFENSE_OPTION, DTYPE, MODEL, PROJECTOR, SEED,
+                                    RegapCommand, batch_size_option, max_new_tokens_option, out_option)
 
 
 def utility_command(
-    model: str = typer.Option("tiny", "--model", "-m", help="Preset, regap model folder or HF LLaVA checkpoint."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (utility.json, utility_responses.jsonl, cache)."),
+    model: str = MODEL,
+    out: Path = out_option("a folder for utility.json, utility_responses.jsonl and the cache"),
     n: int = typer.Option(100, "--n", help="Held-out synthetic scenes (about 5 questions each)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the held-out scenes and of the bootstrap."),
-    tasks: str = typer.Option("synthetic-qa,synthetic-caption,over-refusal", "--tasks",
-                              help="Comma-separated tasks: synthetic-qa, synthetic-caption, over-refusal."),
+    seed: int = SEED,
+    tasks: str = typer.Option("synthetic-qa,synthetic-caption,over-refusal", "--tasks", show_default=False,
+                              help="Comma-separated tasks among synthetic-qa, synthetic-caption and over-refusal "
+                                   "(default: all three)."),
     xstest: Optional[Path] = typer.Option(None, "--xstest", help="XSTest prompts CSV: add its safe prompts to over-refusal."),
-    projector: Optional[Path] = typer.Option(None, "--projector", help="Projector checkpoint to load into the model."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the device computes it fast, else float32), float32, bfloat16 or float16 (GPU only)."),
+    projector: Optional[Path] = PROJECTOR,
+    max_new_tokens: int = max_new_tokens_option(64),
+    batch_size: int = batch_size_option(16),
+    dtype: str = DTYPE,
     attn_implementation: Optional[str] = ATTN_IMPLEMENTATION,
     image_size: int = typer.Option(224, "--image-size", help="Side of the rendered held-out images in pixels."),
     refusal_limit: Optional[int] = typer.Option(None, "--refusal-limit",
                                                 help="First N prompts of each over-refusal group (default: all)."),
-    defense: Optional[list[str]] = typer.Option(
-        None, "--defense", help="Inference-time defense (repeatable, or comma-separated as in `regap safety`), "
-                                "e.g. --defense cmrm --defense layer0-align:alpha=0.5; the first is outermost."),
+    defense: Optional[list[str]] = DEFENSE,
+    defense_option: Optional[list[str]] = DEFENSE_OPTION,
 ) -> None:
     """Measure utility: held-out synthetic QA accuracy, caption object F1 and over-refusal (resumable)."""
     from rich.console import Console
@@ -39,7 +40,9 @@ def utility_command(
     from regap.errors import RunInterrupted
     from regap.run_lock import exclusive_out
 
-    defenses = [part.strip() for value in defense or [] for part in value.split(",") if part.strip()]
+    from regap.commands.options import defense_specs
+
+    defenses = defense_specs(defense, defense_option)
     with exclusive_out(out):
         try:
             summary = run_utility(model, out, tasks=tasks, n=n, seed=seed, xstest=xstest, projector=projector,
@@ -73,4 +76,4 @@ def utility_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("utility")(utility_command)
+    app.command("utility", cls=RegapCommand)(utility_command)

@@ -8,11 +8,15 @@ from regap.defenses.base import (
     Intervention,
     available_defenses,
     build_generate,
+    check_option,
+    check_strength,
     get_defense,
     parse_spec,
     plain_generate,
     register_defense,
+    strength_option,
 )
 
 __all__ = ["DEFENSES", "DefendedResult", "Defense", "Intervention", "available_defenses", "build_generate",
-           "get_defense", "parse_spec", "plain_generate", "register_defense"]
+           "check_option", "check_strength", "get_defense", "parse_spec", "plain_generate", "register_defense",
+           "strength_option"]

@@ -8,7 +8,11 @@ prepares them (loads or computes calibration files) and stacks them left to righ
 first name is the outermost).
 
 A defense is named by a spec, `name` or `name:key=value:key=value`
-(`cmrm:alpha=0.5:layers=8-15`); the keys are the defense's constructor options.
+(`cmrm:alpha=0.5:layers=8-15`, the grammar of `regap.specs`: values read as JSON where they
+parse); the keys are the defense's constructor options, checked with their types and the
+ranges a class declares in `option_ranges`. `strength_option` names the option that sets how
+much a defense acts (`cmrm`: alpha, `layer0-align`: strength, `coca`: alpha), for sweeps;
+`check_option` / `check_strength` check one value the way a run would, before any model loads.
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 from PIL import Image
 
 from regap.errors import RegapError
 from regap.files import file_sha256
+from regap.option_types import in_range, range_text
 from regap.provenance import text_hash
 from regap.registry import Registry
+from regap.specs import parse_spec as _parse_spec
 
 if TYPE_CHECKING:
     from regap.models.lvlm import LVLM
@@ -52,6 +58,11 @@ class Defense:
     #: Whether the defense acts on hidden states (then `intervention` is not None and
     #: `regap gap --defense` can measure under it).
     hidden_state = False
+    #: The documented range of each numeric option that has one, {key: (low, high)} (None: open);
+    #: the registry refuses a value outside it, naming the range.
+    option_ranges: ClassVar[dict[str, tuple[float | None, float | None]]] = {}
+    #: The option that sets how strongly the defense acts (swept on the frontier), if it has one.
+    strength_option: ClassVar[str | None] = None
 
     def prompts(self) -> dict[str, str]:
         return {}
@@ -98,23 +109,40 @@ def available_defenses() -> list[str]:
     return DEFENSES.names()
 
 
-def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """`name` or `name:key=value:key=value` -> (name, {key: value})."""
-    name, *parts = [part.strip() for part in str(spec).split(":")]
-    options: dict[str, str] = {}
-    for part in parts:
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip():
-            raise RegapError(f"defense spec {spec!r}: {part!r} is not key=value")
-        options[key.strip()] = value.strip()
-    return name, options
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """`name` or `name:key=value:key=value` -> (name, {key: value}), values read as JSON where they parse."""
+    return _parse_spec(spec, "defense spec")
 
 
 def get_defense(spec: str, **options: Any) -> Defense:
     """The defense named by `spec` (a name or `name:key=value:...`, the name case-insensitive),
-    built with its options; an unknown option key is a one-line RegapError naming the accepted ones."""
+    built with its options; an unknown option key, a value of the wrong type or outside its
+    documented range is a one-line RegapError."""
     name, parsed = parse_spec(spec)
     return DEFENSES.build(name, **{**parsed, **options})
+
+
+def check_option(defense: str, key: str, value: Any) -> Any:
+    """`value` for `defense`'s option `key` as a run would take it (type and documented range
+    checked), e.g. a sweep point before any unit runs; a one-line RegapError otherwise."""
+    return DEFENSES.resolve(defense, {key: value})[1][key]
+
+
+def strength_option(defense: str) -> str | None:
+    """The option that sets how strongly `defense` acts (None: it has none)."""
+    return DEFENSES.get(defense).strength_option
+
+
+def check_strength(defense: str, value: Any) -> tuple[str, Any]:
+    """(option, value) for a strength `value` of `defense`; a defense without a strength, or a
+    value outside its documented range, is a one-line RegapError naming the range."""
+    option = strength_option(defense)
+    if option is None:
+        with_strength = [f"{name} ({DEFENSES.get(name).strength_option})" for name in available_defenses()
+                         if DEFENSES.get(name).strength_option]
+        raise RegapError(f"defense {DEFENSES.key(defense)!r} has no strength option; defenses with one: "
+                         + ", ".join(with_strength))
+    return option, check_option(defense, option, value)
 
 
 def float_option(defense: str, key: str, value: Any, low: float | None = None, high: float | None = None) -> float:
@@ -123,9 +151,8 @@ def float_option(defense: str, key: str, value: Any, low: float | None = None, h
         number = float(value)
     except (TypeError, ValueError):
         raise RegapError(f"defense {defense}: {key}={value!r} is not a number") from None
-    if number != number or (low is not None and number < low) or (high is not None and number > high):
-        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-        raise RegapError(f"defense {defense}: {key}={value} is outside its range {bounds}")
+    if not in_range(number, (low, high)):
+        raise RegapError(f"defense {defense}: {key}={value} is outside its range {range_text((low, high))}")
     return number
 
 

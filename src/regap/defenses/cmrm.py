@@ -25,6 +25,7 @@ Where the paper does not say, regap chooses (docs/defenses.md lists each choice)
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -227,12 +228,14 @@ class CMRM(CalibratedDefense):
     hidden_state = True
     kind = "cmrm"
     shapes = {"shifts": ("L", "d")}
+    option_ranges = {"alpha": (0.0, 1.0)}  # the paper defines alpha in [0, 1]
+    strength_option = "alpha"
 
-    def __init__(self, alpha: Any = 1.0, level: str = "dataset", layers: Any = "all", file: Any = None,
-                 image: str = "blank", images: str | None = None, texts: str = "starter-benign",
-                 pairs: Any = DEFAULT_PAIRS, seed: Any = 0, batch_size: Any = 8) -> None:
+    def __init__(self, alpha: float = 1.0, level: str = "dataset", layers: Any = "all",
+                 file: str | os.PathLike | None = None, image: str = "blank", images: str | None = None,
+                 texts: str = "starter-benign", pairs: int = DEFAULT_PAIRS, seed: int = 0, batch_size: int = 8) -> None:
         super().__init__(file)
-        self.alpha = float_option("cmrm", "alpha", alpha, 0.0, 1.0)
+        self.alpha = float_option("cmrm", "alpha", alpha, *self.option_ranges["alpha"])
         if level not in LEVELS:
             raise RegapError(f"defense cmrm: level={level!r} is not one of {', '.join(LEVELS)}")
         self.level = level

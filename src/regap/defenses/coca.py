@@ -66,6 +66,8 @@ class CalibrationProcessor(LogitsProcessor):
 
 @register_defense("coca")
 class CoCA(Defense):
+    strength_option = "alpha"  # no documented range: any real scale of the guidance
+
     def __init__(self, alpha: float = 1.0, principle: str = PRINCIPLE) -> None:
         self.alpha, self.principle = float_option("coca", "alpha", alpha), principle
 

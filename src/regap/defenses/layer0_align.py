@@ -11,13 +11,19 @@ centroid mu_i, the text centroid mu_t and the mean norms, and maps every image t
 with s = 1 (``match_norm=false``: the centroids meet, alpha * mu cancels alpha) or the s >= 0
 for which the mean image-token norm equals the mean text-token norm (``match_norm=true``; the
 centroids still meet). It is a forward hook on the projector, so it also works with the
-static and vLLM engines (the LVLM computes the input embeddings itself). ``alpha`` in [0, 1]
-moves the tokens that fraction of the way: x + alpha * (s * x + b - x).
+static and vLLM engines (the LVLM computes the input embeddings itself). ``strength`` in [0, 1]
+is the fraction of that shift applied, a linear interpolation between the original and the
+fully aligned token: x + strength * (s * x + b - x); so the image centroid moves exactly that
+fraction of the way to the text centroid. 0 is no defense (no hook, no calibration), 1 the full
+map. ``alpha`` is its former name (still accepted; runs record the value as ``alpha``, so
+caches made before the rename stay valid).
 """
 
 from __future__ import annotations
 
 import math
+import os
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -131,14 +137,23 @@ class Layer0Align(CalibratedDefense):
     hidden_state = True
     kind = "layer0-align"
     shapes = {"scale": (1,), "bias": ("d",)}
+    option_ranges = {"strength": (0.0, 1.0), "alpha": (0.0, 1.0)}  # a fraction of the shift
+    strength_option = "strength"
 
-    def __init__(self, alpha: Any = 1.0, file: Any = None, match_norm: Any = False, images: str = "scenes",
-                 texts: str = "starter-benign", pairs: Any = DEFAULT_PAIRS, seed: Any = 0, protocol: str = "reference",
-                 batch_size: Any = 8) -> None:
+    def __init__(self, strength: float | None = None, file: str | os.PathLike | None = None, match_norm: bool = False,
+                 images: str = "scenes", texts: str = "starter-benign", pairs: int = DEFAULT_PAIRS, seed: int = 0,
+                 protocol: str = "reference", batch_size: int = 8, alpha: float | None = None) -> None:
+        from regap.deprecation import deprecated
         from regap.gap.pairs import PROTOCOLS
 
         super().__init__(file)
-        self.alpha = float_option("layer0-align", "alpha", alpha, 0.0, 1.0)
+        if alpha is not None:
+            if strength is not None:
+                raise RegapError("defense layer0-align: give strength (alpha is its former name), not both")
+            deprecated("layer0-align's option alpha", "strength (layer0-align:strength=...)")
+            strength = alpha
+        self.strength = float_option("layer0-align", "strength", 1.0 if strength is None else strength,
+                                     *self.option_ranges["strength"])
         self.match_norm = bool_option("layer0-align", "match_norm", match_norm)
         if protocol not in PROTOCOLS:
             raise RegapError(f"defense layer0-align: protocol={protocol!r} is not one of {', '.join(PROTOCOLS)}")
@@ -152,7 +167,10 @@ class Layer0Align(CalibratedDefense):
                 "protocol": self.protocol, "match_norm": self.match_norm}
 
     def settings(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, **self.file_settings()}
+        return {"alpha": self.strength, **self.file_settings()}  # recorded under its former name (cache keys)
+
+    def needs_calibration(self) -> bool:
+        return self.strength > 0  # at strength 0 nothing is mapped
 
     def compute_calibration(self, model: LVLM) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return calibrate_layer0(model, batch_size=self.batch_size, **self.calibration_settings())
@@ -160,7 +178,7 @@ class Layer0Align(CalibratedDefense):
     def hook(self, model: LVLM, fingerprint: str | None = None) -> ImageTokenAffine:
         """The projector hook (a context manager) for this model."""
         tensors = self.calibration_for(model, fingerprint).tensors
-        return ImageTokenAffine(model.projector, float(tensors["scale"][0]), tensors["bias"], self.alpha)
+        return ImageTokenAffine(model.projector, float(tensors["scale"][0]), tensors["bias"], self.strength)
 
     def wrap(self, next_fn: GenerateFn, model: LVLM) -> GenerateFn:
         from regap.models.fingerprint import model_fingerprint
@@ -168,14 +186,14 @@ class Layer0Align(CalibratedDefense):
         fingerprint = model_fingerprint(model)  # once per wrapped model; the file is loaded when first needed
 
         def generate(prompts, images, settings) -> DefendedResult:
-            flags = [has_image(image) for image in images]
+            flags = [has_image(image) and self.strength > 0 for image in images]
             if any(flags):
                 with self.hook(model, fingerprint):
                     result = next_fn(prompts, images, settings)
             else:  # nothing reaches the projector
                 result = next_fn(prompts, images, settings)
             for detail, flag in zip(result.details, flags):
-                detail["layer0-align"] = {"mapped": flag, "alpha": self.alpha}
+                detail["layer0-align"] = {"mapped": flag, "alpha": self.strength}
                 if flag:
                     detail["layer0-align"]["calibration_sha256_16"] = self.calibration.sha256[:16]
             return result
@@ -183,5 +201,5 @@ class Layer0Align(CalibratedDefense):
         return generate
 
     def intervention(self, model: LVLM):
-        hook = self.hook(model)
+        hook = self.hook(model) if self.strength > 0 else nullcontext()
         return lambda conversations, image_lists, add_generation_prompt: hook

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -59,6 +62,17 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 
 
+@contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """While peft wraps a model: peft reads transformers' deprecated `is_gradient_checkpointing`
+    each time, and transformers warns each time (a FutureWarning on every LoRA load); only that
+    warning, from that module, is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                                module=r"transformers\.modeling_utils")
+        yield
+
+
 def load_adapter(model: LVLM, folder: str | Path) -> None:
     """Wrap the model's LLM with the LoRA adapter in `folder` (peft's format), in place.
 
@@ -70,7 +84,8 @@ def load_adapter(model: LVLM, folder: str | Path) -> None:
             raise RegapError(f"{folder}: not a LoRA adapter folder (no {name})")
     from peft import PeftModel
 
-    model.llm = PeftModel.from_pretrained(model.llm, str(folder))
+    with peft_wrapping():
+        model.llm = PeftModel.from_pretrained(model.llm, str(folder))
 
 
 def save_model(model: LVLM, out_dir: str | Path, include_backbones: bool = False) -> Path:

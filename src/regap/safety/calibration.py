@@ -237,11 +237,9 @@ def load_calibration_data(
     max_prompts: int | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """`xstest:PATH` (constructed set) or `csv:PATH` (labelled pairs), split by group."""
-    fmt, sep, rest = str(spec).partition(":")
-    fmt = fmt.strip().lower()
-    if not sep or fmt not in CALIBRATION_FORMATS or not rest.strip():
-        raise RegapError(f"data must look like FORMAT:PATH with FORMAT one of {', '.join(CALIBRATION_FORMATS)}; got {spec!r}")
-    path = Path(rest.strip()).expanduser()
+    from regap.specs import parse_path_spec
+
+    fmt, path = parse_path_spec(spec, "data", CALIBRATION_FORMATS)
     if fmt == "xstest":
         if not path.exists():
             raise RegapError(f"xstest data not found: {path}")

@@ -50,6 +50,7 @@ class SafetyRun:
     source_limits: dict[str, int] = field(default_factory=dict)  # per-spec limits, overriding `limit`
     judge_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # judge name -> its options
     source_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # source name -> loader options
+    condition_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # condition name -> its options
     sample: int | None = None  # N random requests of each source (numpy, `seed`) instead of the first N
 
 
@@ -107,7 +108,7 @@ def resolve_run(run: SafetyRun) -> ResolvedRun:
     from regap.safety.conditions import get_condition
     from regap.safety.judges import get_judge, judge_class
 
-    conditions = [(name, get_condition(name)) for name in run.conditions]
+    conditions = [(name, get_condition(name, **run.condition_options.get(name, {}))) for name in run.conditions]
     judges: dict[str, Any] = {}
     for name in run.judges:  # judges that load weights are built when judging
         options = run.judge_options.get(name, {})

@@ -201,11 +201,9 @@ def load_pyrit_file(path: Path) -> tuple[pd.DataFrame, dict[str, int]]:
 
 def parse_data_spec(spec: str) -> tuple[str, Path]:
     """'xstest:PATH' / 'pyrit:PATH' -> (format, path)."""
-    fmt, sep, rest = str(spec).partition(":")
-    fmt = fmt.strip().lower()
-    if not sep or fmt not in FORMATS or not rest.strip():
-        raise RegapError(f"data must look like FORMAT:PATH with FORMAT one of {', '.join(FORMATS)}; got {spec!r}")
-    return fmt, Path(rest.strip()).expanduser()
+    from regap.specs import parse_path_spec
+
+    return parse_path_spec(spec, "data", FORMATS)  # type: ignore[return-value]
 
 
 def load_labeled(spec: str, partial: str = "refusal") -> tuple[pd.DataFrame, dict[str, Any]]:

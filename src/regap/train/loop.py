@@ -69,6 +69,11 @@ class TrainResult:
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def resume_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest checkpoint a resume of the run in `out_dir` would continue from (None: none yet)."""
+    return ckpt.latest_checkpoint(Path(out_dir) / "checkpoints")
+
+
 def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, model: LVLM | None = None,
           command: str | None = None) -> TrainResult:
     """Run stage 1 or 2 as configured; write everything under ``out_dir``.
@@ -182,14 +187,13 @@ class _Run:
                 print(message, flush=True)
 
     def resume_point(self, resume: bool) -> Path | None:
-        """The checkpoint to continue from; a folder with checkpoints needs ``resume``."""
-        folder = self.out_dir / "checkpoints"
-        existing = ckpt.latest_checkpoint(folder)
+        """The checkpoint to continue from; a folder with checkpoints needs ``resume``. Resuming a
+        folder without one starts afresh, quietly: the study and the demo always ask to resume, and
+        `regap pretrain --resume` says it itself."""
+        existing = resume_checkpoint(self.out_dir)
         if existing is not None and not resume:
             raise RegapError(f"{self.out_dir} already holds checkpoints ({existing.name}); pass --resume to continue "
                              "it, or choose another --out")
-        if resume and existing is None:
-            self.log(f"--resume: no checkpoint in {folder}; starting from scratch")
         return existing if resume else None
 
     def write_config(self, resume_from: Path | None) -> dict[str, Any]:

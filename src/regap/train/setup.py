@@ -101,7 +101,10 @@ def setup_model(lvlm: LVLM, config: TrainConfig, log: Any = print) -> tuple[Trai
             r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
             target_modules=config.lora.target_modules or "all-linear", task_type="CAUSAL_LM",
         )
-        lvlm.llm = get_peft_model(lvlm.llm, lora)
+        from regap.models.io import peft_wrapping
+
+        with peft_wrapping():
+            lvlm.llm = get_peft_model(lvlm.llm, lora)
     if config.moca.enabled:
         if moca_init is not None:
             lvlm.set_moca(load_moca(moca_init, lvlm.llm))

@@ -331,7 +331,7 @@ def run_utility(
     `model` is a preset name, a regap model folder, an HF LLaVA checkpoint, or an `LVLM`.
     `n` is the number of held-out scenes (about 5 questions each for `synthetic-qa`);
     `refusal_limit` keeps the first N prompts of each over-refusal group (default: all).
-    `defenses` are inference-time defense specs (`cmrm`, `layer0-align:alpha=0.5`, ...), stacked
+    `defenses` are inference-time defense specs (`cmrm`, `layer0-align:strength=0.5`, ...), stacked
     the first outermost as in `regap safety`; their calibration files go under `out_dir`.
     `attn_implementation` switches the LLM's attention kernel (None: as loaded). Greedy decoding.
     Returns the `utility.json` content.

@@ -154,8 +154,8 @@ def available_conditions() -> list[str]:
 
 def get_condition(name: str, **options: Any) -> ImageCondition:
     """Build the condition registered as `name` (case-insensitive) with `options`."""
-    entry = CONDITIONS.check_options(name, options)
-    condition = entry.obj(**{**entry.defaults, **options})
+    entry, checked = CONDITIONS.resolve(name, options)
+    condition = entry.obj(**{**entry.defaults, **checked})
     condition.name = entry.name
     if not condition.kind:
         condition.kind = entry.obj.name or entry.name

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 from regap.errors import RegapError
 from regap.registry import Registry
+from regap.specs import parse_path_spec
 
 logger = logging.getLogger(__name__)
 
@@ -187,15 +188,8 @@ def source_info(name: str) -> SourceInfo:
 
 
 def parse_spec(spec: str) -> tuple[str, Path | None]:
-    """Split `NAME` / `NAME:PATH` at the first colon (so `C:\\...` paths survive)."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise RegapError("empty request source spec; use NAME or NAME:PATH")
-    name, sep, raw_path = spec.strip().partition(":")
-    if not sep:
-        return name.strip(), None
-    if not raw_path.strip():
-        raise RegapError(f"request source spec {spec!r} has an empty path after ':'")
-    return name.strip(), Path(raw_path.strip()).expanduser()
+    """Split `NAME` / `NAME:PATH` at the first colon (so `C:\\...` paths survive); `regap.specs`."""
+    return parse_path_spec(spec, "request source")
 
 
 def load_requests_with_report(
@@ -224,7 +218,7 @@ def load_requests_with_report(
         raise RegapError(f"request source {info.name!r} needs a path: {info.name}:/path/to/data")
     if not info.needs_path and path is not None:
         raise RegapError(f"request source {info.name!r} is built in and takes no path; use {info.name!r}")
-    SOURCES.check_options(info.name, options)
+    _, options = SOURCES.resolve(info.name, options)
 
     report = LoadReport(source=info.name, path=str(path) if path is not None else None)
     requests: list[Request] = []

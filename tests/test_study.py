@@ -382,7 +382,7 @@ def test_a_new_arm_keeps_the_units_comparable_but_a_changed_recipe_does_not():
 
 def test_a_stage_trained_on_other_data_is_noted(tmp_path):
     """An adopted run (or study data regenerated after a stage ran) must not pass as the study's."""
-    from regap.study.unit import training_data_note
+    from regap.study.records import training_data_note
 
     data = tmp_path / "instructions.json"
     data.write_text("[]")
@@ -719,3 +719,23 @@ def test_a_preregistered_study_reports_its_primary_endpoints_and_catches_a_chang
     assert "not run under this study's pre-registration" in capsys.readouterr().err
     (out / "units" / "plain-s1.json").unlink()
     assert main(args + ["--unit", "plain-s1"]) == 2  # its work folder records the first pre-registration
+
+
+def test_sweep_points_become_evaluation_units_once_each():
+    config = load_study_config("tiny-study", ["sweeps={cmrm: {alpha: [0.01, 0.1, 0.10]}, layer0-align: {strength: [0.5]}}",
+                                              "defenses.plain=[cmrm:alpha=0.01, ecso]"])
+    names = [u.name for u in plan_units(config) if u.seed == 0 and u.defense is not None]
+    plain = [n for n in names if n.startswith("plain+")]
+    assert plain == ["plain+cmrm:alpha=0.01-s0", "plain+ecso-s0", "plain+cmrm:alpha=0.1-s0",
+                     "plain+layer0-align:strength=0.5-s0"]  # 0.1 and 0.10 are one unit, as are the two α = 0.01
+
+
+@pytest.mark.parametrize("override, message", [
+    (["sweeps={layer0-align: {strength: [1.5]}}"], r"outside its range \[0, 1\]"),
+    (["sweeps={cmrm: {alpha: [-0.1]}}"], "outside its range"),
+    (["sweeps={ecso: {strength: [0.5]}}"], "sweeps"),
+    (["sweeps={cmrm: {alpha: 0.1}}"], "expected a list of values"),
+])
+def test_a_bad_sweep_point_is_one_line_naming_the_range(override, message):
+    with pytest.raises(RegapError, match=message):
+        load_study_config("tiny-study", override)

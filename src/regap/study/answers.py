@@ -102,7 +102,7 @@ def import_safety_run(units_folder: Path, unit: str, folder: Path) -> dict[str, 
     import time
 
     from regap.files import write_json_atomic
-    from regap.study.unit import safety_record
+    from regap.study.records import safety_record
 
     path = units_folder / f"{unit}.json"
     try:

@@ -130,6 +130,9 @@ class StudyConfig:
     curve: CurveSpec = field(default_factory=CurveSpec)
     stats: StatsSpec = field(default_factory=StatsSpec)
     #: what a training unit evaluates after training (a utility-only check leaves safety unmeasured)
+    #: a safety–utility frontier: inference-time methods on the plain arm's models at several strengths,
+    #: `{method spec: {option: [values]}}`, e.g. `{cmrm: {alpha: [0.01, 0.1]}, "cmrm:level=sample": {alpha: [0.1]}}`
+    sweeps: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     evaluations: list[str] = field(default_factory=lambda: list(EVALUATIONS))
     #: a confirmatory study's pre-registration, relative to OUT: it must exist before any unit runs, its
     #: sha256 goes into every unit, and a unit run under another one is refused (null: exploratory)
@@ -141,6 +144,24 @@ class StudyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def plain_defenses(self) -> list[str]:
+        """The inference-time arms on plain's models: `defenses.plain` and every point of `sweeps`, as
+        canonical specs, each once (two spellings of one setting are one unit)."""
+        specs = list(self.defenses.plain)
+        for method, options in self.sweeps.items():
+            if not isinstance(options, dict) or not options:
+                raise RegapError(f"sweeps.{method}: expected {{option: [values]}}, got {options!r}")
+            for option, values in options.items():
+                if not isinstance(values, list) or not values:
+                    raise RegapError(f"sweeps.{method}.{option}: expected a list of values, got {values!r}")
+                for value in values:
+                    specs.append(f"{method}:{option}={value}")
+        return _unique_specs(specs, "sweeps" if self.sweeps else "defenses.plain")
+
+    def regap_defenses(self) -> list[str]:
+        """The inference-time arms stacked on the main ReGap arm's models (`defenses.regap`), canonical."""
+        return _unique_specs(list(self.defenses.regap), "defenses.regap")
 
     def check(self) -> "StudyConfig":
         """Values that would fail minutes into a run fail here, naming the key."""
@@ -174,12 +195,12 @@ class StudyConfig:
                              f"{self.safety.judges}")
         if "text" not in self.safety.conditions:
             raise RegapError("safety.conditions: must contain 'text' (the comparisons are made against it)")
+        self.plain_defenses()  # every sweep point and defense spec checked (names, options, ranges)
+        self.regap_defenses()
         unknown = [e for e in self.evaluations if e not in EVALUATIONS]
         if unknown:
             raise RegapError(f"evaluations: {', '.join(unknown)} not one of {', '.join(EVALUATIONS)}")
         if self.primary.arm is not None:
-            from regap.study.units import study_arms
-
             if self.primary.arm not in study_arms(self):
                 raise RegapError(f"primary.arm: {self.primary.arm!r} is not an arm of this study "
                                  f"({', '.join(study_arms(self))})")
@@ -198,6 +219,47 @@ class StudyConfig:
 
         normalise_dtype_name(self.dtype)
         return self
+
+
+def arm_name(lam: float, moca: bool = False) -> str:
+    """The name of a trained arm: `plain` (λ = 0), `regap-l<λ>` or `moca`."""
+    if moca:
+        return "moca"
+    return "plain" if lam == 0 else f"regap-l{lam:g}"
+
+
+def study_arms(config: StudyConfig) -> list[str]:
+    """The trained arms' names in report order."""
+    arms = [arm_name(lam) for lam in sorted(config.lambdas)]
+    return arms + (["moca"] if config.moca else [])
+
+
+def canonical_spec(spec: str, where: str) -> str:
+    """`name:key=value...` with the registered name, options sorted and checked (type and documented
+    range; a strength option outside its range, or on a method without one, is a one-line error)."""
+    from regap.defenses import check_option, get_defense, parse_spec
+
+    name, options = parse_spec(spec)
+    get_defense(name)  # an unknown name fails here, naming the registered ones
+    parts = []
+    for key in sorted(options):
+        try:
+            value = check_option(name, key, options[key])
+        except RegapError as exc:
+            raise RegapError(f"{where}: {exc}") from None
+        parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
+    from regap.defenses import DEFENSES
+
+    return ":".join([DEFENSES.key(name), *parts])
+
+
+def _unique_specs(specs: list[str], where: str) -> list[str]:
+    out: list[str] = []
+    for spec in specs:
+        canonical = canonical_spec(spec, where)
+        if canonical not in out:
+            out.append(canonical)
+    return out
 
 
 def shipped_study_configs() -> dict[str, Path]:

@@ -21,7 +21,7 @@ def verdict_strings(rows: list[dict[str, Any]], requests: list[str], judge: Any)
     """Per condition, `{"unsafe": bits, "refused": bits}` of `judge` on the answer rows, in `requests` order
     ('1' yes, '0' no, '-' no answer or the judge failed): the format of a unit summary."""
     from regap.safety.judges import JudgeInput
-    from regap.study.unit import MISSING, NO, YES
+    from regap.study.records import MISSING, NO, YES
 
     order = {request: i for i, request in enumerate(requests)}
     by_condition: dict[str, list[dict[str, Any]]] = {}

@@ -24,10 +24,11 @@ import torch
 
 from regap.errors import RegapError
 from regap.files import write_json_atomic
-from regap.study.config import StudyConfig
+from regap.study.config import StudyConfig, study_arms
 from regap.study.steps import StepMarkers
-from regap.study.unit import UnitRunner, safety_record, unit_config_hash
-from regap.study.units import UnitSpec, plan_units, study_arms
+from regap.study.records import safety_record
+from regap.study.unit import UnitRunner, unit_config_hash
+from regap.study.units import UnitSpec, plan_units
 
 
 #: How many of the most recently created timed units an estimate reads (see `Study.minutes_per_unit`).
@@ -338,6 +339,7 @@ class Study:
 
     def _aggregate(self) -> dict[str, Any]:
         from regap.provenance import provenance
+        from regap.study.frontier import recommendations
         from regap.study.selection import choose_lambda
         from regap.study.stats import aggregate, judge_agreement, load_units
 
@@ -374,6 +376,7 @@ class Study:
             "primary_judge": c.safety.primary_judge,
             "results": stats[c.safety.primary_judge],
             "best_lambda": choose_lambda(stats[c.safety.primary_judge], c.seeds, c.regap_lambda),
+            "frontier": recommendations(stats[c.safety.primary_judge]),
             "other_judges": {j: {"arms": {a: v["unsafe"] for a, v in s["arms"].items()}, "claims": s["claims"]}
                              for j, s in stats.items() if j != c.safety.primary_judge},
             "judge_agreement": judge_agreement(units, c.safety.judges),

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from regap.study.units import arm_lambda, arm_name
+from regap.study.config import arm_name
+from regap.study.units import arm_lambda
 
 RULE = ("among the ReGap λ values whose pooled-image unsafe rate (main judge) minus plain's has an interval "
         "below zero over every planned seed, the one with the highest held-out QA; none: the main arm "

@@ -9,7 +9,7 @@ from typing import Any
 from regap.study.plots import _pyplot
 from regap.study.units import gap_closing
 
-FIGURES = ("learning_curve.png", "unsafe_by_arm.png", "gap_by_arm.png", "training_vs_inference.png")
+FIGURES = ("learning_curve.png", "unsafe_by_arm.png", "gap_by_arm.png", "training_vs_inference.png", "frontier.png")
 
 
 def _fmt(entry: dict[str, Any] | None, signed: bool = False) -> str:
@@ -229,6 +229,9 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
     plot_unsafe(results, conditions, figures / FIGURES[1])
     plot_gap(results["gap"], figures / FIGURES[2])
     plot_training_vs_inference(results, figures / FIGURES[3])
+    from regap.study.frontier import plot_frontier
+
+    plot_frontier(results, figures / FIGURES[4])
 
     lines = [f"# regap study `{summary['study']}`", "",
              f"Model `{config['model']}`, dtype {summary['dtype']}, seeds {results['seeds']}, judge "
@@ -274,6 +277,8 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
                      f"{values('gap_attack', 'layer0_gap')} | {values('gap', 'mir')} | {_ratio(ratio.get('layer0_gap'))} | "
                      f"{_ratio(ratio.get('mir'))} |")
     lines += side_by_side(results)
+    if summary.get("frontier"):
+        lines += frontier_lines(results, summary["frontier"])
     claims = results["claims"]
     lines += ["", "## The paper's four claims", ""]
     a = claims["a_image_raises_unsafe"]
@@ -312,3 +317,30 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     (out / "report.html").write_text(render_html(text, out, f"study {summary['study']}"))
+
+
+def frontier_lines(results: dict[str, Any], choice: dict[str, Any]) -> list[str]:
+    """The table behind the figure and the recommended setting per method."""
+    from regap.study.frontier import frontier_table
+
+    rows = frontier_table(results)
+    lines = ["", "## The safety–utility frontier", "", "![frontier](figures/frontier.png)", "",
+             "| method | strength | arm | QA | unsafe (image pooled) | − plain | refused | over-refusal (benign, "
+             "image pooled) | over-refusal (benign, text) | XSTest safe prompts |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["method"] != "plain", r["method"], r["strength"] or 0.0)):
+        strength = "–" if r["strength"] is None else f"{r['strength']:g}"
+        lines.append(f"| {r['method']} | {strength} | {r['arm']} | {_fmt(r['qa'])} | {_fmt(r['unsafe'])} | "
+                     f"{_fmt(r['unsafe_vs_plain'], True)} | {_fmt(r['refused'])} | {_fmt(r['over_refusal'])} | "
+                     f"{_fmt(r['over_refusal_text'])} | not measured |")
+    lines += ["", f"**Recommended setting per method.** Rule: {choice['rule']}.", "",
+              "| method | " + " | ".join(f"QA loss bound {b}" for b in choice["by_bound"]) + " |",
+              "|---|" + "---|" * len(choice["by_bound"])]
+    methods = sorted({m for by in choice["by_bound"].values() for m in by})
+    for method in methods:
+        cells = []
+        for by in choice["by_bound"].values():
+            pick = by.get(method, {})
+            cells.append("none" if not pick.get("arm") else
+                         f"{pick['arm']} (−{pick['unsafe_reduction']:.3f} unsafe)")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines + [""]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from regap.study.config import StudyConfig
+from regap.study.config import StudyConfig, arm_name
 
 
 @dataclass(frozen=True)
@@ -38,18 +38,6 @@ class UnitSpec:
         return f"{self.trained_arm}-s{self.seed}"
 
 
-def arm_name(lam: float, moca: bool = False) -> str:
-    if moca:
-        return "moca"
-    return "plain" if lam == 0 else f"regap-l{lam:g}"
-
-
-def study_arms(config: StudyConfig) -> list[str]:
-    """Arm names in report order."""
-    arms = [arm_name(lam) for lam in sorted(config.lambdas)]
-    return arms + (["moca"] if config.moca else [])
-
-
 def plan_units(config: StudyConfig) -> list[UnitSpec]:
     """Every unit of the study, in the order they run."""
     main = [0.0, config.regap_lambda]
@@ -63,7 +51,7 @@ def plan_units(config: StudyConfig) -> list[UnitSpec]:
 
     units = [unit(lam, seed) for seed in config.seeds for lam in main]
     units += [defended(lam, seed, d) for seed in config.seeds
-              for lam, specs in ((0.0, config.defenses.plain), (config.regap_lambda, config.defenses.regap))
+              for lam, specs in ((0.0, config.plain_defenses()), (config.regap_lambda, config.regap_defenses()))
               for d in specs]
     units += [unit(lam, seed) for lam in others for seed in config.seeds]
     if config.moca:

@@ -67,6 +67,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # the shared builders 
 from llava_shape import (  # noqa: E402
     SEVEN_B,
     TINY,
+    NoEnd,
     Shape,
     build_model,
     checkpointing_off,
@@ -380,17 +381,6 @@ def gap_bootstrap(store: Any, plan: Plan, device: Any, budget: Budget) -> dict[s
 
 
 # ---------------------------------------------------------------------- generate
-
-
-class NoEnd:
-    """Suppresses the end token so every row generates exactly max_new_tokens."""
-
-    def __init__(self, eos: int) -> None:
-        self.eos = eos
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        scores[:, self.eos] = float("-inf")
-        return scores
 
 
 def generate_setting(model: Any, engine: str, batch: int, text: str, image: Any, plan: Plan,

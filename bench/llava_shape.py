@@ -113,6 +113,17 @@ def build_model(shape: Shape, device: Any, dtype: Any, *, vision_layers: int | N
     return model.to(device=device, dtype=dtype)
 
 
+class NoEnd:
+    """A logits processor that suppresses the end token, so every row generates exactly max_new_tokens."""
+
+    def __init__(self, eos: int) -> None:
+        self.eos = eos
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        scores[:, self.eos] = float("-inf")
+        return scores
+
+
 def checkpointing_off(llm: Any) -> None:
     """Gradient checkpointing off (transformers >= 5.2x names it activation checkpointing)."""
     on = getattr(llm, "is_activation_checkpointing", None)

@@ -23,6 +23,10 @@ MoCa, float32 trainable weights under mixed precision), and adds up:
     target positions (the loop projects only those, `TrainModule`): ``b * t * V * (p + 8)``
     (the logits, their float32 copy and its gradient), ``t`` = ``s`` less the image tokens;
 
+* **probe** (when `observe.mir_every` is on): the MIR probe fits each layer in float64, about
+  `MIR_FIT_MATRICES` d x d matrices at once (two covariances, a Cholesky factor, products,
+  the eigen-solver's workspace); the CPU rehearsal's gap step at d = 4,096 peaked 1.45 GiB above
+  its starting point, ~11 such matrices, the spilled hidden states included;
 * **runtime** (CPU only): the resident memory of this process after importing torch,
   transformers and regap (a training process holds the same libraries);
 * **loading** (CPU only): a checkpoint stored in another dtype is read whole (memory-mapped)
@@ -59,6 +63,8 @@ ACTIVATION_BYTES = {
 #: Saved bytes per attention score under `eager` attention (scores and float32 softmax).
 EAGER_SCORE_BYTES = {2: 6, 4: 8}
 GIB = 2**30
+#: d x d float64 matrices alive at once while MIR fits one layer (see the module docstring).
+MIR_FIT_MATRICES = 10
 #: Samples of the data whose longest rendering sets the sequence length of the estimate.
 LENGTH_SAMPLES = 1000
 
@@ -72,6 +78,7 @@ class MemoryEstimate:
     weights: int
     gradients: int
     optimizer: int
+    probe: int
     activations_checkpointing: int
     activations_no_checkpointing: int
     gradient_checkpointing: bool
@@ -87,7 +94,7 @@ class MemoryEstimate:
         """Peak while training: weights, gradients, optimizer state, activations, runtime."""
         on = self.gradient_checkpointing if checkpointing is None else checkpointing
         activations = self.activations_checkpointing if on else self.activations_no_checkpointing
-        return self.runtime + self.weights + self.gradients + self.optimizer + activations
+        return self.runtime + self.weights + self.gradients + self.optimizer + activations + self.probe
 
     def loading_peak(self) -> int | None:
         """Peak while the weights load (CPU: the stored checkpoint is read whole); None: unknown."""
@@ -121,6 +128,8 @@ class MemoryEstimate:
                f"  activations    {gib(self.activations_checkpointing)} with gradient checkpointing"
                f"{mark[self.gradient_checkpointing]}, {gib(self.activations_no_checkpointing)} without"
                f"{mark[not self.gradient_checkpointing]}"]
+        if self.probe:
+            out.append(f"  MIR probe      {gib(self.probe)} (float64 fits of one layer)")
         if self.device == "cpu":
             out.append(f"  runtime        {gib(self.runtime)} (this process's libraries)")
         out.append(f"  total          {gib(self.total(True))} with checkpointing, {gib(self.total(False))} without")
@@ -267,9 +276,10 @@ def estimate_memory(module: torch.nn.Module, config: TrainConfig, *, batch: int,
     full = layers * tokens * per_token_layer
     checkpointed = layers * tokens * h * element + tokens * per_token_layer
     runtime_bytes = (_runtime_bytes() if runtime is None else runtime) if device == "cpu" else 0
+    probe = MIR_FIT_MATRICES * h * h * 8 if config.observe.mir_every else 0
     return MemoryEstimate(
         parameters=parameters, trainable=sum(p.numel() for p in trainable), weights=weights, gradients=gradients,
-        optimizer=optimizer, activations_checkpointing=base + checkpointed, activations_no_checkpointing=base + full,
+        optimizer=optimizer, probe=probe, activations_checkpointing=base + checkpointed, activations_no_checkpointing=base + full,
         gradient_checkpointing=config.gradient_checkpointing, runtime=runtime_bytes,
         load_extra=load_extra if device == "cpu" else 0, batch=batch, sequence=sequence, device=device,
         breakdown={"embeddings_and_logits": base, "per_layer_per_token": per_token_layer, "layers": layers})

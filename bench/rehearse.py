@@ -208,6 +208,13 @@ def stage_config(name: str, stage: int, forced: dict[str, tuple[Any, str]], extr
     return load_config(name, [*overrides, *extra], stage=stage)
 
 
+def estimate_error(estimate: dict[str, Any], measured: float | None) -> dict[str, Any]:
+    """The training run's measured peak RSS (`train()` alone) against the estimate's peak."""
+    if not measured:
+        return {"train_peak_rss_gib": None}
+    return {"train_peak_rss_gib": measured, "estimate_error": estimate["peak"] / measured - 1}
+
+
 def step_efficiency(model: Any, cfg: Any, data: Path, peak: dict[str, Any]) -> dict[str, Any]:
     """One more stage-1 step (regap's `TrainStep`, outside the loop) timed by wall and CPU
     time, its model FLOP/s as fractions of the matmul peak on the same basis, and, under 0.75,
@@ -249,7 +256,9 @@ def stage1(model: Any, shape: Any, vision_layers: int, workdir: Path, peak: dict
     resolved = cfg.resolved()
     estimate = preflight(shape, vision_layers, model.dtype, resolved, tokens)
     out = workdir / "stage1"
+    reset_peak_rss()
     result = train(cfg, out, model=model, command="bench/rehearse.py")
+    train_peak = rss_gib()["vm_hwm_gib"]
     rows = read_metrics(out / "metrics.jsonl")
     step_s = [rows[0]["elapsed_s"]] + [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(rows, rows[1:])]
     efficiency = step_efficiency(model, resolved, data, peak)
@@ -258,7 +267,7 @@ def stage1(model: Any, shape: Any, vision_layers: int, workdir: Path, peak: dict
               "hidden": model.hidden_size, "regap_lam": resolved.regap.lam,
               "loss": [r.get("loss") for r in rows], "caption_loss": [r.get("caption_loss") for r in rows],
               "gap": [r.get("gap") for r in rows], "probe": {k: v for k, v in rows[-1].items() if k.startswith("probe")},
-              "step_s": step_s, "out": str(out), "estimate_gib": estimate,
+              "step_s": step_s, "out": str(out), "estimate_gib": estimate, **estimate_error(estimate, train_peak),
               **flops_record(model, tokens, step_s[-1], peak), "efficiency": efficiency}
     print(f"  stage 1: loss {record['loss']}, gap {record['gap']}, step {step_s[-1]:.1f} s; one more step outside "
           f"the loop: {efficiency['fraction_of_peak_cpu']:.2f} of the matmul peak by CPU time "
@@ -331,13 +340,16 @@ def stage2(model: Any, shape: Any, vision_layers: int, workdir: Path, stage1_out
     resolved = cfg.resolved()
     estimate = preflight(shape, vision_layers, model.dtype, resolved, tokens)
     out = workdir / "stage2"
+    reset_peak_rss()
     result = train(cfg, out, model=model, command="bench/rehearse.py")
+    train_peak = rss_gib()["vm_hwm_gib"]
     rows = read_metrics(out / "metrics.jsonl")
     step_s = rows[-1]["elapsed_s"]
     record = {"config": "llava-1.5-7b-stage2", "overrides": {k: {"value": v, "why": why} for k, (v, why) in CPU_STAGE2.items()},
               "lora": dataclasses.asdict(resolved.lora), "steps": result.step, "tokens_per_sample": tokens,
               "loss": [r.get("loss") for r in rows], "step_s": [step_s],
               "trainable_parameters": estimate["trainable"], "estimate_gib": estimate,
+              **estimate_error(estimate, train_peak),
               **flops_record(model, tokens, step_s, peak)}
     print(f"  stage 2: loss {record['loss']}, step {step_s:.1f} s", flush=True)
     return record

@@ -53,7 +53,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # the shared builders 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cpu_peak import machine, matmul_peak_flops, reset_peak_rss, rss_gib  # noqa: E402
-from step_profile import model_flops, profile_step, timed_step  # noqa: E402
+from step_profile import hardware_flops, model_flops, profile_step, timed_step  # noqa: E402
 from llava_shape import (  # noqa: E402
     SEVEN_B,
     NoEnd,
@@ -222,9 +222,11 @@ def step_efficiency(model: Any, cfg: Any, data: Path, peak: dict[str, Any]) -> d
     run, batch = timed_step(model, cfg, data, 1)
     timing = run()
     flops = model_flops(model, batch)
-    out: dict[str, Any] = {"step": timing, "model_flops": flops, "threads": peak.get("threads"),
+    work = hardware_flops(model, batch, cfg.gradient_checkpointing)
+    out: dict[str, Any] = {"step": timing, "model_flops": flops, "hardware_flops": work, "threads": peak.get("threads"),
                            "fraction_of_peak_wall": flops / timing["wall_s"] / peak["flops"],
-                           "fraction_of_peak_cpu": flops / timing["cpu_s"] / peak["flops_per_cpu_s"]}
+                           "fraction_of_peak_cpu": flops / timing["cpu_s"] / peak["flops_per_cpu_s"],
+                           "hardware_fraction_of_peak_cpu": work / timing["cpu_s"] / peak["flops_per_cpu_s"]}
     if out["fraction_of_peak_cpu"] < 0.75:
         out["profile"] = profile_step(run, model)
     return out

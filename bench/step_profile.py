@@ -55,6 +55,25 @@ def model_flops(lvlm: Any, batch: Any) -> int:
     return 4 * n * int(batch.attention_mask.sum())
 
 
+def hardware_flops(lvlm: Any, batch: Any, checkpointing: bool) -> int:
+    """The matmul work a frozen-LM stage-1 step does, counted part by part (unlike `model_flops`,
+    which counts the input embedding as if it were a matmul and the LM head at every position):
+    decoder layers' forward and backward to their inputs, 4 N_layers T (+ 2 N_layers T recomputed
+    under checkpointing); the LM head at target positions only, 4 V h t (`TrainModule` projects only
+    those); the vision tower's forward, 2 N_vision T_vision (its attention scores, and the
+    projector's few, left out)."""
+    llm = lvlm.llm.get_base_model() if hasattr(lvlm.llm, "get_base_model") else lvlm.llm
+    head = llm.get_output_embeddings().weight
+    embed = llm.get_input_embeddings().weight
+    n_llm = sum(p.numel() for name, p in llm.named_parameters() if "lora_" not in name)
+    n_layers = n_llm - embed.numel() - (0 if head is embed else head.numel())
+    tokens = int(batch.attention_mask.sum())
+    targets = int((batch.labels[:, 1:] != -100).sum())
+    images = 0 if batch.pixel_values is None else int(batch.pixel_values.shape[0])
+    vision = sum(p.numel() for p in lvlm.vision.parameters()) * (lvlm.vision.num_patches + 1) * images
+    return (4 + (2 if checkpointing else 0)) * n_layers * tokens + 4 * head.numel() * targets + 2 * vision
+
+
 def _ranges(lvlm: Any) -> list[Any]:
     """Forward hooks that open a profiler range around the vision tower, the projector and the LM head."""
     import torch

@@ -227,7 +227,7 @@ def step_efficiency(model: Any, cfg: Any, data: Path, peak: dict[str, Any]) -> d
                            "fraction_of_peak_wall": flops / timing["wall_s"] / peak["flops"],
                            "fraction_of_peak_cpu": flops / timing["cpu_s"] / peak["flops_per_cpu_s"],
                            "hardware_fraction_of_peak_cpu": work / timing["cpu_s"] / peak["flops_per_cpu_s"]}
-    if out["fraction_of_peak_cpu"] < 0.75:
+    if min(out["fraction_of_peak_cpu"], out["hardware_fraction_of_peak_cpu"]) < 0.75:
         out["profile"] = profile_step(run, model)
     return out
 

@@ -61,8 +61,8 @@ def _status_kib(field: str) -> int | None:
 
 
 def rss_gib() -> dict[str, float | None]:
-    """Resident memory now (VmRSS), its peak since the last `reset_peak_rss` (VmHWM), and the
-    process's peak over its whole life (`getrusage`'s ru_maxrss, which nothing resets)."""
+    """Resident memory now (VmRSS) and its peak since the last `reset_peak_rss` (VmHWM; Linux's
+    `getrusage` ru_maxrss reads the same high-water mark, so the reset lowers it too)."""
     now, hwm = _status_kib("VmRSS"), _status_kib("VmHWM")
     return {"rss_gib": now / 2**20 if now is not None else None, "vm_hwm_gib": hwm / 2**20 if hwm is not None else None,
             "ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}

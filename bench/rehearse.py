@@ -94,7 +94,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="auto: bfloat16 where this CPU computes it natively (regap.precision), else float32")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs this process may use)")
     p.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir, removed)")
+    p.add_argument("--only", default=",".join(STEPS[2:]),
+                   help="comma-separated subset of stage1, gap, generate, stage2 (stage2 needs stage1); the others "
+                        "are recorded as not run")
     args = p.parse_args(argv)
+    args.only = [s for s in args.only.split(",") if s]
+    bad = [s for s in args.only if s not in STEPS[2:]]
+    if bad:
+        p.error(f"--only: unknown {', '.join(bad)} (valid: {', '.join(STEPS[2:])})")
+    if "stage2" in args.only and "stage1" not in args.only:
+        p.error("--only: stage2 starts from stage 1's projector; add stage1")
     if args.layers < 1 or args.vision_layers < 2:
         p.error("--layers must be >= 1 and --vision-layers >= 2 (features come from layer -2)")
     return args
@@ -424,25 +433,28 @@ def main(argv: list[str] | None = None) -> int:
         steps["peak"] = run_step("matmul peak", lambda: matmul_peak_flops(dtype), "nothing: a plain torch.mm")
         peak = steps["peak"] if steps["peak"]["status"] == "ok" else {}
         save()
-        steps["stage1"] = run_step("stage 1 (llava-1.5-7b-stage1.yaml)", lambda: stage1(model, shape, args.vision_layers, workdir, peak),
-                                   "see reason; stage 1 at batch 1 needs the bf16 weights plus ~1 GB")
-        save()
-        steps["gap"] = run_step("gap (8 pairs, exact)", lambda: gap(model, workdir), "see reason")
-        save()
-        steps["generate"] = run_step("generate (transformers, static)", lambda: generate(model, shape), "see reason")
-        save()
-        stage1_out = Path(steps["stage1"].get("out", workdir / "stage1"))
-        if steps["stage1"]["status"] != "ok":
-            steps["stage2"] = {"status": "failed", "reason": "stage 1 failed, so there is no projector to start from",
+        runs = {
+            "stage1": ("stage 1 (llava-1.5-7b-stage1.yaml)", lambda: stage1(model, shape, args.vision_layers, workdir, peak),
+                       "see reason; stage 1 at batch 1 needs the bf16 weights plus ~1 GB"),
+            "gap": ("gap (8 pairs, exact)", lambda: gap(model, workdir), "see reason"),
+            "generate": ("generate (transformers, static)", lambda: generate(model, shape), "see reason"),
+            "stage2": ("stage 2 (llava-1.5-7b-stage2.yaml, tune=lora)",
+                       lambda: stage2(model, shape, args.vision_layers, workdir,
+                                      Path(steps["stage1"].get("out", workdir / "stage1")), peak),
+                       "see reason; LoRA r=128 on all linear layers adds ~5 GB of AdamW state at 7B"),
+        }
+        for name, (title, run, need) in runs.items():
+            if name not in args.only:
+                steps[name] = {"status": "not run (--only)"}
+            elif name == "stage2" and steps["stage1"]["status"] != "ok":
+                steps[name] = {"status": "failed", "reason": "stage 1 failed, so there is no projector to start from",
                                "need": "stage 1 to run first"}
-        else:
-            steps["stage2"] = run_step("stage 2 (llava-1.5-7b-stage2.yaml, tune=lora)",
-                                       lambda: stage2(model, shape, args.vision_layers, workdir, stage1_out, peak),
-                                       "see reason; LoRA r=128 on all linear layers adds ~5 GB of AdamW state at 7B")
-        save()
+            else:
+                steps[name] = run_step(title, run, need)
+            save()
     print(json.dumps({name: step["status"] for name, step in steps.items()}))
     print(f"wrote {out} ({report['wall_s']:.0f} s, process peak RSS {report['process_peak_rss_gib']:.2f} GiB)")
-    return 0 if all(step["status"] == "ok" for step in steps.values()) else 1
+    return 0 if all(step["status"] in ("ok", "not run (--only)") for step in steps.values()) else 1
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Builds a LLaVA-1.5-7B-shaped model with random weights from transformers' config classes
 (CLIP ViT-L/14-336 -> 576 image tokens, `mlp2x_gelu`, a Llama-2-7B-shaped LM, bf16) as a
-regap `LVLM` (the `clip-vicuna-7b` preset's feature selection, projector and template; no
-model hub), then runs regap's own code on it:
+regap `LVLM` (the `clip-vicuna-7b` preset's feature selection, projector and `vicuna_v1`
+template; no model hub; built by `llava_shape.py`, shared with `rehearse.py`), then runs
+regap's own code on it:
 
 * **train**: `regap.train.train` (the real loop: data loader, collator, caption loss, ReGap,
   AdamW, logging) for stage 1 (projector only) at batch 32 with gradient checkpointing and
@@ -60,6 +61,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(Path(__file__).resolve().parent) not in sys.path:  # the shared builders beside this script
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from llava_shape import (  # noqa: E402
+    SEVEN_B,
+    TINY,
+    NoEnd,
+    Shape,
+    build_model,
+    checkpointing_off,
+    for_inference,
+    prompt_of_length,
+    write_captions,
+)
 
 # The reference: plain transformers, random weights, one H200, LLaVA-1.5-7B shapes.
 REFERENCE = {
@@ -79,22 +94,6 @@ SECTIONS = ("train", "generate", "gap", "syncs")
 
 
 @dataclasses.dataclass(frozen=True)
-class Shape:
-    vision_hidden: int
-    vision_layers: int
-    vision_heads: int
-    vision_intermediate: int
-    image_size: int
-    patch: int
-    hidden: int
-    layers: int
-    heads: int
-    intermediate: int
-    vocab: int
-    sample_tokens: int  # tokens per training sample and per generation prompt (image included)
-
-
-@dataclasses.dataclass(frozen=True)
 class Plan:
     train: tuple[tuple[int, bool], ...]  # (batch, gradient checkpointing); each with ReGap off and on
     warmup_steps: int
@@ -110,10 +109,6 @@ class Plan:
     need_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-SEVEN_B = Shape(vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096, image_size=336,
-                patch=14, hidden=4096, layers=32, heads=32, intermediate=11008, vocab=32000, sample_tokens=617)
-TINY = Shape(vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64, image_size=56, patch=14,
-             hidden=64, layers=2, heads=4, intermediate=128, vocab=512, sample_tokens=40)
 FULL = Plan(train=((32, True), (16, False)), warmup_steps=2, measure_steps=6, num_workers=4, gap_pairs=100,
             gap_batch=8, gap_boot=1000, gen_batches=(64, 16), new_tokens=128, gen_repeats=2,
             need_s={"train": 45, "gap": 90, "gap_boot": 120, "transformers": 30, "static": 150, "vllm": 240,
@@ -262,131 +257,6 @@ def peak_flops(args: argparse.Namespace, device: Any) -> float | None:
     return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
 
 
-# ---------------------------------------------------------------------- the model
-
-
-def build_model(shape: Shape, device: Any, dtype: Any) -> Any:
-    """A LLaVA-1.5-7B-shaped regap `LVLM` with random weights, built directly on `device`.
-
-    The preset `clip-vicuna-7b` gives the feature selection (CLIP layer -2, CLS dropped) and the
-    projector type; the weights come from transformers' config classes. The tokenizer is regap's
-    small test tokenizer (no hub): ids the LM emits past its 400 entries decode to nothing, which
-    does not matter for timing. Its byte-level pieces would blow vicuna_v1's system prompt up to
-    some 150 tokens, so the model uses the tokenizer's own short `chat` template: prompts are then
-    576 image tokens plus a few dozen, as in the reference's 617.
-    """
-    import torch
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-
-    from regap.models import LVLM, VisionTower, get_preset
-    from regap.models.random_tiny import tiny_tokenizer
-
-    preset = get_preset("clip-vicuna-7b").config
-    config = dataclasses.replace(preset, vision=dataclasses.replace(preset.vision, source="random:clip-vit-l-14-336"),
-                                 llm_source="random:llama-2-7b-shape", template="chat",
-                                 name="llava-1.5-7b-shape-random")
-    tokenizer = tiny_tokenizer()
-    size = shape.image_size
-    vision_config = CLIPVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
-                                     num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
-                                     image_size=size, patch_size=shape.patch)
-    llm_config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                             num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                             num_key_value_heads=shape.heads, max_position_embeddings=4096,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             bos_token_id=None, tie_word_embeddings=False)
-    default = torch.get_default_dtype()
-    torch.manual_seed(0)
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            encoder = CLIPVisionModel(vision_config).eval()
-            llm = LlamaForCausalLM(llm_config).eval()
-    finally:
-        torch.set_default_dtype(default)
-    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    model = LVLM(config, VisionTower(encoder, processor, config.vision), llm, tokenizer)
-    return model.to(device=device, dtype=dtype)
-
-
-def checkpointing_off(llm: Any) -> None:
-    """Gradient checkpointing off (transformers >= 5.2x names it activation checkpointing)."""
-    on = getattr(llm, "is_activation_checkpointing", None)
-    if on is None:
-        on = getattr(llm, "is_gradient_checkpointing", False)
-    if on:
-        (getattr(llm, "activation_checkpointing_disable", None) or llm.gradient_checkpointing_disable)()
-
-
-def for_inference(model: Any) -> Any:
-    """Back from a training run: eval mode, no checkpointing, projector in the model's dtype."""
-    checkpointing_off(model.llm)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    model.projector.to(dtype=model.dtype)
-    model.eval()
-    return model
-
-
-def _longest_text(length_of: Callable[[str], int], target: int) -> tuple[str, int]:
-    """The longest text of cycled words whose rendered length is at most `target` tokens."""
-    words = ["describe", "the", "picture", "in", "detail", "left", "right", "top", "bottom", "one", "two", "circle"]
-    text, length = "", length_of("")
-    for i in range(8 * target):
-        candidate = (text + " " + words[i % len(words)]).strip()
-        n = length_of(candidate)
-        if n > target:
-            break
-        text, length = candidate, n
-    return text, length
-
-
-def caption_of_length(model: Any, target: int) -> tuple[str, int]:
-    """A caption that makes a stage-1 (`plain` template) sample `target` tokens long, image included."""
-    from regap.models.inputs import build_batch
-    from regap.models.templates import get_template
-
-    template = get_template("plain", model.tokenizer)
-
-    def length_of(caption: str) -> int:
-        conversation = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": caption or "a"}]
-        built = build_batch([conversation], [1], tokenizer=model.tokenizer, template=template,
-                            tokens_per_image=model.tokens_per_image, add_generation_prompt=False, padding_side="right")
-        return len(built.samples[0].ids)
-
-    return _longest_text(length_of, target)
-
-
-def prompt_of_length(model: Any, target: int) -> tuple[str, int]:
-    """A request that, with one image and the model's template, is `target` prompt tokens long."""
-    from PIL import Image
-
-    image = [Image.new("RGB", (8, 8))]
-
-    def length_of(text: str) -> int:
-        conversations, images = model.prepare_conversations([text or "describe"], [image])
-        return model.prompt_lengths(conversations, images)[0]
-
-    return _longest_text(length_of, target)
-
-
-def write_captions(folder: Path, model: Any, shape: Shape, n: int) -> tuple[Path, int]:
-    """`n` LLaVA-format caption rows over 8 gray-level images, every sample `sample_tokens` long."""
-    from PIL import Image
-
-    caption, tokens = caption_of_length(model, shape.sample_tokens)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    for k in range(8):
-        Image.new("RGB", (shape.image_size, shape.image_size), (30 * k, 120, 255 - 30 * k)).save(
-            folder / "images" / f"{k}.png")
-    rows = [{"id": str(i), "image": f"images/{i % 8}.png",
-             "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption}]}
-            for i in range(n)]
-    path = folder / "captions.json"
-    path.write_text(json.dumps(rows))
-    return path, tokens
-
-
 # ---------------------------------------------------------------------- train
 
 
@@ -511,17 +381,6 @@ def gap_bootstrap(store: Any, plan: Plan, device: Any, budget: Budget) -> dict[s
 
 
 # ---------------------------------------------------------------------- generate
-
-
-class NoEnd:
-    """Suppresses the end token so every row generates exactly max_new_tokens."""
-
-    def __init__(self, eos: int) -> None:
-        self.eos = eos
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        scores[:, self.eos] = float("-inf")
-        return scores
 
 
 def generate_setting(model: Any, engine: str, batch: int, text: str, image: Any, plan: Plan,

@@ -11,8 +11,17 @@
 (c) float32 against bfloat16 on this CPU: the same training step (`TrainStep`, plain stage 1)
     with the frozen parts in float32 and in bfloat16 (+ bf16 autocast), alternating, and what
     `dtype: auto` picked here (regap.precision's probe) with its reason.
+(d) the stage-1 step as a fraction of this CPU's own peak, in bfloat16 and in float32: the
+    dense matmul peak for the dtype and thread count in use (a 4096^3 `torch.mm`, best of 4,
+    measured before and after the steps in this process: `cpu_peak.py`) against the step's
+    model FLOP/s (`gpu.py`'s convention, 4 N T: N = the LM's parameters, T = attended tokens),
+    by wall time and by CPU time (CPU time stays meaningful when other jobs share the cores);
+    under 0.75 (either count) one more step runs under torch.profiler and its time is split into the vision
+    tower, projector, LM head, attention, other matmuls, other operators and Python/framework
+    overhead (`step_profile.py`).
 
 Usage:  python bench/train.py [--batch 4] [--pairs 5] [--steps 6] [--dtype auto]
+        python bench/train.py --skip-a --skip-b --skip-c          # (d) only
 Default runtime: a few minutes on 2 CPU cores.
 """
 
@@ -46,6 +55,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-a", action="store_true")
     p.add_argument("--skip-b", action="store_true")
     p.add_argument("--skip-c", action="store_true")
+    p.add_argument("--skip-d", action="store_true")
+    p.add_argument("--efficiency-steps", type=int, default=3, help="timed steps per dtype in part (d)")
     p.add_argument("--dtype-pairs", type=int, default=3, help="timed float32 / bfloat16 step pairs in part (c)")
     return p.parse_args()
 
@@ -138,6 +149,51 @@ def part_c(args: argparse.Namespace, data: Path) -> dict:
             "auto": auto.to_dict()}
 
 
+def part_d(args: argparse.Namespace, data: Path) -> dict:
+    """The stage-1 step's model FLOP/s as a fraction of this CPU's matmul peak, bf16 and float32."""
+    import gc
+
+    import torch
+
+    from cpu_peak import matmul_peak_flops
+    from regap.models import load_model
+    from regap.train import load_config
+    from step_profile import hardware_flops, model_flops, profile_step, timed_step
+
+    out = {}
+    for dtype in ("bfloat16", "float32"):
+        config = load_config("tiny-stage1", [f"dtype={dtype}", "mixed_precision=auto",
+                                             f"data.json={data / 'captions.json'}"]).resolved()
+        lvlm = load_model("tiny", dtype=dtype)
+        run, batch = timed_step(lvlm, config, data / "captions.json", args.batch)
+        run()  # warm-up (allocations, oneDNN kernels)
+        peaks = [matmul_peak_flops(getattr(torch, dtype), args.threads)]
+        steps = [run() for _ in range(args.efficiency_steps)]
+        peaks.append(matmul_peak_flops(getattr(torch, dtype), args.threads))
+        flops = model_flops(lvlm, batch)
+        work = hardware_flops(lvlm, batch, config.gradient_checkpointing)
+        wall, cpu = min(s["wall_s"] for s in steps), min(s["cpu_s"] for s in steps)
+        peak_wall, peak_cpu = max(p["flops"] for p in peaks), max(p["flops_per_cpu_s"] for p in peaks)
+        row = {"dtype": dtype, "batch": args.batch, "tokens": int(batch.attention_mask.sum()),
+               "llm_parameters": flops // (4 * int(batch.attention_mask.sum())), "model_flops": flops, "steps": steps,
+               "peaks": peaks, "model_tflops_per_s_wall": flops / wall / 1e12,
+               "fraction_of_peak_wall": flops / wall / peak_wall, "fraction_of_peak_cpu": flops / cpu / peak_cpu,
+               "hardware_flops": work, "hardware_fraction_of_peak_cpu": work / cpu / peak_cpu}
+        if min(row["fraction_of_peak_cpu"], row["hardware_fraction_of_peak_cpu"]) < 0.75:
+            row["profile"] = profile_step(run, lvlm)
+        out[dtype] = row
+        print(f"  {dtype}: best step {wall:.3f} s wall / {cpu:.3f} s CPU, {row['model_tflops_per_s_wall']:.3f} model "
+              f"TFLOP/s; matmul peak {peak_wall / 1e12:.3f} TFLOP/s ({args.threads} thread(s)); fraction of peak "
+              f"{row['fraction_of_peak_wall']:.2f} (wall), {row['fraction_of_peak_cpu']:.2f} (CPU time); the matmul "
+              f"work done, counted part by part: {row['hardware_fraction_of_peak_cpu']:.2f} (CPU time)", flush=True)
+        if "profile" in row:
+            parts = ", ".join(f"{k} {v:.0%}" for k, v in row["profile"]["share"].items())
+            print(f"    profile of one step ({row['profile']['step']['wall_s']:.2f} s): {parts}", flush=True)
+        del lvlm, run
+        gc.collect()
+    return out
+
+
 def part_b(args: argparse.Namespace, workdir: Path) -> dict:
     out = workdir / "tiny-s1"
     code = (
@@ -168,7 +224,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from regap.data import generate_synthetic
 
-    report: dict = {"command": "python bench/train.py " + " ".join(sys.argv[1:]),
+    from cpu_peak import machine
+
+    report: dict = {"command": "python bench/train.py " + " ".join(sys.argv[1:]), "cpu": machine(),
                     "date": str(datetime.date.today()),
                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                                f"{args.threads} threads",
@@ -197,6 +255,11 @@ def main() -> int:
             print(f"  median step: float32 {c['median_float32_s']:.3f} s, bfloat16 {c['median_bfloat16_s']:.3f} s "
                   f"(bf16/fp32 {c['bf16_over_fp32']:.2f}x; CPU {c['cpu_capability']}); dtype auto -> "
                   f"{c['auto']['dtype']} ({c['auto']['reason']})", flush=True)
+        if not args.skip_d:
+            if not (workdir / "data").exists():
+                generate_synthetic(workdir / "data", max(args.batch, 8), seed=0, image_size=224)
+            print("(d) the stage-1 step as a fraction of this CPU's matmul peak:", flush=True)
+            report["d"] = part_d(args, workdir / "data")
     report["load_average_end"] = os.getloadavg()
     print(json.dumps(report, indent=1))
     return 0

@@ -158,16 +158,50 @@ def test_cholesky_and_eigh_trace_methods_agree_with_scipy() -> None:
         frechet_distance_from_stats(mu1, s1, mu2, s2, method="newton")
 
 
-def test_singular_first_covariance_falls_back_to_eigh() -> None:
+def test_singular_first_covariance_factors_the_second_without_eigh(monkeypatch) -> None:
+    """MIR at d = 4,096: fewer text tokens than dimensions, more image tokens. `auto` must then take
+    the Cholesky route on the image side, not an eigendecomposition (several times slower)."""
+    from regap.gap import distances
+
     gen = torch.Generator().manual_seed(63)
     mu1, s1 = gaussian_stats(_cloud(gen, 5, 12))  # rank 4 < 12: no Cholesky factor
     mu2, s2 = gaussian_stats(_cloud(gen, 40, 12, shift=0.2))
     assert int(torch.linalg.cholesky_ex(s1).info) != 0
-    auto = frechet_distance_from_stats(mu1, s1, mu2, s2).item()
     eigh = frechet_distance_from_stats(mu1, s1, mu2, s2, method="eigh").item()
-    assert math.isfinite(auto) and auto == pytest.approx(eigh, rel=1e-12)
+
+    def no_eigh(a):
+        raise AssertionError("auto took the eigh route although the second covariance has a Cholesky factor")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(distances, "_eigh", no_eigh)
+        auto = frechet_distance_from_stats(mu1, s1, mu2, s2).item()
+    # both routes take square roots of a singular matrix's rounding-level eigenvalues: ~1e-8 apart
+    assert math.isfinite(auto) and auto == pytest.approx(eigh, rel=1e-7)
     with pytest.raises(RegapError, match="not positive definite"):
         frechet_distance_from_stats(mu1, s1, mu2, s2, method="cholesky")
+
+
+def test_both_covariances_singular_or_a_gradient_fall_back_to_eigh(monkeypatch) -> None:
+    from regap.gap import distances
+
+    gen = torch.Generator().manual_seed(64)
+    mu1, s1 = gaussian_stats(_cloud(gen, 5, 12))
+    mu2, s2 = gaussian_stats(_cloud(gen, 6, 12, shift=0.2))  # both singular
+    auto = frechet_distance_from_stats(mu1, s1, mu2, s2).item()
+    assert auto == pytest.approx(frechet_distance_from_stats(mu1, s1, mu2, s2, method="eigh").item(), rel=1e-12)
+    # a gradient to the second covariance keeps the eigh route (its backward goes through eigvalsh only)
+    _, s3 = gaussian_stats(_cloud(gen, 40, 12, shift=0.2))
+    s3 = s3.clone().requires_grad_(True)
+
+    def no_swap(factor, cov):
+        raise AssertionError("the Cholesky route of the second covariance was taken under a gradient")
+
+    monkeypatch.setattr(distances, "_congruence_lower", no_swap)
+    fd = frechet_distance_from_stats(mu1, s1, mu2, s3)
+    fd.backward()
+    assert s3.grad is not None and torch.isfinite(s3.grad).all()
+    assert fd.item() == pytest.approx(frechet_distance_from_stats(mu1, s1, mu2, s3.detach(), method="eigh").item(),
+                                      rel=1e-7)
 
 
 def test_float32_option_is_close_to_float64() -> None:

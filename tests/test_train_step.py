@@ -95,3 +95,25 @@ def test_training_rows_and_provenance_record_the_text_token_modes(tmp_path):
     assert [r["probe_text_tokens"] for r in rows] == ["after-image", "after-image"] and "probe_mir" in rows[-1]
     provenance = json.loads((tmp_path / "run" / "provenance.json").read_text())
     assert provenance["text_tokens"] == {"regap": "all-non-image", "probe": "after-image"}
+
+
+def test_logits_only_at_target_positions_leave_the_loss_and_gradients_unchanged():
+    """The stage-1 step projects onto the vocabulary only where a caption token is predicted
+    (`logits_to_keep`): the same loss and projector gradients as the full projection, fewer rows."""
+    from regap.train.step import caption_loss_terms, compute_losses, target_positions
+
+    model, module, _ = _setup()
+    inputs = _inputs(model, n=3)
+    positions = target_positions(inputs.labels)
+    kept = compute_losses(module, inputs, positions=positions)
+    kept.total.backward()
+    kept_grads = [p.grad.clone() for p in model.projector.parameters()]
+    model.zero_grad(set_to_none=True)
+    out = module(inputs)  # every position
+    loss_sum, count = caption_loss_terms(out.logits, inputs.labels)
+    (loss_sum / count).backward()
+    assert out.logits.shape[1] == inputs.input_ids.shape[1] > len(positions)
+    assert module(inputs, logits_positions=positions).logits.shape[1] == len(positions)
+    assert kept.caption == pytest.approx(float(loss_sum / count), rel=1e-5)
+    for kept_grad, parameter in zip(kept_grads, model.projector.parameters()):
+        torch.testing.assert_close(kept_grad, parameter.grad, rtol=1e-4, atol=1e-7)

@@ -29,6 +29,9 @@ _OUT = out_option("the training output folder (default: runs/<config name>)", de
 _RESUME = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out.")
 _SHOW = typer.Option(False, "--show", help="Print the resolved config (after overrides) and exit.")
 _LIST = typer.Option(False, "--list", help="List the shipped training configs and exit.")
+_DRY_RUN = typer.Option(False, "--dry-run",
+                        help="Print the parameter counts and a per-device memory estimate (weights, gradients, "
+                             "optimizer, activations with and without checkpointing) and exit; nothing loads or trains.")
 _PROJECTOR = typer.Option(None, "--projector",
                           help="Put a fresh connector of this kind on the model (linear, mlp2x_gelu, qformer, ...); "
                                "the same as the override projector_type=KIND.")
@@ -47,7 +50,7 @@ def _list_configs() -> None:
 
 
 def _run(stage: int, config: Optional[str], out: Optional[Path], resume: bool, overrides: list[str] | None,
-         show: bool, list_configs: bool, projector: Optional[str] = None) -> None:
+         show: bool, list_configs: bool, projector: Optional[str] = None, dry_run: bool = False) -> None:
     if list_configs:
         _list_configs()
         return
@@ -60,6 +63,11 @@ def _run(stage: int, config: Optional[str], out: Optional[Path], resume: bool, o
     cfg = load_config(config, list(overrides or []), stage=stage)
     if show:
         typer.echo(cfg.resolved().to_yaml(), nl=False)
+        return
+    if dry_run:
+        from regap.train.estimate import dry_run as estimate
+
+        typer.echo("\n".join(estimate(cfg).lines()))
         return
     from regap.train.loop import resume_checkpoint, train
 
@@ -97,8 +105,9 @@ def _stage_command(stage: int, summary: str) -> Callable[..., None]:
         show: bool = _SHOW,
         list_configs: bool = _LIST,
         projector: Optional[str] = _PROJECTOR,
+        dry_run: bool = _DRY_RUN,
     ) -> None:
-        _run(stage, config, out, resume, overrides, show, list_configs, projector)
+        _run(stage, config, out, resume, overrides, show, list_configs, projector, dry_run)
 
     command.__doc__ = summary
     return command

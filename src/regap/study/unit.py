@@ -307,10 +307,10 @@ class UnitRunner:
             if "utility" in wanted:
                 record["utility"] = {s.arm: utility_record(self.eval_dir / "utility")}
             record["answers"] = self.write_answers()
-        if self.preregistration is not None:
-            record["preregistration_sha256"] = self.preregistration
             if s.defense is None and (self.work / "curve.json").is_file():
                 record["curve"] = json.loads((self.work / "curve.json").read_text())
+        if self.preregistration is not None:
+            record["preregistration_sha256"] = self.preregistration
         if s.defense is not None:
             record["defense"], record["evaluates"] = s.defense, s.trained_name
         record["wall_seconds_this_run"] = round(time.time() - started, 1)

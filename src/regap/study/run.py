@@ -364,6 +364,12 @@ class Study:
                          "is missing until it runs (rerun the study)")
         planned = plan_units(c)
         present = {u["unit"] for u in units}
+        from regap.study.answers import answers_path
+
+        without = sorted(u["unit"] for u in units if not answers_path(self.out / "units", u["unit"]).is_file())
+        if without:
+            notes.append(f"{len(without)} of {len(units)} unit(s) kept no answers (verdicts only; they cannot be "
+                         f"re-judged or audited): {', '.join(without)}")
         missing = [u.name for u in planned if u.name not in present]
         if missing:
             notes.append(f"{len(missing)} of {len(planned)} planned unit(s) not run yet: {', '.join(missing)}")

@@ -164,7 +164,9 @@ def _mean(a: tuple | None, n_boot: int, level: float, name: str) -> dict[str, An
     if a is None:
         return None
     crossed = crossed_mean(a[0], n_boot=n_boot, seed=0, level=level, name=name).to_dict()
-    return _by_seed(a[0], a[1], level, crossed)
+    out = _by_seed(a[0], a[1], level, crossed)
+    out.pop("p_value")  # a rate is not tested against zero
+    return out
 
 
 def _by_seed(table: np.ndarray, seeds: list[int], level: float, crossed: dict[str, Any]) -> dict[str, Any]:

@@ -207,7 +207,8 @@ def best_lambda_lines(choice: dict[str, Any] | None) -> list[str]:
     if not choice:
         return []
     state = "decided" if choice["decided"] else f"not decided yet: waiting for every seed of {', '.join(choice['waiting_for'])}"
-    lines = [f"**Which λ to ship** ({state}). Rule: {choice['rule']}. Choice: **{choice['arm']}**; {choice['reason']}.", "",
+    lines = [f"**Which λ to ship** ({state}; exploratory: the rule was written after the first λ results it "
+             f"uses, see `regap.study.selection`). Rule: {choice['rule']}. Choice: **{choice['arm']}**; {choice['reason']}.", "",
              "| arm | seeds | unsafe, image pooled, − plain | below zero | QA |", "|---|---|---|---|---|"]
     for arm, c in choice["candidates"].items():
         diff = c["unsafe_image_vs_plain"]

@@ -57,19 +57,19 @@ def test_unknown_yaml_key_is_named(tmp_path):
     with pytest.raises(RegapError, match=r"unknown config key 'regap\.lamda'.*'lam'"):
         load_config(path)
     path.write_text("stage: 1\ndata: {json: x.json}\nlrr: 0.1\n")
-    with pytest.raises(RegapError, match=r"unknown config key 'lrr'; did you mean 'lr'"):
+    with pytest.raises(RegapError, match=r"unknown config key 'lrr' in .*c\.yaml; did you mean 'lr'"):
         load_config(path)
 
 
 def test_overrides_are_typed_and_checked():
-    config = load_config("tiny-stage1", ["regap.lam=0.25", "lr=1e-4", "observe.trackers=tensorboard", "data.synth.n=10"])
+    config = load_config("tiny-stage1", ["regap.lam=0.25", "lr=1e-4", "observe.trackers=[tensorboard]", "data.synth.n=10"])
     assert config.regap.lam == 0.25 and config.lr == 1e-4 and config.observe.trackers == ["tensorboard"]
     assert config.data.synth.n == 10
     with pytest.raises(RegapError, match=r"unknown config key 'regap\.lamda' in override"):
         load_config("tiny-stage1", ["regap.lamda=1"])
     with pytest.raises(RegapError, match=r"'regap\.distance' is 'l1'; valid: centroid"):
         load_config("tiny-stage1", ["regap.distance=l1"])
-    with pytest.raises(RegapError, match=r"'lr' must be a number"):
+    with pytest.raises(RegapError, match=r"'lr' in override 'lr=fast' must be a number"):
         load_config("tiny-stage1", ["lr=fast"])
     with pytest.raises(RegapError, match="key=value"):
         load_config("tiny-stage1", ["lr"])

@@ -81,7 +81,7 @@ def load_trained(out_dir: str | Path, *, dtype: str | torch.dtype | None = None,
         dtype = str(dtype).replace("torch.", "")
     checkpoint = out_dir if is_training_checkpoint(out_dir) else None
     run_dir = out_dir.parent.parent if checkpoint is not None else out_dir
-    config = TrainConfig.from_dict(read_yaml(run_dir / "config.yaml"))
+    config = TrainConfig.from_dict(read_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"))
     if checkpoint is not None:
         if config.tune == "full" and config.stage == 2:
             raise RegapError(f"{checkpoint}: a checkpoint of a full-LLM stage 2 holds the LLM only as raw "

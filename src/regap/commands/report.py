@@ -9,11 +9,12 @@ import typer
 from regap.commands.options import RegapCommand
 
 
-def report_command(run_dir: Path = typer.Argument(..., help="A run folder (e.g. from `regap demo`).")) -> None:
-    """Build report.md and report.html from the run's files; missing files are named, the rest renders."""
-    from regap.study.report import build_report
+def report_command(run_dir: Path = typer.Argument(..., help="A `regap demo` run or a `regap study` results folder.")) -> None:
+    """Build report.md and report.html from the run's files; missing files are named, the rest renders.
+    A folder holding no regap run, or a report.md / report.html regap did not write, is refused."""
+    from regap.study.report import report_folder
 
-    result = build_report(run_dir)
+    result = report_folder(run_dir)
     for item in result["missing"]:
         typer.echo(f"missing: {run_dir / item}", err=True)
     typer.echo(f"wrote {run_dir / 'report.html'} and {run_dir / 'report.md'}")

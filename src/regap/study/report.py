@@ -1,5 +1,9 @@
 """`regap report RUN_DIR`: report.md and a self-contained report.html from a run's files only.
 
+`regap report` renders a `regap demo` run (below) or a `regap study` results folder (through the
+study's own report, `regap.study.study_report`), and refuses any other folder. It never replaces a
+report.md / report.html it did not write: the ones regap writes carry `MARKER`.
+
 Every section reads its own files; a missing file is named in the report (and returned),
 and the other sections still render. Images are inlined into the HTML as data URIs, so the
 page references no external resource.
@@ -45,11 +49,13 @@ class ReportBuilder:
     inline_figures: bool = True  # False when the figures are already shown side by side
 
     # ---- reading ---------------------------------------------------------------------------
-    def load(self, relative: str) -> Any | None:
+    def load(self, relative: str, expected: bool = True) -> Any | None:
+        """A run file's JSON; a missing one is listed as missing when the run was meant to make it."""
         relative = self.base + relative
         path = self.root / relative
         if not path.exists():
-            self.missing.append(relative)
+            if expected:
+                self.missing.append(relative)
             return None
         try:
             if path.suffix == ".jsonl":
@@ -73,6 +79,24 @@ class ReportBuilder:
 
     def folder(self) -> Path:
         return self.root / self.base
+
+    def settings(self) -> dict[str, Any]:
+        """The demo settings the family ran with (summary.json), {} when unknown."""
+        path = self.folder() / "summary.json"
+        try:
+            summary = json.loads(path.read_text()) if path.is_file() else {}
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+            return {}
+        settings = summary.get("setup", {}).get("settings") if isinstance(summary, dict) else None
+        return settings if isinstance(settings, dict) else {}
+
+    def attack_variants(self) -> set[str]:
+        """The checkpoints a demo measures the attack-input gap of: the final plain and ReGap ones."""
+        settings = self.settings()
+        if "regap_lambda" not in settings:
+            return set()
+        final = _final_variants(self)
+        return {final[label] for label in ("plain", f"regap-l{settings['regap_lambda']:g}") if label in final}
 
     def variants(self) -> list[str]:
         folder = self.folder() / "eval"
@@ -151,8 +175,9 @@ def _gap(b: ReportBuilder) -> None:
         b.table(["model", "MIR", "MIR 95% CI", "layer-0 gap", "pairs"], rows)
     b.figure("gap_compare/gap_layers.png", "per-layer gap, plain vs ReGap")
     attack = []
+    expected = b.attack_variants()
     for variant in b.variants():
-        gap = b.load(f"eval/{variant}/gap_attack/gap.json")
+        gap = b.load(f"eval/{variant}/gap_attack/gap.json", expected=variant in expected)
         if gap:
             attack.append([variant, gap.get("mir"), gap.get("mir_ci") or "-", gap.get("layer0_gap")])
     if attack:
@@ -232,7 +257,7 @@ def _utility(b: ReportBuilder) -> None:
 
 def _judge(b: ReportBuilder) -> None:
     b.heading("Judge validation")
-    result = b.load("judge_validation.json")
+    result = b.load("judge_validation.json", expected=bool(b.settings().get("xstest")))  # made with --xstest only
     if result:
         overall = result.get("overall", result)
         b.table(["metric", "value"], [[k, v] for k, v in overall.items() if isinstance(v, (int, float))])
@@ -327,11 +352,89 @@ def _side_by_side(root: Path, families: list[tuple[str, str, str]], builder: Rep
         builder.missing += b.missing
 
 
-def build_report(root: str | Path) -> dict[str, Any]:
-    """Write `report.md` and `report.html` into `root`; returns what was missing."""
+#: The first line of every report.md regap writes, and a comment in every report.html: a report
+#: with it (or with one of the headers regap wrote before the marker existed) may be rewritten.
+MARKER = "<!-- written by regap; `regap report` rewrites this file -->"
+_KNOWN_HEADERS = ("# regap report: ", "# regap study `",
+                  '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>regap report: ')
+REPORT_FILES = ("report.md", "report.html")
+
+
+def written_by_regap(path: Path) -> bool:
+    """Whether the file at `path` is a report regap wrote (its marker, or a header regap wrote)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return MARKER in head or head.startswith(_KNOWN_HEADERS)
+
+
+def check_reports_overwritable(root: Path) -> None:
+    """Refuse, before anything is written, to replace a report.md / report.html regap did not write."""
+    for name in REPORT_FILES:
+        path = root / name
+        if (path.exists() or path.is_symlink()) and (not path.is_file() or not written_by_regap(path)):
+            raise RegapError(f"{path} was not written by regap; move it away first (regap never replaces a "
+                             "report it did not write)")
+
+
+def run_kind(root: Path) -> str | None:
+    """'study' (a `regap study` results folder), 'demo' (a `regap demo` run) or None (no regap run)."""
+    summary = _read_summary(root / "summary.json")
+    if isinstance(summary, dict) and "study" in summary and "units_planned" in summary and (root / "units").is_dir():
+        return "study"
+    for _, folder, _ in FAMILIES:
+        family = root / folder
+        family_summary = summary if not folder else _read_summary(family / "summary.json")
+        if (family / "eval").is_dir() or (isinstance(family_summary, dict) and "setup" in family_summary):
+            return "demo"
+    return None
+
+
+def _read_summary(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        return None
+
+
+def write_reports(root: Path, markdown_text: str, title: str) -> None:
+    """report.md (marked as regap's) and the self-contained report.html, each written atomically."""
+    from regap.files import write_text_atomic
+
+    write_text_atomic(root / "report.md", f"{MARKER}\n{markdown_text}")
+    write_text_atomic(root / "report.html", render_html(markdown_text, root, title))
+
+
+def report_folder(root: str | Path) -> dict[str, Any]:
+    """`regap report FOLDER`: a demo run's report, or a study's (from its summary.json and units);
+    a folder holding neither, or a report regap did not write, is refused before anything is written."""
     root = Path(root)
     if not root.is_dir():
         raise RegapError(f"run folder not found: {root}")
+    kind = run_kind(root)
+    if kind is None:
+        raise RegapError(f"{root} holds no regap run (neither a `regap demo` run: summary.json with a setup or "
+                         "eval/; nor a `regap study` results folder: summary.json and units/); nothing written")
+    if kind == "demo":
+        return {"kind": kind, **build_report(root)}
+    check_reports_overwritable(root)
+    from regap.study.stats import load_units
+    from regap.study.study_report import write_report
+
+    summary = _read_summary(root / "summary.json")
+    units, _ = load_units(root)
+    write_report(root, summary, units)
+    return {"kind": kind, "missing": [], "figures": []}
+
+
+def build_report(root: str | Path) -> dict[str, Any]:
+    """Write a demo run's `report.md` and `report.html` into `root`; returns what was missing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise RegapError(f"run folder not found: {root}")
+    check_reports_overwritable(root)
     families = present_families(root)
     builder = ReportBuilder(root)
     builder.lines.append(f"# regap report: {_code(root.name)}\n")
@@ -350,9 +453,7 @@ def build_report(root: str | Path) -> dict[str, Any]:
         builder.note("These files were not found; the sections above that need them are incomplete:")
         for item in missing:
             builder.note(f"- {_code(item)}")
-    markdown_text = "\n".join(builder.lines)
-    (root / "report.md").write_text(markdown_text)
-    (root / "report.html").write_text(render_html(markdown_text, root, builder.root.name))
+    write_reports(root, "\n".join(builder.lines), builder.root.name)
     return {"missing": missing, "figures": [str(p.relative_to(root)) for p in builder.figures]}
 
 
@@ -371,4 +472,4 @@ def render_html(markdown_text: str, root: Path, title: str) -> str:
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:14px}"
              "img{max-width:100%}td img{max-width:500px}code{background:#f4f4f4}")
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>regap report: {html.escape(title)}"
-            f"</title><style>{style}</style></head><body>\n{body}</body></html>\n")
+            f"</title><style>{style}</style></head><body>\n{MARKER}\n{body}</body></html>\n")

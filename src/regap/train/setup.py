@@ -272,9 +272,18 @@ def feature_cache(config: TrainConfig, lvlm: LVLM, accelerator: Any, log: Any) -
                                                    and accelerator.device.type == "cpu")
     if not wanted or any(p.requires_grad for p in lvlm.vision.parameters()):
         return None
-    from regap.models.feature_cache import VisionFeatureCache
+    from regap.cache import announce
+    from regap.models.feature_cache import CacheUnwritable, VisionFeatureCache
 
-    cache = VisionFeatureCache(lvlm.vision)
+    def warn(message: str) -> None:
+        if accelerator.is_main_process:
+            announce(message)
+
+    try:
+        cache = VisionFeatureCache(lvlm.vision, warn=warn)
+    except CacheUnwritable as exc:
+        warn(f"vision-feature cache not used ({exc}); training encodes every image")
+        return None
     log(f"vision features cached in {cache.folder}")
     return cache
 

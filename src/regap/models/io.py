@@ -88,6 +88,16 @@ def load_adapter(model: LVLM, folder: str | Path) -> None:
         model.llm = PeftModel.from_pretrained(model.llm, str(folder))
 
 
+def merge_adapter(model: LVLM) -> bool:
+    """Merge a LoRA-wrapped LLM's adapter into its weights (peft's `merge_and_unload`), in place: the
+    model computes the same function with a plain LLM, as formats without LoRA (HF LLaVA) need.
+    Returns whether there was an adapter."""
+    if not hasattr(model.llm, "peft_config"):
+        return False
+    model.llm = model.llm.merge_and_unload()
+    return True
+
+
 def save_model(model: LVLM, out_dir: str | Path, include_backbones: bool = False) -> Path:
     """Write `regap_config.json` + `projector.safetensors` (+ `moca.safetensors`); with
     `include_backbones`, also the vision encoder and the LLM as safetensors folders so the

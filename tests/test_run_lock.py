@@ -148,3 +148,13 @@ def test_a_safetensors_write_error_is_one_line(monkeypatch, capsys, tmp_path):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "No space left on device (ENOSPC)" in err and "\n" not in err
+
+
+def test_defense_calibrate_holds_its_out_file(no_work, tmp_path, capsys):
+    from regap.run_lock import exclusive_file
+
+    target = tmp_path / "cmrm.safetensors"
+    with exclusive_file(target):
+        assert main(["defense", "calibrate", "cmrm", "--out", str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--out {target} is in use by another regap run" in err and "\n" not in err

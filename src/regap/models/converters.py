@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from regap.cache import staging_path
+from regap.files import apply_umask
 from regap.errors import MissingDependencyError, RegapError
 
 
@@ -28,6 +29,7 @@ def _staged_folder(out_dir: Path) -> Iterator[Path]:
     staging.mkdir(parents=True)
     try:
         yield staging
+        apply_umask(staging)  # safetensors writes 0600
         os.replace(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from regap.errors import RegapError
-from regap.files import atomic_path, write_json_atomic
+from regap.files import apply_umask, atomic_path, write_json_atomic
 from regap.models.blip2_hf import (
     QFORMER_FOLDER,
     is_blip2_hf,
@@ -112,6 +112,7 @@ def save_model(model: LVLM, out_dir: str | Path, include_backbones: bool = False
             staging = out_dir / f"{name}.partial"
             shutil.rmtree(staging, ignore_errors=True)
             save(model, staging)
+            apply_umask(staging)
             shutil.rmtree(out_dir / name, ignore_errors=True)
             os.replace(staging, out_dir / name)
         if is_blip2_hf(model.config):

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from regap.errors import InternalError, RegapError
+from regap.files import apply_umask
 from regap.models.build import parse_dtype
 from regap.models.folders import EXPORT_RECORD
 from regap.models.hub import hub_call
@@ -175,4 +176,5 @@ def export_llava_hf(model: LVLM, out_dir: str | Path, dtype: torch.dtype | None 
         image_token=IMAGE_MARKER, chat_template=chat_template,
     )
     processor.save_pretrained(out_dir)
+    apply_umask(out_dir)  # safetensors writes 0600: the folder gets the umask's modes
     return out_dir

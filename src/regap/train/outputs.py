@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from regap.errors import RegapError
+from regap.files import apply_umask
 from regap.models.moca import MOCA_FILE, load_moca, save_moca
 from regap.models.presets import TINY_RANDOM
 from regap.train import checkpoint as ckpt
@@ -47,6 +48,7 @@ def save_outputs(accelerator: Any, out_dir: Path, module: nn.Module, config: Tra
             llm_state = {k[len("lvlm.llm."):]: v for k, v in full_state.items() if k.startswith("lvlm.llm.")}
             lvlm.llm.save_pretrained(staging / "llm", state_dict=llm_state, safe_serialization=True)
             lvlm.tokenizer.save_pretrained(staging / "llm")
+            apply_umask(staging / "llm")
         shutil.rmtree(out_dir / "model", ignore_errors=True)
         os.replace(staging, out_dir / "model")
     if config.stage == 2 and config.tune == "lora":

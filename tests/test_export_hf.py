@@ -202,3 +202,35 @@ def test_a_model_with_moca_is_refused(tmp_path):
     model.set_moca(MoCa(model.hidden_size, [1]))
     with pytest.raises(RegapError, match="MoCa"):
         export_llava_hf(model, tmp_path / "x")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_tiny_clip_preset_exports_and_loads_back_in_transformers(tmp_path):
+    """The offline model `regap export` can write: exported, then loaded by transformers' own class."""
+    import gc
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("offline extra not installed (pip install 'regap[offline]')")
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from regap.models import load_model
+    from regap.models.export import export_model
+
+    out = tmp_path / "hf"
+    record = export_model("tiny-clip", out)  # float32: the tiny LM's weights are float32 (a bf16 load peaks higher)
+    assert record["chat_template"] == "chat" and record["dtype"] == "float32"
+    gc.collect()
+    llava = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(out)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Say hello."}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[IMAGE], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        generated = llava.generate(**inputs, max_new_tokens=4, do_sample=False)
+    theirs = processor.tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    del llava
+    gc.collect()
+    ours = load_model("tiny-clip", dtype="float32")
+    assert ours.generate(["Say hello."], [IMAGE], DecodingSettings(max_new_tokens=4))[0] == theirs.strip()

@@ -156,7 +156,7 @@ def export_llava_hf(model: LVLM, out_dir: str | Path, dtype: torch.dtype | None 
         config.dtype = dtype
     with torch.device("meta"):
         llava = LlavaForConditionalGeneration(config)
-    state = {k: v.detach().to(dtype if dtype is not None and v.is_floating_point() else v.dtype, copy=True)
+    state = {k: v.detach().to(dtype if dtype is not None and v.is_floating_point() else v.dtype)
              for k, v in state.items()}
     missing, unexpected = llava.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]

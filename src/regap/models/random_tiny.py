@@ -72,26 +72,6 @@ def tiny_vision(kind: str = "clip", image_size: int = 56, patch_size: int = 14, 
     return encoder.eval(), processor
 
 
-#: The random CLIP-shaped tower of the `tiny-clip` preset (`regap:clip-vit-random`): LLaVA's encoder
-#: type at a size a CPU loads in a second, so a model HF LLaVA can express exists offline.
-RANDOM_CLIP = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=6,
-                   image_size=224, patch_size=28, projection_dim=384)
-
-
-def write_random_clip(folder: Any, seed: int = 0) -> None:
-    """Save a seeded random `CLIPVisionModel` (RANDOM_CLIP) and a CLIP image processor (CLIP's mean
-    and std, 224 px) into `folder`, without touching the caller's random state."""
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        encoder = CLIPVisionModel(CLIPVisionConfig(**RANDOM_CLIP))
-    size = RANDOM_CLIP["image_size"]
-    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    encoder.save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
-
-
 def tiny_llm(tokenizer: Any, kind: str = "llama", hidden: int = 48, layers: int = 2) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 

@@ -278,7 +278,7 @@ def test_a_finished_demo_lists_no_file_it_never_makes(run_dir):
         for sub, name in (("safety", "summary.json"), ("utility", "utility.json")):
             (run_dir / "eval" / variant / sub).mkdir()
             (run_dir / "eval" / variant / sub / name).write_text(json.dumps({"judges": {}, "tasks": {}}))
-    from regap.study.report import build_report
+    from regap.report.demo import build_report
 
     result = build_report(run_dir)
     assert result["missing"] == ["eval/regap-l1@2/gap_attack/gap.json"]

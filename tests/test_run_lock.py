@@ -131,7 +131,7 @@ def test_storage_errors_are_one_line(monkeypatch, capsys, tmp_path, name):
     def fail(run_dir):
         raise OSError(getattr(errno, name), os.strerror(getattr(errno, name)), str(tmp_path / "x.json"))
 
-    monkeypatch.setattr("regap.study.report.report_folder", fail)
+    monkeypatch.setattr("regap.commands.report.report_folder", fail)
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {tmp_path / 'x.json'}: ") and f"({name})" in err and "\n" not in err
@@ -144,7 +144,7 @@ def test_a_safetensors_write_error_is_one_line(monkeypatch, capsys, tmp_path):
         raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
                               '"No space left on device" })')
 
-    monkeypatch.setattr("regap.study.report.report_folder", fail)
+    monkeypatch.setattr("regap.commands.report.report_folder", fail)
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "No space left on device (ENOSPC)" in err and "\n" not in err

@@ -1,8 +1,5 @@
-"""`regap report RUN_DIR`: report.md and a self-contained report.html from a run's files only.
-
-`regap report` renders a `regap demo` run (below) or a `regap study` results folder (through the
-study's own report, `regap.study.study_report`), and refuses any other folder. It never replaces a
-report.md / report.html it did not write: the ones regap writes carry `MARKER`.
+"""The report of a `regap demo` run: report.md and a self-contained report.html from the run's
+files only (`regap report RUN_DIR`, and the last step of `regap demo`).
 
 Every section reads its own files; a missing file is named in the report (and returned),
 and the other sections still render. Images are inlined into the HTML as data URIs, so the
@@ -21,8 +18,6 @@ With one family the report is that family's sections alone.
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import re
 from dataclasses import dataclass, field
@@ -30,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from regap.errors import RegapError
+from regap.report.html import check_reports_overwritable, write_reports
 
 #: Connector families of a demo run: (name, folder under the run folder, column title).
 FAMILIES = (("mlp", "", "MLP projector"), ("qformer", "qformer", "Q-Former"))
@@ -352,33 +348,6 @@ def _side_by_side(root: Path, families: list[tuple[str, str, str]], builder: Rep
         builder.missing += b.missing
 
 
-#: The first line of every report.md regap writes, and a comment in every report.html: a report
-#: with it (or with one of the headers regap wrote before the marker existed) may be rewritten.
-MARKER = "<!-- written by regap; `regap report` rewrites this file -->"
-_KNOWN_HEADERS = ("# regap report: ", "# regap study `",
-                  '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>regap report: ')
-REPORT_FILES = ("report.md", "report.html")
-
-
-def written_by_regap(path: Path) -> bool:
-    """Whether the file at `path` is a report regap wrote (its marker, or a header regap wrote)."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(4096).decode("utf-8", errors="replace")
-    except OSError:
-        return False
-    return MARKER in head or head.startswith(_KNOWN_HEADERS)
-
-
-def check_reports_overwritable(root: Path) -> None:
-    """Refuse, before anything is written, to replace a report.md / report.html regap did not write."""
-    for name in REPORT_FILES:
-        path = root / name
-        if (path.exists() or path.is_symlink()) and (not path.is_file() or not written_by_regap(path)):
-            raise RegapError(f"{path} was not written by regap; move it away first (regap never replaces a "
-                             "report it did not write)")
-
-
 def run_kind(root: Path) -> str | None:
     """'study' (a `regap study` results folder), 'demo' (a `regap demo` run) or None (no regap run)."""
     summary = _read_summary(root / "summary.json")
@@ -397,36 +366,6 @@ def _read_summary(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     except (json.JSONDecodeError, OSError, UnicodeDecodeError):
         return None
-
-
-def write_reports(root: Path, markdown_text: str, title: str) -> None:
-    """report.md (marked as regap's) and the self-contained report.html, each written atomically."""
-    from regap.files import write_text_atomic
-
-    write_text_atomic(root / "report.md", f"{MARKER}\n{markdown_text}")
-    write_text_atomic(root / "report.html", render_html(markdown_text, root, title))
-
-
-def report_folder(root: str | Path) -> dict[str, Any]:
-    """`regap report FOLDER`: a demo run's report, or a study's (from its summary.json and units);
-    a folder holding neither, or a report regap did not write, is refused before anything is written."""
-    root = Path(root)
-    if not root.is_dir():
-        raise RegapError(f"run folder not found: {root}")
-    kind = run_kind(root)
-    if kind is None:
-        raise RegapError(f"{root} holds no regap run (neither a `regap demo` run: summary.json with a setup or "
-                         "eval/; nor a `regap study` results folder: summary.json and units/); nothing written")
-    if kind == "demo":
-        return {"kind": kind, **build_report(root)}
-    check_reports_overwritable(root)
-    from regap.study.stats import load_units
-    from regap.study.study_report import write_report
-
-    summary = _read_summary(root / "summary.json")
-    units, _ = load_units(root)
-    write_report(root, summary, units)
-    return {"kind": kind, "missing": [], "figures": []}
 
 
 def build_report(root: str | Path) -> dict[str, Any]:
@@ -455,21 +394,3 @@ def build_report(root: str | Path) -> dict[str, Any]:
             builder.note(f"- {_code(item)}")
     write_reports(root, "\n".join(builder.lines), builder.root.name)
     return {"missing": missing, "figures": [str(p.relative_to(root)) for p in builder.figures]}
-
-
-def render_html(markdown_text: str, root: Path, title: str) -> str:
-    """Render the markdown with markdown-it (tables on) and inline every image."""
-    from markdown_it import MarkdownIt
-
-    renderer = MarkdownIt("commonmark", {"html": False}).enable("table")  # run-file text never becomes markup
-    body = renderer.render(markdown_text)
-    for figure in sorted({p for p in root.rglob("*.png")}, key=lambda p: -len(str(p))):
-        relative = str(figure.relative_to(root))
-        if f'src="{relative}"' in body:
-            data = base64.b64encode(figure.read_bytes()).decode("ascii")
-            body = body.replace(f'src="{relative}"', f'src="data:image/png;base64,{data}"')
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:14px}"
-             "img{max-width:100%}td img{max-width:500px}code{background:#f4f4f4}")
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>regap report: {html.escape(title)}"
-            f"</title><style>{style}</style></head><body>\n{MARKER}\n{body}</body></html>\n")

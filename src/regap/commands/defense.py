@@ -87,7 +87,7 @@ def _calibrate(name: str, model: str, out: Path, projector: Optional[Path], dtyp
                attn_implementation: Optional[str], images: Optional[str], texts: str, pairs: int, seed: int,
                batch_size: int, protocol: Optional[str], match_norm: bool) -> None:
     """`regap defense calibrate`'s work, once its options are checked and its --out is held."""
-    from regap.defenses.calibration import save_calibration
+    from regap.defenses.calibration_files import save_calibration
     from regap.models import load_model, load_projector
 
     loaded = load_model(model, dtype=dtype, attn_implementation=attn_implementation)

@@ -104,7 +104,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from regap.provenance import provenance
-        from regap.safety.validation import validate_judge
+        from regap.safety.judges.validation import validate_judge
 
         from regap.safety.judges import JUDGES
 
@@ -174,7 +174,7 @@ def register(app: typer.Typer) -> None:
         """Fit a judge on a tuning split and report the held-out split: the relevance judge's similarity
         threshold (max balanced accuracy), or the refusal-lexicon judge's weights."""
         from regap.provenance import provenance
-        from regap.safety.calibration import run_calibration
+        from regap.safety.judges.relevance_threshold import run_calibration
 
         from regap.safety.judges import JUDGES
 
@@ -217,7 +217,7 @@ def _calibrate_lexicon(data: str, options: dict[str, Any], seed: int, fraction: 
                        ignored: dict[str, Any]) -> None:
     """`judge-calibrate --judge refusal-lexicon`: fit on the tuning split, print the held-out numbers."""
     from regap.provenance import provenance
-    from regap.safety.refusal_fit import fit_refusal_lexicon
+    from regap.safety.judges.refusal_fit import fit_refusal_lexicon
 
     unused = [flag for flag, value in ignored.items() if value is not None] + (["--option"] if options else [])
     if unused:
@@ -266,7 +266,7 @@ def _lexicon_text(report: dict[str, Any]) -> str:
 
 def _write_json(out: Path, record: dict[str, Any]) -> None:
     """Write a report with its provenance; a write failure is one line naming the file."""
-    from regap.safety.validation import jsonable
+    from regap.safety.judges.validation import jsonable
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -271,7 +271,7 @@ class Demo:
     def judge_validation(self) -> None:
         if not self.settings.xstest:
             return
-        from regap.safety.validation import validate_judge
+        from regap.safety.judges.validation import validate_judge
 
         result = validate_judge("keyword", f"xstest:{self.settings.xstest}")
         (self.out / "judge_validation.json").write_text(json.dumps(result, indent=2, default=float))

@@ -4,7 +4,7 @@ Why: a judge tuned and scored on the same responses reports its own memory. The 
 labelled responses are split by prompt (the five models' answers to one prompt stay on one
 side), seeded; on the *tuning* side the L2 strength of the logistic regression is chosen by
 grouped k-fold cross-validation and the weights are fitted; the *held-out* side is only
-scored, once, by `regap.safety.validation.validate_judge` (the same code as
+scored, once, by `regap.safety.judges.validation.validate_judge` (the same code as
 `regap judge-validate --split heldout`), next to the `keyword` judge on the same rows.
 
 The logistic regression is a few lines of scipy (L-BFGS-B on the penalised log-loss), so
@@ -128,7 +128,7 @@ def fit_refusal_lexicon(
     `compare` judges on the same held-out rows, and an exact McNemar test of the judge's
     correctness against the first of them.
     """
-    from regap.safety.calibration import _group_bootstrap
+    from regap.safety.judges.relevance_threshold import _group_bootstrap
     from regap.safety.judges import JudgeInput
     from regap.safety.judges.agreement import judge_agreement, reference_verdicts
     from regap.safety.judges.lexicon import (
@@ -140,7 +140,7 @@ def fit_refusal_lexicon(
         feature_matrix,
     )
     from regap.safety.metrics import mcnemar_exact
-    from regap.safety.validation import load_labeled, select_split, tuning_mask, validate_judge
+    from regap.safety.judges.validation import load_labeled, select_split, tuning_mask, validate_judge
 
     data, record = load_labeled(data_spec, partial)
     in_tuning = tuning_mask(data, tuning_fraction, seed)

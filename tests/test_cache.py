@@ -24,9 +24,9 @@ PARTS = {"fakew/data/part01.bin": b"a" * 3000, "fakew/data/part02.bin": b"b" * 1
 SCRIPT = r'''
 import hashlib, os, sys, time
 from pathlib import Path
-from regap.models import offline_assets
+from regap.models.loading import offline_assets
 from regap.models.converters import _staged_folder
-from regap.models.packaged_weights import PackagedFile
+from regap.models.loading.packaged_weights import PackagedFile
 
 root = Path(sys.argv[1])
 payload = b"a" * 3000 + b"b" * 1000

@@ -40,8 +40,8 @@ def models_command(
     from rich.console import Console
     from rich.table import Table
 
-    from regap.models.presets import PRESETS
-    from regap.models.trained_presets import describe_training, inspect_assets
+    from regap.models.loading.presets import PRESETS
+    from regap.models.loading.trained import describe_training, inspect_assets
 
     rows = []
     for p in PRESETS.values():
@@ -88,13 +88,13 @@ def package_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --dest."),
 ) -> None:
     """Package a stage-2 LoRA output as a trained preset's assets and print the sha256 pins to paste
-    into src/regap/models/presets.py."""
+    into src/regap/models/loading/presets.py."""
     from regap.train.package import format_pins, package_preset
 
     result = package_preset(train_out, name, dest, info=_read_info(info), dtype=dtype, overwrite=overwrite)
     typer.echo(f"wrote {result.dest}: {len(result.pins)} files, {result.total_bytes / 1e6:.2f} MB "
                f"(base {result.manifest['base']['model']})")
-    typer.echo(f"# pins for preset {name!r}: paste as pins= of its Preset in src/regap/models/presets.py")
+    typer.echo(f"# pins for preset {name!r}: paste as pins= of its Preset in src/regap/models/loading/presets.py")
     typer.echo(format_pins(result.pins))
 
 

@@ -2,15 +2,15 @@
 
 from regap.models.attention import llm_attention, set_llm_attention
 from regap.models.blip2_hf import load_blip2_hf
-from regap.models.build import build_lvlm, parse_dtype, replace_projector
-from regap.models.factory import load_model, load_trained
+from regap.models.loading.build import build_lvlm, parse_dtype, replace_projector
+from regap.models.loading.load import load_model, load_trained
 from regap.models.generation import DecodingSettings
 from regap.models.inputs import IGNORE_INDEX, ModelInputs
-from regap.models.io import load_projector, load_saved, save_model, save_projector
+from regap.models.loading.saved import load_projector, load_saved, save_model, save_projector
 from regap.models.llava_hf import export_llava_hf, load_llava_hf
 from regap.models.lvlm import LVLM, LVLMConfig
 from regap.models.moca import MoCa, load_moca, save_moca
-from regap.models.presets import PRESETS, get_preset
+from regap.models.loading.presets import PRESETS, get_preset
 from regap.models.projector import build_projector
 from regap.models.qformer import QFormerProjector, build_qformer_projector
 from regap.models.vision import VisionConfig, VisionTower

@@ -18,12 +18,12 @@ import torch
 
 from regap.errors import RegapError
 from regap.files import write_json_atomic
-from regap.models.factory import load_model
-from regap.models.folders import CONFIG_FILE, EXPORT_RECORD
-from regap.models.io import load_projector
+from regap.models.loading.load import load_model
+from regap.models.loading.folders import CONFIG_FILE, EXPORT_RECORD
+from regap.models.loading.saved import load_projector
 from regap.models.llava_hf import LLAVA_EXPRESSIBLE, export_llava_hf, llava_export_problems
 from regap.models.lvlm import LVLMConfig
-from regap.models.presets import PRESETS
+from regap.models.loading.presets import PRESETS
 
 #: The dtypes an export can write (`auto` is a run setting, not a file format).
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")

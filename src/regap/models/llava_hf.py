@@ -11,9 +11,9 @@ import torch
 
 from regap.errors import InternalError, RegapError
 from regap.files import apply_umask
-from regap.models.build import parse_dtype
-from regap.models.folders import EXPORT_RECORD
-from regap.models.hub import hub_call
+from regap.models.loading.build import parse_dtype
+from regap.models.loading.folders import EXPORT_RECORD
+from regap.models.loading.sources import hub_call
 from regap.models.lvlm import LVLM, LVLMConfig
 from regap.models.projector import build_projector
 from regap.models.templates import IMAGE_MARKER, TEMPLATES, hf_chat_template
@@ -101,12 +101,12 @@ def export_llava_hf(model: LVLM, out_dir: str | Path, dtype: torch.dtype | None 
     tools (lmms-eval's `llava_hf`, vLLM, `pipeline("image-text-to-text")`) can read. Needs a
     CLIP/SigLIP encoder, no pooling, an integer feature layer, an `mlp2x_gelu` projector and no
     MoCa: what the HF LLaVA class can express. A LoRA adapter is merged into the model's LLM first
-    (`regap.models.io.merge_adapter`, in place). The weights are written in `dtype` (default: as
+    (`regap.models.loading.saved.merge_adapter`, in place). The weights are written in `dtype` (default: as
     they are). The chat template (processor and tokenizer) renders like the model's regap template
     and turns image content parts into the `<image>` marker."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    from regap.models.io import merge_adapter
+    from regap.models.loading.saved import merge_adapter
 
     problems = llava_export_problems(model.config, model.vision.encoder.config.model_type)
     if problems:

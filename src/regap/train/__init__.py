@@ -51,7 +51,7 @@ __all__ = [
 
 
 #: Names that lived here and moved to the model layer (one import path each); deprecated aliases.
-_MOVED = {"load_trained": "regap.models.factory", "MoCa": "regap.models.moca", "load_moca": "regap.models.moca",
+_MOVED = {"load_trained": "regap.models.loading.load", "MoCa": "regap.models.moca", "load_moca": "regap.models.moca",
           "save_moca": "regap.models.moca", "decoder_layers": "regap.models.layers"}
 
 

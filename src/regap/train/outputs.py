@@ -1,6 +1,6 @@
 """What a training run leaves in its folder besides checkpoints: the trained parts
 (`save_outputs`), ``provenance.json`` and ``data_report.json``. The way back from such a folder to
-a model is the model layer's (`regap.models.load_model`, `regap.models.factory.load_trained`): a
+a model is the model layer's (`regap.models.load_model`, `regap.models.loading.load.load_trained`): a
 training output folder is one of its folder formats."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import nn
 
 from regap.files import apply_umask
 from regap.models.moca import MOCA_FILE, save_moca
-from regap.models.presets import TINY_RANDOM
+from regap.models.loading.presets import TINY_RANDOM
 from regap.train import checkpoint as ckpt
 from regap.train.config import TrainConfig
 from regap.train.distributed import is_sharded
@@ -98,7 +98,7 @@ def write_provenance(out_dir: Path, cfg: TrainConfig, lvlm: LVLM, json_path: Pat
 
 def __getattr__(name: str) -> Any:
     """`load_trained` and `load_checkpoint_parts` moved to the model layer (deprecated here)."""
-    moved = {"load_trained": "regap.models.factory", "load_checkpoint_parts": "regap.models.trained_presets"}
+    moved = {"load_trained": "regap.models.loading.load", "load_checkpoint_parts": "regap.models.loading.trained"}
     if name in moved:
         import importlib
         import warnings

@@ -17,7 +17,7 @@ from regap.errors import RegapError
 from regap.models.attention import llm_attention, set_llm_attention
 from regap.models.inputs import ModelInputs
 from regap.models.moca import MOCA_FILE, MoCa, load_moca
-from regap.models.presets import known_projector_type
+from regap.models.loading.presets import known_projector_type
 from regap.train.collate import Collator, TrainSamples
 from regap.train.config import TrainConfig, derive_batch_layout, training_device
 from regap.train.distributed import is_sharded
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 def build_model(config: TrainConfig) -> LVLM:
     """`config.model`, with a fresh projector of `projector_type` (sized by `qformer.*`) when set."""
-    from regap.models.factory import build_base_model
+    from regap.models.loading.load import build_base_model
 
     return build_base_model(config.model, dtype=config.dtype, projector_type=config.projector_type,
                             projector_options=config.qformer.options(), seed=config.seed)

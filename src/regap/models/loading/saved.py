@@ -23,8 +23,8 @@ from regap.models.blip2_hf import (
     load_saved_blip2,
     save_qformer_config,
 )
-from regap.models.build import build_lvlm, parse_dtype
-from regap.models.folders import CONFIG_FILE, PROJECTOR_FILE
+from regap.models.loading.build import build_lvlm, parse_dtype
+from regap.models.loading.folders import CONFIG_FILE, PROJECTOR_FILE
 from regap.models.lvlm import LVLM, LVLMConfig
 from regap.models.moca import MOCA_FILE, load_moca, save_moca
 

@@ -5,7 +5,7 @@ A training output folder is a model folder format: its `config.yaml` names the b
 it was built (seed, projector kind and sizes), and beside it lie the trained parts (projector, the
 LoRA adapter or the full LLM of stage 2, MoCa); `OUT/checkpoints/step-N` holds the parts at step N.
 `read_training_record` reads what loading needs from `config.yaml` (the rest of the file is the
-training's own business, `regap.train.config`); `regap.models.factory.load_trained` rebuilds it.
+training's own business, `regap.train.config`); `regap.models.loading.load.load_trained` rebuilds it.
 
 Trained presets: a base preset plus a trained projector and LoRA adapter that ship inside the
 package (`regap/assets/presets/<assets>/`), so `--model tiny-llava` needs no training run.
@@ -15,7 +15,7 @@ folder's manifest), and every pinned file is checked before any of them is read:
 is refused, never loaded. The folder's `manifest.json` (pinned too) says how the base model is
 rebuilt (its seed and projector kind) and what the parts were trained on, with which settings
 (`regap models` shows it). `regap models package` (`regap.train.package`) writes such a folder
-from a stage-2 LoRA training output and prints the pins to paste into `regap.models.presets`.
+from a stage-2 LoRA training output and prints the pins to paste into `regap.models.loading.presets`.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any
 from regap import config as typed
 from regap.errors import RegapError
 from regap.files import file_sha256
-from regap.models.folders import PROJECTOR_FILE, TRAIN_CONFIG_FILE
-from regap.models.io import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_adapter, load_projector
+from regap.models.loading.folders import PROJECTOR_FILE, TRAIN_CONFIG_FILE
+from regap.models.loading.saved import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_adapter, load_projector
 from regap.models.moca import MOCA_FILE, load_moca
-from regap.models.presets import PRESETS, TINY_RANDOM, Preset
+from regap.models.loading.presets import PRESETS, TINY_RANDOM, Preset
 
 if TYPE_CHECKING:
     from regap.models.lvlm import LVLM
@@ -54,7 +54,7 @@ class TrainingRecord:
     projector_options: dict[str, int]  # the sizes of a fresh Q-Former
 
     def base_options(self) -> dict[str, Any]:
-        """`regap.models.factory.build_base_model` keywords that rebuild the run's starting model."""
+        """`regap.models.loading.load.build_base_model` keywords that rebuild the run's starting model."""
         return {"projector_type": self.projector_type, "projector_options": dict(self.projector_options),
                 "seed": self.seed}
 
@@ -183,7 +183,7 @@ def inspect_assets(preset: Preset) -> AssetsReport:
     folder = assets_dir(preset)
     if not preset.pins:
         return AssetsReport(name, NOT_PACKAGED, f"preset {name}: assets not packaged yet (no sha256 pins in "
-                            f"regap.models.presets; `regap models package` writes the files and prints the pins)", folder)
+                            f"regap.models.loading.presets; `regap models package` writes the files and prints the pins)", folder)
     unpinned = [f for f in REQUIRED_FILES if f not in preset.pins]
     if unpinned:
         return AssetsReport(name, INVALID, f"preset {name}: no sha256 pin for {', '.join(unpinned)}", folder)
@@ -251,7 +251,7 @@ def is_base_model(name: str | None) -> bool:
 
 
 def base_options(report: AssetsReport) -> dict[str, Any]:
-    """`regap.models.factory.build_base_model` keywords for the verified manifest's base."""
+    """`regap.models.loading.load.build_base_model` keywords for the verified manifest's base."""
     assert report.manifest is not None
     base = report.manifest["base"]
     return {"projector_type": base.get("projector_type"), "projector_options": base.get("projector_options") or {},

@@ -17,7 +17,7 @@ class Preset:
     projector_note: str
     config: LVLMConfig | None = None
     llava_hf_id: str | None = None  # presets that load an HF LLaVA checkpoint instead of parts
-    # A trained preset (`regap.models.trained_presets`): the `base` preset plus a trained projector
+    # A trained preset (`regap.models.loading.trained`): the `base` preset plus a trained projector
     # and LoRA adapter shipped in `regap/assets/presets/<assets>/`, every file pinned here by
     # sha256 (relative path -> hash; written by `regap models package`), so a changed file is refused.
     base: str | None = None

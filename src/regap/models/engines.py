@@ -33,7 +33,7 @@ import torch
 
 from regap.errors import InternalError, MissingDependencyError, RegapError
 from regap.models.generation import DecodingSettings, count_until_eos, eos_token_ids
-from regap.models.loading.offline_assets import resolve_source
+from regap.models.loading.sources import resolve_source
 
 if TYPE_CHECKING:
     from regap.models.lvlm import LVLM

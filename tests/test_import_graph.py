@@ -223,3 +223,16 @@ def test_no_package_depends_on_a_package_that_depends_on_it_through_models_and_t
     upward = sorted((name, target) for name, targets in graph.items() if name.startswith("regap.models")
                     for target in targets if target == "regap.train" or target.startswith("regap.train."))
     assert upward == []
+
+
+@pytest.mark.parametrize("name, home", [("MoCa", "regap.models.moca"), ("decoder_layers", "regap.models.layers"),
+                                        ("load_trained", "regap.models.loading.load")])
+def test_names_that_moved_out_of_train_have_one_home_and_warn_at_the_old_one(name, home):
+    import importlib
+
+    import regap.train
+
+    assert name not in regap.train.__all__
+    with pytest.warns(DeprecationWarning, match=f"regap.train.{name} moved"):
+        old = getattr(regap.train, name)
+    assert old is getattr(importlib.import_module(home), name)

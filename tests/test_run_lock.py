@@ -158,3 +158,13 @@ def test_defense_calibrate_holds_its_out_file(no_work, tmp_path, capsys):
         assert main(["defense", "calibrate", "cmrm", "--out", str(target)]) == 2
     err = capsys.readouterr().err.strip()
     assert f"--out {target} is in use by another regap run" in err and "\n" not in err
+
+
+def test_a_study_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    assert main(["study", "--fast", "--out", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(blocker) in errors[0] and "(ENOTDIR)" in errors[0] and "Traceback" not in err
+    assert blocker.read_text() == "mine"

@@ -100,3 +100,11 @@ def test_a_run_folders_written_config_reads_back(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(config.to_yaml())
     assert load_config(path) == config
+
+
+def test_a_free_form_mapping_takes_dotted_and_whole_overrides():
+    dotted = load_study_config("tiny-study", ["safety.judge_options.relevance.threshold=0.6"])
+    whole = load_study_config("tiny-study", ["safety.judge_options={relevance: {threshold: 0.6}}"])
+    assert dotted.safety.judge_options == whole.safety.judge_options == {"relevance": {"threshold": 0.6}}
+    with pytest.raises(RegapError, match=r"'safety\.judge_options' in override .* must be a mapping of keys"):
+        load_study_config("tiny-study", ["safety.judge_options=[1]"])

@@ -252,9 +252,11 @@ def test_a_study_folder_is_rendered_as_the_study(tmp_path):
         pytest.skip("results/tiny-study is not in this checkout")
     study = tmp_path / "tiny-study"
     shutil.copytree(source, study)
-    before = (study / "report.md").read_text()
+    assert (study / "report.md").read_text().startswith("# regap study `tiny-study`")  # written before the marker
     assert main(["report", str(study)]) == 0
-    assert (study / "report.md").read_text() == before  # the study's own report, rebuilt from its files
+    rebuilt = (study / "report.md").read_text()  # the study's own report, rebuilt from its files
+    assert rebuilt.startswith("# regap study `tiny-study`") and "The paper's four claims" in rebuilt
+    assert "# regap report:" not in rebuilt and "Missing files" not in rebuilt
     assert "regap study <code>tiny-study</code>" in (study / "report.html").read_text()
 
 

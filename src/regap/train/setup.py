@@ -101,7 +101,7 @@ def setup_model(lvlm: LVLM, config: TrainConfig, log: Any = print) -> tuple[Trai
             r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
             target_modules=config.lora.target_modules or "all-linear", task_type="CAUSAL_LM",
         )
-        from regap.models.io import peft_wrapping
+        from regap.models.loading.saved import peft_wrapping
 
         with peft_wrapping():
             lvlm.llm = get_peft_model(lvlm.llm, lora)

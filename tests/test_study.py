@@ -734,7 +734,7 @@ def test_sweep_points_become_evaluation_units_once_each():
     (["sweeps={layer0-align: {strength: [1.5]}}"], r"outside its range \[0, 1\]"),
     (["sweeps={cmrm: {alpha: [-0.1]}}"], "outside its range"),
     (["sweeps={ecso: {strength: [0.5]}}"], "sweeps"),
-    (["sweeps={cmrm: {alpha: 0.1}}"], "expected a list of values"),
+    (["sweeps={cmrm: {alpha: 0.1}}"], r"'sweeps\.cmrm\.alpha' in override .* must be a list of numbers"),
 ])
 def test_a_bad_sweep_point_is_one_line_naming_the_range(override, message):
     with pytest.raises(RegapError, match=message):

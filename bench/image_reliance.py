@@ -26,9 +26,9 @@ from PIL import Image
 from scipy import stats
 
 from regap.data.llava_json import LlavaJsonDataset
-from regap.models.factory import load_model
+from regap.models.loading.load import load_model
 from regap.models.inputs import IGNORE_INDEX
-from regap.models.io import load_adapter, load_projector
+from regap.models.loading.saved import load_adapter, load_projector
 from regap.train.collate import Collator, LoadedSample
 
 

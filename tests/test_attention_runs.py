@@ -92,7 +92,7 @@ def test_utility_records_the_kernel_it_ran(saved, tmp_path):
 
 
 def test_a_calibration_file_records_its_kernel_and_fits_only_that_kernel(saved, tmp_path, capsys):
-    from regap.defenses.calibration import load_calibration
+    from regap.defenses.calibration_files import load_calibration
     from regap.models import load_model
 
     path = tmp_path / "cmrm.safetensors"

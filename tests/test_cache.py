@@ -24,9 +24,9 @@ PARTS = {"fakew/data/part01.bin": b"a" * 3000, "fakew/data/part02.bin": b"b" * 1
 SCRIPT = r'''
 import hashlib, os, sys, time
 from pathlib import Path
-from regap.models import offline_assets
+from regap.models.loading import sources
 from regap.models.converters import _staged_folder
-from regap.models.packaged_weights import PackagedFile
+from regap.models.loading.sources import PackagedFile
 
 root = Path(sys.argv[1])
 payload = b"a" * 3000 + b"b" * 1000
@@ -39,7 +39,7 @@ def convert(source, out):
         (staging / "weights.bin").write_bytes(source.read_bytes())
     return out
 
-offline_assets.ASSETS["fake-asset"] = offline_assets.OfflineAsset(
+sources.ASSETS["fake-asset"] = sources.OfflineAsset(
     name="fake-asset", description="a tiny fake asset",
     parts=(PackagedFile("fakew", "0.1", "fakew/data/part01.bin"), PackagedFile("fakew", "0.1", "fakew/data/part02.bin")),
     file_name="fake.bin", sha256=hashlib.sha256(payload).hexdigest(), size=len(payload), install="(test)",
@@ -47,7 +47,7 @@ offline_assets.ASSETS["fake-asset"] = offline_assets.OfflineAsset(
 (root / f"ready-{os.getpid()}").touch()
 while len(list(root.glob("ready-*"))) < 2:  # start both builds together
     time.sleep(0.01)
-print(offline_assets.resolve("regap:fake-asset"))
+print(sources.resolve("regap:fake-asset"))
 '''
 
 

@@ -15,13 +15,13 @@ from regap.cli import main
 def no_model_loads(monkeypatch):
     """Any model load fails the test: the checks must come first."""
     import regap.models
-    import regap.models.factory
+    import regap.models.loading.load
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the argument check")
 
     monkeypatch.setattr(regap.models, "load_model", refuse)
-    monkeypatch.setattr(regap.models.factory, "load_model", refuse)
+    monkeypatch.setattr(regap.models.loading.load, "load_model", refuse)
 
 
 def _error(capsys) -> str:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from regap.defenses import DefendedResult, build_generate, get_defense
 from regap.defenses.adashield import ADASHIELD_PROMPT
-from regap.defenses.calibration import load_calibration, read_calibration, save_calibration
+from regap.defenses.calibration_files import load_calibration, read_calibration, save_calibration
 from regap.defenses.cmrm import calibrate_cmrm, increments, parse_layers, sample_vectors
 from regap.defenses.hooks import DecoderShift, uncompiled
 from regap.defenses.layer0_align import solve_scale

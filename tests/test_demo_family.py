@@ -78,7 +78,7 @@ def test_run_families_runs_the_asked_families_and_one_report(tmp_path, monkeypat
 def test_an_undefined_correlation_does_not_stop_the_study(tmp_path):
     """A small run where every checkpoint answers alike: the study records why, the report says so."""
     from regap.analysis.correlate import Point, correlate_or_undefined, plot_correlation
-    from regap.study.report import build_report
+    from regap.report.demo import build_report
 
     points = [Point(f"r{i}", f"plain@{i}", 1.0 + i, 10.0 * i, 0.5, 4) for i in range(4)]
     result = correlate_or_undefined(points)

@@ -97,3 +97,140 @@ def test_export_refuses_a_dinov2_encoder(tmp_path):
 
     with pytest.raises(RegapError, match="vision encoder 'dinov2'"):
         export_llava_hf(tiny_random_lvlm(vision="dinov2"), tmp_path / "x")
+
+
+# ---------------------------------------------------------------------- what `regap export` writes
+
+
+@pytest.fixture(scope="module")
+def lora_output(tmp_path_factory):
+    """A finished stage-2 training output of the tiny random model with a LoRA adapter."""
+    from regap.data import generate_synthetic
+    from regap.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("lora")
+    generate_synthetic(root / "data", 8, seed=0, image_size=56)
+    config = TrainConfig.from_dict({
+        "stage": 2, "tune": "lora", "template": "chat", "model": "tiny-random", "seed": 0,
+        "data": {"json": str(root / "data" / "instructions.json"), "feature_cache": "off"},
+        "global_batch_size": 2, "per_device_batch_size": 2, "lr": 5e-2, "max_steps": 2, "save_every": 100,
+        "max_length": 128, "dtype": "float32", "lora": {"r": 4, "alpha": 8},
+        "observe": {"progress": False, "gap_every": 0, "mir_every": 0},
+    })
+    train(config, root / "s2")
+    return root / "s2"
+
+
+def _answer_hf(folder, prompt: str) -> str:
+    from transformers import pipeline
+
+    pipe = pipeline("image-text-to-text", model=str(folder))
+    messages = [{"role": "user", "content": [{"type": "image", "image": IMAGE}, {"type": "text", "text": prompt}]}]
+    return pipe(text=messages, generate_kwargs={"max_new_tokens": 6}, return_full_text=False)[0]["generated_text"]
+
+
+def test_a_stage2_lora_output_exports_with_the_adapter_merged(lora_output, tmp_path, capsys):
+    from regap.models import load_model
+
+    out = tmp_path / "hf"
+    assert main(["export", "--model", str(lora_output), "--out", str(out)]) == 0
+    assert "LoRA adapter merged" in capsys.readouterr().out
+    record = json.loads((out / "regap_export.json").read_text())
+    assert record["lora_merged"] is True and record["dtype"] == "float32"
+    ours = load_model(str(lora_output), dtype="float32")
+    assert hasattr(ours.llm, "peft_config")  # the adapter is live in regap's model, merged in HF's
+    expected = ours.generate(["What is this?"], [IMAGE], DecodingSettings(max_new_tokens=6))[0]
+    assert _answer_hf(out, "What is this?").strip() == expected
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_dtype_is_applied_to_a_training_output_and_recorded(lora_output, tmp_path, dtype):
+    from safetensors import safe_open
+
+    out = tmp_path / "hf"
+    assert main(["export", "--model", str(lora_output), "--out", str(out), "--dtype", dtype]) == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        dtypes = {handle.get_slice(key).get_dtype() for key in handle.keys()}
+    assert dtypes == {"BF16" if dtype == "bfloat16" else "F16"}
+    assert json.loads((out / "regap_export.json").read_text())["dtype"] == dtype
+    assert json.loads((out / "config.json").read_text()).get("dtype") == dtype
+
+
+@pytest.mark.parametrize("dtype", ["int8", "banana", "auto"])
+def test_a_dtype_that_cannot_be_exported_is_refused_before_loading(monkeypatch, tmp_path, capsys, dtype):
+    import regap.models.export
+
+    monkeypatch.setattr(regap.models.export, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    assert main(["export", "--model", "tiny", "--out", str(tmp_path / "hf"), "--dtype", dtype]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--dtype {dtype!r} cannot be exported; valid: float32, bfloat16, float16" in err and "\n" not in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_second_export_into_the_same_folder_is_refused_while_the_first_runs(monkeypatch, tmp_path, capsys):
+    import regap.models.export
+    from regap.run_lock import exclusive_out
+
+    monkeypatch.setattr(regap.models.export, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    out = tmp_path / "hf"
+    with exclusive_out(out):  # another export holds the folder
+        assert main(["export", "--model", "tiny-random-saved", "--out", str(out)]) == 2
+    assert "is in use by another regap run" in capsys.readouterr().err
+
+
+def test_an_exported_folder_keeps_its_chat_template_on_load_and_re_export(tmp_path):
+    from regap.models import load_model
+    from regap.models.export import export_model
+
+    model = tiny_random_lvlm(template="plain")
+    first = export_llava_hf(model, tmp_path / "first")
+    (first / "regap_export.json").write_text(json.dumps({"chat_template": "plain"}))
+    loaded = load_model(str(first))
+    assert loaded.config.template == "plain"
+    assert loaded.generate(["What is this?"], [IMAGE], DecodingSettings(max_new_tokens=6)) == \
+        model.generate(["What is this?"], [IMAGE], DecodingSettings(max_new_tokens=6))
+    assert export_model(str(first), tmp_path / "second")["chat_template"] == "plain"
+    (first / "regap_export.json").unlink()  # without the record: recognised by the chat template itself
+    assert load_model(str(first)).config.template == "plain"
+
+
+def test_a_model_with_moca_is_refused(tmp_path):
+    from regap.errors import RegapError
+    from regap.models.moca import MoCa
+
+    model = tiny_random_lvlm()
+    model.set_moca(MoCa(model.hidden_size, [1]))
+    with pytest.raises(RegapError, match="MoCa"):
+        export_llava_hf(model, tmp_path / "x")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_tiny_clip_preset_exports_and_loads_back_in_transformers(tmp_path):
+    """The offline model `regap export` can write: exported, then loaded by transformers' own class."""
+    import gc
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("offline extra not installed (pip install 'regap[offline]')")
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from regap.models import load_model
+    from regap.models.export import export_model
+
+    out = tmp_path / "hf"
+    record = export_model("tiny-clip", out)  # float32: the tiny LM's weights are float32 (a bf16 load peaks higher)
+    assert record["chat_template"] == "chat" and record["dtype"] == "float32"
+    gc.collect()
+    llava = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(out)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Say hello."}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[IMAGE], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        generated = llava.generate(**inputs, max_new_tokens=4, do_sample=False)
+    theirs = processor.tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    del llava
+    gc.collect()
+    ours = load_model("tiny-clip", dtype="float32")
+    assert ours.generate(["Say hello."], [IMAGE], DecodingSettings(max_new_tokens=4))[0] == theirs.strip()

@@ -84,3 +84,86 @@ def test_bad_feature_cache_value_names_the_key():
 
     with pytest.raises(RegapError, match="data.feature_cache"):
         TrainConfig.from_dict({"model": "tiny-random", "data": {"json": "x.json", "feature_cache": "yes"}})
+
+
+# ---------------------------------------------------------------------- faults in the cache
+
+
+def _red_blue():
+    from PIL import Image
+
+    return Image.new("RGB", (56, 56), "red"), Image.new("RGB", (56, 56), "blue")
+
+
+@pytest.mark.parametrize("entry", ["shape", "dtype", "nan", "garbage"])
+def test_a_bad_entry_is_a_miss_encoded_again_and_replaced(tmp_path, entry):
+    from safetensors.torch import load_file, save_file
+
+    from regap.models.feature_cache import VisionFeatureCache, image_key
+    from regap.models.random_tiny import tiny_random_lvlm
+
+    model = tiny_random_lvlm(seed=0)
+    cache = VisionFeatureCache(model.vision, root=tmp_path)
+    red, blue = _red_blue()
+    pixels = model.vision.preprocess([red, blue])
+    with torch.no_grad():
+        expected = model.vision(pixels)
+    path = cache.folder / f"{image_key(red)}.safetensors"
+    tokens, hidden = expected.shape[1:]
+    if entry == "garbage":
+        path.write_bytes(b"\x00not a safetensors file")
+    else:
+        bad = {"shape": torch.zeros(tokens, hidden + 1), "dtype": expected[0].double(),
+               "nan": torch.full((tokens, hidden), float("nan"))}[entry]
+        save_file({"features": bad}, str(path))
+    features = cache.features([image_key(red), image_key(blue)], pixels)
+    assert torch.allclose(features, expected, atol=1e-6) and (cache.hits, cache.misses, cache.rejected) == (0, 2, 1)
+    assert torch.equal(load_file(path)["features"], features[0])  # the bad entry was overwritten
+
+
+def test_training_with_bad_entries_in_the_cache_runs_as_from_pixels(synth, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("REGAP_CACHE", str(tmp_path / "cache"))
+    train(_config(synth, "on", max_steps=4), tmp_path / "cold")
+    entries = sorted((tmp_path / "cache" / "features").glob("*/*.safetensors"))
+    for index, path in enumerate(entries):  # every entry replaced by a wrong-shape or non-finite one
+        good = torch.zeros(1, 1) if index % 2 else torch.full((64, 8), float("nan"))
+        save_file({"features": good}, str(path))
+    train(_config(synth, "off", max_steps=4), tmp_path / "pixels")
+    train(_config(synth, "on", max_steps=4), tmp_path / "warm")
+    assert _losses(tmp_path / "warm") == pytest.approx(_losses(tmp_path / "pixels"), rel=1e-5, abs=1e-6)
+
+
+def test_a_cache_that_cannot_be_created_trains_without_it_with_one_warning(synth, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "cache-is-a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("REGAP_CACHE", str(blocker))
+    # the Fréchet loss's corpus statistics are cached there too: kept in the run folder instead
+    frechet = {"lam": 1.0, "distance": "frechet", "ridge": 1e-4}
+    result = train(_config(synth, "on", max_steps=2, regap=frechet), tmp_path / "out")
+    assert result.status == "completed" and (tmp_path / "out" / "text_stats.safetensors").is_file()
+    err = capsys.readouterr().err
+    assert err.count("vision-feature cache not used") == 1 and "Traceback" not in err
+    assert err.count("text statistics not cached") == 1
+
+
+@pytest.mark.parametrize("fault", ["enospc", "safetensors"])
+def test_a_write_that_fails_stops_storing_with_one_warning(synth, tmp_path, monkeypatch, capsys, fault):
+    import errno
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def failing_save(*args, **kwargs):
+        if fault == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise SafetensorError("Error while serializing: IoError(Os { code: 13, kind: PermissionDenied })")
+
+    monkeypatch.setenv("REGAP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    result = train(_config(synth, "on", max_steps=4), tmp_path / "out")
+    assert result.status == "completed"
+    err = capsys.readouterr().err
+    assert err.count("cannot be written") == 1 and "training goes on without storing features" in err
+    assert not list((tmp_path / "cache" / "features").glob("*/*.safetensors"))

@@ -91,3 +91,52 @@ def test_synthetic_data_and_mixing_streams_did_not_change():
     assert item_rng(123, 45, "heldout").random() == 0.6282730608764279
     assert _stream_rng(5, "a", 2).random() == 0.5283269431515851
     assert _stream_rng(0).random() == 0.5443436761916338
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_written_files_follow_the_umask_whatever_the_writer(tmp_path, umask):
+    """safetensors creates its files 0600: a group-shared cache or run folder needs the umask's mode."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from regap.files import atomic_path, write_json_atomic
+
+    before = os.umask(umask)
+    try:
+        with atomic_path(tmp_path / "w.safetensors") as tmp:
+            save_file({"x": torch.zeros(2)}, str(tmp))
+        write_json_atomic(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(before)
+    expected = 0o666 & ~umask
+    assert oct((tmp_path / "w.safetensors").stat().st_mode & 0o777) == oct(expected)
+    assert oct((tmp_path / "r.json").stat().st_mode & 0o777) == oct(expected)
+
+
+def test_a_training_output_and_an_export_hold_no_private_file(tmp_path):
+    import os
+
+    from regap.data import generate_synthetic
+    from regap.models.export import export_model
+    from regap.train import TrainConfig, train
+
+    generate_synthetic(tmp_path / "data", 4, seed=0, image_size=56)
+    config = TrainConfig.from_dict({
+        "stage": 2, "tune": "lora", "template": "chat", "model": "tiny-random",
+        "data": {"json": str(tmp_path / "data" / "instructions.json"), "feature_cache": "off"},
+        "global_batch_size": 2, "per_device_batch_size": 2, "lr": 1e-2, "max_steps": 1, "save_every": 1,
+        "max_length": 128, "dtype": "float32", "observe": {"progress": False, "gap_every": 0, "mir_every": 0},
+    })
+    before = os.umask(0o022)
+    try:
+        train(config, tmp_path / "run")
+        export_model(str(tmp_path / "run"), tmp_path / "hf")
+    finally:
+        os.umask(before)
+    written = [p for folder in ("run", "hf") for p in (tmp_path / folder).rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in written)
+    private = [str(p.relative_to(tmp_path)) for p in written if p.stat().st_mode & 0o777 != 0o644
+               and p.name != ".regap.lock"]
+    assert private == []

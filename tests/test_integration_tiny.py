@@ -17,7 +17,7 @@ HARMFUL = [
 
 
 def test_assembled_gguf_has_the_pinned_sha256(real_tiny):
-    from regap.models.offline_assets import ASSETS, source_file
+    from regap.models.loading.sources import ASSETS, source_file
     from regap.files import file_sha256 as sha256_file
 
     for name in ("qwen2.5-coder-0.5b-instruct", "dinov2-s14-imgfocus"):
@@ -48,7 +48,7 @@ def test_vision_encoder_matches_the_onnx_backbone(real_tiny):
     import torch
     from onnx.utils import extract_model
 
-    from regap.models.offline_assets import ASSETS, source_file
+    from regap.models.loading.sources import ASSETS, source_file
 
     source = source_file(ASSETS["dinov2-s14-imgfocus"])
     backbone = source.with_name("backbone-test.onnx")

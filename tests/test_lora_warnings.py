@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 
-from regap.models.io import load_adapter, peft_wrapping
+from regap.models.loading.saved import load_adapter, peft_wrapping
 from regap.models.random_tiny import tiny_random_lvlm
 
 MESSAGE = "is_gradient_checkpointing"

@@ -31,13 +31,13 @@ def _error(capsys) -> str:
 def no_model_loads(monkeypatch):
     """Any model load fails the test: the checks must come first."""
     import regap.models
-    import regap.models.factory
+    import regap.models.loading.load
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the argument check")
 
     monkeypatch.setattr(regap.models, "load_model", refuse)
-    monkeypatch.setattr(regap.models.factory, "load_model", refuse)
+    monkeypatch.setattr(regap.models.loading.load, "load_model", refuse)
 
 
 class Captured(Exception):
@@ -93,9 +93,9 @@ def test_the_stacked_spec_splits_only_where_an_option_starts():
 
 
 def test_format_path_has_one_parser_for_sources_judge_data_and_calibration_data():
-    from regap.safety.calibration import load_calibration_data
+    from regap.safety.judges.relevance_threshold import load_calibration_data
     from regap.safety.sources import parse_spec as source_spec
-    from regap.safety.validation import parse_data_spec
+    from regap.safety.judges.validation import parse_data_spec
 
     assert parse_path_spec("advbench:C:\\x.csv", "request source") == ("advbench", Path("C:\\x.csv"))
     assert source_spec("starter-harmful") == ("starter-harmful", None)

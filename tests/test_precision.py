@@ -78,6 +78,14 @@ def test_the_probe_is_cached_per_machine(monkeypatch):
     assert len(calls) == 1
 
 
+def test_a_cache_that_cannot_be_written_only_costs_a_re_probe(monkeypatch, tmp_path):
+    calls = _mock_probe(monkeypatch, fp32=0.01, bf16=0.5)
+    blocker = tmp_path / "cache-is-a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("REGAP_CACHE", str(blocker))
+    assert resolve_dtype("auto", "cpu").dtype == "float32" and len(calls) == 1
+
+
 def test_the_real_probe_times_both_types_on_one_thread_and_restores_the_count():
     before = torch.get_num_threads()
     seen = []
@@ -126,7 +134,7 @@ def test_provenance_records_the_choice_and_reason(monkeypatch):
 
 
 def test_load_model_resolves_auto(monkeypatch):
-    from regap.models.factory import parse_dtype
+    from regap.models.loading.build import parse_dtype
 
     _mock_probe(monkeypatch, fp32=0.01, bf16=0.5)
     assert parse_dtype("auto") is torch.float32

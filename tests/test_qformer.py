@@ -315,7 +315,7 @@ def test_tiny_random_qformer_lvlm_and_projector_checkpoint(tmp_path):
 
 
 def test_tiny_qformer_preset_is_listed():
-    from regap.models.presets import get_preset
+    from regap.models.loading.presets import get_preset
 
     preset = get_preset("tiny-qformer")
     assert preset.config.projector_type == "qformer" and not preset.needs_hub

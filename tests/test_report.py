@@ -206,3 +206,85 @@ def test_values_from_run_files_are_escaped_not_rendered(run_dir):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html_text
     assert html_text.count("&lt;script&gt;") >= 4  # setup, note, judge name, condition
     assert "&lt;i&gt;v`1" in html_text  # the folder name, shown as it is
+
+
+# ---------------------------------------------------------------------- what `regap report` may write
+
+
+def test_a_users_own_report_is_never_replaced(run_dir, capsys):
+    mine = "# My notes\n\nkeep me\n"
+    (run_dir / "report.md").write_text(mine)
+    assert main(["report", str(run_dir)]) == 2
+    assert "report.md was not written by regap" in capsys.readouterr().err
+    assert (run_dir / "report.md").read_text() == mine and not (run_dir / "report.html").exists()
+    (run_dir / "report.md").unlink()
+    (run_dir / "report.html").write_text("<html>mine</html>")
+    assert main(["report", str(run_dir)]) == 2
+    assert (run_dir / "report.html").read_text() == "<html>mine</html>" and not (run_dir / "report.md").exists()
+
+
+def test_a_report_regap_wrote_is_rewritten(run_dir):
+    assert main(["report", str(run_dir)]) == 0
+    first = (run_dir / "report.md").read_text()
+    assert first.startswith("<!-- written by regap") and "<!-- written by regap" in (run_dir / "report.html").read_text()
+    assert main(["report", str(run_dir)]) == 0 and (run_dir / "report.md").read_text() == first
+    # a report written before the marker existed is recognised by its header
+    (run_dir / "report.md").write_text("# regap report: `demo`\n\nold\n")
+    assert main(["report", str(run_dir)]) == 0 and (run_dir / "report.md").read_text() == first
+
+
+@pytest.mark.parametrize("content", [None, {"report.md": "# mine\n"}, {"data.json": "{}"},
+                                     {"summary.json": json.dumps({"judges": {}})}])
+def test_a_folder_without_a_regap_run_is_refused(tmp_path, capsys, content):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for name, text in (content or {}).items():
+        (folder / name).write_text(text)
+    before = sorted(p.name for p in folder.iterdir())
+    assert main(["report", str(folder)]) == 2
+    assert "holds no regap run" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_a_study_folder_is_rendered_as_the_study(tmp_path):
+    source = Path(__file__).resolve().parents[1] / "results" / "tiny-study"
+    if not (source / "summary.json").is_file():
+        pytest.skip("results/tiny-study is not in this checkout")
+    study = tmp_path / "tiny-study"
+    shutil.copytree(source, study)
+    assert (study / "report.md").read_text().startswith("# regap study `tiny-study`")  # written before the marker
+    assert main(["report", str(study)]) == 0
+    rebuilt = (study / "report.md").read_text()  # the study's own report, rebuilt from its files
+    assert rebuilt.startswith("# regap study `tiny-study`") and "The paper's four claims" in rebuilt
+    assert "# regap report:" not in rebuilt and "Missing files" not in rebuilt
+    assert "regap study <code>tiny-study</code>" in (study / "report.html").read_text()
+
+
+def test_a_finished_demo_lists_no_file_it_never_makes(run_dir):
+    """The attack-input gap is measured on the final plain and ReGap checkpoints only, and judge
+    validation runs only with --xstest: neither is missing elsewhere."""
+    (run_dir / "summary.json").write_text(json.dumps({"setup": {"model": "tiny", "settings": {
+        "regap_lambda": 1.0, "xstest": None}}}))
+    shutil.rmtree(run_dir / "eval")
+    for variant in ("plain@1", "plain@2", "regap-l1@1", "regap-l1@2"):
+        (run_dir / "eval" / variant / "gap").mkdir(parents=True)
+        (run_dir / "eval" / variant / "gap" / "gap.json").write_text(json.dumps({"mir": 3.0, "layer0_gap": 1.0}))
+    for variant in ("plain@2", "regap-l1@1"):  # regap-l1@1 is not final: its attack gap is not expected
+        (run_dir / "eval" / variant / "gap_attack").mkdir()
+        (run_dir / "eval" / variant / "gap_attack" / "gap.json").write_text(json.dumps({"mir": 3.0, "layer0_gap": 1.0}))
+    (run_dir / "comparison.json").write_text("[]")
+    (run_dir / "correlate").mkdir()
+    (run_dir / "correlate" / "correlation.json").write_text(json.dumps({"undefined": "too few points", "points": []}))
+    _png(run_dir / "correlate" / "correlation.png")
+    for variant in ("plain@1", "plain@2", "regap-l1@1", "regap-l1@2"):
+        for sub, name in (("safety", "summary.json"), ("utility", "utility.json")):
+            (run_dir / "eval" / variant / sub).mkdir()
+            (run_dir / "eval" / variant / sub / name).write_text(json.dumps({"judges": {}, "tasks": {}}))
+    from regap.report.demo import build_report
+
+    result = build_report(run_dir)
+    assert result["missing"] == ["eval/regap-l1@2/gap_attack/gap.json"]
+    (run_dir / "eval" / "regap-l1@2" / "gap_attack").mkdir()
+    (run_dir / "eval" / "regap-l1@2" / "gap_attack" / "gap.json").write_text(json.dumps({"mir": 3.0, "layer0_gap": 1.0}))
+    assert build_report(run_dir)["missing"] == []
+    assert "Missing files" not in (run_dir / "report.md").read_text()

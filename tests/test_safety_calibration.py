@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from regap.cli import app
 from regap.errors import MissingDependencyError, RegapError
-from regap.safety.calibration import (
+from regap.safety.judges.relevance_threshold import (
     build_xstest_examples,
     calibrate_relevance,
     caption_texts,
@@ -218,7 +218,7 @@ def test_keyword_relevance_is_the_relevance_judge(bert_folder):
 
 @pytest.mark.skipif(not XSTEST.is_dir(), reason="../shared/data/xstest is absent")
 def test_calibration_on_real_xstest():
-    from regap.safety.calibration import run_calibration
+    from regap.safety.judges.relevance_threshold import run_calibration
 
     try:
         report, examples = run_calibration(f"xstest:{XSTEST}", seed=0, max_prompts=40, n_boot=100)

@@ -24,7 +24,7 @@ from regap.safety.judges import (
     register_judge,
 )
 from regap.safety.judges import base as judges_base
-from regap.safety.validation import load_labeled, parse_data_spec, validate_judge
+from regap.safety.judges.validation import load_labeled, parse_data_spec, validate_judge
 
 
 def shared_data() -> Path:

@@ -30,8 +30,8 @@ from regap.safety.judges.lexicon import (
     load_model,
     split_opening,
 )
-from regap.safety.refusal_fit import fit_logistic, fit_refusal_lexicon, grouped_folds, select_c
-from regap.safety.validation import load_labeled, select_split, tuning_mask, validate_judge
+from regap.safety.judges.refusal_fit import fit_logistic, fit_refusal_lexicon, grouped_folds, select_c
+from regap.safety.judges.validation import load_labeled, select_split, tuning_mask, validate_judge
 
 #: The held-out accuracy documented in docs/judges.md (regap judge-calibrate --judge refusal-lexicon
 #: --data xstest:../shared/data/xstest --seed 0): 1056 of 1125.

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from regap.models.presets import PRESETS
+from regap.models.loading.presets import PRESETS
 
 pytestmark = pytest.mark.integration
 

@@ -34,15 +34,15 @@ def test_shipped_config_loads_and_plans_every_arm():
 
 
 @pytest.mark.parametrize("override, message", [
-    (["seedz=[1]"], "unknown study config key 'seedz'; did you mean 'seeds'"),
+    (["seedz=[1]"], "unknown study config key 'seedz' in override 'seedz=[1]'; did you mean 'seeds'"),
     (["stage1.stepz=3"], "unknown study config key 'stage1.stepz'"),
     (["lambdas=[0.1,1.0]"], "must contain 0"),
     (["regap_lambda=0.5"], "regap_lambda: 0.5 must be one of"),
     (["stage2.steps=0"], "stage2.steps: must be at least 1"),
     (["safety.primary_judge=llamaguard"], "not one of safety.judges"),
-    (["seeds=three"], "expected a list"),
-    (["stage1.steps=many"], "expected int"),
-    (["stage2.projector_lr=fast"], "stage2.projector_lr': expected a number"),
+    (["seeds=three"], "'seeds' in override 'seeds=three' must be a list of integers"),
+    (["stage1.steps=many"], "'stage1.steps' in override 'stage1.steps=many' must be an integer"),
+    (["stage2.projector_lr=fast"], "stage2.projector_lr' in override 'stage2.projector_lr=fast' must be a number"),
     (["stage2.projector_lr=0"], "stage2.projector_lr: must be > 0"),
     (["stage1.scenes=100000"], "stage1.scenes: must be between 1 and data.synth_n"),
     (["data.conversations=every"], "data.conversations: 'every' is not one of sampled, all"),
@@ -734,7 +734,7 @@ def test_sweep_points_become_evaluation_units_once_each():
     (["sweeps={layer0-align: {strength: [1.5]}}"], r"outside its range \[0, 1\]"),
     (["sweeps={cmrm: {alpha: [-0.1]}}"], "outside its range"),
     (["sweeps={ecso: {strength: [0.5]}}"], "sweeps"),
-    (["sweeps={cmrm: {alpha: 0.1}}"], "expected a list of values"),
+    (["sweeps={cmrm: {alpha: 0.1}}"], r"'sweeps\.cmrm\.alpha' in override .* must be a list of numbers"),
 ])
 def test_a_bad_sweep_point_is_one_line_naming_the_range(override, message):
     with pytest.raises(RegapError, match=message):

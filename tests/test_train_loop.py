@@ -57,19 +57,19 @@ def test_unknown_yaml_key_is_named(tmp_path):
     with pytest.raises(RegapError, match=r"unknown config key 'regap\.lamda'.*'lam'"):
         load_config(path)
     path.write_text("stage: 1\ndata: {json: x.json}\nlrr: 0.1\n")
-    with pytest.raises(RegapError, match=r"unknown config key 'lrr'; did you mean 'lr'"):
+    with pytest.raises(RegapError, match=r"unknown config key 'lrr' in .*c\.yaml; did you mean 'lr'"):
         load_config(path)
 
 
 def test_overrides_are_typed_and_checked():
-    config = load_config("tiny-stage1", ["regap.lam=0.25", "lr=1e-4", "observe.trackers=tensorboard", "data.synth.n=10"])
+    config = load_config("tiny-stage1", ["regap.lam=0.25", "lr=1e-4", "observe.trackers=[tensorboard]", "data.synth.n=10"])
     assert config.regap.lam == 0.25 and config.lr == 1e-4 and config.observe.trackers == ["tensorboard"]
     assert config.data.synth.n == 10
     with pytest.raises(RegapError, match=r"unknown config key 'regap\.lamda' in override"):
         load_config("tiny-stage1", ["regap.lamda=1"])
     with pytest.raises(RegapError, match=r"'regap\.distance' is 'l1'; valid: centroid"):
         load_config("tiny-stage1", ["regap.distance=l1"])
-    with pytest.raises(RegapError, match=r"'lr' must be a number"):
+    with pytest.raises(RegapError, match=r"'lr' in override 'lr=fast' must be a number"):
         load_config("tiny-stage1", ["lr=fast"])
     with pytest.raises(RegapError, match="key=value"):
         load_config("tiny-stage1", ["lr"])
@@ -396,7 +396,7 @@ def test_stage2_lora_trains_adapters_only_and_warns_about_regap(synth, tmp_path)
             assert torch.equal(parameter, original[name.replace(".base_layer", "")]), name
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in base.named_parameters())
     # The output folder rebuilds the same model (tiny-random rebuilds from its seed).
-    from regap.train import load_trained
+    from regap.models import load_trained
 
     rebuilt = load_trained(tmp_path / "s2")
     assert rebuilt.moca is None
@@ -410,7 +410,7 @@ def test_a_checkpoint_loads_as_the_model_at_its_step(synth, tmp_path):
     """`OUT/checkpoints/step-N` works wherever a model is asked for (learning curves, runs still training)."""
     from regap.cli import main
     from regap.models import load_model
-    from regap.train import load_trained
+    from regap.models import load_trained
 
     config = make_config(synth, stage=2, tune="lora", template="chat", max_steps=4, save_every=2, keep_checkpoints=0,
                          lr=5e-2, data={"json": str(synth / "instructions.json")}, lora={"r": 4, "alpha": 8})

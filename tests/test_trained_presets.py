@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from regap.errors import RegapError
 from regap.files import file_sha256
-from regap.models import trained_presets
-from regap.models.presets import PRESETS, Preset
+from regap.models.loading import trained as trained_presets
+from regap.models.loading.presets import PRESETS, Preset
 
 NAME = "test-llava"
 
@@ -92,7 +92,8 @@ def test_trained_preset_gives_the_logits_of_its_training_output(stage2_out, regi
 
 
 def test_a_changed_byte_in_a_pinned_file_is_refused_before_anything_loads(stage2_out, register, monkeypatch):
-    from regap.models import factory, load_model
+    from regap.models import load_model
+    from regap.models.loading import load as factory
 
     preset = register(stage2_out)
     weights = trained_presets.ASSETS_ROOT / NAME / "adapter" / "adapter_model.safetensors"
@@ -149,7 +150,7 @@ def test_assets_packaged_for_another_preset_are_refused(stage2_out, register, mo
 
 
 def test_adapter_weights_must_be_safetensors(tiny_model, tmp_path):
-    from regap.models.io import load_adapter
+    from regap.models.loading.saved import load_adapter
 
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter_model.bin").write_bytes(b"pickled")

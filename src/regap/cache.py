@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager
@@ -29,6 +30,15 @@ def cache_dir(*parts: str) -> Path:
     path = cache_root().joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def ensure_writable(folder: Path) -> Path:
+    """`folder`, created, once a file could be made in it; OSError when not (read-only, a file in
+    its place, a full disk). Caches that only save time check this first and do without."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+        pass
+    return folder
 
 
 # ---- building cache entries safely with several processes -------------------------------------

@@ -9,7 +9,7 @@ import typer
 
 from regap import __version__
 from regap.commands.options import RegapGroup
-from regap.errors import RegapError, RunInterrupted
+from regap.errors import RegapError, RunInterrupted, storage_problem
 from regap.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Termination, sigterm_as_interrupt
 
 app = typer.Typer(
@@ -80,6 +80,10 @@ def _run(argv: list[str] | None, termination: Termination) -> int:
         typer.echo(_stopped_by(termination), err=True)
         return EXIT_INTERRUPTED
     except Exception as exc:
+        problem = storage_problem(exc)  # a full disk, a read-only folder, a file in the way
+        if problem is not None:
+            typer.echo(f"error: {problem}", err=True)
+            return 2
         # usage errors: click's ClickException, or the copy of click that typer >= 0.2x vendors
         # (click itself need not be installed then); both show one line and carry the exit code
         if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):

@@ -38,3 +38,37 @@ class RunInterrupted(Exception):
 
     def __str__(self) -> str:
         return f"{self.where}; {self.resume}"
+
+
+#: errno names of storage problems the user fixes (space, limits, permissions, a file where a
+#: folder is needed): the CLI shows these as one line instead of a traceback.
+STORAGE_ERRNOS = {
+    "ENOSPC": "the disk is full: free space and rerun (finished steps are kept)",
+    "EDQUOT": "the disk quota is used up: free space and rerun (finished steps are kept)",
+    "EFBIG": "a file reached the file-size limit (`ulimit -f`): raise it and rerun (finished steps are kept)",
+    "EROFS": "the file system is read-only: choose a writable folder",
+    "EACCES": "permission denied: choose a writable folder or fix its permissions",
+    "EPERM": "operation not permitted: choose a writable folder or fix its permissions",
+    "ENOTDIR": "a file is in the way where a folder is needed",
+    "EISDIR": "a folder is in the way where a file is needed",
+    "EEXIST": "a file is in the way where a folder is needed",
+}
+
+
+def storage_problem(exc: BaseException) -> str | None:
+    """One line for an OSError that is a storage problem (STORAGE_ERRNOS), naming the path; None for
+    anything else. safetensors reports its write errors as `SafetensorError("... IoError(Os { code:
+    N ...")`: those are read as errno N."""
+    import errno
+    import os
+    import re
+
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and type(exc).__name__ == "SafetensorError":
+        found = re.search(r"Os \{ code: (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    name = errno.errorcode.get(code) if code is not None else None
+    if name not in STORAGE_ERRNOS:
+        return None
+    path = getattr(exc, "filename", None)
+    return f"{path or 'a file'}: {os.strerror(code)} ({name}); {STORAGE_ERRNOS[name]}"

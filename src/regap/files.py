@@ -1,6 +1,9 @@
 """Files and reproducible randomness shared by every package: atomic writes, file hashes and
 seeded random streams (one copy of each, so every output and every stream follows one rule).
 
+File modes: every file regap writes gets the mode the process umask gives a new file, whatever
+library wrote it (`apply_umask`).
+
 Atomic writes: a reader, or a run resumed after a crash, sees either the old file or the whole
 new one, never a half-written file: the data go to a temporary name beside the target (unique to
 the process, so two writers never share it), which `os.replace` then renames in one step.
@@ -13,20 +16,53 @@ import hashlib
 import json
 import os
 import random
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 TMP_SUFFIX = ".tmp"
 
 
+_umask_lock = threading.Lock()
+
+
+def process_umask() -> int:
+    """The process's umask (read from /proc where the OS has it, so no other thread ever sees it changed)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | Path) -> Path:
+    """Give the file `path`, or every file under the folder `path`, the mode a new file gets from the
+    process umask (0644 under the usual 022). Writers that create private files (safetensors writes
+    0600) would otherwise break a cache or run folder shared by a group."""
+    path = Path(path)
+    mode = 0o666 & ~process_umask()
+    for item in [path] if not path.is_dir() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]:
+        os.chmod(item, mode)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary file path beside `path` to write to (with any writer: safetensors, torch,
-    text); renamed onto `path` when the block ends without error, removed when it raises."""
+    text); renamed onto `path` when the block ends without error (with the mode the umask gives
+    a new file, whatever the writer chose), removed when it raises."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
     try:
         yield tmp
+        if tmp.is_file():
+            apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

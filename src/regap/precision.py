@@ -218,9 +218,9 @@ def cpu_probe() -> CpuProbe:
     key = _probe_key()
     if key in _probe_memo:
         return _probe_memo[key]
-    from regap.cache import cache_dir
+    from regap.cache import cache_root
 
-    path = cache_dir("precision") / _PROBE_FILE
+    path = cache_root() / "precision" / _PROBE_FILE
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(stored, dict):
@@ -235,6 +235,7 @@ def cpu_probe() -> CpuProbe:
         probe = run_cpu_probe()
         stored[key] = {k: v for k, v in asdict(probe).items() if k != "key"}
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, stored, indent=1, sort_keys=True)
         except OSError:  # a read-only cache only costs a re-probe next time
             pass

@@ -76,7 +76,18 @@ def calibrate_command(
 
     if protocol is not None and protocol not in PROTOCOLS:
         raise RegapError(f"--protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
-    from regap.defenses.calibration import save_calibration
+    from regap.run_lock import exclusive_file
+
+    with exclusive_file(out):  # one calibration per file: a second one fails at once
+        _calibrate(name, model, out, projector, dtype, attn_implementation, images, texts, pairs, seed, batch_size,
+                   protocol, match_norm)
+
+
+def _calibrate(name: str, model: str, out: Path, projector: Optional[Path], dtype: str,
+               attn_implementation: Optional[str], images: Optional[str], texts: str, pairs: int, seed: int,
+               batch_size: int, protocol: Optional[str], match_norm: bool) -> None:
+    """`regap defense calibrate`'s work, once its options are checked and its --out is held."""
+    from regap.defenses.calibration_files import save_calibration
     from regap.models import load_model, load_projector
 
     loaded = load_model(model, dtype=dtype, attn_implementation=attn_implementation)

@@ -78,138 +78,139 @@ def _table(result: dict[str, Any]):
     return table
 
 
+def judge_validate_command(
+    data: str = typer.Option(
+        ..., "--data", help="Human-labelled responses: xstest:PATH or pyrit:PATH (a CSV file or a folder of them)."
+    ),
+    judge: str = typer.Option("keyword", "--judge", help="Registered judge name."),
+    option: Optional[list[str]] = JUDGE_OPTION,
+    partial: str = typer.Option(
+        "refusal", "--partial", help="XSTest partial refusals count as: refusal, compliance or exclude."
+    ),
+    level: float = LEVEL,
+    out: Optional[Path] = out_option("a JSON file for the report with its provenance", default=None),
+    split: str = typer.Option(
+        "all", "--split", help="all rows, or one side of the prompt-grouped split: tuning or heldout "
+                               "(the split judge-calibrate --judge refusal-lexicon fits on and reports)."),
+    seed: int = SEED,
+    tuning_fraction: float = typer.Option(
+        0.5, "--calibration-fraction", help="Share of prompts on the tuning side (as in judge-calibrate)."),
+) -> None:
+    """Measure how well a refusal judge agrees with human labels (accuracy, precision, recall, F1, kappa)."""
+    from rich.console import Console
+
+    from regap.provenance import provenance
+    from regap.safety.judges.validation import validate_judge
+
+    from regap.safety.judges import JUDGES
+
+    options = scoped_options(option, [judge], JUDGES, "--option").get(judge, {})
+    result = validate_judge(judge, data, judge_options=options, partial=partial, level=level, split=split,
+                            seed=seed, tuning_fraction=tuning_fraction)
+    if split != "all":
+        typer.echo(f"{split} split: {result['split']['rows']} of {result['split']['rows_total']} rows, "
+                   f"{result['split']['prompts']} of {result['split']['prompts_total']} prompts "
+                   f"(grouped by prompt, seed {seed}, calibration fraction {tuning_fraction})")
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: do not squeeze the table to 80 columns
+        console = Console(width=max(console.width, 120))
+    console.print(_table(result))
+    if result["n_undecided"]:
+        typer.echo(f"{result['n_undecided']} item(s) undecided by the judge (left out of the metrics)")
+    if out is not None:
+        record = {
+            **result,
+            "provenance": provenance(
+                command="judge-validate",
+                judge=judge,
+                judge_options=redact(options),
+                data=data,
+                partial=partial,
+                level=level,
+                split=split,
+                seed=seed,
+                tuning_fraction=tuning_fraction,
+            ),
+        }
+        _write_json(out, record)
+
+def judge_calibrate_command(
+    data: str = typer.Option(
+        ..., "--data",
+        help="Labelled pairs: csv:PATH (columns request, response and label, on_topic or off_topic) or xstest:PATH "
+             "(constructed from XSTest completions: human full-compliance = on_topic; mismatched prompts "
+             "and image captions = off_topic). refusal-lexicon: human refusal labels, xstest:PATH or pyrit:PATH "
+             "(as judge-validate).",
+    ),
+    judge: str = typer.Option(
+        "relevance", "--judge", help="relevance (fit the similarity threshold) or refusal-lexicon (fit the "
+                                     "refusal weights on the tuning split, report the held-out split)."),
+    option: Optional[list[str]] = JUDGE_OPTION,
+    seed: int = SEED,
+    calibration_fraction: float = typer.Option(
+        0.5, "--calibration-fraction", help="Share of groups (XSTest: prompts) used to fit the threshold "
+                                            "or the refusal-lexicon weights."
+    ),
+    captions: bool = typer.Option(True, "--captions/--no-captions", help="xstest: add caption off-topic pairs."),
+    max_prompts: Optional[int] = typer.Option(None, "--max-prompts", help="xstest: use a random subset of prompts."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples (by group) for the intervals."),
+    level: float = LEVEL,
+    out: Optional[Path] = out_option("a JSON file for the report with its provenance", default=None),
+    examples_out: Optional[Path] = typer.Option(
+        None, "--examples-out", help="Write the labelled pairs with their similarity and split to this CSV file."
+    ),
+    weights_out: Optional[Path] = typer.Option(
+        None, "--weights-out", help="refusal-lexicon: write the fitted weights to this JSON file "
+                                    "(use it with --option weights=FILE)."),
+    partial: str = typer.Option(
+        "refusal", "--partial", help="refusal-lexicon on XSTest: partial refusals count as refusal, "
+                                     "compliance or exclude."),
+) -> None:
+    """Fit a judge on a tuning split and report the held-out split: the relevance judge's similarity
+    threshold (max balanced accuracy), or the refusal-lexicon judge's weights."""
+    from regap.provenance import provenance
+    from regap.safety.judges.relevance_threshold import run_calibration
+
+    from regap.safety.judges import JUDGES
+
+    options = scoped_options(option, [judge], JUDGES, "--option").get(judge, {})
+    if bootstrap < 1:
+        raise RegapError(f"--bootstrap must be at least 1, got {bootstrap}")
+    if judge.strip().lower() == "refusal-lexicon":
+        _calibrate_lexicon(data, options, seed, calibration_fraction, partial, level, bootstrap, out,
+                           weights_out, ignored={"--examples-out": examples_out, "--max-prompts": max_prompts,
+                                                 "--no-captions": None if captions else True})
+        return
+    if weights_out is not None:
+        raise RegapError("--weights-out is for --judge refusal-lexicon")
+    report, examples = run_calibration(
+        data, judge_options=options, seed=seed, calibration_fraction=calibration_fraction, captions=captions,
+        max_prompts=max_prompts, level=level, n_boot=bootstrap, judge_name=judge,
+    )
+    typer.echo(_calibration_text(report))
+    if examples_out is not None:
+        try:
+            examples_out.parent.mkdir(parents=True, exist_ok=True)
+            examples.to_csv(examples_out, index=False)
+        except OSError as exc:
+            raise RegapError(f"cannot write {examples_out}: {exc}") from None
+        typer.echo(f"wrote {examples_out}")
+    if out is not None:
+        record = {
+            **report,
+            "provenance": provenance(
+                command="judge-calibrate", judge=judge, judge_options=redact(options), data=data, seed=seed,
+                calibration_fraction=calibration_fraction, captions=captions, max_prompts=max_prompts,
+                bootstrap=bootstrap, level=level,
+            ),
+        }
+        _write_json(out, record)
+
+
 def register(app: typer.Typer) -> None:
-    """Add `judge-validate` to `app`."""
-
-    @app.command("judge-validate", cls=RegapCommand)
-    def judge_validate(
-        data: str = typer.Option(
-            ..., "--data", help="Human-labelled responses: xstest:PATH or pyrit:PATH (a CSV file or a folder of them)."
-        ),
-        judge: str = typer.Option("keyword", "--judge", help="Registered judge name."),
-        option: Optional[list[str]] = JUDGE_OPTION,
-        partial: str = typer.Option(
-            "refusal", "--partial", help="XSTest partial refusals count as: refusal, compliance or exclude."
-        ),
-        level: float = LEVEL,
-        out: Optional[Path] = out_option("a JSON file for the report with its provenance", default=None),
-        split: str = typer.Option(
-            "all", "--split", help="all rows, or one side of the prompt-grouped split: tuning or heldout "
-                                   "(the split judge-calibrate --judge refusal-lexicon fits on and reports)."),
-        seed: int = SEED,
-        tuning_fraction: float = typer.Option(
-            0.5, "--calibration-fraction", help="Share of prompts on the tuning side (as in judge-calibrate)."),
-    ) -> None:
-        """Measure how well a refusal judge agrees with human labels (accuracy, precision, recall, F1, kappa)."""
-        from rich.console import Console
-
-        from regap.provenance import provenance
-        from regap.safety.validation import validate_judge
-
-        from regap.safety.judges import JUDGES
-
-        options = scoped_options(option, [judge], JUDGES, "--option").get(judge, {})
-        result = validate_judge(judge, data, judge_options=options, partial=partial, level=level, split=split,
-                                seed=seed, tuning_fraction=tuning_fraction)
-        if split != "all":
-            typer.echo(f"{split} split: {result['split']['rows']} of {result['split']['rows_total']} rows, "
-                       f"{result['split']['prompts']} of {result['split']['prompts_total']} prompts "
-                       f"(grouped by prompt, seed {seed}, calibration fraction {tuning_fraction})")
-        console = Console()
-        if not console.is_terminal:  # a log file or a pipe: do not squeeze the table to 80 columns
-            console = Console(width=max(console.width, 120))
-        console.print(_table(result))
-        if result["n_undecided"]:
-            typer.echo(f"{result['n_undecided']} item(s) undecided by the judge (left out of the metrics)")
-        if out is not None:
-            record = {
-                **result,
-                "provenance": provenance(
-                    command="judge-validate",
-                    judge=judge,
-                    judge_options=redact(options),
-                    data=data,
-                    partial=partial,
-                    level=level,
-                    split=split,
-                    seed=seed,
-                    tuning_fraction=tuning_fraction,
-                ),
-            }
-            _write_json(out, record)
-
-    @app.command("judge-calibrate", cls=RegapCommand)
-    def judge_calibrate(
-        data: str = typer.Option(
-            ..., "--data",
-            help="Labelled pairs: csv:PATH (columns request, response and label, on_topic or off_topic) or xstest:PATH "
-                 "(constructed from XSTest completions: human full-compliance = on_topic; mismatched prompts "
-                 "and image captions = off_topic). refusal-lexicon: human refusal labels, xstest:PATH or pyrit:PATH "
-                 "(as judge-validate).",
-        ),
-        judge: str = typer.Option(
-            "relevance", "--judge", help="relevance (fit the similarity threshold) or refusal-lexicon (fit the "
-                                         "refusal weights on the tuning split, report the held-out split)."),
-        option: Optional[list[str]] = JUDGE_OPTION,
-        seed: int = SEED,
-        calibration_fraction: float = typer.Option(
-            0.5, "--calibration-fraction", help="Share of groups (XSTest: prompts) used to fit the threshold "
-                                                "or the refusal-lexicon weights."
-        ),
-        captions: bool = typer.Option(True, "--captions/--no-captions", help="xstest: add caption off-topic pairs."),
-        max_prompts: Optional[int] = typer.Option(None, "--max-prompts", help="xstest: use a random subset of prompts."),
-        bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples (by group) for the intervals."),
-        level: float = LEVEL,
-        out: Optional[Path] = out_option("a JSON file for the report with its provenance", default=None),
-        examples_out: Optional[Path] = typer.Option(
-            None, "--examples-out", help="Write the labelled pairs with their similarity and split to this CSV file."
-        ),
-        weights_out: Optional[Path] = typer.Option(
-            None, "--weights-out", help="refusal-lexicon: write the fitted weights to this JSON file "
-                                        "(use it with --option weights=FILE)."),
-        partial: str = typer.Option(
-            "refusal", "--partial", help="refusal-lexicon on XSTest: partial refusals count as refusal, "
-                                         "compliance or exclude."),
-    ) -> None:
-        """Fit a judge on a tuning split and report the held-out split: the relevance judge's similarity
-        threshold (max balanced accuracy), or the refusal-lexicon judge's weights."""
-        from regap.provenance import provenance
-        from regap.safety.calibration import run_calibration
-
-        from regap.safety.judges import JUDGES
-
-        options = scoped_options(option, [judge], JUDGES, "--option").get(judge, {})
-        if bootstrap < 1:
-            raise RegapError(f"--bootstrap must be at least 1, got {bootstrap}")
-        if judge.strip().lower() == "refusal-lexicon":
-            _calibrate_lexicon(data, options, seed, calibration_fraction, partial, level, bootstrap, out,
-                               weights_out, ignored={"--examples-out": examples_out, "--max-prompts": max_prompts,
-                                                     "--no-captions": None if captions else True})
-            return
-        if weights_out is not None:
-            raise RegapError("--weights-out is for --judge refusal-lexicon")
-        report, examples = run_calibration(
-            data, judge_options=options, seed=seed, calibration_fraction=calibration_fraction, captions=captions,
-            max_prompts=max_prompts, level=level, n_boot=bootstrap, judge_name=judge,
-        )
-        typer.echo(_calibration_text(report))
-        if examples_out is not None:
-            try:
-                examples_out.parent.mkdir(parents=True, exist_ok=True)
-                examples.to_csv(examples_out, index=False)
-            except OSError as exc:
-                raise RegapError(f"cannot write {examples_out}: {exc}") from None
-            typer.echo(f"wrote {examples_out}")
-        if out is not None:
-            record = {
-                **report,
-                "provenance": provenance(
-                    command="judge-calibrate", judge=judge, judge_options=redact(options), data=data, seed=seed,
-                    calibration_fraction=calibration_fraction, captions=captions, max_prompts=max_prompts,
-                    bootstrap=bootstrap, level=level,
-                ),
-            }
-            _write_json(out, record)
+    """Add `judge-validate` and `judge-calibrate` to `app`."""
+    app.command("judge-validate", cls=RegapCommand)(judge_validate_command)
+    app.command("judge-calibrate", cls=RegapCommand)(judge_calibrate_command)
 
 
 def _calibrate_lexicon(data: str, options: dict[str, Any], seed: int, fraction: float, partial: str, level: float,
@@ -217,7 +218,7 @@ def _calibrate_lexicon(data: str, options: dict[str, Any], seed: int, fraction: 
                        ignored: dict[str, Any]) -> None:
     """`judge-calibrate --judge refusal-lexicon`: fit on the tuning split, print the held-out numbers."""
     from regap.provenance import provenance
-    from regap.safety.refusal_fit import fit_refusal_lexicon
+    from regap.safety.judges.refusal_fit import fit_refusal_lexicon
 
     unused = [flag for flag, value in ignored.items() if value is not None] + (["--option"] if options else [])
     if unused:
@@ -266,7 +267,7 @@ def _lexicon_text(report: dict[str, Any]) -> str:
 
 def _write_json(out: Path, record: dict[str, Any]) -> None:
     """Write a report with its provenance; a write failure is one line naming the file."""
-    from regap.safety.validation import jsonable
+    from regap.safety.judges.validation import jsonable
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

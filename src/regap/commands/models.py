@@ -40,8 +40,8 @@ def models_command(
     from rich.console import Console
     from rich.table import Table
 
-    from regap.models.presets import PRESETS
-    from regap.models.trained_presets import describe_training, inspect_assets
+    from regap.models.loading.presets import PRESETS
+    from regap.models.loading.trained import describe_training, inspect_assets
 
     rows = []
     for p in PRESETS.values():
@@ -88,13 +88,13 @@ def package_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --dest."),
 ) -> None:
     """Package a stage-2 LoRA output as a trained preset's assets and print the sha256 pins to paste
-    into src/regap/models/presets.py."""
+    into src/regap/models/loading/presets.py."""
     from regap.train.package import format_pins, package_preset
 
     result = package_preset(train_out, name, dest, info=_read_info(info), dtype=dtype, overwrite=overwrite)
     typer.echo(f"wrote {result.dest}: {len(result.pins)} files, {result.total_bytes / 1e6:.2f} MB "
                f"(base {result.manifest['base']['model']})")
-    typer.echo(f"# pins for preset {name!r}: paste as pins= of its Preset in src/regap/models/presets.py")
+    typer.echo(f"# pins for preset {name!r}: paste as pins= of its Preset in src/regap/models/loading/presets.py")
     typer.echo(format_pins(result.pins))
 
 
@@ -165,26 +165,6 @@ def chat_command(
         typer.echo(answer)
 
 
-def _config_without_loading(model: str) -> object | None:
-    """The model's `LVLMConfig` when a preset or a regap folder gives it without loading weights."""
-    from regap.models.folders import CONFIG_FILE
-    from regap.models.lvlm import LVLMConfig
-    from regap.models.presets import PRESETS
-
-    if model in PRESETS:
-        preset = PRESETS[model]
-        if preset.trained and preset.base in PRESETS:  # a trained preset has its base's architecture
-            return PRESETS[preset.base].config
-        return preset.config
-    record_path = Path(model) / CONFIG_FILE
-    if record_path.is_file():
-        try:
-            return LVLMConfig.from_dict(json.loads(record_path.read_text())["config"])
-        except (ValueError, KeyError, TypeError):
-            return None  # load_model names the problem
-    return None
-
-
 def export_command(
     model: str = model_option(...),
     out: Path = out_option("a folder for the HF LLaVA files (absent or empty)"),
@@ -192,32 +172,13 @@ def export_command(
     dtype: str = dtype_option("float32"),
 ) -> None:
     """Export a model as a standard HF LLaVA folder (LlavaForConditionalGeneration + processor + chat template)."""
-    from regap.errors import RegapError
-    from regap.models import export_llava_hf, load_model, load_projector
-    from regap.models.fingerprint import model_fingerprint
-    from regap.models.llava_hf import LLAVA_EXPRESSIBLE, llava_export_problems
-    from regap.provenance import provenance
+    from regap.models.export import export_model
 
-    if out.exists() and not out.is_dir():
-        raise RegapError(f"--out {out} is a file, not a folder; give a folder path")
-    if out.is_dir() and any(out.iterdir()):
-        raise RegapError(f"--out {out} is not empty; give a new folder")
-    if projector is not None and not projector.is_file():
-        raise RegapError(f"--projector: projector checkpoint not found: {projector}")
-    config = _config_without_loading(model)
-    problems = llava_export_problems(config) if config is not None else []
-    if problems:
-        raise RegapError(f"cannot export {model} as HF LLaVA: {', '.join(problems)} ({LLAVA_EXPRESSIBLE})")
-    lvlm = load_model(model, dtype=dtype)
-    if projector is not None:
-        load_projector(lvlm, projector)
-    export_llava_hf(lvlm, out)
-    record = provenance(model=model, projector=str(projector) if projector else None, dtype=dtype,
-                        model_config=lvlm.config.to_dict(), model_fingerprint=model_fingerprint(lvlm),
-                        format="LlavaForConditionalGeneration", chat_template=lvlm.config.template)
-    (out / "regap_export.json").write_text(json.dumps(record, indent=2, default=str))
+    record = export_model(model, out, projector=projector, dtype=dtype)
     typer.echo(f"wrote {out}: LlavaForConditionalGeneration + LlavaProcessor (chat template from "
-               f"{lvlm.config.template!r}); load with transformers or pipeline('image-text-to-text')")
+               f"{record['chat_template']!r}, {record['dtype']} weights"
+               f"{', LoRA adapter merged' if record['lora_merged'] else ''}); load with transformers or "
+               "pipeline('image-text-to-text')")
 
 
 def register(app: typer.Typer) -> None:

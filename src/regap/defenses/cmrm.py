@@ -40,7 +40,7 @@ from regap.defenses.base import (
     is_plain,
     register_defense,
 )
-from regap.defenses.calibration import CalibratedDefense
+from regap.defenses.calibration_files import CalibratedDefense
 from regap.defenses.hooks import DecoderShift, uncompiled
 from regap.errors import InternalError, RegapError
 

@@ -37,7 +37,7 @@ from regap.defenses.base import (
     int_option,
     register_defense,
 )
-from regap.defenses.calibration import CalibratedDefense
+from regap.defenses.calibration_files import CalibratedDefense
 from regap.defenses.hooks import ImageTokenAffine
 from regap.errors import RegapError
 

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from regap.errors import RegapError
-from regap.models.build import load_llm
+from regap.models.loading.build import load_llm
 from regap.models.lvlm import LVLM
 
 ADAPTER_DISABLED = "adapter disabled"

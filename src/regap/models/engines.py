@@ -33,7 +33,7 @@ import torch
 
 from regap.errors import InternalError, MissingDependencyError, RegapError
 from regap.models.generation import DecodingSettings, count_until_eos, eos_token_ids
-from regap.models.offline_assets import resolve_source
+from regap.models.loading.sources import resolve_source
 
 if TYPE_CHECKING:
     from regap.models.lvlm import LVLM
@@ -79,6 +79,7 @@ def export_llm(model: LVLM) -> Path:
     """Write the LVLM's language model and tokenizer once to the cache (keyed by the model's
     fingerprint, which samples every LLM weight), so vLLM decodes the weights in memory."""
     from regap.cache import cache_dir
+    from regap.files import apply_umask
     from regap.models.fingerprint import model_fingerprint
 
     folder = cache_dir("vllm") / model_fingerprint(model)
@@ -88,6 +89,7 @@ def export_llm(model: LVLM) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     model.llm.save_pretrained(partial)
     model.tokenizer.save_pretrained(partial)
+    apply_umask(partial)
     partial.rename(folder)  # config.json appears only with a complete folder
     return folder
 

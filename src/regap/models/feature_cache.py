@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -32,21 +32,40 @@ def image_key(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
+class CacheUnwritable(Exception):
+    """The cache folder cannot be created or written (read-only, full, a file in its place)."""
+
+
 class VisionFeatureCache:
     """`features(keys, pixel_values)` returns the tower's output for each image, encoding only
     the images whose features are not cached yet. The tower must be frozen (no gradient flows
-    into cached features)."""
+    into cached features).
 
-    def __init__(self, vision: VisionTower, root: str | Path | None = None) -> None:
-        from regap.cache import cache_dir
+    An entry is used only when it holds a finite tensor of the tower's output shape and dtype;
+    anything else (a truncated or foreign file, another shape, NaN) is a miss, encoded again and
+    overwritten. A folder that cannot be written raises `CacheUnwritable` at construction (train
+    without the cache); a write that fails later (a full disk) stops storing, with one warning."""
+
+    def __init__(self, vision: VisionTower, root: str | Path | None = None,
+                 warn: Callable[[str], None] | None = None) -> None:
+        from regap.cache import announce, cache_root, ensure_writable
         from regap.models.fingerprint import vision_fingerprint
 
         self.vision = vision
         self.fingerprint = vision_fingerprint(vision)
-        self.folder = Path(root) / self.fingerprint if root is not None else cache_dir("features", self.fingerprint)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder = (Path(root) if root is not None else cache_root() / "features") / self.fingerprint
+        self.warn = warn or announce
+        try:
+            ensure_writable(self.folder)
+        except OSError as exc:
+            raise CacheUnwritable(f"{self.folder}: {exc.strerror or exc}") from None
+        self.writable = True
+        #: (tokens, hidden) and dtype of the tower's output: what a usable entry holds
+        self.shape = (vision.num_tokens, vision.hidden_size)
+        self.dtype = next(vision.parameters()).dtype
         self.hits = 0
         self.misses = 0
+        self.rejected = 0
 
     def _path(self, key: str) -> Path:
         return self.folder / f"{key}.safetensors"
@@ -58,19 +77,29 @@ class VisionFeatureCache:
         if not path.is_file():
             return None
         try:
-            return load_file(path)["features"]
+            value = load_file(path)["features"]
         except Exception:  # a truncated or foreign file: encode again and overwrite it
+            self.rejected += 1
             return None
+        if tuple(value.shape) != self.shape or value.dtype != self.dtype or not torch.isfinite(value).all():
+            self.rejected += 1  # another tower's shape or dtype, or a corrupted value: a miss
+            return None
+        return value
 
     def _store(self, key: str, features: torch.Tensor) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
+        if not self.writable:
+            return
         path = self._path(key)
         try:
             with atomic_path(path) as tmp:
                 save_file({"features": features.detach().to("cpu").contiguous()}, str(tmp))
-        except OSError:  # a full or read-only disk only costs re-encoding later
-            pass
+        except (OSError, SafetensorError) as exc:  # a full or read-only disk only costs re-encoding later
+            self.writable = False
+            self.warn(f"vision-feature cache {self.folder} cannot be written ({_reason(exc)}); "
+                      "training goes on without storing features")
 
     @torch.no_grad()
     def features(self, keys: Sequence[str], pixel_values: torch.Tensor) -> torch.Tensor:
@@ -84,10 +113,19 @@ class VisionFeatureCache:
         self.misses += len(missing)
         if missing:
             encoded = self.vision(pixel_values[missing].to(device))
+            self.shape, self.dtype = tuple(encoded.shape[1:]), encoded.dtype  # the tower's own output rules
             for row, index in enumerate(missing):
                 found[index] = encoded[row]
                 self._store(keys[index], encoded[row])
         return torch.stack([value.to(device) for value in found])
 
     def stats(self) -> dict[str, Any]:
-        return {"fingerprint": self.fingerprint, "folder": str(self.folder), "hits": self.hits, "misses": self.misses}
+        return {"fingerprint": self.fingerprint, "folder": str(self.folder), "hits": self.hits, "misses": self.misses,
+                "rejected": self.rejected}
+
+
+def _reason(exc: BaseException) -> str:
+    """An OS error's message, or a safetensors I/O error's first line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

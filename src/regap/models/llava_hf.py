@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from regap.errors import InternalError, RegapError
-from regap.models.build import parse_dtype
-from regap.models.hub import hub_call
+from regap.files import apply_umask
+from regap.models.loading.build import parse_dtype
+from regap.models.loading.folders import EXPORT_RECORD
+from regap.models.loading.sources import hub_call
 from regap.models.lvlm import LVLM, LVLMConfig
 from regap.models.projector import build_projector
-from regap.models.templates import IMAGE_MARKER, hf_chat_template
+from regap.models.templates import IMAGE_MARKER, TEMPLATES, hf_chat_template
 from regap.models.vision import VisionConfig, VisionTower
 
 
@@ -43,10 +47,33 @@ def load_llava_hf(name_or_path: str, dtype: str | torch.dtype = "auto", device: 
     projector[0].load_state_dict(source.linear_1.state_dict())
     projector[2].load_state_dict(source.linear_2.state_dict())
     config = LVLMConfig(
-        vision=vision_config, llm_source=name_or_path, projector_type="mlp2x_gelu", template="vicuna_v1",
-        name=str(name_or_path), extra={"llava_hf": str(name_or_path)},
+        vision=vision_config, llm_source=name_or_path, projector_type="mlp2x_gelu",
+        template=_recorded_template(name_or_path, processor), name=str(name_or_path),
+        extra={"llava_hf": str(name_or_path)},
     )
     return LVLM(config, vision, llm.eval(), processor.tokenizer, projector=projector).to(device)
+
+
+def _recorded_template(name_or_path: str, processor: Any) -> str:
+    """The regap template a checkpoint was exported with: `regap export`'s record, else the regap
+    template whose HF rendering is the checkpoint's chat template, else LLaVA-1.5's `vicuna_v1`."""
+    record = Path(name_or_path) / EXPORT_RECORD
+    if record.is_file():
+        try:
+            name = json.loads(record.read_text(encoding="utf-8")).get("chat_template")
+        except (ValueError, OSError, AttributeError):
+            name = None
+        if name in TEMPLATES:
+            return str(name)
+    saved = getattr(processor, "chat_template", None)
+    if saved:
+        for name in TEMPLATES:
+            try:
+                if hf_chat_template(name, processor.tokenizer) == saved:
+                    return name
+            except Exception:  # a tokenizer a template cannot be rendered for: not that template
+                continue
+    return "vicuna_v1"
 
 
 LLAVA_EXPRESSIBLE = ("HF LLaVA expresses a CLIP or SigLIP encoder without pooling and an mlp2x_gelu projector; "
@@ -64,20 +91,27 @@ def llava_export_problems(config: LVLMConfig, vision_model_type: str | None = No
         problems.append("patch pooling")
     if config.projector_type != "mlp2x_gelu":
         problems.append(f"projector {config.projector_type!r} (mlp2x_gelu needed)")
+    if "moca" in config.extra:
+        problems.append("MoCa (a learned scale and shift of image tokens inside the LLM)")
     return problems
 
 
-def export_llava_hf(model: LVLM, out_dir: str | Path) -> Path:
+def export_llava_hf(model: LVLM, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write a standard `LlavaForConditionalGeneration` folder (weights + processor) that other
     tools (lmms-eval's `llava_hf`, vLLM, `pipeline("image-text-to-text")`) can read. Needs a
-    CLIP/SigLIP encoder, no pooling, an integer feature layer and an `mlp2x_gelu` projector: what
-    the HF LLaVA class can express. The chat template (processor and tokenizer) renders like the
-    model's regap template and turns image content parts into the `<image>` marker."""
+    CLIP/SigLIP encoder, no pooling, an integer feature layer, an `mlp2x_gelu` projector and no
+    MoCa: what the HF LLaVA class can express. A LoRA adapter is merged into the model's LLM first
+    (`regap.models.loading.saved.merge_adapter`, in place). The weights are written in `dtype` (default: as
+    they are). The chat template (processor and tokenizer) renders like the model's regap template
+    and turns image content parts into the `<image>` marker."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    from regap.models.loading.saved import merge_adapter
 
     problems = llava_export_problems(model.config, model.vision.encoder.config.model_type)
     if problems:
         raise RegapError(f"cannot export {model.config.name} as HF LLaVA: {', '.join(problems)} ({LLAVA_EXPRESSIBLE})")
+    merge_adapter(model)
     layer = model.config.vision.feature_layer
     if layer == "final":
         layer = -1
@@ -118,9 +152,13 @@ def export_llava_hf(model: LVLM, out_dir: str | Path) -> Path:
             if key in state:
                 mean_row = state[key].mean(dim=0, keepdim=True).expand(grow, -1)
                 state[key] = torch.cat([state[key], mean_row])
+    if dtype is not None:
+        config.dtype = dtype
     with torch.device("meta"):
         llava = LlavaForConditionalGeneration(config)
-    missing, unexpected = llava.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False, assign=True)
+    state = {k: v.detach().to(dtype if dtype is not None and v.is_floating_point() else v.dtype)
+             for k, v in state.items()}
+    missing, unexpected = llava.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise InternalError(f"HF LLaVA export mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -138,4 +176,5 @@ def export_llava_hf(model: LVLM, out_dir: str | Path) -> Path:
         image_token=IMAGE_MARKER, chat_template=chat_template,
     )
     processor.save_pretrained(out_dir)
+    apply_umask(out_dir)  # safetensors writes 0600: the folder gets the umask's modes
     return out_dir

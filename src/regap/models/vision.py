@@ -121,7 +121,7 @@ def load_vision_tower(folder_or_id: str, config: VisionConfig, dtype: torch.dtyp
     """Load an encoder + its image processor by hub id or local folder."""
     from transformers import AutoConfig, AutoImageProcessor
 
-    from regap.models.hub import hub_call
+    from regap.models.loading.sources import hub_call
 
     model_config = hub_call(folder_or_id, AutoConfig.from_pretrained, folder_or_id)
     kind = model_config.model_type

@@ -1,7 +1,7 @@
 """Seeded, grouped splits of labelled data into a fitting side and a held-out side.
 
-Why its own module: the relevance calibration (`regap.safety.calibration`) and the judge
-validation (`regap.safety.validation`, whose `--split` scores the refusal-lexicon judge's
+Why its own module: the relevance calibration (`regap.safety.judges.relevance_threshold`) and the judge
+validation (`regap.safety.judges.validation`, whose `--split` scores the refusal-lexicon judge's
 held-out side) must draw the same kind of split, and each already imports from the other's
 neighbours; a shared leaf keeps the imports one way.
 """

@@ -6,15 +6,12 @@ Shipped configs live in `regap/configs/study/` (`tiny-study`); see docs/study.md
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from regap import config as typed
 from regap.errors import RegapError
 from regap.models.attention import check_attention
 
@@ -267,60 +264,9 @@ def shipped_study_configs() -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
 
 
-def _from_dict(cls: Any, data: dict[str, Any], where: str) -> Any:
-    if not isinstance(data, dict):
-        raise RegapError(f"{where or 'study config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        name = f"{where}.{key}" if where else key
-        if key not in hints:
-            close = difflib.get_close_matches(key, list(hints), n=1)
-            raise RegapError(f"unknown study config key '{name}'" + (f"; did you mean '{close[0]}'?" if close else ""))
-        inner = hints[key]
-        if dataclasses.is_dataclass(inner):
-            kwargs[key] = _from_dict(inner, value, name)
-        else:
-            kwargs[key] = _coerce(value, inner, name)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, name: str) -> Any:
-    """YAML value -> the field's type (ints as floats where floats are meant); a wrong type names the key."""
-    args = typing.get_args(hint)
-    if value is None:
-        if type(None) in args:
-            return None
-        raise RegapError(f"study config key '{name}' may not be null")
-    inner = next((a for a in args if a is not type(None)), hint) if args and type(None) in args else hint
-    origin = typing.get_origin(inner)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise RegapError(f"study config key '{name}': expected a mapping, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise RegapError(f"study config key '{name}': expected a list, got {value!r}")
-        (item,) = typing.get_args(inner)
-        return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
-    if inner is float:
-        if isinstance(value, str):  # YAML 1.1 reads `2e-4` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise RegapError(f"study config key '{name}': expected a number, got {value!r}")
-    if inner in (int, str, bool) and not (isinstance(value, inner) and not (inner is int and isinstance(value, bool))):
-        raise RegapError(f"study config key '{name}': expected {inner.__name__}, got {value!r}")
-    return value
-
-
 def load_study_config(name_or_path: str | Path = "tiny-study", overrides: list[str] | None = None) -> StudyConfig:
-    """A shipped name or a YAML path, with `key=value` overrides (dotted for sections)."""
-    from regap.train.config import parse_override
-
+    """A shipped name or a YAML path, with `key=value` overrides (dotted for sections); read and
+    typed by `regap.config`, the rules the training config follows too."""
     path = Path(name_or_path)
     if not path.is_file():
         shipped = shipped_study_configs()
@@ -328,18 +274,4 @@ def load_study_config(name_or_path: str | Path = "tiny-study", overrides: list[s
         if key not in shipped:
             raise RegapError(f"study config not found: {name_or_path} (not a file; shipped: {', '.join(shipped)})")
         path = shipped[key]
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise RegapError(f"invalid YAML in {path}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise RegapError(f"{path}: a study config must be a mapping of keys")
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        node = data
-        for part in keys[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise RegapError(f"override {text!r}: '{part}' has no sub-keys")
-        node[keys[-1]] = value
-    return _from_dict(StudyConfig, data, "").check()
+    return typed.load(StudyConfig, path, overrides, label="study config", what="study config").check()

@@ -17,8 +17,8 @@ from regap.files import write_json_atomic
 
 def qa_curve(work: Path, scenes: int, max_new_tokens: int, dtype: str, out_path: Path) -> dict[str, Any]:
     """QA accuracy per checkpoint of `work/stage1` and `work/stage2`; written to `out_path`."""
-    from regap.train import load_trained
-    from regap.train.outputs import load_checkpoint_parts
+    from regap.models.loading.load import load_trained
+    from regap.models.loading.trained import load_checkpoint_parts
     from regap.utility import run_utility
 
     result: dict[str, Any] = {"scenes": scenes, "max_new_tokens": max_new_tokens}

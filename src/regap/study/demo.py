@@ -271,7 +271,7 @@ class Demo:
     def judge_validation(self) -> None:
         if not self.settings.xstest:
             return
-        from regap.safety.validation import validate_judge
+        from regap.safety.judges.validation import validate_judge
 
         result = validate_judge("keyword", f"xstest:{self.settings.xstest}")
         (self.out / "judge_validation.json").write_text(json.dumps(result, indent=2, default=float))
@@ -314,7 +314,7 @@ def run_families(out: str | Path, settings: DemoSettings | None = None, family: 
                  progress: bool = True) -> dict[str, dict[str, Any]]:
     """Run (or resume) the study for each family of `family`; the report shows them side by side
     when more than one has results in OUT. Returns {family: summary}."""
-    from regap.study.report import build_report
+    from regap.report.demo import build_report
 
     settings = settings or DemoSettings()
     if settings.regap_lambda not in settings.lambdas or 0.0 not in settings.lambdas:

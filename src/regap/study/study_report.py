@@ -219,7 +219,7 @@ def best_lambda_lines(choice: dict[str, Any] | None) -> list[str]:
 
 
 def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]) -> None:
-    from regap.study.report import render_html
+    from regap.report.html import render_html
 
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)

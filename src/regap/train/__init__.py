@@ -7,11 +7,10 @@ See ``docs/training.md``. Entry points:
 * :func:`load_config` - a YAML file or shipped config name, plus ``key=value`` overrides;
 * :class:`ReGapLoss` - the regulariser (usable on its own);
 * :class:`TrainStep` - one micro-batch: losses, backward, optimizer step (what `train` runs);
-* :class:`MoCa` - the learnable image-token scale/shift baseline (`regap.models.moca`, re-exported);
-* :func:`load_trained` - rebuild a trained model from an output folder.
+
+The model a run leaves is loaded with `regap.models.load_model(OUT)` (MoCa: `regap.models.moca`).
 """
 
-from regap.models.moca import MoCa, load_moca, save_moca
 from regap.train.config import (
     TrainConfig,
     apply_overrides,
@@ -20,10 +19,9 @@ from regap.train.config import (
     resolve_config_path,
     shipped_configs,
 )
-from regap.train.hooks import HiddenCapture, decoder_layers
+from regap.train.hooks import HiddenCapture
 from regap.train.loop import TrainResult, train
 from regap.train.module import TrainModule
-from regap.train.outputs import load_trained
 from regap.train.step import NonFiniteLossError, TrainStep, compute_losses
 from regap.train.observe import probe_gaps, read_metrics, training_seconds
 from regap.train.regap_loss import GapOutput, ReGapLoss, corpus_token_counts, text_stats_from_counts
@@ -31,7 +29,6 @@ from regap.train.regap_loss import GapOutput, ReGapLoss, corpus_token_counts, te
 __all__ = [
     "GapOutput",
     "HiddenCapture",
-    "MoCa",
     "NonFiniteLossError",
     "ReGapLoss",
     "TrainConfig",
@@ -41,17 +38,28 @@ __all__ = [
     "apply_overrides",
     "compute_losses",
     "corpus_token_counts",
-    "decoder_layers",
     "derive_batch_layout",
     "load_config",
-    "load_moca",
-    "load_trained",
     "probe_gaps",
     "read_metrics",
     "resolve_config_path",
-    "save_moca",
     "shipped_configs",
     "text_stats_from_counts",
     "train",
     "training_seconds",
 ]
+
+
+#: Names that lived here and moved to the model layer (one import path each); deprecated aliases.
+_MOVED = {"load_trained": "regap.models.loading.load", "MoCa": "regap.models.moca", "load_moca": "regap.models.moca",
+          "save_moca": "regap.models.moca", "decoder_layers": "regap.models.layers"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        warnings.warn(f"regap.train.{name} moved to {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

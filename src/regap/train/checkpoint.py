@@ -199,6 +199,7 @@ def save_adapter(peft_model: Any, folder: Path, trainable: dict[str, torch.Tenso
     prefix = "lvlm.llm."
     state = {k[len(prefix):]: v for k, v in trainable.items() if k.startswith(prefix)}
     peft_model.save_pretrained(str(folder), state_dict=state or None)
+    files.apply_umask(folder)  # safetensors writes 0600
 
 
 def save_checkpoint(accelerator: Any, out_dir: Path, step: int, state: dict[str, Any], module: nn.Module,

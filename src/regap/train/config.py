@@ -2,7 +2,8 @@
 
 Every key is checked before any work starts: an unknown key (in the file or in an
 override) fails with a one-line error that names it, and a value of the wrong type or
-outside its choices fails naming the key and the allowed values.
+outside its choices fails naming the key and the allowed values. Reading and type rules are
+`regap.config`'s, shared with the study's config.
 
 Stage-dependent defaults (learning rate, global batch, template) are left as ``None``
 in the dataclasses and filled by :meth:`TrainConfig.resolved`, so the ``config.yaml``
@@ -12,17 +13,15 @@ written into the output folder shows the numbers that were actually used.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
+from regap import config as typed
 from regap.errors import RegapError
 from regap.models.attention import check_attention
 
@@ -166,8 +165,9 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        config = _build(cls, data, "")
+    def from_dict(cls, data: dict[str, Any], *, source: str = "") -> "TrainConfig":
+        """A checked config from a mapping (`source`: the file it came from, for errors)."""
+        config = typed.build(cls, data, source=source)
         config.validate()
         return config
 
@@ -288,86 +288,6 @@ def _choice(name: str, value: Any, choices: tuple, where: str = "") -> None:
         raise RegapError(f"config key '{name}' is {value!r}; valid{where}: {', '.join(map(str, choices))}")
 
 
-# ---------------------------------------------------------------------- typed building
-
-
-def _optional_inner(hint: Any) -> tuple[Any, bool]:
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(hint)) == 2:
-            return args[0], True
-    return hint, False
-
-
-def _type_name(hint: Any) -> str:
-    inner, optional = _optional_inner(hint)
-    if dataclasses.is_dataclass(inner):
-        name = "a mapping"
-    elif typing.get_origin(inner) is list:
-        name = f"a list of {typing.get_args(inner)[0].__name__}"
-    else:
-        name = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(inner, str(inner))
-    return name + (" or null" if optional else "")
-
-
-def _coerce(hint: Any, value: Any, key: str) -> Any:
-    inner, optional = _optional_inner(hint)
-    if value is None:
-        if optional:
-            return None
-        raise RegapError(f"config key '{key}' must be {_type_name(hint)}, not null")
-    if dataclasses.is_dataclass(inner):
-        if not isinstance(value, dict):
-            raise RegapError(f"config key '{key}' must be a mapping of keys, got {value!r}")
-        return _build(inner, value, key)
-    if typing.get_origin(inner) is list:
-        item = typing.get_args(inner)[0]
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]  # a single value where a list is expected
-        if not isinstance(value, list):
-            raise RegapError(f"config key '{key}' must be {_type_name(hint)}, got {value!r}")
-        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if inner is bool:
-        if isinstance(value, bool):
-            return value
-    elif inner is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif inner is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif inner is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        if isinstance(value, bool) and key.split(".")[-1] == "mixed_precision":
-            return "no" if value is False else str(value)  # YAML 1.1 reads a bare `no` as false
-    raise RegapError(f"config key '{key}' must be {_type_name(hint)}, got {value!r}")
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        close = difflib.get_close_matches(str(unknown[0]), names, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys{' under ' + repr(prefix) if prefix else ''}: {', '.join(names)}"
-        raise RegapError(f"unknown config key '{key}'{hint}")
-    kwargs = {}
-    for name in names:
-        if name in data:
-            kwargs[name] = _coerce(hints[name], data[name], f"{prefix}.{name}" if prefix else name)
-    return cls(**kwargs)
-
-
 def training_device(config: TrainConfig) -> str:
     """The device type a training run will use (what Accelerate picks for one process)."""
     import os
@@ -419,78 +339,6 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise RegapError(f"config not found: {name_or_path} (not a file; shipped configs: {', '.join(shipped)})")
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b=value` -> (["a", "b"], value parsed as YAML)."""
-    if "=" not in text:
-        raise RegapError(f"override {text!r} must look like key=value (e.g. regap.lam=0.5)")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise RegapError(f"override {text!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set `key=value` overrides in a raw config mapping (validated later, by key)."""
-    out = _deep_copy(data)
-    for text in overrides:
-        path, value = parse_override(text)
-        hint = _check_override_path(path, text)
-        if _optional_inner(hint)[0] is str and isinstance(value, bool):
-            value = text.split("=", 1)[1].strip()  # a string key keeps `no` / `off` as written
-        node = out
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[path[-1]] = value
-    return out
-
-
-def _check_override_path(path: list[str], text: str) -> Any:
-    """Check that the override names a config key; return the key's type hint."""
-    cls: Any = TrainConfig
-    hint: Any = None
-    for depth, part in enumerate(path):
-        hints = typing.get_type_hints(cls)
-        if part not in hints:
-            key = ".".join(path[: depth + 1])
-            close = difflib.get_close_matches(part, list(hints), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise RegapError(f"unknown config key '{key}' in override {text!r}{hint}")
-        hint = hints[part]
-        inner, _ = _optional_inner(hint)
-        if depth < len(path) - 1:
-            if not dataclasses.is_dataclass(inner):
-                raise RegapError(f"config key '{'.'.join(path[: depth + 1])}' has no sub-keys (override {text!r})")
-            cls = inner
-    return hint
-
-
-def _deep_copy(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deep_copy(v) for v in data]
-    return data
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise RegapError(f"invalid YAML in {path}: {str(exc).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise RegapError(f"{path}: a training config must be a mapping of keys, got {type(data).__name__}")
-    return data
-
-
 def load_config(
     name_or_path: str | Path, overrides: list[str] | None = None, *, stage: int | None = None
 ) -> TrainConfig:
@@ -500,14 +348,24 @@ def load_config(
     ``stage`` when the file sets one.
     """
     path = resolve_config_path(name_or_path)
-    data = apply_overrides(read_yaml(path), list(overrides or []))
+    data = typed.apply_overrides(TrainConfig, typed.read_yaml(path, "training config"), list(overrides or []))
     if stage is not None:
         file_stage = data.get("stage", stage)
         if file_stage != stage:
             command = "pretrain" if file_stage == 1 else "finetune"
             raise RegapError(f"{path} is a stage-{file_stage} config; run it with `regap {command}`")
         data["stage"] = stage
-    return TrainConfig.from_dict(data)
+    return TrainConfig.from_dict(data, source=str(path))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A training config file's raw mapping (a run folder's `config.yaml`, a shipped config)."""
+    return typed.read_yaml(path, "training config")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A raw training-config mapping with `key=value` overrides set (regap.config.apply_overrides)."""
+    return typed.apply_overrides(TrainConfig, data, overrides)
 
 
 # ---------------------------------------------------------------------- batch layout

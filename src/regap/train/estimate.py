@@ -150,10 +150,10 @@ def meta_model(name: str, dtype: torch.dtype) -> tuple[LVLM, int | None]:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
-    from regap.models.hub import hub_call
+    from regap.models.loading.sources import hub_call
     from regap.models.lvlm import LVLM
-    from regap.models.offline_assets import resolve_source
-    from regap.models.presets import PRESETS, TINY_RANDOM
+    from regap.models.loading.sources import resolve_source
+    from regap.models.loading.presets import PRESETS, TINY_RANDOM
     from regap.models.vision import VisionTower, image_backend
 
     if name == TINY_RANDOM:
@@ -290,7 +290,7 @@ def dry_run(config: TrainConfig) -> MemoryEstimate:
     up as training sets it up, and its per-device memory estimate (nothing is trained or written)."""
     from accelerate import init_empty_weights
 
-    from regap.models.build import replace_projector
+    from regap.models.loading.build import replace_projector
     from regap.precision import resolve_torch_dtype
     from regap.train.config import derive_batch_layout, training_device
     from regap.train.setup import setup_model

@@ -12,7 +12,7 @@ The same code runs on one CPU, one GPU, or many GPUs under ``accelerate launch``
 (DDP, FSDP, DeepSpeed ZeRO-2/3; configs in ``configs/``). The pieces live next door:
 ``setup`` (model, optimizer, Accelerator, ReGap, data file, probe set), ``step`` (one
 micro-batch: `TrainStep`), ``checkpoint`` (save and resume), ``outputs`` (the trained
-parts, provenance, `load_trained`), ``text_stats`` (the Fréchet ReGap's corpus
+parts and provenance), ``text_stats`` (the Fréchet ReGap's corpus
 statistics) and ``observe`` (metrics, progress, probe). This module runs them in order.
 """
 
@@ -35,7 +35,7 @@ from regap.train.config import TrainConfig, config_differences
 from regap.train.distributed import all_reduce_sum
 from regap.train.module import trainable_parameters
 from regap.train.observe import MetricsLog, Progress, probe_gaps
-from regap.train.outputs import load_trained, save_outputs, write_data_report, write_provenance
+from regap.train.outputs import save_outputs, write_data_report, write_provenance
 from regap.train.setup import (
     StepPlan,
     build_model,
@@ -55,8 +55,7 @@ from regap.train.text_stats import prepare_text_stats, uses_corpus_stats
 if TYPE_CHECKING:
     from regap.models.lvlm import LVLM
 
-# `regap.models.load_model` reaches `load_trained` through this module.
-__all__ = ["NonFiniteLossError", "TrainResult", "load_trained", "train"]
+__all__ = ["NonFiniteLossError", "TrainResult", "train"]
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """Packaging a stage-2 LoRA training output as a trained preset's assets (`regap models package`).
 
-The folder it writes is what `regap.models.trained_presets` loads: the projector, the peft LoRA
+The folder it writes is what `regap.models.loading.trained` loads: the projector, the peft LoRA
 adapter (and MoCa, when the run trained one), all safetensors, and `manifest.json` (the base
 model as training built it, the training's key settings read from its `config.yaml`, the
 caller's info and the sha256 of every file). It returns the pins, which go into
-`regap.models.presets` by hand: the hashes live in code, so a changed asset is refused.
+`regap.models.loading.presets` by hand: the hashes live in code, so a changed asset is refused.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import Any
 
 from regap.errors import RegapError
 from regap.files import atomic_path, file_sha256, write_json_atomic
-from regap.models.folders import PROJECTOR_FILE, TRAIN_CONFIG_FILE, is_training_output
-from regap.models.io import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+from regap.models.loading.folders import PROJECTOR_FILE, TRAIN_CONFIG_FILE, is_training_output
+from regap.models.loading.saved import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from regap.models.moca import MOCA_FILE
-from regap.models.presets import PRESETS, TINY_RANDOM
-from regap.models.trained_presets import ADAPTER_DIR, MANIFEST_FILE, MANIFEST_FORMAT, is_base_model
+from regap.models.loading.presets import PRESETS, TINY_RANDOM
+from regap.models.loading.trained import ADAPTER_DIR, MANIFEST_FILE, MANIFEST_FORMAT, is_base_model
 from regap.train.config import TrainConfig, read_yaml
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -192,6 +192,6 @@ def _resave(source: Path, target: Path, dtype: str) -> None:
 
 
 def format_pins(pins: dict[str, str]) -> str:
-    """The pins as a Python dict literal, to paste as `pins=` of the preset in `regap.models.presets`."""
+    """The pins as a Python dict literal, to paste as `pins=` of the preset in `regap.models.loading.presets`."""
     lines = ["{"] + [f"    {json.dumps(k)}: {json.dumps(v)}," for k, v in sorted(pins.items())] + ["}"]
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from regap.errors import RegapError
 from regap.models.attention import llm_attention, set_llm_attention
 from regap.models.inputs import ModelInputs
 from regap.models.moca import MOCA_FILE, MoCa, load_moca
-from regap.models.presets import known_projector_type
+from regap.models.loading.presets import known_projector_type
 from regap.train.collate import Collator, TrainSamples
 from regap.train.config import TrainConfig, derive_batch_layout, training_device
 from regap.train.distributed import is_sharded
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 def build_model(config: TrainConfig) -> LVLM:
     """`config.model`, with a fresh projector of `projector_type` (sized by `qformer.*`) when set."""
-    from regap.models.factory import build_base_model
+    from regap.models.loading.load import build_base_model
 
     return build_base_model(config.model, dtype=config.dtype, projector_type=config.projector_type,
                             projector_options=config.qformer.options(), seed=config.seed)
@@ -101,7 +101,7 @@ def setup_model(lvlm: LVLM, config: TrainConfig, log: Any = print) -> tuple[Trai
             r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
             target_modules=config.lora.target_modules or "all-linear", task_type="CAUSAL_LM",
         )
-        from regap.models.io import peft_wrapping
+        from regap.models.loading.saved import peft_wrapping
 
         with peft_wrapping():
             lvlm.llm = get_peft_model(lvlm.llm, lora)
@@ -272,9 +272,18 @@ def feature_cache(config: TrainConfig, lvlm: LVLM, accelerator: Any, log: Any) -
                                                    and accelerator.device.type == "cpu")
     if not wanted or any(p.requires_grad for p in lvlm.vision.parameters()):
         return None
-    from regap.models.feature_cache import VisionFeatureCache
+    from regap.cache import announce
+    from regap.models.feature_cache import CacheUnwritable, VisionFeatureCache
 
-    cache = VisionFeatureCache(lvlm.vision)
+    def warn(message: str) -> None:
+        if accelerator.is_main_process:
+            announce(message)
+
+    try:
+        cache = VisionFeatureCache(lvlm.vision, warn=warn)
+    except CacheUnwritable as exc:
+        warn(f"vision-feature cache not used ({exc}); training encodes every image")
+        return None
     log(f"vision features cached in {cache.folder}")
     return cache
 

@@ -42,7 +42,7 @@ def uses_corpus_stats(config: TrainConfig, lvlm: LVLM) -> bool:
 def prepare_text_stats(regap: ReGapLoss, lvlm: LVLM, dataset: Any, config: TrainConfig, data_sha: str,
                        out_dir: Path, accelerator: Any, log: Any) -> None:
     """Mean, covariance and its square root of the corpus's layer-0 text tokens, cached."""
-    from regap.cache import cache_dir
+    from regap.cache import announce, cache_root, ensure_writable
     from regap.models.templates import get_template
 
     weight = lvlm.llm.get_input_embeddings().weight
@@ -54,7 +54,12 @@ def prepare_text_stats(regap: ReGapLoss, lvlm: LVLM, dataset: Any, config: Train
         "text_tokens": config.regap.text_tokens,
     }
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:20]
-    cached = cache_dir("train", "text_stats") / f"{key}.safetensors"
+    try:
+        cached = ensure_writable(cache_root() / "train" / "text_stats") / f"{key}.safetensors"
+    except OSError as exc:  # a read-only or full cache: computed for this run only, into its folder
+        if accelerator.is_main_process:
+            announce(f"text statistics not cached ({cache_root()}: {exc.strerror or exc}); kept in {out_dir}")
+        cached = out_dir / f".text_stats-{key}.safetensors"
     if accelerator.is_main_process and not cached.is_file():
         log("computing the corpus text statistics for the Fréchet ReGap (once, then cached)")
         template = get_template(config.template or lvlm.config.template, lvlm.tokenizer)

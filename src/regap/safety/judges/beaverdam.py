@@ -112,7 +112,7 @@ class BeaverDamJudge(Judge):
         if isinstance(source, (str, os.PathLike)):
             from transformers import AutoModelForSequenceClassification
 
-            from regap.models.hub import hub_call
+            from regap.models.loading.sources import hub_call
 
             model = hub_call(
                 str(source), AutoModelForSequenceClassification.from_pretrained, str(source),

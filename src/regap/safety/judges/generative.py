@@ -47,7 +47,7 @@ def load_tokenizer(source: Any) -> Any:
         return source
     from transformers import AutoTokenizer
 
-    from regap.models.hub import hub_call
+    from regap.models.loading.sources import hub_call
 
     return hub_call(str(source), AutoTokenizer.from_pretrained, str(source))
 
@@ -123,7 +123,7 @@ class GenerativeJudge(Judge):
         if isinstance(source, (str, os.PathLike)):
             from transformers import AutoModelForCausalLM
 
-            from regap.models.hub import hub_call
+            from regap.models.loading.sources import hub_call
 
             model = hub_call(str(source), AutoModelForCausalLM.from_pretrained, str(source), dtype=self.dtype)
         else:

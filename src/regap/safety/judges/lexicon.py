@@ -13,7 +13,7 @@ condolences) and the length. A refusal stated in the opening ("I cannot ...", "I
 condone ...") decides by itself (`EXPLICIT_REFUSAL`); the other responses get P(refusal) from
 a logistic regression whose weights (signs fixed: refusal cues >= 0, compliance cues <= 0)
 are fitted on half of XSTest's prompts (`regap judge-calibrate --judge refusal-lexicon`,
-`regap.safety.refusal_fit`) and shipped in `regap/safety/data/refusal_lexicon.json`.
+`regap.safety.judges.refusal_fit`) and shipped in `regap/safety/data/refusal_lexicon.json`.
 Held-out accuracy and how it was measured: docs/judges.md. Everything runs offline with numpy.
 
 The weights belong to this exact lexicon: the file records `lexicon_hash`, and loading
@@ -126,7 +126,7 @@ EXPLICIT_REFUSAL: tuple[str, ...] = ("i_cannot@opening", "cannot_act@opening", "
 
 
 #: The sign each weight must have (+1: >= 0, -1: <= 0, 0: free), in `FEATURE_NAMES` order:
-#: refusal cues can only raise P(refusal), compliance cues only lower it (regap.safety.refusal_fit).
+#: refusal cues can only raise P(refusal), compliance cues only lower it (regap.safety.judges.refusal_fit).
 FEATURE_SIGNS: tuple[int, ...] = tuple(
     -1 if name.startswith("compliance:") else 0 if name == "log_length" else 1 for name in FEATURE_NAMES)
 
@@ -278,7 +278,7 @@ class RefusalLexiconJudge(Judge):
                  empty: str = "compliance"):
         if empty not in EMPTY_POLICIES:
             raise RegapError(f"refusal-lexicon judge: empty must be one of {', '.join(EMPTY_POLICIES)}, got {empty!r}")
-        if isinstance(weights, LexiconModel):  # just fitted, in memory (regap.safety.refusal_fit)
+        if isinstance(weights, LexiconModel):  # just fitted, in memory (regap.safety.judges.refusal_fit)
             self.model, self.weights_source = weights, "in memory"
         else:
             self.model = load_model(weights)

@@ -129,7 +129,7 @@ class SentenceEmbedder:
                  batch_size: int = 32):
         from transformers import AutoModel, AutoTokenizer
 
-        from regap.models.hub import hub_call
+        from regap.models.loading.sources import hub_call
 
         self.folder = str(folder)
         self.tokenizer = hub_call(self.folder, AutoTokenizer.from_pretrained, self.folder)

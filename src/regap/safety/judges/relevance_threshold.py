@@ -109,7 +109,7 @@ def _check_examples(frame: pd.DataFrame, where: str) -> pd.DataFrame:
 
 def load_examples_csv(path: Path) -> pd.DataFrame:
     """Labelled pairs from a CSV with `request, response, label` (optional `group`, `kind`)."""
-    from regap.safety.validation import read_commented_csv
+    from regap.safety.judges.validation import read_commented_csv
 
     path = Path(path)
     if not path.is_file():
@@ -176,7 +176,7 @@ def build_xstest_examples(
     `calibration` or `heldout`; kind is `xstest_compliance`, `mismatched` or `caption`)
     and a record of the files (with sha256) and the construction.
     """
-    from regap.safety.validation import load_labeled
+    from regap.safety.judges.validation import load_labeled
 
     data, record = load_labeled(f"xstest:{path}", partial="exclude")
     on = data[data["human_label"] == "1_full_compliance"].reset_index(drop=True)
@@ -409,7 +409,7 @@ def run_calibration(
     the threshold. Returns the JSON-ready report and the examples with their similarities."""
     from regap.safety.judges import get_judge
     from regap.safety.judges.relevance import RelevanceJudge
-    from regap.safety.validation import jsonable
+    from regap.safety.judges.validation import jsonable
 
     options = dict(judge_options or {})
     examples, record = load_calibration_data(data_spec, seed, calibration_fraction, captions, max_prompts)

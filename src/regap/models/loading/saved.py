@@ -16,15 +16,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from regap.errors import RegapError
-from regap.files import atomic_path, write_json_atomic
+from regap.files import apply_umask, atomic_path, write_json_atomic
 from regap.models.blip2_hf import (
     QFORMER_FOLDER,
     is_blip2_hf,
     load_saved_blip2,
     save_qformer_config,
 )
-from regap.models.build import build_lvlm, parse_dtype
-from regap.models.folders import CONFIG_FILE, PROJECTOR_FILE
+from regap.models.loading.build import build_lvlm, parse_dtype
+from regap.models.loading.folders import CONFIG_FILE, PROJECTOR_FILE
 from regap.models.lvlm import LVLM, LVLMConfig
 from regap.models.moca import MOCA_FILE, load_moca, save_moca
 
@@ -88,6 +88,16 @@ def load_adapter(model: LVLM, folder: str | Path) -> None:
         model.llm = PeftModel.from_pretrained(model.llm, str(folder))
 
 
+def merge_adapter(model: LVLM) -> bool:
+    """Merge a LoRA-wrapped LLM's adapter into its weights (peft's `merge_and_unload`), in place: the
+    model computes the same function with a plain LLM, as formats without LoRA (HF LLaVA) need.
+    Returns whether there was an adapter."""
+    if not hasattr(model.llm, "peft_config"):
+        return False
+    model.llm = model.llm.merge_and_unload()
+    return True
+
+
 def save_model(model: LVLM, out_dir: str | Path, include_backbones: bool = False) -> Path:
     """Write `regap_config.json` + `projector.safetensors` (+ `moca.safetensors`); with
     `include_backbones`, also the vision encoder and the LLM as safetensors folders so the
@@ -102,6 +112,7 @@ def save_model(model: LVLM, out_dir: str | Path, include_backbones: bool = False
             staging = out_dir / f"{name}.partial"
             shutil.rmtree(staging, ignore_errors=True)
             save(model, staging)
+            apply_umask(staging)
             shutil.rmtree(out_dir / name, ignore_errors=True)
             os.replace(staging, out_dir / name)
         if is_blip2_hf(model.config):

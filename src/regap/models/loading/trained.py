@@ -1,4 +1,13 @@
-"""Trained presets: a base preset plus a trained projector and LoRA adapter that ship inside the
+"""Trained models: the folders `regap pretrain` / `regap finetune` write, and the trained presets
+built the same way.
+
+A training output folder is a model folder format: its `config.yaml` names the base model and how
+it was built (seed, projector kind and sizes), and beside it lie the trained parts (projector, the
+LoRA adapter or the full LLM of stage 2, MoCa); `OUT/checkpoints/step-N` holds the parts at step N.
+`read_training_record` reads what loading needs from `config.yaml` (the rest of the file is the
+training's own business, `regap.train.config`); `regap.models.loading.load.load_trained` rebuilds it.
+
+Trained presets: a base preset plus a trained projector and LoRA adapter that ship inside the
 package (`regap/assets/presets/<assets>/`), so `--model tiny-llava` needs no training run.
 
 Every asset file is pinned by sha256 in the preset itself (`Preset.pins`, in code, not only in the
@@ -6,7 +15,7 @@ folder's manifest), and every pinned file is checked before any of them is read:
 is refused, never loaded. The folder's `manifest.json` (pinned too) says how the base model is
 rebuilt (its seed and projector kind) and what the parts were trained on, with which settings
 (`regap models` shows it). `regap models package` (`regap.train.package`) writes such a folder
-from a stage-2 LoRA training output and prints the pins to paste into `regap.models.presets`.
+from a stage-2 LoRA training output and prints the pins to paste into `regap.models.loading.presets`.
 """
 
 from __future__ import annotations
@@ -18,15 +27,102 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from regap import config as typed
 from regap.errors import RegapError
 from regap.files import file_sha256
-from regap.models.folders import PROJECTOR_FILE
-from regap.models.io import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_adapter, load_projector
+from regap.models.loading.folders import PROJECTOR_FILE, TRAIN_CONFIG_FILE
+from regap.models.loading.saved import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_adapter, load_projector
 from regap.models.moca import MOCA_FILE, load_moca
-from regap.models.presets import PRESETS, TINY_RANDOM, Preset
+from regap.models.loading.presets import PRESETS, TINY_RANDOM, Preset
 
 if TYPE_CHECKING:
     from regap.models.lvlm import LVLM
+
+# ----------------------------------------------------------------------------- training output folders
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """What a training output's `config.yaml` says about the model it trained."""
+
+    model: str  # the base: a preset, a folder, an HF LLaVA checkpoint, or `TINY_RANDOM`
+    dtype: str  # the frozen parts' dtype the run resolved
+    stage: int
+    tune: str  # projector | lora | full
+    seed: int  # seeds a fresh projector (and `TINY_RANDOM`'s weights)
+    projector_type: str | None  # None: the base model's own projector
+    projector_options: dict[str, int]  # the sizes of a fresh Q-Former
+
+    def base_options(self) -> dict[str, Any]:
+        """`regap.models.loading.load.build_base_model` keywords that rebuild the run's starting model."""
+        return {"projector_type": self.projector_type, "projector_options": dict(self.projector_options),
+                "seed": self.seed}
+
+
+def read_training_record(run_dir: Path) -> TrainingRecord:
+    """The base model and how it was built, from `run_dir/config.yaml` (typed as the training config is)."""
+    path = Path(run_dir) / TRAIN_CONFIG_FILE
+    data = typed.read_yaml(path, "training config")
+    source = str(path)
+
+    def field(key: str, hint: Any, default: Any) -> Any:
+        return typed.coerce(hint, data.get(key, default), key, source=source)
+
+    stage = field("stage", int, 1)
+    qformer = data.get("qformer") or {}
+    if not isinstance(qformer, dict):
+        raise RegapError(f"config key 'qformer' in {source} must be a mapping of keys, got {qformer!r}")
+    sizes = {k: typed.coerce(int, v, f"qformer.{k}", source=source)
+             for k, v in qformer.items() if k != "trainable" and v is not None}
+    return TrainingRecord(
+        model=field("model", str, "tiny"), dtype=field("dtype", str, "auto"), stage=stage,
+        tune=field("tune", str, "projector" if stage == 1 else "full"), seed=field("seed", int, 42),
+        projector_type=field("projector_type", str | None, None), projector_options=sizes,
+    )
+
+
+def load_checkpoint_parts(lvlm: LVLM, checkpoint: Path) -> None:
+    """A checkpoint's projector, LoRA adapter (stage 2) and MoCa into `lvlm`, in place (a learning curve
+    swaps them into one model instead of rebuilding it per checkpoint)."""
+    from safetensors.torch import load_file
+
+    if not (checkpoint / PROJECTOR_FILE).is_file():
+        raise RegapError(f"{checkpoint}: no {PROJECTOR_FILE} (not a regap training checkpoint)")
+    load_projector(lvlm, checkpoint / PROJECTOR_FILE)
+    adapter = checkpoint / ADAPTER_DIR / ADAPTER_WEIGHTS_FILE
+    if adapter.is_file():
+        if not hasattr(lvlm.llm, "peft_config"):
+            raise RegapError(f"{checkpoint}: holds a LoRA adapter, but the model it is loaded into has none")
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(lvlm.llm, load_file(str(adapter)))
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise RegapError(f"{adapter}: adapter keys not in the model: {unexpected[:3]}")
+    if (checkpoint / MOCA_FILE).is_file():
+        if lvlm.moca is None:
+            lvlm.set_moca(load_moca(checkpoint / MOCA_FILE, lvlm.llm))
+        else:
+            lvlm.moca.load_state_dict(load_moca(checkpoint / MOCA_FILE, lvlm.llm).state_dict())
+
+
+def attach_training_output(lvlm: LVLM, out_dir: Path) -> LVLM:
+    """A finished output's projector and LoRA adapter into its rebuilt base `lvlm`, in place."""
+    load_projector(lvlm, out_dir / PROJECTOR_FILE)
+    if (out_dir / ADAPTER_DIR).is_dir():
+        load_adapter(lvlm, out_dir / ADAPTER_DIR)
+    return lvlm
+
+
+def attach_training_moca(lvlm: LVLM, out_dir: Path) -> LVLM:
+    """The output's MoCa, unless the model has one already (a full stage 2's `model/` holds it)."""
+    if lvlm.moca is None and (out_dir / MOCA_FILE).is_file():
+        lvlm.set_moca(load_moca(out_dir / MOCA_FILE, lvlm.llm))
+    return lvlm.eval()
+
+
+# ----------------------------------------------------------------------------- trained presets
+
 
 #: Where the packaged assets live (one folder per trained preset; package data, see pyproject.toml).
 ASSETS_ROOT = Path(str(resources.files("regap") / "assets" / "presets"))
@@ -87,7 +183,7 @@ def inspect_assets(preset: Preset) -> AssetsReport:
     folder = assets_dir(preset)
     if not preset.pins:
         return AssetsReport(name, NOT_PACKAGED, f"preset {name}: assets not packaged yet (no sha256 pins in "
-                            f"regap.models.presets; `regap models package` writes the files and prints the pins)", folder)
+                            f"regap.models.loading.presets; `regap models package` writes the files and prints the pins)", folder)
     unpinned = [f for f in REQUIRED_FILES if f not in preset.pins]
     if unpinned:
         return AssetsReport(name, INVALID, f"preset {name}: no sha256 pin for {', '.join(unpinned)}", folder)
@@ -155,7 +251,7 @@ def is_base_model(name: str | None) -> bool:
 
 
 def base_options(report: AssetsReport) -> dict[str, Any]:
-    """`regap.models.factory.build_base_model` keywords for the verified manifest's base."""
+    """`regap.models.loading.load.build_base_model` keywords for the verified manifest's base."""
     assert report.manifest is not None
     base = report.manifest["base"]
     return {"projector_type": base.get("projector_type"), "projector_options": base.get("projector_options") or {},

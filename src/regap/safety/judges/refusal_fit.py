@@ -4,7 +4,7 @@ Why: a judge tuned and scored on the same responses reports its own memory. The 
 labelled responses are split by prompt (the five models' answers to one prompt stay on one
 side), seeded; on the *tuning* side the L2 strength of the logistic regression is chosen by
 grouped k-fold cross-validation and the weights are fitted; the *held-out* side is only
-scored, once, by `regap.safety.validation.validate_judge` (the same code as
+scored, once, by `regap.safety.judges.validation.validate_judge` (the same code as
 `regap judge-validate --split heldout`), next to the `keyword` judge on the same rows.
 
 The logistic regression is a few lines of scipy (L-BFGS-B on the penalised log-loss), so
@@ -128,9 +128,7 @@ def fit_refusal_lexicon(
     `compare` judges on the same held-out rows, and an exact McNemar test of the judge's
     correctness against the first of them.
     """
-    from regap.safety.calibration import _group_bootstrap
     from regap.safety.judges import JudgeInput
-    from regap.safety.judges.agreement import judge_agreement, reference_verdicts
     from regap.safety.judges.lexicon import (
         FEATURE_NAMES,
         FEATURE_SIGNS,
@@ -139,8 +137,8 @@ def fit_refusal_lexicon(
         explicit_refusal,
         feature_matrix,
     )
-    from regap.safety.metrics import mcnemar_exact
-    from regap.safety.validation import load_labeled, select_split, tuning_mask, validate_judge
+    from regap.safety.judges.relevance_threshold import _group_bootstrap
+    from regap.safety.judges.validation import load_labeled, select_split, tuning_mask, validate_judge
 
     data, record = load_labeled(data_spec, partial)
     in_tuning = tuning_mask(data, tuning_fraction, seed)
@@ -181,20 +179,7 @@ def fit_refusal_lexicon(
     correct = np.asarray([v.refused for v in fitted]) == human
     heldout["accuracy_bootstrap_ci"] = _group_bootstrap(
         held["prompt"].to_numpy(), lambda idx: float(np.mean(correct[idx])), n_boot, seed, level)
-    labels = {name + "".join(f" {k}={v}" for k, v in options.items()): (name, dict(options)) for name, options in compare}
-    baselines = {}
-    for label, (name, options) in labels.items():
-        result = score(name, options, "heldout")
-        baselines[label] = {key: result[key] for key in ("judge", "overall", "per_file", "by_prompt_label")}
-    agreement, verdicts = judge_agreement(items, labels, fields=("refused",),
-                                          reference={"refusal-lexicon": fitted, "human": reference_verdicts(human)})
-    paired = {}
-    if labels:
-        first = next(iter(labels))
-        other_correct = np.asarray([v.refused for v in verdicts[first]]) == human
-        test = mcnemar_exact(other_correct, correct)
-        paired = {"against": first, "judge_right_other_wrong": test.b01, "judge_wrong_other_right": test.b10,
-                  "p_value": test.p_value, "test": "exact McNemar on per-item correctness"}
+    baselines, paired, agreement = _compare_heldout(items, fitted, human, correct, compare, score)
     ranked = sorted(zip(FEATURE_NAMES, weights), key=lambda pair: -abs(pair[1]))
     report = {
         "judge": judge.describe(),
@@ -212,6 +197,30 @@ def fit_refusal_lexicon(
         "level": level,
     }
     return model, report
+
+
+def _compare_heldout(items: list[Any], fitted: list[Any], human: np.ndarray, correct: np.ndarray,
+                     compare: Sequence[tuple[str, dict[str, Any]]], score: Any) -> tuple[dict, dict, dict]:
+    """The `compare` judges on the held-out rows: their scores, their agreement with the fitted judge
+    and the human labels, and an exact McNemar test against the first of them."""
+    from regap.safety.judges.agreement import judge_agreement, reference_verdicts
+    from regap.safety.metrics import mcnemar_exact
+
+    labels = {name + "".join(f" {k}={v}" for k, v in options.items()): (name, dict(options)) for name, options in compare}
+    baselines = {}
+    for label, (name, options) in labels.items():
+        result = score(name, options, "heldout")
+        baselines[label] = {key: result[key] for key in ("judge", "overall", "per_file", "by_prompt_label")}
+    agreement, verdicts = judge_agreement(items, labels, fields=("refused",),
+                                          reference={"refusal-lexicon": fitted, "human": reference_verdicts(human)})
+    paired = {}
+    if labels:
+        first = next(iter(labels))
+        other_correct = np.asarray([v.refused for v in verdicts[first]]) == human
+        test = mcnemar_exact(other_correct, correct)
+        paired = {"against": first, "judge_right_other_wrong": test.b01, "judge_wrong_other_right": test.b10,
+                  "p_value": test.p_value, "test": "exact McNemar on per-item correctness"}
+    return baselines, paired, agreement
 
 
 __all__ = ["C_GRID", "FOLDS", "fit_logistic", "grouped_folds", "select_c", "fit_refusal_lexicon"]

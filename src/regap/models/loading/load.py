@@ -1,7 +1,7 @@
-"""Model factory: presets, saved folders, training outputs and HF checkpoints -> an `LVLM`.
+"""`load_model`: presets, saved folders, training outputs and HF checkpoints -> an `LVLM`.
 
-The top of the model layer: it imports the loaders (`io`, `blip2_hf`, `llava_hf`, `build`),
-none of which imports it, so imports inside `regap.models` run one way."""
+The top of the model layer: it imports the loaders (`saved`, `trained`, `blip2_hf`, `llava_hf`,
+`build`), none of which imports it, so imports inside `regap.models` run one way."""
 
 from __future__ import annotations
 
@@ -14,20 +14,21 @@ import torch
 from regap.errors import RegapError
 from regap.models.attention import RUN_SETTING, check_attention, set_llm_attention
 from regap.models.blip2_hf import load_blip2_hf
-from regap.models.build import build_lvlm, load_llm, parse_dtype, replace_projector  # noqa: F401 (re-exported)
-from regap.models.folders import (  # noqa: F401 (re-exported: these lived here)
-    CONFIG_FILE,
-    PROJECTOR_FILE,
-    TRAIN_CONFIG_FILE,
-    is_training_checkpoint,
-    is_training_output,
-)
-from regap.models.io import load_saved
 from regap.models.llava_hf import load_llava_hf
+from regap.models.loading.build import build_lvlm, replace_projector
+from regap.models.loading.folders import CONFIG_FILE, PROJECTOR_FILE, is_training_checkpoint, is_training_output
+from regap.models.loading.presets import PRESETS, TINY_RANDOM, Preset, get_preset
+from regap.models.loading.saved import load_adapter, load_saved
+from regap.models.loading.trained import (
+    attach_assets,
+    attach_training_moca,
+    attach_training_output,
+    base_options,
+    load_checkpoint_parts,
+    read_training_record,
+    verify_assets,
+)
 from regap.models.lvlm import LVLM
-from regap.models.offline_assets import resolve_source  # noqa: F401 (re-exported: it lived here)
-from regap.models.presets import PRESETS, TINY_RANDOM, Preset, get_preset
-from regap.models.trained_presets import attach_assets, base_options, verify_assets
 
 
 def build_base_model(name: str, dtype: str | torch.dtype = "auto", device: str = "cpu", *,
@@ -36,7 +37,7 @@ def build_base_model(name: str, dtype: str | torch.dtype = "auto", device: str =
     """The model a training run starts from: `name` (anything `load_model` takes, or `TINY_RANDOM`,
     built from `seed`), with a fresh projector of `projector_type` when set (sized by
     `projector_options`). Training (`regap.train.setup.build_model`) and the trained presets
-    (`regap.models.trained_presets`) rebuild their base with it, so both build the same model."""
+    (`regap.models.loading.trained`) rebuild their base with it, so both build the same model."""
     options = dict(projector_options or {})
     if name == TINY_RANDOM:  # a test model: float32, its weights a function of the seed
         from regap.models.random_tiny import tiny_random_lvlm
@@ -57,7 +58,7 @@ def build_base_model(name: str, dtype: str | torch.dtype = "auto", device: str =
 def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "cpu",
                attn_implementation: str | None = None) -> LVLM:
     """A preset name (a trained preset: `load_trained_preset`), a training output folder
-    (`regap.train.load_trained`: projector, LoRA adapter or full LLM, and MoCa), a folder saved
+    (`load_trained`: projector, LoRA adapter or full LLM, and MoCa), a folder saved
     by `save_model`, or an HF LLaVA checkpoint (folder or hub id).
 
     `attn_implementation` switches the LLM's attention kernel after loading (None keeps the
@@ -69,12 +70,6 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str
 def _load_model(name_or_path: str, dtype: str | torch.dtype, device: str) -> LVLM:
     path = Path(name_or_path)
     if is_training_output(path) or is_training_checkpoint(path):
-        # The one import from `regap.models` into a higher layer, kept inside this function:
-        # a training output folder is described by its training config (`config.yaml`: base
-        # model, projector type, LoRA, MoCa), which only `regap.train` reads, and `regap.train`
-        # imports this package at its top. tests/test_import_graph.py allows this edge only.
-        from regap.train import load_trained
-
         return load_trained(path, dtype=dtype, device=device)
     if path.is_dir() and (path / CONFIG_FILE).exists():
         return load_saved(path, dtype=dtype, device=device)
@@ -98,6 +93,38 @@ def _load_model(name_or_path: str, dtype: str | torch.dtype, device: str) -> LVL
     if "/" in name_or_path:  # looks like a hub id
         return load_llava_hf(name_or_path, dtype=dtype, device=device)
     raise RegapError(f"unknown model {name_or_path!r}; presets: {', '.join(PRESETS)}, or a folder path")
+
+
+def load_trained(out_dir: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu") -> LVLM:
+    """Rebuild a trained model from a training output folder: base model + projector
+    (+ LoRA adapter or full LLM) + MoCa, which the returned LVLM applies by itself
+    (`load_model` and every ``--model OUT`` come here). ``OUT/checkpoints/step-N`` gives the model at
+    step N, so a learning curve (or a run still training) is evaluated with the same commands as a
+    finished one. `dtype` None: the dtype the run trained in."""
+    out_dir = Path(out_dir)
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).replace("torch.", "")
+    checkpoint = out_dir if is_training_checkpoint(out_dir) else None
+    record = read_training_record(out_dir.parent.parent if checkpoint is not None else out_dir)
+    dtype = dtype or record.dtype
+    if checkpoint is not None:
+        if record.tune == "full" and record.stage == 2:
+            raise RegapError(f"{checkpoint}: a checkpoint of a full-LLM stage 2 holds the LLM only as raw "
+                             "training state; load the finished output folder instead")
+        lvlm = build_base_model(record.model, dtype=dtype, device=device, **record.base_options())
+        if (checkpoint / "adapter").is_dir():  # wraps the LLM with peft; its weights are set below
+            load_adapter(lvlm, checkpoint / "adapter")
+        load_checkpoint_parts(lvlm, checkpoint)
+        return lvlm.eval()
+    if not (out_dir / PROJECTOR_FILE).is_file():
+        raise RegapError(f"{out_dir}: no {PROJECTOR_FILE} (the training has not finished); a checkpoint "
+                         f"loads as a model too: {out_dir / 'checkpoints' / 'step-N'}")
+    if (out_dir / "model").is_dir():  # a full stage 2: the whole model saved
+        lvlm = load_model(str(out_dir / "model"), dtype=dtype, device=device)
+    else:
+        lvlm = attach_training_output(build_base_model(record.model, dtype=dtype, device=device,
+                                                       **record.base_options()), out_dir)
+    return attach_training_moca(lvlm, out_dir)
 
 
 def load_trained_preset(preset: Preset, dtype: str | torch.dtype = "auto", device: str = "cpu") -> LVLM:

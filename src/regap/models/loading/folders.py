@@ -8,6 +8,7 @@ from pathlib import Path
 CONFIG_FILE = "regap_config.json"  # written by `save_model`: the folder's `LVLMConfig`
 PROJECTOR_FILE = "projector.safetensors"
 TRAIN_CONFIG_FILE = "config.yaml"  # written by `regap.train` into every training output folder
+EXPORT_RECORD = "regap_export.json"  # written by `regap export` beside the HF LLaVA files
 
 
 def is_training_checkpoint(path: Path) -> bool:

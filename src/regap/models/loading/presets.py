@@ -17,7 +17,7 @@ class Preset:
     projector_note: str
     config: LVLMConfig | None = None
     llava_hf_id: str | None = None  # presets that load an HF LLaVA checkpoint instead of parts
-    # A trained preset (`regap.models.trained_presets`): the `base` preset plus a trained projector
+    # A trained preset (`regap.models.loading.trained`): the `base` preset plus a trained projector
     # and LoRA adapter shipped in `regap/assets/presets/<assets>/`, every file pinned here by
     # sha256 (relative path -> hash; written by `regap models package`), so a changed file is refused.
     base: str | None = None
@@ -64,6 +64,18 @@ PRESETS: dict[str, Preset] = {
                 vision=VisionConfig(source="regap:dinov2-s14-imgfocus", feature_layer="final", drop_cls=False),
                 llm_source="regap:qwen2.5-coder-0.5b-instruct", projector_type="qformer", template="chat",
                 name="tiny-qformer",
+            ),
+        ),
+        Preset(
+            name="tiny-clip",
+            summary="a random CLIP-shaped ViT (seeded, 64 tokens, generated on first use) + mlp2x_gelu + "
+                    "Qwen2.5-Coder-0.5B-Instruct; offline; the small model `regap export` writes as HF LLaVA",
+            needs_hub=False,
+            projector_note=_FRESH + "; the vision tower is random too",
+            config=LVLMConfig(
+                vision=VisionConfig(source="regap:clip-vit-random", feature_layer=-2, drop_cls=True),
+                llm_source="regap:qwen2.5-coder-0.5b-instruct", projector_type="mlp2x_gelu", template="chat",
+                name="tiny-clip",
             ),
         ),
         # The trained models: `regap models package` writes their assets and prints the pins

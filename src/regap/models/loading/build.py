@@ -7,9 +7,8 @@ from typing import Any
 
 import torch
 
-from regap.models.hub import hub_call
+from regap.models.loading.sources import hub_call, resolve_source
 from regap.models.lvlm import LVLM, LVLMConfig
-from regap.models.offline_assets import resolve_source
 from regap.models.projector import build_projector
 from regap.models.vision import load_vision_tower
 from regap.precision import resolve_torch_dtype

@@ -1,4 +1,5 @@
-"""`regap report RUN_DIR`: report.md and a self-contained report.html from a run's files only.
+"""The report of a `regap demo` run: report.md and a self-contained report.html from the run's
+files only (`regap report RUN_DIR`, and the last step of `regap demo`).
 
 Every section reads its own files; a missing file is named in the report (and returned),
 and the other sections still render. Images are inlined into the HTML as data URIs, so the
@@ -17,8 +18,6 @@ With one family the report is that family's sections alone.
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import re
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from regap.errors import RegapError
+from regap.report.html import check_reports_overwritable, write_reports
 
 #: Connector families of a demo run: (name, folder under the run folder, column title).
 FAMILIES = (("mlp", "", "MLP projector"), ("qformer", "qformer", "Q-Former"))
@@ -45,11 +45,13 @@ class ReportBuilder:
     inline_figures: bool = True  # False when the figures are already shown side by side
 
     # ---- reading ---------------------------------------------------------------------------
-    def load(self, relative: str) -> Any | None:
+    def load(self, relative: str, expected: bool = True) -> Any | None:
+        """A run file's JSON; a missing one is listed as missing when the run was meant to make it."""
         relative = self.base + relative
         path = self.root / relative
         if not path.exists():
-            self.missing.append(relative)
+            if expected:
+                self.missing.append(relative)
             return None
         try:
             if path.suffix == ".jsonl":
@@ -73,6 +75,24 @@ class ReportBuilder:
 
     def folder(self) -> Path:
         return self.root / self.base
+
+    def settings(self) -> dict[str, Any]:
+        """The demo settings the family ran with (summary.json), {} when unknown."""
+        path = self.folder() / "summary.json"
+        try:
+            summary = json.loads(path.read_text()) if path.is_file() else {}
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+            return {}
+        settings = summary.get("setup", {}).get("settings") if isinstance(summary, dict) else None
+        return settings if isinstance(settings, dict) else {}
+
+    def attack_variants(self) -> set[str]:
+        """The checkpoints a demo measures the attack-input gap of: the final plain and ReGap ones."""
+        settings = self.settings()
+        if "regap_lambda" not in settings:
+            return set()
+        final = _final_variants(self)
+        return {final[label] for label in ("plain", f"regap-l{settings['regap_lambda']:g}") if label in final}
 
     def variants(self) -> list[str]:
         folder = self.folder() / "eval"
@@ -151,8 +171,9 @@ def _gap(b: ReportBuilder) -> None:
         b.table(["model", "MIR", "MIR 95% CI", "layer-0 gap", "pairs"], rows)
     b.figure("gap_compare/gap_layers.png", "per-layer gap, plain vs ReGap")
     attack = []
+    expected = b.attack_variants()
     for variant in b.variants():
-        gap = b.load(f"eval/{variant}/gap_attack/gap.json")
+        gap = b.load(f"eval/{variant}/gap_attack/gap.json", expected=variant in expected)
         if gap:
             attack.append([variant, gap.get("mir"), gap.get("mir_ci") or "-", gap.get("layer0_gap")])
     if attack:
@@ -232,7 +253,7 @@ def _utility(b: ReportBuilder) -> None:
 
 def _judge(b: ReportBuilder) -> None:
     b.heading("Judge validation")
-    result = b.load("judge_validation.json")
+    result = b.load("judge_validation.json", expected=bool(b.settings().get("xstest")))  # made with --xstest only
     if result:
         overall = result.get("overall", result)
         b.table(["metric", "value"], [[k, v] for k, v in overall.items() if isinstance(v, (int, float))])
@@ -327,11 +348,32 @@ def _side_by_side(root: Path, families: list[tuple[str, str, str]], builder: Rep
         builder.missing += b.missing
 
 
+def run_kind(root: Path) -> str | None:
+    """'study' (a `regap study` results folder), 'demo' (a `regap demo` run) or None (no regap run)."""
+    summary = _read_summary(root / "summary.json")
+    if isinstance(summary, dict) and "study" in summary and "units_planned" in summary and (root / "units").is_dir():
+        return "study"
+    for _, folder, _ in FAMILIES:
+        family = root / folder
+        family_summary = summary if not folder else _read_summary(family / "summary.json")
+        if (family / "eval").is_dir() or (isinstance(family_summary, dict) and "setup" in family_summary):
+            return "demo"
+    return None
+
+
+def _read_summary(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        return None
+
+
 def build_report(root: str | Path) -> dict[str, Any]:
-    """Write `report.md` and `report.html` into `root`; returns what was missing."""
+    """Write a demo run's `report.md` and `report.html` into `root`; returns what was missing."""
     root = Path(root)
     if not root.is_dir():
         raise RegapError(f"run folder not found: {root}")
+    check_reports_overwritable(root)
     families = present_families(root)
     builder = ReportBuilder(root)
     builder.lines.append(f"# regap report: {_code(root.name)}\n")
@@ -350,25 +392,5 @@ def build_report(root: str | Path) -> dict[str, Any]:
         builder.note("These files were not found; the sections above that need them are incomplete:")
         for item in missing:
             builder.note(f"- {_code(item)}")
-    markdown_text = "\n".join(builder.lines)
-    (root / "report.md").write_text(markdown_text)
-    (root / "report.html").write_text(render_html(markdown_text, root, builder.root.name))
+    write_reports(root, "\n".join(builder.lines), builder.root.name)
     return {"missing": missing, "figures": [str(p.relative_to(root)) for p in builder.figures]}
-
-
-def render_html(markdown_text: str, root: Path, title: str) -> str:
-    """Render the markdown with markdown-it (tables on) and inline every image."""
-    from markdown_it import MarkdownIt
-
-    renderer = MarkdownIt("commonmark", {"html": False}).enable("table")  # run-file text never becomes markup
-    body = renderer.render(markdown_text)
-    for figure in sorted({p for p in root.rglob("*.png")}, key=lambda p: -len(str(p))):
-        relative = str(figure.relative_to(root))
-        if f'src="{relative}"' in body:
-            data = base64.b64encode(figure.read_bytes()).decode("ascii")
-            body = body.replace(f'src="{relative}"', f'src="data:image/png;base64,{data}"')
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:14px}"
-             "img{max-width:100%}td img{max-width:500px}code{background:#f4f4f4}")
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>regap report: {html.escape(title)}"
-            f"</title><style>{style}</style></head><body>\n{body}</body></html>\n")

@@ -739,3 +739,16 @@ def test_sweep_points_become_evaluation_units_once_each():
 def test_a_bad_sweep_point_is_one_line_naming_the_range(override, message):
     with pytest.raises(RegapError, match=message):
         load_study_config("tiny-study", override)
+
+
+def test_the_fast_study_estimates_minutes_not_an_hour():
+    """--fast units take seconds: its estimate must not quote the shipped config's hour."""
+    from regap.study.fast import FAST_OVERRIDES
+    from regap.study.run import Study
+    from regap.study.units import plan_units
+
+    config = load_study_config("tiny-study", FAST_OVERRIDES)
+    study = Study(config, Path("/nonexistent-out"), progress=False)
+    line = study.estimate(plan_units(config))[0]
+    minutes = float(re.search(r"about (\d+(?:\.\d+)?) min", line).group(1))
+    assert minutes <= 5, line

@@ -9,5 +9,5 @@ FAST_OVERRIDES: list[str] = [
     "gap.pairs=4", "gap.texts_per_pair=1", "gap.attack_pairs=3", "gap.n_boot=50",
     "safety.harmful=3", "safety.benign=2", "safety.max_new_tokens=4",
     "utility.scenes=2", "utility.refusal_limit=2", "utility.max_new_tokens=4",
-    "curve.scenes=1", "stats.n_boot=200", "minutes_per_unit=0.3",
+    "curve.scenes=1", "stats.n_boot=200", "minutes_per_unit=0.3", "minutes_per_evaluation_unit=0.2",
 ]

@@ -137,7 +137,7 @@ class UnitRunner:
     # ---- models -----------------------------------------------------------------------------------
     def final_model(self):
         if self._model is None:
-            from regap.train import load_trained
+            from regap.models import load_trained
 
             self._model = load_trained(self.work / "stage2", dtype=self.dtype)
         return self._model
@@ -156,7 +156,7 @@ class UnitRunner:
         params = [model_folder.relative_to(self.work).as_posix()] + rest  # relative: a moved study continues
 
         def action() -> None:
-            from regap.train import load_trained
+            from regap.models import load_trained
 
             model = self.final_model() if model_folder == self.work / "stage2" else load_trained(model_folder,
                                                                                                  dtype=self.dtype)

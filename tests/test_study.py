@@ -258,7 +258,9 @@ def test_fast_study_summarises_every_unit(fast_study):
     assert "| regap-l1+cmrm | training: ReGap λ=1, inference: cmrm |" in side and "| moca | training: MoCa |" in side
     assert set(results["vs_undefended"]) == {"plain+cmrm", "plain+layer0-align", "regap-l1+cmrm"}
     assert set(results["arms"]["plain"]["refused"]) == {"text", "blank", "noise", "natural", "typo", "image (pooled)"}
-    assert (fast_study / "report.html").read_text().count("data:image/png;base64,") == 4
+    figures = sorted(p.name for p in (fast_study / "figures").glob("*.png"))
+    assert {"unsafe_by_arm.png", "frontier.png"} <= set(figures)
+    assert (fast_study / "report.html").read_text().count("data:image/png;base64,") == len(figures)  # each inlined
     choice = summary["best_lambda"]
     assert set(choice["candidates"]) == {"regap-l1"} and choice["decided"] and choice["lambda"] == 1.0
     assert f"Choice: **{choice['arm']}**" in markdown and "| regap-l1 | 0, 1 |" in markdown

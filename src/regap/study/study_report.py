@@ -314,7 +314,9 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
         lines.append(f"| {pair['judge_a']} | {pair['judge_b']} | {pair['n']} | "
                      f"{pair['agreement']:.3f} | {'–' if kappa is None or kappa != kappa else f'{kappa:.3f}'} |")
     lines += ["", "## Time per unit (minutes)", "", ", ".join(f"{u} {m}" for u, m in summary["timings_minutes"].items()), ""]
-    lines += ["## Figures", ""] + [f"![{name}](figures/{name})" for name in FIGURES if (figures / name).exists()]
+    shown_above = {"frontier.png"}  # the frontier section carries its own figure
+    lines += ["## Figures", ""] + [f"![{name}](figures/{name})" for name in FIGURES
+                                   if (figures / name).exists() and name not in shown_above]
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     (out / "report.html").write_text(render_html(text, out, f"study {summary['study']}"))

@@ -76,7 +76,7 @@ def test_exact_interval_from_the_cli(saved_random, tmp_path):
 def test_stability_rows(saved_random, tmp_path):
     from regap.gap.collect import collect_hidden_states
     from regap.gap.measure import stability
-    from regap.gap.pairs import make_pairs
+    from regap.safety.pairs import make_pairs
     from regap.models import load_model
 
     model = load_model(saved_random("s"))
@@ -88,7 +88,7 @@ def test_stability_rows(saved_random, tmp_path):
 
 def test_no_text_tokens_is_a_clear_error(tiny_model, tmp_path):
     from regap.gap.collect import collect_hidden_states
-    from regap.gap.pairs import GapPair
+    from regap.models.gap_pair import GapPair
     from PIL import Image
 
     pairs = [GapPair(str(i), Image.new("RGB", (56, 56)), "", "blank") for i in range(2)]

@@ -90,7 +90,7 @@ def gap_command(
     from regap.gap.collect import TEXT_TOKEN_MODES
     from regap.gap.measure import CI_METHODS
     from regap.gap.mir import MODES
-    from regap.gap.pairs import PROTOCOLS
+    from regap.models.gap_pair import PROTOCOLS
     from regap.models.attention import check_attention
 
     check_attention(attn_implementation, "--attn-implementation")
@@ -102,7 +102,7 @@ def gap_command(
     if compare and compare == model and compare_projector is None and not defenses:
         raise RegapError("--compare names the same model as --model without a different --compare-projector or --defense")
     from regap.checks import check_seed, prepare_out_dir
-    from regap.gap.pairs import make_pairs
+    from regap.safety.pairs import make_pairs
 
     check_seed(seed)
     prepare_out_dir(out)

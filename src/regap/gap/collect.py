@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from regap.errors import InternalError, RegapError
-from regap.gap.pairs import GapPair, conversation
+from regap.models.gap_pair import GapPair, conversation
 from regap.models.inputs import TEXT_TOKEN_MODES  # noqa: F401  (`regap gap --text-tokens` choices)
 
 if TYPE_CHECKING:

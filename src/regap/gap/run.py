@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from regap.gap.collect import collect_hidden_states
 from regap.gap.measure import analyse, stability
-from regap.gap.pairs import GapPair
+from regap.models.gap_pair import GapPair
 
 if TYPE_CHECKING:
     from regap.models.lvlm import LVLM
@@ -63,8 +63,10 @@ def measure_to_folder(
         from regap.defenses import get_defense
         from regap.defenses.base import hidden_state_intervention
 
+        from regap.safety.pairs import make_pairs
+
         built = [get_defense(spec) for spec in defenses]
-        intervention = hidden_state_intervention(built, model, workdir=folder)
+        intervention = hidden_state_intervention(built, model, workdir=folder, make_pairs=make_pairs)
         described = [{**d.describe(), "calibration_sha256": getattr(getattr(d, "calibration", None), "sha256", None)}
                      for d in built]
     result = measure_gap(model, pairs, folder / f".hidden-{tag}", protocol=protocol, text_tokens=text_tokens,

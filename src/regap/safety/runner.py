@@ -214,11 +214,13 @@ def generate_missing(resolved: ResolvedRun, model: LVLM, requests: list[Any], st
                      progress: bool = True) -> None:
     """Generate every (condition, request) response not yet in the cache, batch by batch."""
     from regap.defenses import build_generate
+    from regap.safety.pairs import make_pairs
 
     run, settings, defenses = resolved.run, resolved.settings, resolved.defenses
     decoding_hash = resolved.decoding_hash
     fingerprint = resolved.fingerprint_of(model)
-    generate = build_generate(model, defenses, workdir=run.out, engine=run.engine)  # calibrations: OUT/defenses/
+    generate = build_generate(model, defenses, workdir=run.out, engine=run.engine,  # calibrations: OUT/defenses/
+                              make_pairs=make_pairs)
     described_defenses = [d.describe() for d in defenses]
     todo: list[tuple[str, Any, Any, str]] = []
     input_hashes: dict[str, str | None] = {}

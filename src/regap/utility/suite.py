@@ -396,7 +396,10 @@ def run_utility(
     fingerprint = utility_fingerprint(lvlm)
     decoding = {k: v for k, v in settings.cache_key().items() if k != "batch_size"}  # batch size: not part of the key
     decoding_hash = json_hash(decoding)
-    generate = build_generate(lvlm, defense_objs, workdir=out, engine=settings.engine)  # calibrations under OUT
+    from regap.safety.pairs import make_pairs
+
+    generate = build_generate(lvlm, defense_objs, workdir=out, engine=settings.engine,  # calibrations under OUT
+                              make_pairs=make_pairs)
     described = [defense.describe() for defense in defense_objs]
     store = JsonlStore(out / CACHE_FILE)
     generated = 0

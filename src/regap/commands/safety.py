@@ -106,7 +106,9 @@ def safety_command(
         console.print(table)
     errors = summary.get("generation_errors", 0)
     unjudged = {name: entry.get("judge_errors", 0) for name, entry in summary["judges"].items()}
-    typer.echo(f"{summary.get('n_rows', 0)} item(s), {errors} generation error(s); without a verdict: "
+    too_long = summary.get("too_long", 0)
+    long_note = f" ({too_long} with a prompt longer than the model's context, never sent)" if too_long else ""
+    typer.echo(f"{summary.get('n_rows', 0)} item(s), {errors} generation error(s){long_note}; without a verdict: "
                + ", ".join(f"{name} {count}" for name, count in unjudged.items())
                + ("; failed items are retried on the next run with the same --out (reasons in results.jsonl)"
                   if errors else ""))

@@ -53,9 +53,15 @@ def safety_command(
     if compare:
         if len(compare) != 2:
             raise RegapError("--compare needs exactly two run folders (give --compare twice)")
-        from regap.safety.summary import compare_runs
+        from regap.safety.summary import compare_runs, left_out_of_comparison
 
         results = compare_runs(compare[0], compare[1], judge=compare_judge)
+        left_out = left_out_of_comparison(compare[0], compare[1], judge=results[0]["judge"])
+        if left_out:  # different request sets or conditions: only the overlap is compared
+            parts = [f"{condition}: " + ", ".join(f"{count} only in {'A' if side == 'only_in_a' else 'B'}"
+                                                  for side, count in counts.items() if count)
+                     for condition, counts in left_out.items()]
+            typer.echo(f"left out of the comparison (judged in one run only): {'; '.join(parts)}", err=True)
         table = Table(title=f"paired comparison: B={compare[1]} vs A={compare[0]}")
         for column in ("condition", "n", "unsafe A", "unsafe B", "B-A [95% CI]", "McNemar p"):
             table.add_column(column)

@@ -339,6 +339,13 @@ def test_bad_options_are_one_line_errors(spec, message):
     assert "\n" not in str(info.value)
 
 
+def test_a_calibration_without_pairs_to_compute_it_on_is_a_one_line_error(tiny_model, tmp_path):
+    with pytest.raises(RegapError, match="defense cmrm has no calibration file and nothing to build calibration pairs "
+                                         "with") as info:
+        build_generate(tiny_model, [get_defense("cmrm:pairs=2")], workdir=tmp_path)
+    assert "\n" not in str(info.value)
+
+
 def test_a_layer_beyond_the_model_is_an_error(tiny_model, tmp_path):
     with pytest.raises(RegapError, match="layer 3 is beyond the model's 2 decoder layers"):
         get_defense("cmrm:layers=1-3:level=sample").prepare(tiny_model, tmp_path)

@@ -402,6 +402,7 @@ def test_a_bad_item_is_recorded_and_retried_while_the_rest_is_scored(saved_model
     failed = [row for row in _lines(out / "utility_responses.jsonl") if row["response"] is None]
     assert len(failed) == qa["failed"] + 1 and all("corrupt or truncated image" in row["error"] or
                                                     "not a readable image" in row["error"] for row in failed)
+    assert all(row["correct"] is None and "gold" in row for row in failed)  # the scored rows' keys
     image.write_bytes(kept)
     again = run_utility(run)
     assert again["provenance"]["cache"]["generated_this_run"] == qa["failed"] + 1

@@ -285,7 +285,8 @@ def score_utility(resolved: ResolvedUtility, model: LVLM, items: dict[str, list[
             if too_long:
                 entry["too_long"] = too_long
             rows += [{"task": task, "item_id": item.item_id, "prompt": item.prompt, "image": item.image,
-                      "response": None, "error": cached[item.item_id].get("error", "not generated"),
+                      "response": None, "gold": item.gold, "correct": None,
+                      "error": cached[item.item_id].get("error", "not generated"),
                       **({"too_long": True} if cached[item.item_id].get("too_long") else {})} for item in failed]
         results[task] = entry
         all_rows.extend(rows)

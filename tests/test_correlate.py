@@ -58,4 +58,4 @@ def test_few_runs_get_a_caution_and_rounded_intervals(tmp_path, capsys):
     assert "caution: 3 runs are few for a correlation" in out
     many = [str(_run(tmp_path / f"m{i}", 2.0 + i / 4, 2 + i)) for i in range(10)]
     assert main(["correlate", *many, "--out", str(tmp_path / "out2"), "--n-boot", "50"]) == 0
-    assert "caution" not in capsys.readouterr().out
+    assert "caution:" not in capsys.readouterr().out

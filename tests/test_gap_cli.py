@@ -131,7 +131,7 @@ def test_pairs_hold_no_pixels_until_a_batch_reads_them(monkeypatch):
 
     def counting(*args, **kwargs):
         items = real(*args, **kwargs)
-        return [(name, lambda make=make: made.append(name) or make()) for name, make in items]
+        return [(name, lambda name=name, make=make: made.append(name) or make()) for name, make in items]
 
     monkeypatch.setattr(pair_module, "make_images", counting)
     pairs = pair_module.make_pairs(6, images="scenes")

@@ -143,7 +143,8 @@ def test_layer0_align_at_strength_one_is_the_full_map(tiny_model, tmp_path):
     runs = {}
     for spec in ("layer0-align:pairs=3", "layer0-align:pairs=3:strength=1", "layer0-align:pairs=3:alpha=1"):
         defense = get_defense(spec)
-        result = build_generate(tiny_model, [defense], workdir=tmp_path)(PROMPTS, IMAGES, SETTINGS)
+        result = build_generate(tiny_model, [defense], workdir=tmp_path, make_pairs=make_pairs)(PROMPTS, IMAGES,
+                                                                                               SETTINGS)
         runs[spec] = (defense.describe(), result.texts, result.details)
     assert len({repr(run) for run in runs.values()}) == 1
     assert runs["layer0-align:pairs=3"][0]["settings"]["alpha"] == 1.0
@@ -159,7 +160,7 @@ def test_layer0_align_strength_moves_the_image_centroid_that_fraction_of_the_way
     centroids = {}
     for strength in (0.0, 0.5, 1.0):
         defense = get_defense(f"layer0-align:pairs=3:match_norm={str(match_norm).lower()}:strength={strength}")
-        defense.prepare(tiny_model, tmp_path)
+        defense.prepare(tiny_model, tmp_path, make_pairs)
         with torch.no_grad(), (defense.hook(tiny_model) if strength else torch.no_grad()):
             tokens = tiny_model.encode_images(batch.pixel_values).double()
         centroids[strength] = tokens.reshape(-1, tokens.shape[-1]).mean(0)

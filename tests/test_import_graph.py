@@ -168,15 +168,6 @@ def test_models_imports_no_higher_layer_at_module_level():
             assert upward == [], f"{name} imports {upward}"
 
 
-#: Package edges allowed to close a package-level cycle, each with its reason. Only one for now:
-#: `regap.models.factory` reads training output folders through `regap.train` (the module-level
-#: edge above). It goes once the folder format is reached without `models -> train`; then this
-#: allow-list is empty and the test below asserts no package cycle at all.
-ALLOWED_PACKAGE_EDGES = {
-    ("models", "train"): "load_model reads training output folders via regap.train.load_trained",
-}
-
-
 def package_of(module: str) -> str:
     """The top-level part of regap a module belongs to: `regap.safety.runner` -> `safety`,
     `regap.files` -> `files`, `regap` -> `regap`."""
@@ -202,12 +193,9 @@ def test_package_graph_lifts_module_edges():
 
 
 def test_no_import_cycle_between_packages():
-    """Packages import one way: gap and defenses below safety and utility, models below them all."""
-    packages = package_graph(import_graph())
-    for (source, target) in ALLOWED_PACKAGE_EDGES:
-        assert target in packages[source], f"{source} no longer imports {target}: drop it from ALLOWED_PACKAGE_EDGES"
-    pruned = {name: {t for t in targets if (name, t) not in ALLOWED_PACKAGE_EDGES} for name, targets in packages.items()}
-    assert cycles(pruned) == []
+    """Packages import one way: gap and defenses below safety and utility, models below them all;
+    no two top-level packages of regap import each other, even around a loop or inside a function."""
+    assert cycles(package_graph(import_graph())) == []
 
 
 def test_defenses_import_no_package_that_imports_them():

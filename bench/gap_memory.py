@@ -127,7 +127,7 @@ def _collect(args: argparse.Namespace, folder: str, queue: mp.Queue) -> None:
     from PIL import Image
 
     from regap.gap.collect import collect_hidden_states
-    from regap.gap.pairs import GapPair
+    from regap.models.gap_pair import GapPair
 
     pairs = [GapPair(str(i), Image.new("RGB", (8, 8)), "text", "blank") for i in range(args.pairs)]
     start = time.perf_counter()

@@ -334,7 +334,7 @@ def gap_protocol(model: Any, plan: Plan, device: Any, workdir: Path, budget: Bud
     collected hidden states are returned too, for the bootstrap (the caller removes them)."""
     from regap.gap.collect import collect_hidden_states
     from regap.gap.measure import analyse
-    from regap.gap.pairs import make_pairs
+    from regap.safety.pairs import make_pairs
 
     kept: dict[str, Any] = {}
 

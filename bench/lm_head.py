@@ -44,7 +44,8 @@ def projection_seconds(dtype: torch.dtype, contiguous: bool) -> float:
 
 def hidden_state_pass(model, rounds: int) -> dict:
     """A gap collection batch with all logits against one position, alternating."""
-    from regap.gap.pairs import conversation, make_pairs
+    from regap.models.gap_pair import conversation
+    from regap.safety.pairs import make_pairs
 
     pairs = make_pairs(8, texts_per_pair=5)
     batch = model.build_inputs([conversation(p, "reference") for p in pairs], [[p.image] for p in pairs],

@@ -290,7 +290,7 @@ def gap(model: Any, workdir: Path) -> dict[str, Any]:
     """`regap gap`'s collection and exact analysis, with the command's defaults, for 8 pairs."""
     from regap.gap.collect import collect_hidden_states
     from regap.gap.measure import analyse
-    from regap.gap.pairs import make_pairs
+    from regap.safety.pairs import make_pairs
 
     for_inference(model)
     pairs = make_pairs(8, images="scenes", texts="starter-benign", seed=0)

@@ -82,13 +82,13 @@ def test_chat_gap_and_safety_commands_take_the_flag(saved, tmp_path, capsys):
 
 
 def test_utility_records_the_kernel_it_ran(saved, tmp_path):
-    from regap.utility.suite import run_utility
+    from regap.utility import UtilityRun, run_utility
 
-    summary = run_utility(saved, tmp_path / "u", tasks="over-refusal", refusal_limit=1, max_new_tokens=2,
-                          attn_implementation="eager")
+    summary = run_utility(UtilityRun(model=saved, out=tmp_path / "u", tasks="over-refusal", refusal_limit=1,
+                                     max_new_tokens=2, attn_implementation="eager"))
     assert summary["provenance"]["attn_implementation"] == "eager"
     with pytest.raises(RegapError, match="is 'flash'"):
-        run_utility(saved, tmp_path / "bad", tasks="over-refusal", attn_implementation="flash")
+        run_utility(UtilityRun(model=saved, out=tmp_path / "bad", tasks="over-refusal", attn_implementation="flash"))
 
 
 def test_a_calibration_file_records_its_kernel_and_fits_only_that_kernel(saved, tmp_path, capsys):

@@ -143,7 +143,7 @@ def _ctrl_c(*args, **kwargs):
 @pytest.mark.parametrize("argv, patch, expected", [
     (["safety", "--limit", "1"], "regap.models.load_model", "interrupted: safety run stopped while loading tiny"),
     (["gap", "--pairs", "2"], "regap.models.load_model", "interrupted: gap measurement stopped before"),
-    (["utility", "--n", "1"], "regap.utility.suite.run_utility", "interrupted: utility run stopped; the responses"),
+    (["utility", "--n", "1"], "regap.models.load_model", "interrupted: utility run stopped; the responses"),
     (["demo", "--fast"], "regap.study.demo.run_families", "interrupted: demo stopped; finished steps are recorded"),
 ], ids=["safety", "gap", "utility", "demo"])
 def test_ctrl_c_in_a_command_exits_130_saying_where(argv, patch, expected, monkeypatch, tmp_path, capsys):

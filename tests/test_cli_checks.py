@@ -97,7 +97,7 @@ def test_gap_reuse_images_is_explicit_and_problems_are_reported(tmp_path, capsys
 
 def test_make_pairs_reports_problems_to_the_caller(tmp_path):
     from regap.errors import RegapError
-    from regap.gap.pairs import make_pairs
+    from regap.safety.pairs import make_pairs
 
     folder = _folder(tmp_path, good=3, bad=1)
     problems: list[str] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -45,3 +46,16 @@ def test_bad_inputs(tmp_path, capsys):
     (tmp_path / "c").mkdir()
     assert main(["correlate", str(a), str(b), str(tmp_path / "c"), "--out", str(tmp_path / "o")]) == 2
     assert "no gap.json" in capsys.readouterr().err
+
+
+def test_few_runs_get_a_caution_and_rounded_intervals(tmp_path, capsys):
+    runs = [str(_run(tmp_path / f"r{i}", m, k)) for i, (m, k) in enumerate(zip([2.0, 2.6, 3.3], [2, 7, 6]))]
+    assert main(["correlate", *runs, "--out", str(tmp_path / "out"), "--n-boot", "200"]) == 0
+    out = capsys.readouterr().out
+    first = out.splitlines()[0]
+    intervals = re.findall(r"\[([^\]]*)\]", first)
+    assert len(intervals) == 2 and all(re.fullmatch(r"-?\d\.\d{3}, -?\d\.\d{3}|nan, nan", i) for i in intervals)
+    assert "caution: 3 runs are few for a correlation" in out
+    many = [str(_run(tmp_path / f"m{i}", 2.0 + i / 4, 2 + i)) for i in range(10)]
+    assert main(["correlate", *many, "--out", str(tmp_path / "out2"), "--n-boot", "50"]) == 0
+    assert "caution:" not in capsys.readouterr().out

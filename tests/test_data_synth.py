@@ -299,3 +299,45 @@ def test_cli_synth(tmp_path):
                                  "--conversations", "all"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "u" / "manifest.json").read_text())["conversations"] == "all"
+
+
+def test_an_image_size_beyond_the_limit_is_refused_before_any_file(tmp_path):
+    from regap.cli import main
+
+    with pytest.raises(RegapError, match=r"--image-size must be from 32 to 4096 pixels \(got 100000\)"):
+        generate_synthetic(tmp_path / "big", 2, image_size=100000)
+    assert not (tmp_path / "big").exists()
+    assert main(["data", "synth", "--n", "2", "--out", str(tmp_path / "cli"), "--image-size", "100000"]) == 2
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_failed_run_leaves_nothing_that_blocks_the_rerun(tmp_path, monkeypatch, existed):
+    from regap.data import synth
+
+    out = tmp_path / "out"
+    if existed:
+        out.mkdir()  # an empty folder the user made: kept, and emptied again
+    real, calls = synth.render_scene, []
+
+    def failing(spec, size):
+        calls.append(size)
+        if len(calls) == 3:
+            raise MemoryError("cannot allocate")
+        return real(spec, size)
+
+    monkeypatch.setattr(synth, "render_scene", failing)
+    with pytest.raises(MemoryError):
+        generate_synthetic(out, 5, image_size=48)
+    assert out.exists() == existed and (not existed or not any(out.iterdir()))
+    monkeypatch.setattr(synth, "render_scene", real)
+    assert generate_synthetic(out, 5, image_size=48).counts["images"] == 5
+
+
+def test_a_failed_overwrite_keeps_the_earlier_files(tmp_path, monkeypatch):
+    from regap.data import synth
+
+    generate_synthetic(tmp_path, 2, image_size=48)
+    monkeypatch.setattr(synth, "render_scene", lambda spec, size: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        generate_synthetic(tmp_path, 2, image_size=48, overwrite=True)
+    assert (tmp_path / "captions.json").exists()  # not this run's folder: nothing removed

@@ -17,6 +17,7 @@ from regap.defenses.hooks import DecoderShift, uncompiled
 from regap.defenses.layer0_align import solve_scale
 from regap.errors import RegapError
 from regap.models import DecodingSettings
+from regap.safety.pairs import make_pairs
 
 RED, BLUE = Image.new("RGB", (56, 56), "red"), Image.new("RGB", (64, 48), "blue")
 PROMPTS = ["Hi", "What is in this image? Describe the picture in detail, every shape.", "Red or blue?",
@@ -27,7 +28,7 @@ SETTINGS = DecodingSettings(max_new_tokens=6, batch_size=4)
 
 def _defense(spec: str, model, workdir: Path):
     defense = get_defense(spec)
-    defense.prepare(model, workdir)
+    defense.prepare(model, workdir, make_pairs)
     return defense
 
 
@@ -45,8 +46,8 @@ def _logits(model):
 
 
 def test_cmrm_vectors_equal_a_hand_computed_mean_difference(tiny_model):
-    tensors, record = calibrate_cmrm(tiny_model, images="noise", texts="starter-benign", pairs=3, batch_size=2)
-    from regap.gap.pairs import make_pairs
+    tensors, record = calibrate_cmrm(tiny_model, make_pairs(3, images="noise", texts="starter-benign"), images="noise",
+                                    texts="starter-benign", seed=0, batch_size=2)
 
     n_layers = tiny_model.llm.config.num_hidden_layers
     differences = []
@@ -95,7 +96,7 @@ def test_hooks_leave_the_model_exactly_as_before(tiny_model, tmp_path):
     before_logits = _logits(tiny_model)  # first: transformers installs its own recorder hooks on first use
     before_hooks = _hook_state(tiny_model)
     for spec in ("cmrm:pairs=3", "cmrm:level=sample", "layer0-align:pairs=3:match_norm=true"):
-        generate = build_generate(tiny_model, [get_defense(spec)], workdir=tmp_path)
+        generate = build_generate(tiny_model, [get_defense(spec)], workdir=tmp_path, make_pairs=make_pairs)
         result = generate(PROMPTS, IMAGES, SETTINGS)
         assert len(result.texts) == len(PROMPTS)
         assert _hook_state(tiny_model) == before_hooks
@@ -123,7 +124,8 @@ def test_shift_reaches_the_recorded_hidden_states(tiny_model):
 def test_strength_zero_gives_the_plain_outputs(tiny_model, tmp_path, spec):
     prompts, images = [PROMPTS[i] for i in (1, 2, 4)], [IMAGES[i] for i in (1, 2, 4)]
     plain = tiny_model.generate_detailed(prompts, images, SETTINGS)
-    defended = build_generate(tiny_model, [get_defense(spec)], workdir=tmp_path)(prompts, images, SETTINGS)
+    generate = build_generate(tiny_model, [get_defense(spec)], workdir=tmp_path, make_pairs=make_pairs)
+    defended = generate(prompts, images, SETTINGS)
     assert defended.texts == plain.texts and defended.new_tokens == plain.new_tokens
 
 
@@ -141,7 +143,8 @@ def test_layer0_align_at_strength_one_is_the_full_map(tiny_model, tmp_path):
     runs = {}
     for spec in ("layer0-align:pairs=3", "layer0-align:pairs=3:strength=1", "layer0-align:pairs=3:alpha=1"):
         defense = get_defense(spec)
-        result = build_generate(tiny_model, [defense], workdir=tmp_path)(PROMPTS, IMAGES, SETTINGS)
+        result = build_generate(tiny_model, [defense], workdir=tmp_path, make_pairs=make_pairs)(PROMPTS, IMAGES,
+                                                                                               SETTINGS)
         runs[spec] = (defense.describe(), result.texts, result.details)
     assert len({repr(run) for run in runs.values()}) == 1
     assert runs["layer0-align:pairs=3"][0]["settings"]["alpha"] == 1.0
@@ -157,7 +160,7 @@ def test_layer0_align_strength_moves_the_image_centroid_that_fraction_of_the_way
     centroids = {}
     for strength in (0.0, 0.5, 1.0):
         defense = get_defense(f"layer0-align:pairs=3:match_norm={str(match_norm).lower()}:strength={strength}")
-        defense.prepare(tiny_model, tmp_path)
+        defense.prepare(tiny_model, tmp_path, make_pairs)
         with torch.no_grad(), (defense.hook(tiny_model) if strength else torch.no_grad()):
             tokens = tiny_model.encode_images(batch.pixel_values).double()
         centroids[strength] = tokens.reshape(-1, tokens.shape[-1]).mean(0)
@@ -170,7 +173,7 @@ def test_layer0_align_strength_moves_the_image_centroid_that_fraction_of_the_way
 def test_batched_generation_equals_one_at_a_time(tiny_model, tmp_path, spec):
     """Left padding, length sorting and per-row vectors: each row gets its own shift."""
     defense = get_defense(spec)
-    generate = build_generate(tiny_model, [defense], workdir=tmp_path)
+    generate = build_generate(tiny_model, [defense], workdir=tmp_path, make_pairs=make_pairs)
     batched = generate(PROMPTS, IMAGES, SETTINGS)
     single = [generate([p], [i], DecodingSettings(max_new_tokens=6, batch_size=1)).texts[0] for p, i in zip(PROMPTS, IMAGES)]
     assert batched.texts == single
@@ -183,7 +186,8 @@ def test_batched_generation_equals_one_at_a_time(tiny_model, tmp_path, spec):
 def test_static_engine_gives_the_same_outputs_and_decodes_uncompiled(tiny_model, tmp_path):
     static = DecodingSettings(max_new_tokens=6, batch_size=4, engine="static")
     for spec in ("cmrm:pairs=3", "cmrm:level=sample"):
-        generate = build_generate(tiny_model, [get_defense(spec)], workdir=tmp_path, engine="static")
+        generate = build_generate(tiny_model, [get_defense(spec)], workdir=tmp_path, engine="static",
+                                  make_pairs=make_pairs)
         assert generate(PROMPTS, IMAGES, static).texts == generate(PROMPTS, IMAGES, SETTINGS).texts
     config = uncompiled(static).generation_config(tiny_model.tokenizer, prompt_length=10)
     assert config.disable_compile and config.cache_implementation == "static"
@@ -207,7 +211,7 @@ def test_safety_run_with_cmrm_and_vllm_fails_before_loading(tmp_path):
 
 
 def _layer0_gap(model, pairs, defense=None):
-    from regap.gap.pairs import conversation
+    from regap.models.gap_pair import conversation
     from regap.train.regap_loss import ReGapLoss
 
     batch = model.build_inputs([conversation(p, "reference") for p in pairs], [[p.image] for p in pairs])
@@ -225,7 +229,6 @@ def _layer0_gap(model, pairs, defense=None):
 
 @pytest.mark.parametrize("match_norm", [False, True])
 def test_layer0_align_closes_the_centroid_gap_on_its_calibration_set(tiny_model, tmp_path, match_norm):
-    from regap.gap.pairs import make_pairs
 
     pairs = make_pairs(4, images="scenes", texts="starter-benign")
     before, image0, text0 = _layer0_gap(tiny_model, pairs)
@@ -284,8 +287,10 @@ def test_cmrm_stacks_with_adashield(tiny_model, tmp_path):
 
 def test_sample_level_must_be_the_last_defense(tiny_model, tmp_path):
     with pytest.raises(RegapError, match="last defense"):
-        build_generate(tiny_model, [get_defense("cmrm:level=sample"), get_defense("coca")], workdir=tmp_path)
-    build_generate(tiny_model, [get_defense("cmrm:pairs=3"), get_defense("coca")], workdir=tmp_path)  # dataset level can
+        build_generate(tiny_model, [get_defense("cmrm:level=sample"), get_defense("coca")], workdir=tmp_path,
+                       make_pairs=make_pairs)
+    build_generate(tiny_model, [get_defense("cmrm:pairs=3"), get_defense("coca")], workdir=tmp_path,
+                   make_pairs=make_pairs)  # dataset level can
 
 
 # ------------------------------------------------------------------------------------- gap measurement
@@ -293,12 +298,12 @@ def test_sample_level_must_be_the_last_defense(tiny_model, tmp_path):
 
 def test_gap_measured_under_layer0_align_has_a_smaller_layer0_gap(tiny_model, tmp_path):
     from regap.defenses.base import hidden_state_intervention
-    from regap.gap.pairs import make_pairs
     from regap.gap.run import measure_gap
 
     pairs = make_pairs(4, images="scenes", texts="starter-benign")
     plain = measure_gap(tiny_model, pairs, tmp_path / "a", text_tokens="all-non-image", n_boot=0, progress=False)
-    intervention = hidden_state_intervention([get_defense("layer0-align:pairs=4")], tiny_model, workdir=tmp_path)
+    intervention = hidden_state_intervention([get_defense("layer0-align:pairs=4")], tiny_model, workdir=tmp_path,
+                                             make_pairs=make_pairs)
     aligned = measure_gap(tiny_model, pairs, tmp_path / "b", text_tokens="all-non-image", n_boot=0, progress=False,
                           intervention=intervention)
     assert aligned["layer0_gap"] < 0.05 * plain["layer0_gap"]
@@ -308,14 +313,14 @@ def test_gap_measured_under_layer0_align_has_a_smaller_layer0_gap(tiny_model, tm
 
 def test_gap_measured_under_cmrm_changes_the_shifted_layers(tiny_model, tmp_path):
     from regap.defenses.base import hidden_state_intervention
-    from regap.gap.pairs import make_pairs
     from regap.gap.run import measure_gap
 
     pairs = make_pairs(4, images="scenes", texts="starter-benign")
     plain = measure_gap(tiny_model, pairs, tmp_path / "a", n_boot=0, progress=False)
     for spec in ("cmrm:pairs=3:layers=2", "cmrm:level=sample:layers=2"):
         shifted = measure_gap(tiny_model, pairs, tmp_path / "b", n_boot=0, progress=False,
-                              intervention=hidden_state_intervention([get_defense(spec)], tiny_model, workdir=tmp_path))
+                              intervention=hidden_state_intervention([get_defense(spec)], tiny_model, workdir=tmp_path,
+                                                                     make_pairs=make_pairs))
         assert shifted["per_layer"][1] == plain["per_layer"][1]  # layer 1 is not shifted
         assert shifted["per_layer"][2]["frechet"] != plain["per_layer"][2]["frechet"]
 
@@ -335,6 +340,13 @@ def test_bad_options_are_one_line_errors(spec, message):
     assert "\n" not in str(info.value)
 
 
+def test_a_calibration_without_pairs_to_compute_it_on_is_a_one_line_error(tiny_model, tmp_path):
+    with pytest.raises(RegapError, match="defense cmrm has no calibration file and nothing to build calibration pairs "
+                                         "with") as info:
+        build_generate(tiny_model, [get_defense("cmrm:pairs=2")], workdir=tmp_path)
+    assert "\n" not in str(info.value)
+
+
 def test_a_layer_beyond_the_model_is_an_error(tiny_model, tmp_path):
     with pytest.raises(RegapError, match="layer 3 is beyond the model's 2 decoder layers"):
         get_defense("cmrm:layers=1-3:level=sample").prepare(tiny_model, tmp_path)
@@ -344,7 +356,8 @@ def test_a_calibration_file_of_another_model_is_refused(tiny_model, tmp_path):
     from regap.models.random_tiny import tiny_random_lvlm
 
     path = tmp_path / "cmrm.safetensors"
-    tensors, record = calibrate_cmrm(tiny_model, pairs=2)
+    tensors, record = calibrate_cmrm(tiny_model, make_pairs(2, images="blank"), images="blank",
+                                    texts="starter-benign", seed=0)
     written = save_calibration(path, "cmrm", tensors, tiny_model, record)
     sidecar = json.loads(path.with_suffix(".json").read_text())
     assert sidecar["file_sha256"] == written.sha256 and sidecar["calibration"]["seed"] == 0
@@ -454,12 +467,13 @@ def test_one_instance_serves_two_models_without_mixing_their_files(tiny_model, t
 
     monkeypatch.setenv("REGAP_CACHE", str(tmp_path / "cache"))
     defense = get_defense("cmrm:pairs=2")
-    defense.prepare(tiny_model, tmp_path / "run")  # with a run folder: calibrated at once
+    defense.prepare(tiny_model, tmp_path / "run", make_pairs)  # with a run folder: calibrated at once
     made = defense.calibration
     other = tiny_random_lvlm(seed=1)
     build_generate(other, [defense])(["Hello"], [None], SETTINGS)  # text only: nothing calibrated for it
     assert not (tmp_path / "cache" / "defenses").exists()
-    result = build_generate(tiny_model, [defense], workdir=tmp_path / "run")(PROMPTS, IMAGES, SETTINGS)
+    result = build_generate(tiny_model, [defense], workdir=tmp_path / "run", make_pairs=make_pairs)(PROMPTS, IMAGES,
+                                                                                                    SETTINGS)
     shas = [d["cmrm"]["calibration_sha256_16"] for d in result.details if d["cmrm"]["shifted"]]
     assert shas == [made.sha256[:16]] * 3
     explicit = get_defense(f"cmrm:file={made.path}")

@@ -168,6 +168,43 @@ def test_models_imports_no_higher_layer_at_module_level():
             assert upward == [], f"{name} imports {upward}"
 
 
+def package_of(module: str) -> str:
+    """The top-level part of regap a module belongs to: `regap.safety.runner` -> `safety`,
+    `regap.files` -> `files`, `regap` -> `regap`."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def package_graph(graph: dict[str, dict[str, bool]]) -> dict[str, set[str]]:
+    """Module edges lifted to packages (function-level imports count), self-edges dropped."""
+    packages: dict[str, set[str]] = {package_of(name): set() for name in graph}
+    for name, targets in graph.items():
+        for target in targets:
+            if package_of(target) != package_of(name):
+                packages[package_of(name)].add(package_of(target))
+    return packages
+
+
+def test_package_graph_lifts_module_edges():
+    graph = {"regap.a.x": {"regap.b.y": False}, "regap.b.y": {"regap.b.z": True}, "regap.b.z": {},
+             "regap.c": {"regap.a.x": True}}
+    assert package_graph(graph) == {"a": {"b"}, "b": set(), "c": {"a"}}
+    assert cycles(package_graph({**graph, "regap.b.z": {"regap.c": False}})) == [["a", "b", "c"]]
+
+
+def test_no_import_cycle_between_packages():
+    """Packages import one way: gap and defenses below safety and utility, models below them all;
+    no two top-level packages of regap import each other, even around a loop or inside a function."""
+    assert cycles(package_graph(import_graph())) == []
+
+
+def test_defenses_import_no_package_that_imports_them():
+    """Calibration pairs are passed in (`make_pairs`), so the defenses need neither the request
+    sources and conditions (safety) nor the gap."""
+    packages = package_graph(import_graph())
+    assert not packages["defenses"] & {"safety", "gap", "utility", "study", "commands"}
+
+
 _CHILD = textwrap.dedent("""
     import importlib, os, sys, traceback
     # Third-party libraries load once here; each regap module is then imported in a forked child

@@ -76,7 +76,7 @@ def test_gap_collection_and_cmrm_calibration_project_one_position(tiny_model, tm
 
     from regap.defenses.cmrm import last_token_states
     from regap.gap.collect import collect_hidden_states
-    from regap.gap.pairs import make_pairs
+    from regap.safety.pairs import make_pairs
 
     lengths = _projected_lengths(tiny_model)
     collect_hidden_states(tiny_model, make_pairs(4, images="blank"), tmp_path / "h", batch_size=2, progress=False)

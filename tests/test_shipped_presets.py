@@ -51,10 +51,11 @@ def shipped_models():
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_preset_answers_held_out_questions_above_the_bar(name, shipped_models, tmp_path):
     """The first 10 held-out scenes (about 50 questions): QA accuracy at or above the preset's bar."""
-    from regap.utility import run_utility
+    from regap.utility import UtilityRun, run_utility
 
     model = shipped_models(name)
-    result = run_utility(model, tmp_path, tasks="synthetic-qa", n=10, seed=0, max_new_tokens=16, dtype="float32")
+    result = run_utility(UtilityRun(model=name, out=tmp_path, tasks="synthetic-qa", n=10, seed=0, max_new_tokens=16,
+                                    dtype="float32"), model=model)
     qa = result["tasks"]["synthetic-qa"]
     assert qa["score"] >= QA_BAR[name], qa
 

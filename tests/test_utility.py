@@ -143,26 +143,26 @@ def test_bootstrap_interval():
 
 
 def test_unknown_task_lists_the_valid_ones(tmp_path):
-    from regap.utility import run_utility
+    from regap.utility import UtilityRun, run_utility
 
     with pytest.raises(RegapError, match="valid tasks: synthetic-qa, synthetic-caption, over-refusal"):
-        run_utility("tiny", tmp_path, tasks="synthetic-qa,vqa")
+        run_utility(UtilityRun(model="tiny", out=tmp_path, tasks="synthetic-qa,vqa"))
 
 
 def test_missing_xstest_file_is_named(tmp_path):
-    from regap.utility import run_utility
+    from regap.utility import UtilityRun, run_utility
 
     missing = tmp_path / "nope" / "xstest_prompts.csv"
     with pytest.raises(RegapError, match="xstest_prompts.csv"):
-        run_utility("tiny", tmp_path / "out", xstest=missing)
+        run_utility(UtilityRun(model="tiny", out=tmp_path / "out", xstest=missing))
     assert not (tmp_path / "out").exists()  # checked before any work
 
 
 def test_training_split_is_refused(tmp_path):
-    from regap.utility import run_utility
+    from regap.utility import UtilityRun, run_utility
 
     with pytest.raises(RegapError, match="held-out"):
-        run_utility("tiny", tmp_path, split_name="train")
+        run_utility(UtilityRun(model="tiny", out=tmp_path, split_name="train"))
 
 
 # --------------------------------------------------------------------------- the suite: end to end
@@ -170,10 +170,11 @@ def test_training_split_is_refused(tmp_path):
 
 def test_suite_end_to_end_and_resume(saved_model, tmp_path):
     from regap.data.synth import QUESTION_TYPES
-    from regap.utility import run_utility
+    from regap.utility import UtilityRun, run_utility
 
     out = tmp_path / "util"
-    summary = run_utility(saved_model, out, n=4, seed=3, max_new_tokens=4, batch_size=8, refusal_limit=3)
+    options = dict(model=saved_model, out=out, n=4, seed=3, max_new_tokens=4, refusal_limit=3)
+    summary = run_utility(UtilityRun(batch_size=8, **options))
     saved = json.loads((out / "utility.json").read_text())
     assert saved["tasks"] == json.loads(json.dumps(summary["tasks"]))
     tasks = saved["tasks"]
@@ -207,27 +208,28 @@ def test_suite_end_to_end_and_resume(saved_model, tmp_path):
     assert len(lines_before) == len(rows)
 
     # a second run generates nothing
-    again = run_utility(saved_model, out, n=4, seed=3, max_new_tokens=4, batch_size=8, refusal_limit=3)
+    again = run_utility(UtilityRun(batch_size=8, **options))
     assert len(cache.read_text().splitlines()) == len(lines_before)
     assert again["provenance"]["cache"]["generated_this_run"] == 0
     assert again["tasks"] == summary["tasks"]
 
     # an interrupted run (three lines lost, a half-written fourth) resumes with only those three
     cache.write_text("\n".join(lines_before[:-3]) + "\n" + lines_before[-3][:25])
-    resumed = run_utility(saved_model, out, n=4, seed=3, max_new_tokens=4, batch_size=2, refusal_limit=3)
+    resumed = run_utility(UtilityRun(batch_size=2, **options))
     assert resumed["provenance"]["cache"]["generated_this_run"] == 3
     keys = [row["key"] for row in _lines(cache)]
     assert len(keys) == len(set(keys)) == len(lines_before)
     assert resumed["tasks"] == summary["tasks"]
 
     # different decoding settings are new responses, not stale cache hits
-    other = run_utility(saved_model, out, tasks="synthetic-caption", n=4, seed=3, max_new_tokens=5, batch_size=8)
+    other = run_utility(UtilityRun(model=saved_model, out=out, tasks="synthetic-caption", n=4, seed=3, max_new_tokens=5,
+                                   batch_size=8))
     assert other["provenance"]["cache"]["generated_this_run"] == 4
 
 
 def test_xstest_safe_prompts_and_text_only_model(tmp_path):
     from regap.models.random_tiny import tiny_random_lvlm
-    from regap.utility import run_utility
+    from regap.utility import UtilityRun, run_utility
 
     csv = tmp_path / "xstest_prompts.csv"
     csv.write_text("id,prompt,type,label,focus,note\n"
@@ -242,7 +244,8 @@ def test_xstest_safe_prompts_and_text_only_model(tmp_path):
             return self.inner.generate_detailed(*args, **kwargs)
 
     model = TextOnly(tiny_random_lvlm())
-    summary = run_utility(model, tmp_path / "out", xstest=csv, refusal_limit=2, max_new_tokens=3)
+    summary = run_utility(UtilityRun(model="text-only", out=tmp_path / "out", xstest=csv, refusal_limit=2,
+                                     max_new_tokens=3), model=model)
     tasks = summary["tasks"]
     assert tasks["synthetic-qa"]["skipped"] and tasks["synthetic-caption"]["skipped"]
     assert not (tmp_path / "out" / "heldout_data").exists()
@@ -311,22 +314,22 @@ def _responses(out: Path) -> dict[str, str]:
 def test_cache_key_without_defenses_is_the_old_key():
     """Caches written before `defenses` existed stay valid: the key is the old formula."""
     from regap.provenance import json_hash
-    from regap.utility.suite import UtilityItem, _cache_key
+    from regap.utility.suite import UtilityItem, cache_key
 
     item = UtilityItem("synthetic-qa", "q1", "What?", "red", image="a.png", image_hash="abc")
     old = json_hash(["fp", "dh", "synthetic-qa", "q1", "What?", "abc"])
-    assert _cache_key("fp", "dh", item) == _cache_key("fp", "dh", item, []) == old
-    assert _cache_key("fp", "dh", item, [{"name": "cmrm"}]) != old
+    assert cache_key("fp", "dh", item) == cache_key("fp", "dh", item, []) == old
+    assert cache_key("fp", "dh", item, [{"name": "cmrm"}]) != old
 
 
 def test_hidden_state_defense_at_alpha_zero_answers_as_the_undefended_model(saved_model, tmp_path):
-    from regap.utility import run_utility
+    from regap.utility import UtilityRun, run_utility
 
     out = tmp_path / "util"
     options = dict(tasks="synthetic-qa", n=2, seed=1, max_new_tokens=4, batch_size=8)
-    plain = run_utility(saved_model, out, **options)
+    plain = run_utility(UtilityRun(model=saved_model, out=out, **options))
     plain_responses = _responses(out)
-    defended = run_utility(saved_model, out, defenses=["cmrm:alpha=0:pairs=3"], **options)
+    defended = run_utility(UtilityRun(model=saved_model, out=out, defenses=["cmrm:alpha=0:pairs=3"], **options))
     n = plain["tasks"]["synthetic-qa"]["n"]
     # the defended run reuses none of the undefended responses, and gives the same answers
     assert defended["provenance"]["cache"]["generated_this_run"] == n
@@ -337,18 +340,18 @@ def test_hidden_state_defense_at_alpha_zero_answers_as_the_undefended_model(save
     rows = _lines(out / "utility_cache.jsonl")
     assert sum(row.get("defenses") == ["cmrm"] for row in rows) == n
     # the undefended cache is still valid
-    again = run_utility(saved_model, out, **options)
+    again = run_utility(UtilityRun(model=saved_model, out=out, **options))
     assert again["provenance"]["cache"]["generated_this_run"] == 0
 
 
 def test_prompt_defense_generates_through_the_defense(saved_model, tmp_path):
     from regap.defenses.adashield import ADASHIELD_PROMPT
     from regap.models import DecodingSettings, load_model
-    from regap.utility import run_utility
+    from regap.utility import UtilityRun, run_utility
 
     options = dict(tasks="over-refusal", refusal_limit=2, max_new_tokens=4, batch_size=8)
-    run_utility(saved_model, tmp_path / "plain", **options)
-    summary = run_utility(saved_model, tmp_path / "shield", defenses=["adashield-s"], **options)
+    run_utility(UtilityRun(model=saved_model, out=tmp_path / "plain", **options))
+    summary = run_utility(UtilityRun(model=saved_model, out=tmp_path / "shield", defenses=["adashield-s"], **options))
     assert [d["name"] for d in summary["provenance"]["defenses"]] == ["adashield-s"]
     assert summary["provenance"]["defenses"][0]["prompt_hashes"]["defense_prompt"]
     plain_keys = {row["key"] for row in _lines(tmp_path / "plain" / "utility_cache.jsonl")}
@@ -366,15 +369,87 @@ def test_prompt_defense_generates_through_the_defense(saved_model, tmp_path):
 def test_unknown_defense_fails_before_the_model_loads(tmp_path, monkeypatch, capsys):
     import regap.models
     from regap.cli import main
-    from regap.utility import run_utility
+    from regap.utility import UtilityRun, run_utility
 
     monkeypatch.setattr(regap.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(RegapError, match="no-such-defense"):
-        run_utility("tiny", tmp_path / "out", defenses=["no-such-defense"])
+        run_utility(UtilityRun(model="tiny", out=tmp_path / "out", defenses=["no-such-defense"]))
     assert not (tmp_path / "out").exists()
     assert main(["utility", "--out", str(tmp_path / "cli"), "--defense", "cmrm,no-such-defense"]) == 2
     err = capsys.readouterr().err.strip()
     assert "no-such-defense" in err and "\n" not in err
+
+
+# --------------------------------------------------------------------------- one bad item, batches
+
+
+def test_a_bad_item_is_recorded_and_retried_while_the_rest_is_scored(saved_model, tmp_path, capsys):
+    """An unreadable held-out image fails its own questions only; the rerun retries just those."""
+    from regap.utility import UtilityRun, run_utility
+    from regap.utility.suite import HELDOUT_SPLIT, ensure_heldout_data
+
+    out = tmp_path / "util"
+    folder = ensure_heldout_data(out, 2, 5, 224, HELDOUT_SPLIT)
+    image = sorted((folder / "images").iterdir())[0]
+    kept = image.read_bytes()
+    image.write_bytes(b"not a png")
+    run = UtilityRun(model=saved_model, out=out, tasks="synthetic-qa,synthetic-caption", n=2, seed=5,
+                     max_new_tokens=3, batch_size=4)
+    summary = run_utility(run)
+    qa, caption = summary["tasks"]["synthetic-qa"], summary["tasks"]["synthetic-caption"]
+    assert caption["failed"] == 1 and caption["n"] == 1
+    assert qa["failed"] >= 1 and qa["n"] >= 1 and "too_long" not in qa
+    failed = [row for row in _lines(out / "utility_responses.jsonl") if row["response"] is None]
+    assert len(failed) == qa["failed"] + 1 and all("corrupt or truncated image" in row["error"] or
+                                                    "not a readable image" in row["error"] for row in failed)
+    assert all(row["correct"] is None and "gold" in row for row in failed)  # the scored rows' keys
+    image.write_bytes(kept)
+    again = run_utility(run)
+    assert again["provenance"]["cache"]["generated_this_run"] == qa["failed"] + 1
+    assert "failed" not in again["tasks"]["synthetic-qa"] and again["tasks"]["synthetic-caption"]["n"] == 2
+
+
+def test_the_cli_says_how_many_items_got_no_response(saved_model, tmp_path, capsys):
+    from regap.cli import main
+    from regap.utility.suite import HELDOUT_SPLIT, ensure_heldout_data
+
+    out = tmp_path / "util"
+    folder = ensure_heldout_data(out, 1, 0, 224, HELDOUT_SPLIT)
+    for image in (folder / "images").iterdir():
+        image.unlink()
+    assert main(["utility", "--model", saved_model, "--out", str(out), "--n", "1", "--tasks", "synthetic-caption",
+                 "--max-new-tokens", "2"]) == 0
+    assert "1 item(s) got no response and are left out of the scores" in capsys.readouterr().out
+
+
+def test_utility_batches_are_sorted_by_length_across_a_group(saved_model, tmp_path):
+    from regap.models import load_model
+    from regap.utility import UtilityRun, run_utility
+
+    model = load_model(saved_model)
+    lengths: list[list[int]] = []
+    real = model.generate_detailed
+
+    def spying(prompts, images, *args, **kwargs):
+        lengths.append(model.prompt_lengths(*model.prepare_conversations(prompts, images)))
+        return real(prompts, images, *args, **kwargs)
+
+    model.generate_detailed = spying
+    run_utility(UtilityRun(model=saved_model, out=tmp_path / "u", tasks="over-refusal", refusal_limit=6,
+                           max_new_tokens=2, batch_size=2), model=model)
+    flat = [n for batch in lengths for n in batch]
+    assert [len(batch) for batch in lengths] == [2] * 6
+    assert flat == sorted(flat, reverse=True) and flat[0] > flat[-1]
+
+
+def test_the_older_call_still_works_with_a_deprecation_warning(saved_model, tmp_path):
+    from regap.utility import UtilityRun, run_utility
+
+    with pytest.warns(DeprecationWarning, match="pass a UtilityRun"):
+        old = run_utility(saved_model, tmp_path / "old", tasks="over-refusal", refusal_limit=1, max_new_tokens=2)
+    new = run_utility(UtilityRun(model=saved_model, out=tmp_path / "new", tasks="over-refusal", refusal_limit=1,
+                                 max_new_tokens=2))
+    assert old["tasks"] == new["tasks"] and old["provenance"]["model"] == new["provenance"]["model"]
 
 
 # --------------------------------------------------------------------------- lmms-eval adapter

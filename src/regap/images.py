@@ -11,6 +11,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from regap.errors import RegapError
+from regap.files import stable_seed
+
+#: Side of the images regap generates (blank, noise), LLaVA-1.5's input size.
+GENERATED_SIZE = 336
 
 #: Largest image we agree to decode (pixels). Pillow's own default warns at ~89 Mpx and
 #: fails at twice that; we fail at the limit itself so a bomb never gets decoded.
@@ -75,3 +79,24 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
         raise RegapError(f"image not readable (permission denied): {path}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise RegapError(f"corrupt or truncated image: {path}: {exc}") from None
+
+
+def blank_image(size: tuple[int, int] = (GENERATED_SIZE, GENERATED_SIZE),
+                color: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """A uniform RGB image: the `blank` condition's image and CMRM's meaningless image."""
+    return Image.new("RGB", size, color)
+
+
+def noise_seed(kind: str, seed: int, key: str) -> int:
+    """The seed of one noise image: the kind is part of it, so Gaussian and uniform noise are
+    independent draws, and `key` (a request id) gives each request its own image."""
+    return stable_seed("regap-noise", kind, seed, key)
+
+
+def gaussian_noise_image(key: str, size: tuple[int, int] = (GENERATED_SIZE, GENERATED_SIZE), mean: float = 127.5,
+                         std: float = 64.0, seed: int = 0) -> Image.Image:
+    """Per-pixel Gaussian noise clipped to [0, 255], seeded by `key`: the `noise` condition's
+    image and CMRM's noise image."""
+    width, height = size
+    values = np.random.default_rng(noise_seed("noise-gaussian", seed, key)).normal(mean, std, size=(height, width, 3))
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="RGB")

@@ -10,6 +10,9 @@ import typer
 
 from regap.commands.options import SEED, RegapCommand, out_option
 
+#: Below this many runs the console adds a caution line to the coefficients.
+FEW_RUNS = 10
+
 
 def correlate_command(
     runs: list[Path] = typer.Argument(..., help="Run folders, each with gap.json and a safety summary.json."),
@@ -33,9 +36,18 @@ def correlate_command(
     out.mkdir(parents=True, exist_ok=True)
     (out / "correlation.json").write_text(json.dumps(result, indent=2, default=float))
     plot_correlation(result, out / "correlation.png")
-    typer.echo(f"Pearson r = {result['pearson']['r']:.3f} {result['pearson']['ci']}, "
-               f"Spearman rho = {result['spearman']['rho']:.3f} {result['spearman']['ci']} over {result['n_points']} runs")
+    typer.echo(f"Pearson r = {result['pearson']['r']:.3f} {_interval(result['pearson']['ci'])}, "
+               f"Spearman rho = {result['spearman']['rho']:.3f} {_interval(result['spearman']['ci'])} "
+               f"over {result['n_points']} runs")
+    if result["n_points"] < FEW_RUNS:
+        typer.echo(f"caution: {result['n_points']} runs are few for a correlation; a bootstrap over them has few "
+                   "distinct resamples, so read the coefficients and intervals as descriptive, not as evidence")
     typer.echo(f"wrote {out / 'correlation.json'} and {out / 'correlation.png'}")
+
+
+def _interval(ci: list[float] | tuple[float, float]) -> str:
+    """`[low, high]` to three decimals (`[nan, nan]` when every resample was constant)."""
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def register(app: typer.Typer) -> None:

@@ -72,7 +72,7 @@ def calibrate_command(
     from regap.checks import check_seed
 
     check_seed(seed)
-    from regap.gap.pairs import PROTOCOLS
+    from regap.models.gap_pair import PROTOCOLS
 
     if protocol is not None and protocol not in PROTOCOLS:
         raise RegapError(f"--protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
@@ -89,20 +89,23 @@ def _calibrate(name: str, model: str, out: Path, projector: Optional[Path], dtyp
     """`regap defense calibrate`'s work, once its options are checked and its --out is held."""
     from regap.defenses.calibration_files import save_calibration
     from regap.models import load_model, load_projector
+    from regap.safety.pairs import make_pairs
 
+    images = images or ("blank" if name == "cmrm" else "scenes")
+    pair_list = make_pairs(pairs, images=images, texts=texts, seed=seed)  # bad sources fail before the model loads
     loaded = load_model(model, dtype=dtype, attn_implementation=attn_implementation)
     if projector is not None:
         load_projector(loaded, projector)
-    options: dict[str, Any] = {"texts": texts, "pairs": pairs, "seed": seed, "batch_size": batch_size}
+    options: dict[str, Any] = {"images": images, "texts": texts, "seed": seed, "batch_size": batch_size}
     if name == "cmrm":
         from regap.defenses.cmrm import calibrate_cmrm
 
-        tensors, record = calibrate_cmrm(loaded, images=images or "blank", **options)
+        tensors, record = calibrate_cmrm(loaded, pair_list, **options)
     else:
         from regap.defenses.layer0_align import calibrate_layer0
 
-        tensors, record = calibrate_layer0(loaded, images=images or "scenes", protocol=protocol or "reference",
-                                           match_norm=match_norm, **options)
+        tensors, record = calibrate_layer0(loaded, pair_list, protocol=protocol or "reference", match_norm=match_norm,
+                                           **options)
     record["projector"] = str(projector) if projector else None
     written = save_calibration(out, name, tensors, loaded, record, model_name=model)
     if name == "cmrm":

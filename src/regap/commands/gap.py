@@ -1,54 +1,16 @@
 """`regap gap`: measure the modality gap (MIR, layer-0 gap, per-layer curves) of one or two models,
-optionally with hidden-state defenses (cmrm, layer0-align) active on the first."""
+optionally with hidden-state defenses (cmrm, layer0-align) active on the first. The options
+become a `regap.gap.run.GapRun`, which does the run; this module prints its table."""
 
 from __future__ import annotations
 
-import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Optional
 
 import typer
 
 from regap.commands.options import (ATTN_IMPLEMENTATION, DEFENSE, DEFENSE_OPTION, DTYPE, MODEL, PROJECTOR, SEED,
                                     RegapCommand, batch_size_option, defense_specs, out_option)
-from regap.errors import RegapError, RunInterrupted
-
-
-def measure_model(
-    model_name: str, out: Path, *, pair_list: list[Any], pairs: int, protocol: str, images: str, texts: str,
-    projector: Optional[Path], text_tokens: str, batch_size: int, texts_per_pair: int, dtype: str, mode: str,
-    n_boot: int, seed: int, stability_run: bool, keep_hidden: bool, tag: str, ci: str = "linear",
-    reuse_images: bool = False, image_problems: Optional[list[str]] = None, defenses: Optional[list[str]] = None,
-    attn_implementation: Optional[str] = None,
-) -> dict[str, Any]:
-    """Collect hidden states for one model on the given pairs and analyse them; returns the gap record.
-    With `defenses` (specs of hidden-state defenses) the hidden states are collected under their
-    interventions; calibration files made on first use go to `out/defenses/`."""
-    from regap.gap.run import measure_to_folder
-    from regap.models import load_model, load_projector
-
-    model = load_model(model_name, dtype=dtype, attn_implementation=attn_implementation)
-    if projector is not None:
-        load_projector(model, projector)
-    return measure_to_folder(
-        model, pair_list, out, model_name=model_name, projector=projector, protocol=protocol, images=images,
-        texts=texts, texts_per_pair=texts_per_pair, text_tokens=text_tokens, batch_size=batch_size, mode=mode,
-        n_boot=n_boot, seed=seed, ci=ci, with_stability=stability_run, keep_hidden=keep_hidden,
-        dtype_requested=dtype, defenses=defenses, tag=tag, write=False,
-        extra_provenance={"pairs_requested": pairs, "reuse_images": reuse_images,
-                          "image_problems": list(image_problems or [])},
-    )
-
-
-@contextmanager
-def _interrupted_gap(out: Path) -> Iterator[None]:
-    """Ctrl-C: say that nothing was kept (a gap measurement does not resume)."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        raise RunInterrupted(f"gap measurement stopped before {out / 'gap.json'} was written",
-                             "rerun the command to measure again (it does not resume)") from None
 
 
 def gap_command(
@@ -82,60 +44,15 @@ def gap_command(
     from rich.console import Console
     from rich.table import Table
 
-    from regap.gap.plot import plot_layers
+    from regap.gap.run import GapRun, no_interval_reason, run_gap
 
-    for flag, path in (("--projector", projector), ("--compare-projector", compare_projector)):
-        if path is not None and not path.is_file():
-            raise RegapError(f"{flag}: projector checkpoint not found: {path}")
-    from regap.gap.collect import TEXT_TOKEN_MODES
-    from regap.gap.measure import CI_METHODS
-    from regap.gap.mir import MODES
-    from regap.gap.pairs import PROTOCOLS
-    from regap.models.attention import check_attention
-
-    check_attention(attn_implementation, "--attn-implementation")
-    for flag, value, valid in (("--protocol", protocol, PROTOCOLS), ("--mode", mode, MODES),
-                               ("--text-tokens", text_tokens, TEXT_TOKEN_MODES), ("--ci", ci, CI_METHODS)):
-        if value not in valid:
-            raise RegapError(f"{flag} {value!r} is not one of {', '.join(valid)}")
-    defenses = defense_specs(defense, defense_option, hidden_state=True)  # checked before any model is loaded
-    if compare and compare == model and compare_projector is None and not defenses:
-        raise RegapError("--compare names the same model as --model without a different --compare-projector or --defense")
-    from regap.checks import check_seed, prepare_out_dir
-    from regap.gap.pairs import make_pairs
-
-    check_seed(seed)
-    prepare_out_dir(out)
-    texts = texts or ("starter-benign" if protocol == "reference" else "starter-harmful")
-    problems: list[str] = []  # the pairs come before any model: a bad folder fails in seconds
-    pair_list = make_pairs(pairs, images=images, texts=texts, seed=seed, texts_per_pair=texts_per_pair,
-                           reuse_images=reuse_images, problems=problems)
-    if problems:
-        typer.echo(f"skipped {len(problems)} unreadable image(s) in {images} (listed in gap.json provenance):", err=True)
-        for line in problems[:5]:
-            typer.echo(f"  {line}", err=True)
-    common = dict(pair_list=pair_list, pairs=pairs, protocol=protocol, images=images, texts=texts,
-                  text_tokens=text_tokens, texts_per_pair=texts_per_pair,
-                  batch_size=batch_size, dtype=dtype, mode=mode, n_boot=n_boot, seed=seed, ci=ci,
-                  stability_run=stability_run, keep_hidden=keep_hidden, reuse_images=reuse_images,
-                  image_problems=problems, attn_implementation=attn_implementation)
-    from regap.run_lock import exclusive_out
-
-    with exclusive_out(out), _interrupted_gap(out):  # one run per --out
-        main_label = f"{model} + {','.join(defenses)}" if defenses else model
-        results = {main_label: measure_model(model, out, projector=projector, tag="a", defenses=defenses, **common)}
-        record = dict(results[main_label])
-        if compare:
-            other = measure_model(compare, out, projector=compare_projector, tag="b", **common)
-            if len(other["per_layer"]) != len(record["per_layer"]):
-                raise RegapError(
-                    f"cannot compare: {model} has {len(record['per_layer'])} layers, {compare} has {len(other['per_layer'])}"
-                )
-            label = compare if compare != model else f"{compare} ({compare_projector or 'no defense'})"
-            results[label] = other
-            record["compare"] = {"model": label, **other}
-        (out / "gap.json").write_text(json.dumps(record, indent=2, default=float))
-        plot_layers(results, out / "gap_layers.png")
+    run = GapRun(model=model, out=out, pairs=pairs, protocol=protocol, images=images, reuse_images=reuse_images,
+                 texts=texts, compare=compare, projector=projector, compare_projector=compare_projector,
+                 text_tokens=text_tokens, texts_per_pair=texts_per_pair, batch_size=batch_size, dtype=dtype,
+                 attn_implementation=attn_implementation, mode=mode, n_boot=n_boot, ci=ci, seed=seed,
+                 stability=stability_run, keep_hidden=keep_hidden,
+                 defenses=defense_specs(defense, defense_option, hidden_state=True))
+    results = run_gap(run, note=lambda text: typer.echo(text, err=True))
     table = Table(title=f"modality gap ({protocol} protocol, {pairs} pairs, {images} images)")
     for column in ("model", "MIR", "95% CI", "layer-0 gap", "layer-0 FD"):
         table.add_column(column)
@@ -144,6 +61,10 @@ def gap_command(
         table.add_row(label, f"{result['mir']:.4f}" if result["mir"] is not None else "n/a",
                       f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-", f"{result['layer0_gap']:.4g}", f"{result['layer0_frechet']:.4g}")
     Console().print(table)
+    for label, result in results.items():
+        reason = no_interval_reason(result)
+        if reason is not None and n_boot > 0:
+            typer.echo(f"{label}: no 95% interval: {reason}")
     typer.echo(f"wrote {out / 'gap.json'} and {out / 'gap_layers.png'}")
 
 

@@ -134,6 +134,7 @@ def chat_command(
     engine: str = typer.Option("transformers", "--engine", help="Generation engine: transformers, static or vllm."),
 ) -> None:
     """Ask the model one question, optionally about an image."""
+    from regap.errors import RegapError
     from regap.images import load_image
     from regap.models import DecodingSettings, llm_attention, load_model, load_projector
     from regap.models.fingerprint import model_fingerprint
@@ -149,6 +150,10 @@ def chat_command(
     lvlm = load_model(model, dtype=dtype, attn_implementation=attn_implementation)
     if projector is not None:
         load_projector(lvlm, projector)
+    length = lvlm.prompt_lengths(*lvlm.prepare_conversations([prompt], [images]), template=template)[0]
+    too_long = lvlm.context_overflow(length, max_new_tokens)
+    if too_long is not None:  # never sent: its prefill alone would run for minutes
+        raise RegapError(f"{too_long}: shorten the prompt or lower --max-new-tokens")
     answer = lvlm.generate([prompt], [images], settings, template=template)[0]
     if as_json:
         record = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -51,21 +51,7 @@ def safety_command(
 
     console = Console()
     if compare:
-        if len(compare) != 2:
-            raise RegapError("--compare needs exactly two run folders (give --compare twice)")
-        from regap.safety.summary import compare_runs
-
-        results = compare_runs(compare[0], compare[1], judge=compare_judge)
-        table = Table(title=f"paired comparison: B={compare[1]} vs A={compare[0]}")
-        for column in ("condition", "n", "unsafe A", "unsafe B", "B-A [95% CI]", "McNemar p"):
-            table.add_column(column)
-        for row in results:
-            diff = row["difference_b_minus_a"]
-            table.add_row(row["condition"], str(row["n"]), f"{row['rate_a']:.3f}", f"{row['rate_b']:.3f}",
-                          f"{diff['difference']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]",
-                          f"{row['mcnemar']['p_value']:.3g}")
-        console.print(table)
-        typer.echo(json.dumps(results, indent=2, default=float))
+        _print_comparison(compare, compare_judge, console)
         return
     if out is None:
         raise RegapError("--out is required (unless --compare)")
@@ -106,11 +92,40 @@ def safety_command(
         console.print(table)
     errors = summary.get("generation_errors", 0)
     unjudged = {name: entry.get("judge_errors", 0) for name, entry in summary["judges"].items()}
-    typer.echo(f"{summary.get('n_rows', 0)} item(s), {errors} generation error(s); without a verdict: "
+    too_long = summary.get("too_long", 0)
+    long_note = f" ({too_long} with a prompt longer than the model's context, never sent)" if too_long else ""
+    typer.echo(f"{summary.get('n_rows', 0)} item(s), {errors} generation error(s){long_note}; without a verdict: "
                + ", ".join(f"{name} {count}" for name, count in unjudged.items())
                + ("; failed items are retried on the next run with the same --out (reasons in results.jsonl)"
                   if errors else ""))
     typer.echo(f"wrote {out / 'results.jsonl'}, {out / 'summary.json'}, {out / 'unsafe_rate.png'}")
+
+
+def _print_comparison(compare: list[Path], compare_judge: Optional[str], console: Any) -> None:
+    """`--compare A --compare B`: the paired table, what only one run judged (stderr), the JSON."""
+    from rich.table import Table
+
+    if len(compare) != 2:
+        raise RegapError("--compare needs exactly two run folders (give --compare twice)")
+    from regap.safety.summary import compare_runs, left_out_of_comparison
+
+    results = compare_runs(compare[0], compare[1], judge=compare_judge)
+    left_out = left_out_of_comparison(compare[0], compare[1], judge=results[0]["judge"])
+    if left_out:  # different request sets or conditions: only the overlap is compared
+        parts = [f"{condition}: " + ", ".join(f"{count} only in {'A' if side == 'only_in_a' else 'B'}"
+                                              for side, count in counts.items() if count)
+                 for condition, counts in left_out.items()]
+        typer.echo(f"left out of the comparison (judged in one run only): {'; '.join(parts)}", err=True)
+    table = Table(title=f"paired comparison: B={compare[1]} vs A={compare[0]}")
+    for column in ("condition", "n", "unsafe A", "unsafe B", "B-A [95% CI]", "McNemar p"):
+        table.add_column(column)
+    for row in results:
+        diff = row["difference_b_minus_a"]
+        table.add_row(row["condition"], str(row["n"]), f"{row['rate_a']:.3f}", f"{row['rate_b']:.3f}",
+                      f"{diff['difference']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]",
+                      f"{row['mcnemar']['p_value']:.3g}")
+    console.print(table)
+    typer.echo(json.dumps(results, indent=2, default=float))
 
 
 def register(app: typer.Typer) -> None:

@@ -35,23 +35,17 @@ def utility_command(
     from rich.console import Console
     from rich.table import Table
 
-    from regap.utility.suite import RESPONSES_FILE, RESULTS_FILE, run_utility
-
-    from regap.errors import RunInterrupted
-    from regap.run_lock import exclusive_out
+    from regap.utility.run import UtilityRun, run_utility
+    from regap.utility.suite import RESPONSES_FILE, RESULTS_FILE
 
     from regap.commands.options import defense_specs
 
     defenses = defense_specs(defense, defense_option)
-    with exclusive_out(out):
-        try:
-            summary = run_utility(model, out, tasks=tasks, n=n, seed=seed, xstest=xstest, projector=projector,
-                                  max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
-                                  attn_implementation=attn_implementation,
-                                  image_size=image_size, refusal_limit=refusal_limit, defenses=defenses,
-                                  progress=True)
-        except KeyboardInterrupt:
-            raise RunInterrupted(f"utility run stopped; the responses generated so far are cached in {out}") from None
+    run = UtilityRun(model=model, out=out, tasks=tasks, n=n, seed=seed, xstest=xstest, projector=projector,
+                     max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
+                     attn_implementation=attn_implementation, image_size=image_size, refusal_limit=refusal_limit,
+                     defenses=defenses)
+    summary = run_utility(run, progress=True)  # holds OUT/.regap.lock; Ctrl-C: RunInterrupted
     table = Table(title=f"{model}: utility" + (f" under {' + '.join(defenses)}" if defenses else ""))
     for column in ("task", "part", "n", "score [95% CI]", "better"):
         table.add_column(column)
@@ -72,6 +66,12 @@ def utility_command(
             for name, sub in entry.get(part, {}).items():
                 table.add_row("", name, str(sub["n"]), fmt(sub), "")
     Console().print(table)
+    failed = sum(entry.get("failed", 0) for entry in summary["tasks"].values())
+    if failed:
+        too_long = sum(entry.get("too_long", 0) for entry in summary["tasks"].values())
+        long_note = f" ({too_long} with a prompt longer than the model's context, never sent)" if too_long else ""
+        typer.echo(f"{failed} item(s) got no response{long_note} and are left out of the scores; reasons in "
+                   f"{out / RESPONSES_FILE}; a rerun with the same --out retries them")
     typer.echo(f"wrote {out / RESULTS_FILE}, {out / RESPONSES_FILE}")
 
 

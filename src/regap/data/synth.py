@@ -15,6 +15,7 @@ import io
 import json
 import random
 import re
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -521,6 +522,8 @@ class SynthItem:
 
 #: What `instructions.json` holds per scene (`generate_synthetic(conversations=...)`).
 CONVERSATIONS = ("sampled", "all")
+#: The largest image side `generate_synthetic` renders: one 4096 x 4096 RGB image is 48 MiB in memory.
+MAX_IMAGE_SIZE = 4096
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -577,12 +580,15 @@ def generate_synthetic(
     depends on it.
 
     Refuses a non-empty ``out_dir`` unless ``overwrite`` (files of an earlier, larger run
-    that this run does not write are left in place).
+    that this run does not write are left in place). A run that fails or is interrupted removes
+    the folder it created (or empties the empty folder it was given), so the rerun is not
+    refused; images are at most `MAX_IMAGE_SIZE` pixels a side.
     """
     if n < 1:
         raise RegapError(f"--n must be at least 1 (got {n})")
-    if image_size < 32:
-        raise RegapError(f"--image-size must be at least 32 (got {image_size})")
+    if not 32 <= image_size <= MAX_IMAGE_SIZE:
+        raise RegapError(f"--image-size must be from 32 to {MAX_IMAGE_SIZE} pixels (got {image_size}); vision towers "
+                         "resize to 224-448 anyway")
     if conversations not in CONVERSATIONS:
         raise RegapError(f"conversations {conversations!r}: valid: {', '.join(CONVERSATIONS)}")
     if not _SPLIT_RE.match(split_name):
@@ -592,6 +598,23 @@ def generate_synthetic(
         raise RegapError(f"output path exists and is not a folder: {out}")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise RegapError(f"output folder is not empty: {out} (pass overwrite=True / --overwrite)")
+    created, was_empty = not out.exists(), not out.exists() or not any(out.iterdir())
+    try:
+        return _write_synthetic(out, n, seed, image_size, split_name, conversations, progress)
+    except BaseException:  # a failed or interrupted run leaves nothing that blocks the rerun
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        elif was_empty:
+            for child in out.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        raise
+
+
+def _write_synthetic(out: Path, n: int, seed: int, image_size: int, split_name: str, conversations: str,
+                     progress: bool) -> SynthManifest:
     (out / "images").mkdir(parents=True, exist_ok=True)
 
     captions: list[dict[str, Any]] = []

@@ -7,6 +7,10 @@ states with forward hooks (`regap.defenses.hooks`). `build_generate(model, defen
 prepares them (loads or computes calibration files) and stacks them left to right (the
 first name is the outermost).
 
+The calibrated defenses fit their files on image-text pairs. Building pairs needs the image
+and request sources, which live above this package, so the caller passes the builder in
+(`make_pairs`, normally `regap.safety.pairs.make_pairs`): defenses import only the model layer.
+
 A defense is named by a spec, `name` or `name:key=value:key=value`
 (`cmrm:alpha=0.5:layers=8-15`, the grammar of `regap.specs`: values read as JSON where they
 parse); the keys are the defense's constructor options, checked with their types and the
@@ -49,6 +53,9 @@ GenerateFn = Callable[[list[str], list[Image.Image | None], Any], DefendedResult
 #: image lists and whether the batch has the generation prompt, it returns a context manager under
 #: which a forward pass over exactly those rows (in that order) runs with the intervention.
 Intervention = Callable[[list[Any], list[list[Image.Image]], bool], AbstractContextManager]
+#: Builds calibration pairs, `make_pairs(n, images=..., texts=..., seed=...)` -> `GapPair`s
+#: (`regap.safety.pairs.make_pairs`).
+PairMaker = Callable[..., list[Any]]
 
 
 class Defense:
@@ -77,8 +84,9 @@ class Defense:
     def check_engine(self, engine: str) -> None:
         """Raise a RegapError when this defense cannot run with that generation engine."""
 
-    def prepare(self, model: LVLM, workdir: Path | None = None) -> None:
-        """Load or compute what the defense needs for this model (calibration files go to `workdir`)."""
+    def prepare(self, model: LVLM, workdir: Path | None = None, make_pairs: PairMaker | None = None) -> None:
+        """Load or compute what the defense needs for this model (calibration files go to
+        `workdir`; `make_pairs` builds the pairs a calibration is computed on)."""
 
     def intervention(self, model: LVLM) -> Intervention | None:
         """The hidden-state intervention `regap gap --defense` measures under; None when the
@@ -209,12 +217,13 @@ def plain_generate(model: LVLM) -> GenerateFn:
     return generate
 
 
-def hidden_state_intervention(defenses: Sequence[Defense], model: LVLM, workdir: Path | None = None) -> Intervention:
+def hidden_state_intervention(defenses: Sequence[Defense], model: LVLM, workdir: Path | None = None,
+                              make_pairs: PairMaker | None = None) -> Intervention:
     """Prepare hidden-state defenses for `model` and stack their interventions (the first
     outermost), for measuring the gap with them active."""
     check_hidden_state(defenses)
     for defense in defenses:
-        defense.prepare(model, workdir)
+        defense.prepare(model, workdir, make_pairs)
     parts = [defense.intervention(model) for defense in defenses]
 
     @contextmanager
@@ -242,13 +251,13 @@ def is_plain(next_fn: GenerateFn, model: LVLM) -> bool:
 
 
 def build_generate(model: LVLM, defenses: Sequence[Defense], workdir: Path | None = None,
-                   engine: str | None = None) -> GenerateFn:
+                   engine: str | None = None, make_pairs: PairMaker | None = None) -> GenerateFn:
     """Check each defense against `engine`, prepare it for `model` (calibration files in `workdir`,
-    else the regap cache) and stack them, the first outermost."""
+    else the regap cache, computed on pairs from `make_pairs`) and stack them, the first outermost."""
     for defense in defenses:
         if engine is not None:
             defense.check_engine(engine)
-        defense.prepare(model, workdir)
+        defense.prepare(model, workdir, make_pairs)
     generate = plain_generate(model)
     for defense in reversed(list(defenses)):
         generate = defense.wrap(generate, model)

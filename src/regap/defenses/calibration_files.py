@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from regap.defenses.base import Defense
+from regap.defenses.base import Defense, PairMaker
 from regap.errors import RegapError
 from regap.files import atomic_path, file_sha256, write_json_atomic
 from regap.models.attention import llm_attention
@@ -147,8 +147,10 @@ class CalibratedDefense(Defense):
 
     State is kept per model fingerprint, so one instance serves several models (a safety run's
     model and the LLM before stage 2 of its `backbone` condition) without mixing their files.
-    `prepare(model, workdir)` with a run folder loads or computes the file at once (a wrong file
-    fails before any generation); without one the file is loaded when first needed.
+    `prepare(model, workdir, make_pairs)` with a run folder loads or computes the file at once (a
+    wrong file fails before any generation); without one the file is loaded when first needed.
+    A file is computed on `calibration_settings()`'s pairs, built by the `make_pairs` the caller
+    gave (kept for later models, e.g. the backbone's).
     """
 
     kind = "calibrated"
@@ -160,6 +162,7 @@ class CalibratedDefense(Defense):
         self.calibration: CalibrationFile | None = None  # the last one used (provenance)
         self._workdirs: dict[str, Path | None] = {}
         self._calibrations: dict[str, CalibrationFile] = {}
+        self._make_pairs: PairMaker | None = None
 
     def needs_calibration(self) -> bool:
         return True
@@ -167,8 +170,18 @@ class CalibratedDefense(Defense):
     def calibration_settings(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def compute_calibration(self, model: LVLM) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def compute_calibration(self, model: LVLM, pairs: list[Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The tensors and the record of a calibration on `pairs`."""
         raise NotImplementedError
+
+    def calibration_pairs(self) -> list[Any]:
+        """The pairs `calibration_settings()` names, from the `make_pairs` given to `prepare`."""
+        if self._make_pairs is None:
+            raise RegapError(f"defense {self.kind} has no calibration file and nothing to build calibration pairs "
+                             "with: pass file=PATH (regap defense calibrate), or make_pairs to prepare/build_generate")
+        settings = self.calibration_settings()
+        return self._make_pairs(settings["pairs"], images=settings["images"], texts=settings["texts"],
+                                seed=settings["seed"])
 
     def validate(self, model: LVLM) -> None:
         """Check the options against the model (cheap; no calibration)."""
@@ -181,10 +194,12 @@ class CalibratedDefense(Defense):
             return {"file": str(self.file), "file_sha256": cached_file_sha256(self.file)}
         return {"calibration": self.calibration_settings()}
 
-    def prepare(self, model: LVLM, workdir: Path | None = None) -> None:
+    def prepare(self, model: LVLM, workdir: Path | None = None, make_pairs: PairMaker | None = None) -> None:
         from regap.models.fingerprint import model_fingerprint
 
         self.validate(model)
+        if make_pairs is not None:
+            self._make_pairs = make_pairs
         fingerprint = model_fingerprint(model)
         if workdir is not None or fingerprint not in self._workdirs:  # a run folder is never replaced by None
             self._workdirs[fingerprint] = Path(workdir) if workdir is not None else None
@@ -201,7 +216,7 @@ class CalibratedDefense(Defense):
             path = self.file or auto_path(self._workdirs.get(fingerprint), self.kind, fingerprint,
                                           self.calibration_settings())
             if self.file is None and not path.is_file():
-                tensors, record = self.compute_calibration(model)
+                tensors, record = self.compute_calibration(model, self.calibration_pairs())
                 save_calibration(path, self.kind, tensors, model, record)
             self._calibrations[fingerprint] = load_calibration(path, self.kind, model, self.shapes)
         self.calibration = self._calibrations[fingerprint]

@@ -149,11 +149,13 @@ def last_token_states(model: LVLM, conversations: Sequence[Any], image_lists: Se
 
 
 def meaningless_images(kind: str, key: str, count: int) -> list[Image.Image]:
-    """`count` meaningless images (blank, or Gaussian noise seeded by `key`)."""
-    from regap.safety.conditions import get_condition
+    """`count` meaningless images: the `blank` or `noise` condition's image (Gaussian noise
+    seeded by `key`), made by the functions those conditions use."""
+    from regap.images import blank_image, gaussian_noise_image
 
-    condition = get_condition(kind)
-    return [condition.image_for(f"cmrm-{key}-{i}", "", {}) for i in range(count)]
+    if kind == "blank":
+        return [blank_image() for _ in range(count)]
+    return [gaussian_noise_image(f"cmrm-{key}-{i}") for i in range(count)]
 
 
 def _image_count(entry: Any) -> int:
@@ -190,16 +192,15 @@ def sample_vectors(model: LVLM, prompts: Sequence[Any], images: Sequence[Any], *
     return vectors
 
 
-def calibrate_cmrm(model: LVLM, *, images: str = "blank", texts: str = "starter-benign", pairs: int = DEFAULT_PAIRS,
-                   seed: int = 0, batch_size: int = 8) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Dataset-level vectors: mean over calibration pairs of h(x, img) - h(x) per layer.
+def calibrate_cmrm(model: LVLM, pair_list: Sequence[Any], *, images: str, texts: str, seed: int,
+                   batch_size: int = 8) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Dataset-level vectors: mean over the calibration pairs (`regap.safety.pairs.make_pairs`
+    with `images`, `texts` and `seed`, which the record names) of h(x, img) - h(x) per layer.
 
     Returns the tensors (``shifts`` [n_layers, d], row l-1 for decoder block l, and the two
     means) and the calibration record (data, seed, pair ids hash)."""
-    from regap.gap.pairs import make_pairs
     from regap.provenance import json_hash
 
-    pair_list = make_pairs(pairs, images=images, texts=texts, seed=seed)
     sum_with = sum_text = None
     for start in range(0, len(pair_list), batch_size):
         chunk = pair_list[start : start + batch_size]
@@ -264,8 +265,9 @@ class CMRM(CalibratedDefense):
     def needs_calibration(self) -> bool:
         return self.level == "dataset"
 
-    def compute_calibration(self, model: LVLM) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return calibrate_cmrm(model, batch_size=self.batch_size, **self.calibration_settings())
+    def compute_calibration(self, model: LVLM, pairs: list[Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return calibrate_cmrm(model, pairs, images=self.images, texts=self.texts, seed=self.seed,
+                              batch_size=self.batch_size)
 
     def validate(self, model: LVLM) -> None:
         self.layers = resolve_layers(self.layer_choice, int(model.llm.config.num_hidden_layers), "cmrm")

@@ -50,7 +50,7 @@ DEFAULT_PAIRS = 100
 @torch.no_grad()
 def _layer0_batches(model: LVLM, pairs: list[Any], protocol: str, batch_size: int):
     """(image tokens [n_img, d], text tokens [n_txt, d]) per batch, float64, at the LLM input."""
-    from regap.gap.pairs import conversation
+    from regap.models.gap_pair import conversation
 
     embedding = model.llm.get_input_embeddings()
     for start in range(0, len(pairs), batch_size):
@@ -89,14 +89,14 @@ def solve_scale(a: torch.Tensor, b: torch.Tensor, c: float, target: float, itera
     return 0.5 * (low + high)
 
 
-def calibrate_layer0(model: LVLM, *, images: str = "scenes", texts: str = "starter-benign", pairs: int = DEFAULT_PAIRS,
-                     seed: int = 0, protocol: str = "reference", match_norm: bool = False,
+def calibrate_layer0(model: LVLM, pair_list: list[Any], *, images: str, texts: str, seed: int,
+                     protocol: str = "reference", match_norm: bool = False,
                      batch_size: int = 8) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The affine map (``scale`` [1], ``bias`` [d]) and the statistics it was fitted on."""
-    from regap.gap.pairs import make_pairs
+    """The affine map (``scale`` [1], ``bias`` [d]) and the statistics it was fitted on, from the
+    calibration pairs (`regap.safety.pairs.make_pairs` with `images`, `texts` and `seed`, which
+    the record names)."""
     from regap.provenance import json_hash
 
-    pair_list = make_pairs(pairs, images=images, texts=texts, seed=seed)
     d = model.hidden_size
     sums = {"image": torch.zeros(d, dtype=torch.float64), "text": torch.zeros(d, dtype=torch.float64)}
     norms = {"image": 0.0, "text": 0.0}
@@ -144,7 +144,7 @@ class Layer0Align(CalibratedDefense):
                  images: str = "scenes", texts: str = "starter-benign", pairs: int = DEFAULT_PAIRS, seed: int = 0,
                  protocol: str = "reference", batch_size: int = 8, alpha: float | None = None) -> None:
         from regap.deprecation import deprecated
-        from regap.gap.pairs import PROTOCOLS
+        from regap.models.gap_pair import PROTOCOLS
 
         super().__init__(file)
         if alpha is not None:
@@ -172,8 +172,9 @@ class Layer0Align(CalibratedDefense):
     def needs_calibration(self) -> bool:
         return self.strength > 0  # at strength 0 nothing is mapped
 
-    def compute_calibration(self, model: LVLM) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return calibrate_layer0(model, batch_size=self.batch_size, **self.calibration_settings())
+    def compute_calibration(self, model: LVLM, pairs: list[Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return calibrate_layer0(model, pairs, images=self.images, texts=self.texts, seed=self.seed,
+                                protocol=self.protocol, match_norm=self.match_norm, batch_size=self.batch_size)
 
     def hook(self, model: LVLM, fingerprint: str | None = None) -> ImageTokenAffine:
         """The projector hook (a context manager) for this model."""

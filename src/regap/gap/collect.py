@@ -1,7 +1,8 @@
 """Hidden states of every layer at image and text positions, spilled to disk per layer.
 
-One forward pass per batch with all hidden states. Tokens are written into
-two layer-major memory maps ([layers, tokens, d] for each modality; float32 when they
+One forward pass per batch with all hidden states, after a tokenizer-only pass that counts
+the tokens (so the spill is sized, and checked against the free disk space, before any image
+is made). Tokens are written into two layer-major memory maps ([layers, tokens, d] for each modality; float32 when they
 are small, float16 once they would exceed `FLOAT32_LIMIT_BYTES`), so host memory
 holds one batch of hidden states at a time and the measurement later reads one layer
 at a time: the 100-pair protocol of a 7B model (~68k tokens x 4096 x 33 layers, ~18 GB
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from regap.errors import InternalError, RegapError
-from regap.gap.pairs import GapPair, conversation
+from regap.models.gap_pair import GapPair, conversation
 from regap.models.inputs import TEXT_TOKEN_MODES  # noqa: F401  (`regap gap --text-tokens` choices)
 
 if TYPE_CHECKING:
@@ -77,6 +78,35 @@ class HiddenStates:
         return cls(folder, image.shape[0], image.shape[2], image_pairs, text_pairs, n_pairs)
 
 
+def _token_counts(model: LVLM, pairs: list[GapPair], protocol: str, text_tokens: str, batch_size: int) -> tuple[int, int]:
+    """Image and text tokens over all pairs, from the tokenizer alone (no image is made): the same
+    batches and masks the forward passes use, so the spill is sized before any of them runs."""
+    n_image = n_text = 0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        batch = model.build_token_batch([conversation(p, protocol) for p in chunk], [1] * len(chunk),
+                                        add_generation_prompt=protocol == "prompt", padding_side="right").inputs
+        text_mask = batch.text_mask(text_tokens)
+        if not bool(text_mask.any(dim=1).all()):
+            raise RegapError("a pair has no text tokens after its image; use --text-tokens all-non-image or longer texts")
+        n_image += int(batch.image_mask.sum())
+        n_text += int(text_mask.sum())
+    return n_image, n_text
+
+
+def check_disk_space(folder: Path, needed: int, n_pairs: int) -> None:
+    """A one-line `RegapError` when `folder`'s file system cannot hold `needed` bytes of hidden
+    states (a memory map written past a full disk kills the process instead of raising)."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise RegapError(f"the hidden states of {n_pairs} pairs need {_size(needed)} in {folder}, which has "
+                         f"{_size(free)} free: lower --pairs (or --texts-per-pair), or free space")
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
+
+
 @torch.no_grad()
 def collect_hidden_states(
     model: LVLM, pairs: list[GapPair], folder: str | Path, *, protocol: str = "reference",
@@ -85,6 +115,9 @@ def collect_hidden_states(
 ) -> HiddenStates:
     """Run the model over the pairs and spill image/text tokens of every layer to `folder`.
 
+    The tokens are counted first from the tokenizer alone, so the spill's size is known (and
+    checked against the free disk space) before any image is made; then each batch's images are
+    made, encoded and run, one batch in memory at a time, with a progress bar.
     `intervention(conversations, image_lists, add_generation_prompt)` (a defense's, see
     `regap.defenses.base.Intervention`) gives the context each batch's forward pass runs in.
     Text tokens follow `ModelInputs.text_mask(text_tokens)` (`TEXT_TOKEN_MODES`), the rule the
@@ -92,32 +125,27 @@ def collect_hidden_states(
     folder = Path(folder)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    batches = []
-    for start in range(0, len(pairs), batch_size):
+    n_image, n_text = _token_counts(model, pairs, protocol, text_tokens, batch_size)
+    n_layers = model.llm.config.num_hidden_layers + 1
+    width = model.hidden_size
+    dtype = "float32" if n_layers * (n_image + n_text) * width * 4 <= FLOAT32_LIMIT_BYTES else "float16"
+    check_disk_space(folder, n_layers * (n_image + n_text) * width * np.dtype(dtype).itemsize, len(pairs))
+    image_map = np.memmap(folder / "image.bin", dtype=dtype, mode="w+", shape=(n_layers, n_image, width))
+    text_map = np.memmap(folder / "text.bin", dtype=dtype, mode="w+", shape=(n_layers, n_text, width))
+    image_pairs = np.empty(n_image, dtype=np.int32)
+    text_pairs = np.empty(n_text, dtype=np.int32)
+    starts: Any = range(0, len(pairs), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="hidden states", unit="batch")
+    image_offset = text_offset = 0
+    for start in starts:
         chunk = pairs[start : start + batch_size]
         conversations, image_lists = [conversation(p, protocol) for p in chunk], [[p.image] for p in chunk]
         batch = model.build_inputs(conversations, image_lists, add_generation_prompt=protocol == "prompt",
                                    padding_side="right")
         text_mask = batch.text_mask(text_tokens)
-        if not bool(text_mask.any(dim=1).all()):
-            raise RegapError("a pair has no text tokens after its image; use --text-tokens all-non-image or longer texts")
-        batches.append((start, batch, text_mask, (conversations, image_lists)))
-    n_image = sum(int(b.image_mask.sum()) for _, b, _, _ in batches)
-    n_text = sum(int(m.sum()) for _, _, m, _ in batches)
-    n_layers = model.llm.config.num_hidden_layers + 1
-    width = model.hidden_size
-    dtype = "float32" if n_layers * (n_image + n_text) * width * 4 <= FLOAT32_LIMIT_BYTES else "float16"
-    image_map = np.memmap(folder / "image.bin", dtype=dtype, mode="w+", shape=(n_layers, n_image, width))
-    text_map = np.memmap(folder / "text.bin", dtype=dtype, mode="w+", shape=(n_layers, n_text, width))
-    image_pairs = np.empty(n_image, dtype=np.int32)
-    text_pairs = np.empty(n_text, dtype=np.int32)
-    iterator = batches
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(batches, desc="hidden states", unit="batch")
-    image_offset = text_offset = 0
-    for start, batch, text_mask, (conversations, image_lists) in iterator:
         context = intervention(conversations, image_lists, protocol == "prompt") if intervention else nullcontext()
         with context:
             hidden = model(batch, output_hidden_states=True, use_labels=False, logits_to_keep=1).hidden_states
@@ -127,6 +155,8 @@ def collect_hidden_states(
         image_rows = rows.expand_as(batch.image_mask)[batch.image_mask.cpu()].numpy()
         text_rows = rows.expand_as(text_mask)[text_mask].numpy()
         ni, nt = len(image_rows), len(text_rows)
+        if image_offset + ni > n_image or text_offset + nt > n_text:
+            raise InternalError("a batch has more tokens than the tokenizer counted for it")
         for k, states in enumerate(hidden):
             states = states.float().cpu()
             if not bool(torch.isfinite(states).all()):
@@ -138,6 +168,8 @@ def collect_hidden_states(
         image_pairs[image_offset : image_offset + ni] = image_rows
         text_pairs[text_offset : text_offset + nt] = text_rows
         image_offset, text_offset = image_offset + ni, text_offset + nt
+    if (image_offset, text_offset) != (n_image, n_text):
+        raise InternalError("the batches had fewer tokens than the tokenizer counted for them")
     image_map.flush()
     text_map.flush()
     del image_map, text_map

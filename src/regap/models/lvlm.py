@@ -15,7 +15,7 @@ from torch import nn
 from regap.errors import InternalError, RegapError
 from regap.models.engines import generate_vllm
 from regap.models.generation import DecodingSettings, count_until_eos, eos_token_ids
-from regap.models.inputs import InputBuilder, ModelInputs, build_batch, with_image_marker
+from regap.models.inputs import BuiltBatch, InputBuilder, ModelInputs, build_batch, with_image_marker
 from regap.models.layers import accepts_logits_to_keep
 from regap.models.lm_head import keep_lm_head_input_contiguous
 from regap.models.projector import build_projector
@@ -130,6 +130,28 @@ class LVLM(nn.Module):
         return getattr(self.projector, "num_tokens", None) or self.vision.num_tokens
 
     @property
+    def context_length(self) -> int | None:
+        """The LLM's positions (its config's `max_position_embeddings` or equivalent); None when
+        the config names none."""
+        config = self.llm.config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    def context_overflow(self, prompt_tokens: int, max_new_tokens: int) -> str | None:
+        """Why a prompt of `prompt_tokens` tokens (image slots and template included) cannot be
+        answered within the context, or None when it can. Such a prompt is never sent: its
+        prefill alone would run for minutes on a long input, past the positions the LLM was
+        trained on (or past its position table)."""
+        context = self.context_length
+        if context is None or prompt_tokens + max_new_tokens <= context:
+            return None
+        return (f"prompt longer than the model's context ({prompt_tokens:,} tokens + {max_new_tokens} new > "
+                f"{context:,} positions)")
+
+    @property
     def device(self) -> torch.device:
         return next(self.llm.parameters()).device
 
@@ -225,12 +247,21 @@ class LVLM(nn.Module):
                        template: str | None = None) -> list[int]:
         """Token length of each prompt with its generation prompt and image slots (no images are
         encoded): what batching by length needs, unlike the string length of the conversation."""
-        built = build_batch(
-            [list(c) for c in conversations], [len(i) for i in image_lists], tokenizer=self.tokenizer,
-            template=get_template(template or self.config.template, self.tokenizer),
-            tokens_per_image=self.tokens_per_image, add_generation_prompt=True, padding_side="left",
-        )
+        built = self.build_token_batch(conversations, [len(i) for i in image_lists], template=template,
+                                       add_generation_prompt=True, padding_side="left")
         return [len(sample.ids) for sample in built.samples]
+
+    def build_token_batch(self, conversations: Sequence[Conversation], image_counts: Sequence[int], *,
+                          template: str | None = None, add_generation_prompt: bool = False,
+                          padding_side: str = "right") -> BuiltBatch:
+        """The `BuiltBatch` `build_inputs` would make, without pixel values: token ids and the
+        image and text masks only, to size work before any image is made or encoded."""
+        return build_batch(
+            [list(c) for c in conversations], list(image_counts), tokenizer=self.tokenizer,
+            template=get_template(template or self.config.template, self.tokenizer),
+            tokens_per_image=self.tokens_per_image, add_generation_prompt=add_generation_prompt,
+            padding_side=padding_side,
+        )
 
     @torch.no_grad()
     def generate_detailed(

@@ -6,13 +6,16 @@ judge, judge prompt hash, the judge's options when it was given any). An interru
 therefore resumes without redoing or duplicating items, and adding a judge later judges
 the cached responses only. Items that failed (an unreadable image, say) are cached as error
 rows and retried on every rerun, and a benchmark image's row records the file's sha256, so a
-replaced image is generated anew.
+replaced image is generated anew. A request whose prompt does not fit in the model's context
+is never sent: it is an error row marked `too_long`, counted in the summary (`too_long`).
+Generation itself is `regap.safety.cached_generation`, shared with the utility suite.
 `OUT/results.jsonl` and `OUT/summary.json` are rebuilt from the caches at the end, and on
 Ctrl-C from what is done so far (the summary then marked "interrupted").
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +26,13 @@ from regap.files import file_sha256, write_json_atomic, write_jsonl_atomic
 from regap.models.attention import RUN_SETTING, check_attention, llm_attention, set_llm_attention
 from regap.models.fingerprint import model_fingerprint
 from regap.provenance import json_hash, provenance
+from regap.safety.cached_generation import CacheItem, GenerationReport, ItemInput
 from regap.safety.store import JsonlStore
 
 if TYPE_CHECKING:
     from regap.models.lvlm import LVLM
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -140,6 +146,7 @@ def _load_all_requests(specs: list[str], limit: int | None, out: Path,
             items, report = load_requests_with_report(spec, limit=(source_limits or {}).get(spec, limit), **options)
         requests.extend(items)
         reports[spec] = report.summary() if hasattr(report, "summary") else str(report)
+        _say_what_was_left_out(spec, report, sample)
     seen: set[tuple[str, str]] = set()
     for request in requests:
         key = (request.source, request.id)
@@ -148,8 +155,18 @@ def _load_all_requests(specs: list[str], limit: int | None, out: Path,
         seen.add(key)
     write_json_atomic(out / "data_report.json", reports)
     if not requests:
-        raise RegapError(f"no requests loaded from {', '.join(specs)}")
+        raise RegapError(f"no requests loaded from {', '.join(specs)} ({'; '.join(reports.values())})")
     return requests
+
+
+def _say_what_was_left_out(spec: str, report: Any, sample: int | None) -> None:
+    """One console line for a source that dropped rows (malformed, duplicate ids, missing
+    images) or had fewer requests than `--sample` asked for; `data_report.json` lists them all."""
+    if not getattr(report, "clean", True):
+        logger.warning("%s (listed in data_report.json)", report.summary())
+    drawn_from = getattr(report, "sampled_from", None)
+    if sample is not None and drawn_from is not None and sample > drawn_from:
+        logger.warning("%s: --sample %d is more than its %d request(s); all of them are used", spec, sample, drawn_from)
 
 
 def _input_sha256(condition: Any, request: Any) -> str | None:
@@ -158,119 +175,83 @@ def _input_sha256(condition: Any, request: Any) -> str | None:
     return file_sha256(path) if path is not None and path.is_file() else None
 
 
-def _cached_is_current(row: dict[str, Any] | None, input_hash: str | None) -> bool:
-    """A cached row is reused unless it is an error (retried) or its input file changed since.
-    Rows written before inputs were hashed carry no hash and are kept."""
-    if row is None or row.get("error") is not None:
-        return False
-    cached_hash = row.get("input_sha256")
-    return cached_hash is None or cached_hash == input_hash
-
-
-def _generate_ready(ready: list[tuple], generate: Any, backbone: Any, defenses: list[Any],
-                    settings: Any) -> list[dict[str, Any]]:
-    """Responses for the prepared items; `backbone` items go to the LLM as it was before stage 2."""
+def _responder(generate: Any, backbone: Any, defenses: list[Any], settings: Any) -> Any:
+    """The engine's `respond`: a batch's rows, generated through the defense stack; `backbone`
+    items go to the LLM as it was before stage 2."""
     from regap.defenses import build_generate
 
-    rows = []
-    for use_backbone in (False, True):
-        part = [item for item in ready if item[4] == use_backbone]
-        if not part:
-            continue
-        texts, images = [item[1] for item in part], [item[2] for item in part]
-        if use_backbone:
-            with backbone.active() as base:
-                result = build_generate(base, defenses)(texts, images, settings)
-        else:
-            result = generate(texts, images, settings)
-        for (base_row, text, _image, details, _flag), response, tokens, defended in zip(
-                part, result.texts, result.new_tokens, result.details):
+    def respond(batch: list[tuple[CacheItem, ItemInput]]) -> list[dict[str, Any]]:
+        rows = []
+        for use_backbone in (False, True):
+            part = [entry for entry in batch if entry[1].backbone == use_backbone]
+            if not part:
+                continue
+            texts, images = [entry[1].text for entry in part], [entry[1].image for entry in part]
             if use_backbone:
-                details = {**details, "backbone": backbone.describe()}
-            rows.append({**base_row, "prompt_sent": text, "condition_details": details, "response": response,
-                         "new_tokens": tokens, "defense_details": defended,
-                         "generation_calls": result.generation_calls, "error": None})
-    return rows
+                with backbone.active() as base:
+                    result = build_generate(base, defenses)(texts, images, settings)
+            else:
+                result = generate(texts, images, settings)
+            for (item, built), response, tokens, defended in zip(part, result.texts, result.new_tokens, result.details):
+                details = {**built.details, "backbone": backbone.describe()} if use_backbone else built.details
+                rows.append({**item.row, "prompt_sent": built.text, "condition_details": details,
+                             "response": response, "new_tokens": tokens, "defense_details": defended,
+                             "generation_calls": result.generation_calls, "error": None})
+        return rows
+
+    return respond
 
 
-#: Prompts are sorted by token length, longest first, within groups of this many batches (the
-#: model's own order, applied across the group), so a batch pads little; each batch is still
-#: generated and appended to the cache on its own, so an interrupted run loses at most one batch.
-#: The vLLM engine schedules a whole group itself and gets it in one call (one write per group).
-BATCHES_PER_GROUP = 8
-
-
-def _length_batches(model: LVLM, ready: list[tuple], batch_size: int) -> list[list[tuple]]:
-    """`ready` items ((base, text, image, details, use_backbone)) split into batches in the model's
-    token-length order, so each batch matches one the model would form from the whole group."""
-    if len(ready) > batch_size and hasattr(model, "prompt_lengths"):
-        conversations, image_lists = model.prepare_conversations([r[1] for r in ready], [r[2] for r in ready])
-        lengths = model.prompt_lengths(conversations, image_lists)
-        ready = [ready[i] for i in sorted(range(len(ready)), key=lambda i: -lengths[i])]  # stable, as the model's
-    return [ready[start : start + batch_size] for start in range(0, len(ready), batch_size)]
-
-
-def generate_missing(resolved: ResolvedRun, model: LVLM, requests: list[Any], store: JsonlStore,
-                     progress: bool = True) -> None:
-    """Generate every (condition, request) response not yet in the cache, batch by batch."""
-    from regap.defenses import build_generate
-
-    run, settings, defenses = resolved.run, resolved.settings, resolved.defenses
+def _cache_items(resolved: ResolvedRun, fingerprint: str, requests: list[Any]) -> list[CacheItem]:
+    """Every (condition, request) of the run as an engine item, keyed by model fingerprint,
+    condition, request, decoding settings and defenses."""
     decoding_hash = resolved.decoding_hash
-    fingerprint = resolved.fingerprint_of(model)
-    generate = build_generate(model, defenses, workdir=run.out, engine=run.engine)  # calibrations: OUT/defenses/
-    described_defenses = [d.describe() for d in defenses]
-    todo: list[tuple[str, Any, Any, str]] = []
-    input_hashes: dict[str, str | None] = {}
+    described_defenses = [d.describe() for d in resolved.defenses]
+    items = []
     for name, condition in resolved.conditions:
         condition_hash = json_hash(condition.describe())
         for request in requests:
             key = json_hash([fingerprint, condition_hash, request.source, request.id, decoding_hash,
                              described_defenses])
-            input_hashes[key] = _input_sha256(condition, request)
-            if not _cached_is_current(store.get(key), input_hashes[key]):
-                todo.append((name, condition, request, key))
+            row = {"key": key, "model_fingerprint": fingerprint, "condition": name, "request_id": request.id,
+                   "source": request.source, "category": request.category, "label": request.label,
+                   "prompt": request.prompt, "decoding_hash": decoding_hash}
+            input_hash = _input_sha256(condition, request)
+            if input_hash is not None:
+                row["input_sha256"] = input_hash
+
+            def build(condition: Any = condition, request: Any = request) -> ItemInput:
+                text, image, details = condition.inputs(request)
+                return ItemInput(text, image, details, condition.use_backbone)
+
+            items.append(CacheItem(key, row, build))
+    return items
+
+
+def generate_missing(resolved: ResolvedRun, model: LVLM, requests: list[Any], store: JsonlStore,
+                     progress: bool = True) -> GenerationReport:
+    """Generate every (condition, request) response not yet in the cache, batch by batch
+    (`regap.safety.cached_generation`)."""
+    from regap.defenses import build_generate
+    from regap.safety.cached_generation import generate_missing as generate_cached
+    from regap.safety.cached_generation import is_current
+    from regap.safety.pairs import make_pairs
+
+    run, settings, defenses = resolved.run, resolved.settings, resolved.defenses
+    generate = build_generate(model, defenses, workdir=run.out, engine=run.engine,  # calibrations: OUT/defenses/
+                              make_pairs=make_pairs)
+    items = _cache_items(resolved, resolved.fingerprint_of(model), requests)
     backbone = None
-    if any(item[1].use_backbone for item in todo):
+    backbone_conditions = {name for name, condition in resolved.conditions if condition.use_backbone}
+    if any(item.row["condition"] in backbone_conditions and not is_current(item, store.get(item.key))
+           for item in items):
         from regap.models.backbone import Backbone
 
         backbone = Backbone(model)  # an unavailable backbone fails here, before any generation
         backbone.prepare()
-    bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
-
-        # per batch, with tqdm's rate and remaining-time estimate
-        bar = tqdm(total=len(todo), desc="generate", unit="item", dynamic_ncols=True)
-    group = run.batch_size * BATCHES_PER_GROUP
-    try:
-        for start in range(0, len(todo), group):
-            ready, failed = [], []
-            for name, condition, request, key in todo[start : start + group]:
-                base = {"key": key, "model_fingerprint": fingerprint, "condition": name, "request_id": request.id,
-                        "source": request.source, "category": request.category, "label": request.label,
-                        "prompt": request.prompt, "decoding_hash": decoding_hash}
-                if input_hashes[key] is not None:
-                    base["input_sha256"] = input_hashes[key]
-                try:
-                    text, image, details = condition.inputs(request)
-                except RegapError as exc:  # one bad item (e.g. a missing image) is recorded (retried on rerun)
-                    failed.append({**base, "response": None, "error": str(exc)})
-                    continue
-                ready.append((base, text, image, details, condition.use_backbone))
-            store.add(failed)
-            if bar is not None and failed:
-                bar.update(len(failed))
-            batches = [ready] if run.engine == "vllm" else _length_batches(model, ready, run.batch_size)
-            for batch in batches:
-                if not batch:
-                    continue
-                store.add(_generate_ready(batch, generate, backbone, defenses, settings))
-                if bar is not None:
-                    bar.update(len(batch))
-    finally:
-        if bar is not None:
-            bar.close()
+    return generate_cached(items, store, model, _responder(generate, backbone, defenses, settings),
+                           batch_size=run.batch_size, max_new_tokens=run.max_new_tokens,
+                           one_call_per_group=run.engine == "vllm", progress=progress)
 
 
 def _decoding_settings(run: SafetyRun) -> Any:
@@ -405,6 +386,9 @@ def _write_outputs(resolved: ResolvedRun, model: LVLM, requests: list[Any], gene
     if status != "completed":
         summary["progress"] = {"expected": len(requests) * len(run.conditions), "generated": len(rows),
                                "judged": len(judged), "failed": len(failed)}
+    too_long = sum(1 for r in rows if r.get("too_long"))
+    if too_long:  # counted among the generation errors; named apart since a rerun cannot fix them
+        summary["too_long"] = too_long
     damaged = {store.path.name: store.skipped for store in (generations, verdicts) if store.skipped}
     if damaged:
         summary["cache_skipped_lines"] = damaged

@@ -107,8 +107,50 @@ def _load_results(folder: Path) -> list[dict[str, Any]]:
 
 
 def compare_runs(folder_a: Path, folder_b: Path, judge: str | None = None, level: float = 0.95) -> list[dict[str, Any]]:
-    """Paired comparison of two runs on the same items: difference of unsafe rates (B - A) with
-    Newcombe's interval and the exact McNemar test, per condition."""
+    """Paired comparison of two runs on the items both judged: difference of unsafe rates (B - A)
+    with Newcombe's interval and the exact McNemar test, per condition. A condition's row says
+    under `left_out` how many of its items only one run judged (the key only when some were);
+    `left_out_of_comparison` lists those and the conditions only one run has."""
+    a, b, judge = _judged_pair(folder_a, folder_b, judge)
+    shared = sorted(set(a) & set(b))
+    if not shared:
+        raise RegapError(f"{folder_a} and {folder_b} share no judged items for judge {judge!r}")
+    left = _left_out(a, b)
+    results = []
+    for condition in sorted({key[0] for key in shared}):
+        keys = [k for k in shared if k[0] == condition]
+        va, vb = [a[k] for k in keys], [b[k] for k in keys]
+        test = mcnemar_exact(va, vb)
+        diff = paired_difference(vb, va, level)
+        row = {"condition": condition, "judge": judge, "n": len(keys), "rate_a": sum(va) / len(va),
+               "rate_b": sum(vb) / len(vb), "difference_b_minus_a": _as_dict(diff),
+               "mcnemar": {"b01": test[0], "b10": test[1], "p_value": test[2]}}
+        if condition in left:
+            row["left_out"] = left[condition]
+        results.append(row)
+    return results
+
+
+def left_out_of_comparison(folder_a: Path, folder_b: Path, judge: str | None = None) -> dict[str, dict[str, int]]:
+    """Per condition, the judged harmful items only run A or only run B has (request sets or
+    conditions that differ): `{condition: {"only_in_a": i, "only_in_b": j}}`, conditions
+    without any left out omitted."""
+    a, b, _ = _judged_pair(folder_a, folder_b, judge)
+    return _left_out(a, b)
+
+
+def _left_out(a: dict[tuple, bool], b: dict[tuple, bool]) -> dict[str, dict[str, int]]:
+    left: dict[str, dict[str, int]] = {}
+    for name, only in (("only_in_a", set(a) - set(b)), ("only_in_b", set(b) - set(a))):
+        for key in only:
+            counts = left.setdefault(key[0], {"only_in_a": 0, "only_in_b": 0})
+            counts[name] += 1
+    return dict(sorted(left.items()))
+
+
+def _judged_pair(folder_a: Path, folder_b: Path, judge: str | None) -> tuple[dict[tuple, bool], dict[tuple, bool], str]:
+    """Each run's harmful items with a verdict of `judge` (default: run A's first judge):
+    (condition, source, request id) -> unsafe."""
     rows_a, rows_b = _load_results(folder_a), _load_results(folder_b)
     if judge is None:
         judges = [j for j in rows_a[0].get("verdicts", {})] if rows_a else []
@@ -124,20 +166,7 @@ def compare_runs(folder_a: Path, folder_b: Path, judge: str | None = None, level
                 out[(row["condition"], row["source"], row["request_id"])] = bool(verdict["unsafe"])
         return out
 
-    a, b = index(rows_a), index(rows_b)
-    shared = sorted(set(a) & set(b))
-    if not shared:
-        raise RegapError(f"{folder_a} and {folder_b} share no judged items for judge {judge!r}")
-    results = []
-    for condition in sorted({key[0] for key in shared}):
-        keys = [k for k in shared if k[0] == condition]
-        va, vb = [a[k] for k in keys], [b[k] for k in keys]
-        test = mcnemar_exact(va, vb)
-        diff = paired_difference(vb, va, level)
-        results.append({"condition": condition, "judge": judge, "n": len(keys), "rate_a": sum(va) / len(va),
-                        "rate_b": sum(vb) / len(vb), "difference_b_minus_a": _as_dict(diff),
-                        "mcnemar": {"b01": test[0], "b10": test[1], "p_value": test[2]}})
-    return results
+    return index(rows_a), index(rows_b), judge
 
 
 def _as_dict(value: Any) -> Any:

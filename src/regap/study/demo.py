@@ -188,7 +188,7 @@ class Demo:
 
     def evaluate(self, label: str, projector: Path, full: bool) -> Path:
         """Gap, safety and utility of one checkpoint; `full` adds attack-gap and AdaShield-S."""
-        from regap.gap.pairs import make_pairs
+        from regap.safety.pairs import make_pairs
         from regap.gap.run import measure_to_folder
         from regap.safety.runner import SafetyRun, run_safety
         from regap.utility import run_utility

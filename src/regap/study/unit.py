@@ -148,7 +148,7 @@ class UnitRunner:
     # ---- evaluations ------------------------------------------------------------------------------
     def gap(self, sub: str, model_folder: Path, images: str, texts: str, pairs: int, per_pair: int,
             defenses: list[str] | None = None) -> None:
-        from regap.gap.pairs import make_pairs
+        from regap.safety.pairs import make_pairs
         from regap.gap.run import measure_to_folder
 
         c = self.config

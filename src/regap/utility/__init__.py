@@ -1,11 +1,13 @@
 """Utility evaluation: does a safety-tuned model still see and still answer benign requests?
 
-    >>> from regap.utility import run_utility
-    >>> summary = run_utility("tiny", "runs/utility", n=100)
+    >>> from pathlib import Path
+    >>> from regap.utility import UtilityRun, run_utility
+    >>> summary = run_utility(UtilityRun(model="tiny", out=Path("runs/utility"), n=100))
     >>> summary["tasks"]["synthetic-qa"]["score"]
 
 `run_utility` runs the built-in offline suite (`synthetic-qa`, `synthetic-caption`,
-`over-refusal`); `regap.utility.scoring` holds the pure scoring rules; and
+`over-refusal`; the tasks and their scoring in `regap.utility.suite`, the run in
+`regap.utility.run`); `regap.utility.scoring` holds the pure scoring rules; and
 `regap.utility.lmms_eval_plugin` lets lmms-eval run standard benchmarks on a regap model
 (`lmms-eval --model regap --model_args path=RUN_DIR`). See docs/utility.md.
 """
@@ -23,11 +25,13 @@ from regap.utility.scoring import (
     scene_objects,
     score_short_answer,
 )
-from regap.utility.suite import TASKS, parse_tasks, run_utility
+from regap.utility.run import UtilityRun, run_utility
+from regap.utility.suite import TASKS, parse_tasks
 
 __all__ = [
     "SCORING_VERSION",
     "TASKS",
+    "UtilityRun",
     "CaptionScore",
     "ShortAnswerScore",
     "bootstrap_mean_ci",

@@ -9,13 +9,14 @@ Three tasks, all offline:
 * `over-refusal`: how often the model refuses benign requests (keyword judge), for the
   starter set's `scary-but-safe` prompts, its ordinary ones, and XSTest's safe prompts.
 
+This module holds the tasks' items and their scoring; `regap.utility.run` runs them.
 Responses are cached in `OUT/utility_cache.jsonl`, one line per (task, item), keyed by
 (model fingerprint, decoding settings, task, item id, prompt, image hash, and the inference-time
-defenses' descriptions when `defenses` are given); a rerun only generates what is missing, and an
-interrupted run loses at most the batch in flight. With `defenses` (`regap.defenses`, stacked as
-in `regap safety`), every response comes from the defended generation.
-`OUT/utility.json` and `OUT/utility_responses.jsonl` are rebuilt from the cache at the end.
-See docs/utility.md.
+defenses' descriptions when `defenses` are given); a rerun only generates what is missing (and
+retries the items that failed), and an interrupted run loses at most the batch in flight. With
+`defenses` (`regap.defenses`, stacked as in `regap safety`), every response comes from the
+defended generation. `OUT/utility.json` and `OUT/utility_responses.jsonl` are rebuilt from the
+cache at the end. See docs/utility.md.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from regap.errors import RegapError
 from regap.files import file_sha256
-from regap.models.attention import RUN_SETTING, check_attention, llm_attention, set_llm_attention
 from regap.utility import scoring
 
 if TYPE_CHECKING:
@@ -107,11 +107,14 @@ def synthetic_items(out_dir: Path, n: int, seed: int, image_size: int, split_nam
                     tasks: Sequence[str]) -> dict[str, list[UtilityItem]]:
     folder = ensure_heldout_data(out_dir, n, seed, image_size, split_name)
     relative = folder.relative_to(out_dir)
-    image_hashes: dict[str, str] = {}
+    image_hashes: dict[str, str | None] = {}
 
-    def image_hash(image: str) -> str:
+    def image_hash(image: str) -> str | None:
+        """The file's hash (part of the cache key); None for a missing file, whose items then
+        fail alone (an error row, retried) instead of stopping the run."""
         if image not in image_hashes:
-            image_hashes[image] = file_sha256(folder / image)[:16]
+            path = folder / image
+            image_hashes[image] = file_sha256(path)[:16] if path.is_file() else None
         return image_hashes[image]
 
     items: dict[str, list[UtilityItem]] = {}
@@ -181,51 +184,17 @@ def supports_images(model: Any) -> bool:
     return getattr(model, "vision", None) is not None and hasattr(model, "encode_images")
 
 
-# --------------------------------------------------------------------------- generation
+# --------------------------------------------------------------------------- the cache key
 
 
-def _cache_key(fingerprint: str, decoding_hash: str, item: UtilityItem,
-               defenses: list[dict[str, Any]] | None = None) -> str:
+def cache_key(fingerprint: str, decoding_hash: str, item: UtilityItem,
+              defenses: list[dict[str, Any]] | None = None) -> str:
     """The item's cache key; the defenses' descriptions join it only when there are any, so
     caches written before defenses existed stay valid, and defended responses never mix with them."""
     from regap.provenance import json_hash
 
     parts: list[Any] = [fingerprint, decoding_hash, item.task, item.item_id, item.prompt, item.image_hash]
     return json_hash(parts + [defenses] if defenses else parts)
-
-
-def generate_missing(model: LVLM, items: list[UtilityItem], store: Any, out_dir: Path, settings: Any,
-                     fingerprint: str, decoding_hash: str, progress: bool = False, generate: Any = None,
-                     defenses: list[dict[str, Any]] | None = None) -> int:
-    """Generate every item whose response is not cached, one batch at a time; returns how many.
-    `generate` is a `regap.defenses` GenerateFn (default: the model's own generation) and
-    `defenses` its defenses' descriptions (part of the cache key)."""
-    from regap.defenses import plain_generate
-    from regap.images import load_image
-
-    generate = generate or plain_generate(model)
-    todo = [(item, key) for item in items
-            if (key := _cache_key(fingerprint, decoding_hash, item, defenses)) not in store]
-    bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc="utility", unit="item")
-    for start in range(0, len(todo), settings.batch_size):
-        chunk = todo[start : start + settings.batch_size]
-        images = [load_image(out_dir / item.image) if item.image else None for item, _ in chunk]
-        result = generate([item.prompt for item, _ in chunk], images, settings)
-        store.add({
-            "key": key, "task": item.task, "item_id": item.item_id, "prompt": item.prompt, "image": item.image,
-            "response": text, "new_tokens": tokens, "model_fingerprint": fingerprint,
-            "decoding_hash": decoding_hash, "batch_size": settings.batch_size,
-            **({"defenses": [d["name"] for d in defenses], "defense_details": detail} if defenses else {}),
-        } for (item, key), text, tokens, detail in zip(chunk, result.texts, result.new_tokens, result.details))
-        if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
-    return len(todo)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -301,144 +270,3 @@ def score_over_refusal(items: list[UtilityItem], responses: dict[str, str], judg
                                     for s, c in categories}
     entry["judge"] = judge.describe()
     return entry, rows
-
-
-# --------------------------------------------------------------------------- the run
-
-
-def run_utility(
-    model: LVLM,
-    out_dir: str | Path,
-    *,
-    tasks: str | Sequence[str] | None = None,
-    n: int = 100,
-    seed: int = 0,
-    xstest: str | Path | None = None,
-    projector: str | Path | None = None,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-    dtype: str = "auto",
-    attn_implementation: str | None = None,
-    image_size: int = 224,
-    split_name: str = HELDOUT_SPLIT,
-    refusal_limit: int | None = None,
-    judge: str = "keyword",
-    defenses: Sequence[str] | None = None,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Run the offline utility suite and write `utility.json` + `utility_responses.jsonl`.
-
-    `model` is a preset name, a regap model folder, an HF LLaVA checkpoint, or an `LVLM`.
-    `n` is the number of held-out scenes (about 5 questions each for `synthetic-qa`);
-    `refusal_limit` keeps the first N prompts of each over-refusal group (default: all).
-    `defenses` are inference-time defense specs (`cmrm`, `layer0-align:strength=0.5`, ...), stacked
-    the first outermost as in `regap safety`; their calibration files go under `out_dir`.
-    `attn_implementation` switches the LLM's attention kernel (None: as loaded). Greedy decoding.
-    Returns the `utility.json` content.
-    """
-    from regap.defenses import build_generate, get_defense
-    from regap.models import DecodingSettings
-    from regap.provenance import json_hash, provenance
-    from regap.safety.judges import get_judge
-    from regap.files import write_json_atomic, write_jsonl_atomic
-    from regap.safety.store import JsonlStore
-
-    names = parse_tasks(tasks)
-    check_attention(attn_implementation, RUN_SETTING)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise RegapError(f"--n must be a positive integer, got {n!r}")
-    if refusal_limit is not None and refusal_limit < 1:
-        raise RegapError(f"--refusal-limit must be at least 1, got {refusal_limit}")
-    if split_name == "train":
-        raise RegapError("the utility suite must use held-out scenes: choose a split name other than 'train'")
-    xstest_path = Path(xstest).expanduser() if xstest is not None else None
-    if xstest_path is not None and not xstest_path.is_file():
-        raise RegapError(f"--xstest: XSTest file not found: {xstest_path}")
-    if projector is not None and not Path(projector).is_file():
-        raise RegapError(f"--projector: projector checkpoint not found: {projector}")
-    settings = DecodingSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)  # greedy
-    defense_objs = [get_defense(spec) for spec in defenses or []]  # unknown names fail before any model loads
-    for defense in defense_objs:
-        defense.check_engine(settings.engine)
-    judge_obj = get_judge(judge) if "over-refusal" in names else None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    if isinstance(model, (str, Path)):
-        from regap.models import load_model
-
-        model_name = str(model)
-        lvlm = load_model(model_name, dtype=dtype, attn_implementation=attn_implementation)
-    else:
-        model_name, lvlm = getattr(getattr(model, "config", None), "name", type(model).__name__), model
-        if attn_implementation is not None:
-            if not hasattr(lvlm, "llm"):
-                raise RegapError(f"{RUN_SETTING} {attn_implementation!r}: the model {model_name} has no HF LLM to set it on")
-            set_llm_attention(lvlm, attn_implementation)
-    if projector is not None:
-        from regap.models import load_projector
-
-        load_projector(lvlm, projector)
-
-    skipped: dict[str, str] = {}
-    items: dict[str, list[UtilityItem]] = {}
-    synthetic = [t for t in names if t in SYNTHETIC_TASKS]
-    if synthetic and not supports_images(lvlm):
-        for task in synthetic:
-            skipped[task] = "the model takes no images"
-            logger.warning("skipping %s: the model takes no images", task)
-        synthetic = []
-    if synthetic:
-        items.update(synthetic_items(out, n, seed, image_size, split_name, synthetic))
-    if "over-refusal" in names:
-        items["over-refusal"] = over_refusal_items(xstest_path, refusal_limit)
-
-    fingerprint = utility_fingerprint(lvlm)
-    decoding = {k: v for k, v in settings.cache_key().items() if k != "batch_size"}  # batch size: not part of the key
-    decoding_hash = json_hash(decoding)
-    generate = build_generate(lvlm, defense_objs, workdir=out, engine=settings.engine)  # calibrations under OUT
-    described = [defense.describe() for defense in defense_objs]
-    store = JsonlStore(out / CACHE_FILE)
-    generated = 0
-    for task in names:
-        if task in items:
-            generated += generate_missing(lvlm, items[task], store, out, settings, fingerprint, decoding_hash,
-                                          progress=progress, generate=generate, defenses=described)
-
-    results: dict[str, Any] = {}
-    all_rows: list[dict[str, Any]] = []
-    for task in names:
-        if task in skipped:
-            results[task] = {"skipped": skipped[task], "score": None, "ci": [0.0, 1.0], "n": 0}
-            continue
-        responses = {item.item_id: store.get(_cache_key(fingerprint, decoding_hash, item, described))["response"]
-                     for item in items[task]}
-        if task == "synthetic-qa":
-            entry, rows = score_qa(items[task], responses)
-        elif task == "synthetic-caption":
-            entry, rows = score_captions(items[task], responses, seed)
-        else:
-            entry, rows = score_over_refusal(items[task], responses, judge_obj)
-        results[task] = entry
-        all_rows.extend(rows)
-
-    from regap.data.synth import GENERATOR_VERSION
-
-    record = provenance(
-        model=model_name, model_config=lvlm.config.to_dict(), model_fingerprint=fingerprint,
-        projector=str(projector) if projector is not None else None, dtype=str(lvlm.dtype).replace("torch.", ""),
-        attn_implementation=llm_attention(lvlm),
-        tasks=names, n=n, seed=seed, refusal_limit=refusal_limit,
-        data={"split_name": split_name, "image_size": image_size, "generator_version": GENERATOR_VERSION,
-              "folder": DATA_DIR if synthetic else None},
-        prompts={"qa_suffix": QA_SUFFIX, "caption": CAPTION_PROMPT},
-        decoding={**settings.to_dict(), "greedy": True}, decoding_hash=decoding_hash, defenses=described,
-        scoring_version=scoring.SCORING_VERSION,
-        xstest={"path": str(xstest_path), "sha256": file_sha256(xstest_path)[:16]} if xstest_path is not None else None,
-        cache={"file": CACHE_FILE, "generated_this_run": generated,
-               "reused": sum(len(v) for v in items.values()) - generated},
-    )
-    summary = {"tasks": results, "provenance": record}
-    write_jsonl_atomic(out / RESPONSES_FILE, all_rows)
-    write_json_atomic(out / RESULTS_FILE, summary)
-    return summary

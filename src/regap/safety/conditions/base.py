@@ -17,12 +17,13 @@ from PIL import Image
 
 from regap.errors import RegapError
 from regap.files import stable_seed  # noqa: F401  (re-exported: conditions seed from it)
+from regap.images import GENERATED_SIZE
 from regap.registry import Registry
 
 if TYPE_CHECKING:
     from regap.safety.sources import Request
 
-DEFAULT_SIZE = 336
+DEFAULT_SIZE = GENERATED_SIZE
 
 
 # --------------------------------------------------------------------------- helpers

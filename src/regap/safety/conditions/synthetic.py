@@ -8,7 +8,8 @@ import numpy as np
 from PIL import Image, ImageColor
 
 from regap.errors import RegapError
-from regap.safety.conditions.base import DEFAULT_SIZE, ImageCondition, _parse_size, register_condition, stable_seed
+from regap.images import blank_image, gaussian_noise_image, noise_seed
+from regap.safety.conditions.base import DEFAULT_SIZE, ImageCondition, _parse_size, register_condition
 
 
 def _parse_color(color: str | Iterable[int], what: str) -> tuple[int, int, int]:
@@ -61,7 +62,7 @@ class Blank(ImageCondition):
         self.color = _parse_color(color, "blank")
 
     def image_for(self, request_id, prompt, extra=None):
-        return Image.new("RGB", self.size, self.color)
+        return blank_image(self.size, self.color)
 
     def settings(self):
         return {"size": list(self.size), "color": list(self.color)}
@@ -73,8 +74,7 @@ class _Noise(ImageCondition):
         self.seed = int(seed)
 
     def _rng(self, request_id: str) -> np.random.Generator:
-        # The kind is part of the seed so Gaussian and uniform noise are independent draws.
-        return np.random.default_rng(stable_seed("regap-noise", self.kind, self.seed, request_id))
+        return np.random.default_rng(noise_seed(self.kind, self.seed, request_id))
 
     def settings(self):
         return {"size": list(self.size), "seed": self.seed, "seeding": "sha256(kind, seed, request_id)"}
@@ -96,9 +96,7 @@ class GaussianNoise(_Noise):
         self.std = float(std)
 
     def image_for(self, request_id, prompt, extra=None):
-        width, height = self.size
-        values = self._rng(request_id).normal(self.mean, self.std, size=(height, width, 3))
-        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="RGB")
+        return gaussian_noise_image(request_id, self.size, self.mean, self.std, self.seed)
 
     def settings(self):
         return {**super().settings(), "mean": self.mean, "std": self.std, "clip": [0, 255]}

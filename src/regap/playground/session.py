@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 #: The defenses a side can toggle, in stacking order (the first is outermost), and the option
 #: each exposes on the page (the others run with their defaults).
-DEFENSES = ("adashield-s", "ecso", "coca", "cmrm", "layer0-align")
+DEFENSES = ("adashield-s", "ecso", "cmrm", "layer0-align", "coca")  # CoCA decodes by itself: last
 DEFENSE_OPTION = {"cmrm": "alpha", "layer0-align": "alpha"}
 #: The judges that need no service and no large model (`relevance` embeds with MiniLM, shipped
 #: by the offline extra).

@@ -154,7 +154,10 @@ def test_bad_input_shows_a_message_and_the_server_keeps_running(page, server, tm
     not_an_image.write_text("not an image")
     page.locator("#image-choice input[value=upload]").check()
     page.locator("#upload input[type=file]").set_input_files(str(not_an_image))
-    expect(message).to_contain_text("not a readable image file", timeout=30_000)
+    expect(page.locator("#preview-note")).to_contain_text("not a readable image file")  # the preview says so
+    page.locator("#model-b textarea, #model-b input").first.fill("tiny-llava-regap")
+    page.locator("#ask").click()
+    expect(message).to_contain_text("not a readable image file")  # and so does asking
     assert server["process"].poll() is None
     with urllib.request.urlopen(server["url"], timeout=10) as response:
         assert response.status == 200

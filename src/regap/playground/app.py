@@ -96,6 +96,8 @@ def build_app(model_a: str | LVLM = DEFAULT_MODELS[0], model_b: str | LVLM = DEF
             with gr.Column(scale=2):
                 preview = gr.Image(label="The image both models get", type="pil", format="png",
                                    interactive=False, height=220, elem_id="preview")
+                # its own line: a preview finishing late must not overwrite what "Ask both" reported
+                preview_note = gr.Markdown(elem_id="preview-note")
         with gr.Row():
             judges = gr.CheckboxGroup(list(JUDGES), value=list(JUDGES), label="Judges (offline)", elem_id="judges")
             max_new = gr.Number(value=max_new_tokens, precision=0, label="Max new tokens", elem_id="max-new-tokens")
@@ -145,9 +147,9 @@ def build_app(model_a: str | LVLM = DEFAULT_MODELS[0], model_b: str | LVLM = DEF
         all_outputs = [message, preview, settings, state, *[w for side in sides for w in side.outputs()]]
         ask.click(on_ask, [state, request, choice, upload, judges, max_new, *side_inputs], all_outputs)
         starter.change(on_starter, [starter], [request, label]).then(
-            on_preview, [request, choice, upload], [preview, message])
-        choice.change(on_preview, [request, choice, upload], [preview, message])
-        upload.change(on_preview, [request, choice, upload], [preview, message])
+            on_preview, [request, choice, upload], [preview, preview_note])
+        choice.change(on_preview, [request, choice, upload], [preview, preview_note])
+        upload.change(on_preview, [request, choice, upload], [preview, preview_note])
         max_new.change(lambda value: playground_settings(playground, value), [max_new], [settings])
         save.click(playground.save, [state, cases_box, label], [message])
     return blocks

@@ -307,6 +307,25 @@ def test_playground_checks_its_options_before_loading(argv, expected, capsys):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="playground extra not installed")
+def test_stopping_the_server_exits_as_an_interrupted_command(monkeypatch, tmp_path, capsys):
+    """Gradio's launch returns once Ctrl-C (or SIGTERM) closed the server: the command then exits 130
+    and says where the cases are, as every regap command does when interrupted."""
+    from regap.cli import main
+    from regap.playground import app
+
+    served = []
+    monkeypatch.setattr(app, "build_app", lambda *models, **options: ("page", models, options))
+    monkeypatch.setattr(app, "launch", lambda blocks, host, port: served.append((blocks, host, port)))
+    cases = tmp_path / "kept.jsonl"
+    assert main(["playground", "--port", "7999", "--cases", str(cases)]) == 130
+    (_, models, options), host, port = served[0]
+    assert models == ("tiny-llava", "tiny-llava-regap") and (host, port) == ("127.0.0.1", 7999)
+    assert options["cases"] == cases
+    err = capsys.readouterr().err
+    assert "stopped serving http://127.0.0.1:7999" in err and str(cases) in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="playground extra not installed")
 def test_build_app_returns_the_page_with_its_widgets(tiny_model):
     import gradio as gr
 

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from regap.commands.options import ATTN_IMPLEMENTATION
-from regap.errors import RegapError
+from regap.errors import RegapError, RunInterrupted
 
 DEFAULT_MODELS = ("tiny-llava", "tiny-llava-regap")
 
@@ -57,6 +57,10 @@ def playground_command(
         launch(blocks, host=host, port=port)
     except OSError as exc:
         raise RegapError(f"cannot serve on {host}:{port}: {exc}") from None
+    # Gradio returns once Ctrl-C (or SIGTERM, which the CLI turns into Ctrl-C) has closed the server:
+    # exit as every regap command does then (130, or 143 for SIGTERM), saying what was kept.
+    raise RunInterrupted(f"the playground stopped serving http://{host}:{port}",
+                         f"saved cases are in {cases}; run the same command to serve it again")
 
 
 def register(app: typer.Typer) -> None:

@@ -177,7 +177,7 @@ class Playground:
                     for r in finished]
         yield PageUpdate(answers=[r.text if r.error is None else f"⚠ {r.error}" for r in finished],
                          verdicts=[verdicts_markdown(v) if r.error is None else "" for v, r in zip(verdicts, finished)],
-                         message="measuring the gap of this input …")
+                         message="measuring the gap of this input …" if page.image is not None else None)
         gaps: list[InputGap | None] = [None, None]
         for index, (p, d) in enumerate(zip(pooled, defenses)):
             if page.image is None:

@@ -157,7 +157,7 @@ def _big_image(path: Path) -> Path:
     ("empty request", "the request is empty"),
     ("100k-character request", "at most 4,000"),
     ("missing model path", "side B: cannot load"),
-    ("defense option out of range", "side A: defense cmrm: alpha=1.5 is outside its range"),
+    ("defense option out of range", "outside its range"),
 ])
 def test_bad_input_is_a_message_on_the_page(playground, tmp_path, case, expected):
     state = new_state()
@@ -178,6 +178,8 @@ def test_bad_input_is_a_message_on_the_page(playground, tmp_path, case, expected
         kwargs = {"sides": [SideChoice(playground.names[0], ["cmrm"], {"cmrm": 1.5}), SideChoice(playground.names[1])]}
     updates, last = _ask(playground, state=state, **kwargs)
     assert expected in last.message and last.message.startswith("⚠")
+    if case == "defense option out of range":
+        assert last.message.startswith("⚠ side A: ") and "alpha=1.5" in last.message
     assert last.state["last"] is None  # nothing of the failed attempt is kept for a case
     assert "\n" not in last.message
 
@@ -264,10 +266,11 @@ def test_defense_specs_follow_the_stacking_order_and_check_options():
     from regap.playground.session import defense_specs
 
     assert defense_specs(["coca", "layer0-align", "adashield-s"], {"layer0-align": 0.25}) == \
-        ["adashield-s", "layer0-align:alpha=0.25", "coca"]
+        ["adashield-s", "layer0-align:strength=0.25", "coca"]
+    assert defense_specs(["cmrm"], {"cmrm": 0.5}) == ["cmrm:alpha=0.5"]
     with pytest.raises(RegapError, match="outside its range"):
         defense_specs(["layer0-align"], {"layer0-align": -1})
-    with pytest.raises(RegapError, match="not a number"):
+    with pytest.raises(RegapError, match="give its strength"):
         defense_specs(["cmrm"], {"cmrm": None})
     with pytest.raises(RegapError, match="unknown defense"):
         defense_specs(["llamaguard"], {})

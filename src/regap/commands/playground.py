@@ -8,29 +8,27 @@ from typing import Optional
 
 import typer
 
-from regap.commands.options import ATTN_IMPLEMENTATION
+from regap.commands.options import ATTN_IMPLEMENTATION, DTYPE, MODEL_HELP, RegapCommand, max_new_tokens_option
 from regap.errors import RegapError, RunInterrupted
 
 DEFAULT_MODELS = ("tiny-llava", "tiny-llava-regap")
 
 
 def playground_command(
-    model: Optional[list[str]] = typer.Option(
-        None, "--model", "-m", help="Side A's model, then side B's (give --model twice): a preset, a regap model "
-                                    "folder or an HF LLaVA checkpoint. Default: tiny-llava and tiny-llava-regap."),
+    model: Optional[list[str]] = typer.Option(None, "--model", "-m", help=MODEL_HELP, show_default=False),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to serve on; 0.0.0.0 opens the page (and the "
                                                         "models it may load) to the network."),
     port: int = typer.Option(7860, "--port", help="Port to serve on."),
     cases: Path = typer.Option(Path("playground-cases.jsonl"), "--cases",
                                help="Case file that 'Save case' appends to (read back by "
                                     "`regap safety --prompts jsonl:FILE`)."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Answer length the page starts with."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the device computes it fast, else float32), "
-                                                      "float32, bfloat16 or float16 (GPU only)."),
+    max_new_tokens: int = max_new_tokens_option(64),
+    dtype: str = DTYPE,
     attn_implementation: Optional[str] = ATTN_IMPLEMENTATION,
 ) -> None:
     """Open a local red-teaming page: two models answer the same request and image, with defenses to
-    toggle, offline judges' verdicts, and the modality gap of the current input."""
+    toggle, offline judges' verdicts, and the modality gap of the current input. Give --model twice
+    for side A, then side B (default: tiny-llava and tiny-llava-regap)."""
     from regap.playground import require_gradio
     from regap.playground.cases import check_cases_path
     from regap.playground.page import MAX_NEW_TOKENS
@@ -64,4 +62,4 @@ def playground_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("playground")(playground_command)
+    app.command("playground", cls=RegapCommand)(playground_command)

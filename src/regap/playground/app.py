@@ -14,7 +14,7 @@ import gradio as gr
 
 from regap.playground.inputs import IMAGE_CHOICES, starter_requests
 from regap.playground.page import SIDES, Playground, PageUpdate, SideChoice, new_state, pool_with
-from regap.playground.session import DEFENSE_OPTION, DEFENSES, JUDGES
+from regap.playground.session import DEFENSES, JUDGES, WITH_STRENGTH
 
 if TYPE_CHECKING:
     from regap.models.lvlm import LVLM
@@ -52,7 +52,7 @@ class _Side:
                                              elem_id=f"defenses-{key}")
             with gr.Row():
                 self.options = {name: gr.Number(value=1.0, label=_OPTION_LABELS[name], elem_id=f"{name}-{key}")
-                                for name in DEFENSE_OPTION}
+                                for name in WITH_STRENGTH}
             self.answer = gr.Textbox(label="Answer", lines=5, max_lines=12, interactive=False,
                                      elem_id=f"answer-{key}")
             self.verdicts = gr.Markdown(elem_id=f"verdicts-{key}")
@@ -68,7 +68,7 @@ class _Side:
 
 def _choice(values: Sequence[Any]) -> SideChoice:
     model, defenses, *options = values
-    return SideChoice(model or "", list(defenses or []), dict(zip(DEFENSE_OPTION, options)))
+    return SideChoice(model or "", list(defenses or []), dict(zip(WITH_STRENGTH, options)))
 
 
 def build_app(model_a: str | LVLM = DEFAULT_MODELS[0], model_b: str | LVLM = DEFAULT_MODELS[1], *,

@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 #: The defenses a side can toggle, in stacking order (the first is outermost), and the option
 #: each exposes on the page (the others run with their defaults).
 DEFENSES = ("adashield-s", "ecso", "cmrm", "layer0-align", "coca")  # CoCA decodes by itself: last
-DEFENSE_OPTION = {"cmrm": "alpha", "layer0-align": "alpha"}
+#: The defenses whose strength the page sets (CMRM's α, layer0-align's strength); the option's
+#: name and range are the defense's own (`strength_option`, `option_ranges`).
+WITH_STRENGTH = ("cmrm", "layer0-align")
 #: The judges that need no service and no large model (`relevance` embeds with MiniLM, shipped
 #: by the offline extra).
 JUDGES = ("refusal-lexicon", "relevance", "keyword")
@@ -98,10 +100,11 @@ class ModelPool:
             return pooled
 
 
-def defense_specs(names: Sequence[str], options: dict[str, Any]) -> list[str]:
-    """Defense specs (`cmrm:alpha=0.5`) for the toggled `names`, in stacking order, each with its
-    page option; checked by building them (an unknown name or an option out of range is a RegapError)."""
-    from regap.defenses import get_defense
+def defense_specs(names: Sequence[str], strengths: dict[str, Any]) -> list[str]:
+    """Defense specs (`cmrm:alpha=0.5`) for the toggled `names`, in stacking order, each with the
+    strength the page gave; checked by the registry (an unknown name, a strength that is not a
+    number or is out of its range is a RegapError)."""
+    from regap.defenses import check_strength
 
     unknown = [name for name in names if name not in DEFENSES]
     if unknown:
@@ -110,10 +113,13 @@ def defense_specs(names: Sequence[str], options: dict[str, Any]) -> list[str]:
     for name in DEFENSES:
         if name not in names:
             continue
-        key = DEFENSE_OPTION.get(name)
-        specs.append(f"{name}:{key}={options.get(name)}" if key else name)
-    for spec in specs:
-        get_defense(spec)  # the defense's own option checks
+        if name in WITH_STRENGTH:
+            if strengths.get(name) is None:
+                raise RegapError(f"defense {name}: give its strength (a number)")
+            option, value = check_strength(name, strengths[name])
+            specs.append(f"{name}:{option}={value}")
+        else:
+            specs.append(name)
     return specs
 
 

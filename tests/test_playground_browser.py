@@ -7,7 +7,6 @@ own answers. Skipped without chromium, Playwright, the playground extra or the o
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import socket
@@ -15,7 +14,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 

@@ -17,7 +17,7 @@ PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 #: which the old floor allowed, lacks CLIPImageProcessorPil and fails the tiny test models.
 TESTED_WITH = {
     "torch": "2.13", "transformers": "5.24", "accelerate": "1.15", "peft": "0.21.2", "safetensors": "0.8",
-    "numpy": "2.4.6", "scipy": "1.17.1", "pandas": "3.1.1", "matplotlib": "3.11.2", "pillow": "13.0",
+    "numpy": "2.4.6", "scipy": "1.17.1", "pandas": "3.1.1", "matplotlib": "3.11.2", "pillow": "12.3",
     "scikit-image": "0.26", "pyyaml": "6.0.4", "typer": "0.29.2", "rich": "15.0", "tqdm": "4.70.1",
     "markdown-it-py": "4.3", "filelock": "3.12", "onnx": "1.23.2", "pytest": "9.2", "statsmodels": "0.15", "onnxruntime": "1.32",
     "mkdocs": "1.6.1", "mkdocs-material": "9.8.2", "mkdocstrings": "1.0.8",

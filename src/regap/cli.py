@@ -41,10 +41,11 @@ def _root(
 
 
 def _register_commands() -> None:
-    from regap.commands import (correlate, data, defense, demo, gap, judge_validate, models, report, safety, study,
-                                train, utility)
+    from regap.commands import (correlate, data, defense, demo, gap, judge_validate, models, playground, report,
+                                safety, study, train, utility)
 
-    for module in (demo, study, models, train, gap, safety, utility, correlate, report, data, judge_validate, defense):
+    for module in (demo, study, models, train, gap, safety, utility, correlate, report, data, judge_validate, defense,
+                   playground):
         module.register(app)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from regap.errors import RegapError
 
@@ -41,6 +43,29 @@ def eos_token_ids(tokenizer: Any, generation_config: Any) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return ids
+
+
+#: The streamer that single-prompt `generate` calls send their tokens to (see `streaming`).
+_STREAMER: ContextVar[Any] = ContextVar("regap_generation_streamer", default=None)
+
+
+@contextmanager
+def streaming(streamer: Any) -> Iterator[None]:
+    """Within this block, every transformers-engine generation of ONE prompt (this thread's) also
+    sends its tokens to `streamer` (a transformers streamer, e.g. `TextIteratorStreamer`), so an
+    interactive caller can show an answer while it is being made, through any defense stack.
+    A context variable rather than an argument: defenses call generation through their own
+    signature. Batches of several prompts are not streamed (transformers' streamers take one)."""
+    token = _STREAMER.set(streamer)
+    try:
+        yield
+    finally:
+        _STREAMER.reset(token)
+
+
+def active_streamer() -> Any:
+    """The streamer set by the innermost `streaming` block of this thread, or None."""
+    return _STREAMER.get()
 
 
 def count_until_eos(token_ids: list[int], eos_ids: set[int]) -> int:

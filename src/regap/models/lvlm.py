@@ -14,7 +14,7 @@ from torch import nn
 
 from regap.errors import InternalError, RegapError
 from regap.models.engines import generate_vllm
-from regap.models.generation import DecodingSettings, count_until_eos, eos_token_ids
+from regap.models.generation import DecodingSettings, active_streamer, count_until_eos, eos_token_ids
 from regap.models.inputs import BuiltBatch, InputBuilder, ModelInputs, build_batch, with_image_marker
 from regap.models.layers import accepts_logits_to_keep
 from regap.models.lm_head import keep_lm_head_input_contiguous
@@ -330,6 +330,8 @@ class LVLM(nn.Module):
                 from transformers import LogitsProcessorList
 
                 extra["logits_processor"] = LogitsProcessorList(logits_processor_factory(chunk))
+            if len(rows) == 1 and active_streamer() is not None:  # `regap.models.generation.streaming`
+                extra["streamer"] = active_streamer()
             with self.image_positions(batch.image_mask):
                 generated = self.llm.generate(
                     inputs_embeds=embeds, attention_mask=batch.attention_mask.to(self.device),

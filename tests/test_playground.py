@@ -51,7 +51,7 @@ def test_input_gap_equals_regap_gaps_value_for_one_pair(tiny_model, tmp_path):
     """With the pair's own text as the text side, the playground's per-input gap is `regap gap`'s
     centroid gap for that one pair (measure_gap, the function `regap gap` runs), at layer 0 and at
     every other layer."""
-    from regap.gap.pairs import make_pairs
+    from regap.safety.pairs import make_pairs
     from regap.gap.run import measure_gap
 
     pair = make_pairs(2, images="noise", texts="starter-benign")[0]

@@ -33,6 +33,20 @@ def test_shipped_config_loads_and_plans_every_arm():
     assert next(u for u in units if u.arm == "moca").moca
 
 
+def test_the_lambda_check_trains_what_the_study_trains_and_measures_no_safety(tmp_path, capsys):
+    """results/lambda-range/RULE.md step 2: seed 0 of plain and the candidates, the study's recipe, no safety
+    run at all (not even the once-per-study backbone), so the choice of λ never reads a safety result."""
+    from regap.study.run import Study
+
+    check, study = load_study_config("tiny-lambda-check"), load_study_config("tiny-study")
+    assert check.seeds == [0] and not check.moca and "safety" not in check.evaluations
+    assert (check.stage1, check.stage2, check.data) == (study.stage1, study.stage2, study.data)
+    assert [u.name for u in plan_units(check)] == ["plain-s0", "regap-l0.0001-s0", "regap-l1e-06-s0", "regap-l1e-05-s0"]
+    assert not Study(check, tmp_path / "out", tmp_path / "work").backbone_due()
+    assert main(["study", "tiny-lambda-check", "--out", str(tmp_path / "out"), "--plan"]) == 0
+    assert "backbone" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("override, message", [
     (["seedz=[1]"], "unknown study config key 'seedz' in override 'seedz=[1]'; did you mean 'seeds'"),
     (["stage1.stepz=3"], "unknown study config key 'stage1.stepz'"),

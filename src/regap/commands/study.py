@@ -77,7 +77,7 @@ def study_command(
                 else:
                     state = f"to run ({started})" if started else "to run"
             typer.echo(f"{spec.name:24s} {state}")
-        if "backbone" in cfg.safety.conditions:  # run once per study, on any trained unit's model
+        if study.has_backbone():  # run once per study, on any trained unit's model
             typer.echo(f"{'backbone':24s} {'to run' if study.backbone_due() else 'done'}")
         for line in study.estimate(todo, progress):
             typer.echo(line)

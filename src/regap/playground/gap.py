@@ -35,7 +35,7 @@ from regap.provenance import json_hash
 if TYPE_CHECKING:
     from regap.defenses.base import Defense
     from regap.gap.collect import HiddenStates
-    from regap.gap.pairs import GapPair
+    from regap.models.gap_pair import GapPair
     from regap.models.lvlm import LVLM
 
 #: `regap gap`'s default reference pairs, fewer of them: the text side's mean needs a few hundred
@@ -143,7 +143,7 @@ def _collect(model: LVLM, pairs: list[GapPair], intervention: Callable[..., Any]
 def compute_text_stats(model: LVLM, pairs: list[GapPair] | None = None,
                        intervention: Callable[..., Any] | None = None) -> TextStats:
     """TextStats of `model` on `pairs` (default: the reference pairs), under `intervention`."""
-    from regap.gap.pairs import make_pairs
+    from regap.safety.pairs import make_pairs
 
     if pairs is None:
         pairs = make_pairs(REFERENCE["pairs"], images=REFERENCE["images"], texts=REFERENCE["texts"],
@@ -155,7 +155,7 @@ def image_tokens_per_layer(model: LVLM, image: Image.Image, text: str,
                            intervention: Callable[..., Any] | None = None) -> list[torch.Tensor]:
     """This image's tokens at every layer, as the reference protocol collects them (the image in
     the user turn, `text` after it; image tokens come before the text, so it does not change them)."""
-    from regap.gap.pairs import GapPair
+    from regap.models.gap_pair import GapPair
 
     pair = GapPair("input", image, text or "-", "playground")
 

@@ -19,7 +19,7 @@ def qa_curve(work: Path, scenes: int, max_new_tokens: int, dtype: str, out_path:
     """QA accuracy per checkpoint of `work/stage1` and `work/stage2`; written to `out_path`."""
     from regap.models.loading.load import load_trained
     from regap.models.loading.trained import load_checkpoint_parts
-    from regap.utility import run_utility
+    from regap.utility import UtilityRun, run_utility
 
     result: dict[str, Any] = {"scenes": scenes, "max_new_tokens": max_new_tokens}
     for stage in (1, 2):
@@ -30,8 +30,9 @@ def qa_curve(work: Path, scenes: int, max_new_tokens: int, dtype: str, out_path:
         for checkpoint in checkpoints:
             load_checkpoint_parts(model, checkpoint)
             target = work / "curve" / f"stage{stage}-{checkpoint.name}"
-            utility = run_utility(model, target, tasks="synthetic-qa", n=scenes, seed=0,
-                                  max_new_tokens=max_new_tokens, dtype=dtype)
+            run = UtilityRun(model=model.config.name, out=target, tasks="synthetic-qa", n=scenes, seed=0,
+                             max_new_tokens=max_new_tokens, dtype=dtype)
+            utility = run_utility(run, model=model)
             qa = utility["tasks"]["synthetic-qa"]
             points.append({"step": int(checkpoint.name.split("-")[1]), "qa": qa["score"], "ci": qa["ci"],
                            "per_type": {t: v["score"] for t, v in qa.get("per_type", {}).items()}})

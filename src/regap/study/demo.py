@@ -191,7 +191,7 @@ class Demo:
         from regap.safety.pairs import make_pairs
         from regap.gap.run import measure_to_folder
         from regap.safety.runner import SafetyRun, run_safety
-        from regap.utility import run_utility
+        from regap.utility import UtilityRun, run_utility
 
         s = self.settings
         folder = self.out / "eval" / label
@@ -224,9 +224,10 @@ class Demo:
                   lambda: safety("safety", []))
         self.step(f"utility-{label}", [str(projector), s.utility_scenes, s.utility_refusal, self.dtype,
                                        s.utility_max_new_tokens],
-                  lambda: run_utility(self.with_projector(projector), folder / "utility", n=s.utility_scenes,
-                                      seed=s.seed, max_new_tokens=s.utility_max_new_tokens, refusal_limit=s.utility_refusal,
-                                      dtype=self.dtype, xstest=s.xstest))
+                  lambda: run_utility(UtilityRun(model=s.model, out=folder / "utility", n=s.utility_scenes, seed=s.seed,
+                                                 max_new_tokens=s.utility_max_new_tokens, refusal_limit=s.utility_refusal,
+                                                 dtype=self.dtype, xstest=s.xstest),
+                                      model=self.with_projector(projector)))
         if full:
             self.step(f"gap-attack-{label}", [str(projector), s.attack_pairs, s.n_boot, self.dtype],
                       lambda: gap("gap_attack", "prompt", "blank", "starter-harmful", s.attack_pairs, 1))

@@ -95,9 +95,14 @@ class Study:
         data = read_summary(self.summary_path(spec.name))
         return data is not None and data.get("config_hash") == self.config_hash
 
+    def has_backbone(self) -> bool:
+        """Whether the study measures the `backbone` condition: a study whose units measure no safety
+        (`evaluations` without `safety`) has no backbone to compare with."""
+        return "backbone" in self.config.safety.conditions and "safety" in self.config.evaluations
+
     def backbone_due(self) -> bool:
         """Whether the `backbone` condition (run once per study, like a unit) still has to run."""
-        if "backbone" not in self.config.safety.conditions:
+        if not self.has_backbone():
             return False
         data = read_summary(self.summary_path("backbone"))
         return data is None or data.get("config_hash") != self.config_hash
@@ -234,8 +239,6 @@ class Study:
 
     def backbone(self, runner: UnitRunner) -> None:
         """The `backbone` condition once, on any unit's stage-2 model (its adapter disabled)."""
-        if "backbone" not in self.config.safety.conditions:
-            return
         if not self.backbone_due():
             return
         path = self.summary_path("backbone")

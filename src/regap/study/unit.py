@@ -187,16 +187,18 @@ class UnitRunner:
         self.eval_markers.run(sub, params, action)
 
     def utility(self, sub: str, defenses: list[str]) -> None:
-        from regap.utility import run_utility
+        from regap.utility import UtilityRun, run_utility
 
         c = self.config.utility
         params = [c.tasks, c.scenes, c.refusal_limit, c.max_new_tokens, self.dtype, defenses]
 
         def action() -> None:
             self.log(f"{self.spec.name}: utility {sub}")
-            run_utility(self.final_model(), self.eval_dir / sub, n=c.scenes, seed=0, max_new_tokens=c.max_new_tokens,
-                        refusal_limit=c.refusal_limit, dtype=self.dtype, progress=self.progress,
-                        defenses=defenses or None, tasks=c.tasks)
+            model = self.final_model()
+            run = UtilityRun(model=model.config.name, out=self.eval_dir / sub, n=c.scenes, seed=0,
+                             max_new_tokens=c.max_new_tokens, refusal_limit=c.refusal_limit, dtype=self.dtype,
+                             defenses=list(defenses), tasks=c.tasks)
+            run_utility(run, progress=self.progress, model=model)
 
         self.eval_markers.run(sub, params, action)
 

@@ -221,19 +221,9 @@ def best_lambda_lines(choice: dict[str, Any] | None) -> list[str]:
 def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]) -> None:
     from regap.report.html import render_html
 
-    figures = out / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
+    figures = draw_figures(out, summary)
     results, config = summary["results"], summary["config"]
     conditions = config["safety"]["conditions"]
-    if summary["curves"]:
-        plot_learning_curves(summary["curves"], figures / FIGURES[0])
-    plot_unsafe(results, conditions, figures / FIGURES[1])
-    plot_gap(results["gap"], figures / FIGURES[2])
-    plot_training_vs_inference(results, figures / FIGURES[3])
-    from regap.study.frontier import plot_frontier
-
-    plot_frontier(results, figures / FIGURES[4])
-
     lines = [f"# regap study `{summary['study']}`", "",
              f"Model `{config['model']}`, dtype {summary['dtype']}, seeds {results['seeds']}, judge "
              f"`{summary['primary_judge']}` (others below). {len(summary['units'])} of "
@@ -280,6 +270,28 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
     lines += side_by_side(results)
     if summary.get("frontier"):
         lines += frontier_lines(results, summary["frontier"])
+    lines += claims_lines(summary)
+    agreement = summary["judge_agreement"]
+    lines += ["## Judges", "", "Unsafe rate on harmful requests over all responses of the study, per judge: " +
+              ", ".join(f"{j} {r:.3f}" for j, r in agreement["unsafe_rate"].items() if r is not None) + ".", "",
+              "| judge A | judge B | n | agreement | Cohen's κ |", "|---|---|---|---|---|"]
+    for pair in agreement["pairs"]:
+        kappa = pair["kappa"]
+        lines.append(f"| {pair['judge_a']} | {pair['judge_b']} | {pair['n']} | "
+                     f"{pair['agreement']:.3f} | {'–' if kappa is None or kappa != kappa else f'{kappa:.3f}'} |")
+    lines += ["", "## Time per unit (minutes)", "", ", ".join(f"{u} {m}" for u, m in summary["timings_minutes"].items()), ""]
+    shown_above = {"frontier.png"}  # the frontier section carries its own figure
+    lines += ["## Figures", ""] + [f"![{name}](figures/{name})" for name in FIGURES
+                                   if (figures / name).exists() and name not in shown_above]
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    (out / "report.html").write_text(render_html(text, out, f"study {summary['study']}"))
+
+
+def claims_lines(summary: dict[str, Any]) -> list[str]:
+    """The paper's four claims under the main judge, the λ choice, and the claims under the other judges."""
+    results = summary["results"]
+    lines: list[str] = []
     claims = results["claims"]
     lines += ["", "## The paper's four claims", ""]
     a = claims["a_image_raises_unsafe"]
@@ -305,21 +317,23 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
         parts = [f"{arm}: {_fmt(value, True)}{_seeds(value)}" for arm, value in c.items() if arm != "question"]
         lines += [f"Under `{judge}`: (a) image − text {_fmt(a['image_minus_text'], True)}, image − backbone "
                   f"{_fmt(a['image_minus_backbone'], True)}; (c) " + ("; ".join(parts) or "–") + ".", ""]
-    agreement = summary["judge_agreement"]
-    lines += ["## Judges", "", "Unsafe rate on harmful requests over all responses of the study, per judge: " +
-              ", ".join(f"{j} {r:.3f}" for j, r in agreement["unsafe_rate"].items() if r is not None) + ".", "",
-              "| judge A | judge B | n | agreement | Cohen's κ |", "|---|---|---|---|---|"]
-    for pair in agreement["pairs"]:
-        kappa = pair["kappa"]
-        lines.append(f"| {pair['judge_a']} | {pair['judge_b']} | {pair['n']} | "
-                     f"{pair['agreement']:.3f} | {'–' if kappa is None or kappa != kappa else f'{kappa:.3f}'} |")
-    lines += ["", "## Time per unit (minutes)", "", ", ".join(f"{u} {m}" for u, m in summary["timings_minutes"].items()), ""]
-    shown_above = {"frontier.png"}  # the frontier section carries its own figure
-    lines += ["## Figures", ""] + [f"![{name}](figures/{name})" for name in FIGURES
-                                   if (figures / name).exists() and name not in shown_above]
-    text = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(text)
-    (out / "report.html").write_text(render_html(text, out, f"study {summary['study']}"))
+    return lines
+
+
+def draw_figures(out: Path, summary: dict[str, Any]) -> Path:
+    """Every figure of the report into `OUT/figures` (returned)."""
+    from regap.study.frontier import plot_frontier
+
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    results = summary["results"]
+    if summary["curves"]:
+        plot_learning_curves(summary["curves"], figures / FIGURES[0])
+    plot_unsafe(results, summary["config"]["safety"]["conditions"], figures / FIGURES[1])
+    plot_gap(results["gap"], figures / FIGURES[2])
+    plot_training_vs_inference(results, figures / FIGURES[3])
+    plot_frontier(results, figures / FIGURES[4])
+    return figures
 
 
 def frontier_lines(results: dict[str, Any], choice: dict[str, Any]) -> list[str]:

@@ -59,6 +59,11 @@ class SafetySpec:
     judge_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # judge -> options (e.g. a threshold)
     max_new_tokens: int = 16
     batch_size: int = 16
+    #: XSTest's prompts file (`xstest_prompts.csv` or its folder; null: not measured): its 250 safe prompts
+    #: are asked under `xstest_conditions` (a defense unit: the image ones among them), and their refusal
+    #: rate is the over-refusal column of the frontier (exploratory)
+    xstest: str | None = None
+    xstest_conditions: list[str] = field(default_factory=lambda: ["text", "blank"])
 
     def source_limits(self) -> dict[str, int]:
         """`SafetyRun.source_limits`: the first N requests of a starter set (None: all of it)."""
@@ -192,6 +197,10 @@ class StudyConfig:
                              f"{self.safety.judges}")
         if "text" not in self.safety.conditions:
             raise RegapError("safety.conditions: must contain 'text' (the comparisons are made against it)")
+        if not self.safety.xstest_conditions or any(c not in self.safety.conditions or c == "backbone"
+                                                    for c in self.safety.xstest_conditions):
+            raise RegapError(f"safety.xstest_conditions: {self.safety.xstest_conditions} must be conditions of "
+                             f"safety.conditions {self.safety.conditions} (not backbone)")
         self.plain_defenses()  # every sweep point and defense spec checked (names, options, ranges)
         self.regap_defenses()
         unknown = [e for e in self.evaluations if e not in EVALUATIONS]

@@ -58,6 +58,8 @@ def frontier_table(results: dict[str, Any]) -> list[dict[str, Any]]:
                      "unsafe": entry["unsafe"].get("image (pooled)"), "refused": entry["refused"].get("image (pooled)"),
                      "over_refusal": entry["over_refusal"].get("image (pooled)"),
                      "over_refusal_text": entry["over_refusal"].get("text"),
+                     "xstest_over_refusal": entry.get("xstest_over_refusal", {}).get("image (pooled)"),
+                     "xstest_over_refusal_text": entry.get("xstest_over_refusal", {}).get("text"),
                      "unsafe_vs_plain": diff.get("unsafe", {}).get("image (pooled)"), "qa_vs_plain": diff.get("qa")})
     return rows
 

@@ -46,7 +46,8 @@ def verdict_strings(rows: list[dict[str, Any]], requests: list[str], judge: Any)
 
 def rejudge_unit(summary: dict[str, Any], rows: list[dict[str, Any]], judges: dict[str, Any]) -> dict[str, Any]:
     """`summary` with the verdicts of `judges` (name -> Judge) recomputed from its answer rows."""
-    for record in summary.get("safety", {}).values():
+    records = [r for key in ("safety", "xstest") for r in summary.get(key, {}).values()]
+    for record in records:
         for name, judge in judges.items():
             for condition, bits in verdict_strings(rows, record["requests"], judge).items():
                 if condition in record["verdicts"]:

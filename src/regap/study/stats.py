@@ -88,13 +88,14 @@ class Tables:
                       key=arm_sort_key)
 
     def safety(self, arm: str, condition: str, outcome: str = "unsafe", judge: str | None = None,
-               label: str = "H") -> tuple[np.ndarray, list[int], list[str]] | None:
-        """(table, seeds, request ids) of `outcome` on requests with `label` (H harmful, B benign)."""
+               label: str = "H", run: str = "safety") -> tuple[np.ndarray, list[int], list[str]] | None:
+        """(table, seeds, request ids) of `outcome` on requests with `label` (H harmful, B benign), from the
+        unit summaries' `run` records (`safety`, or `xstest`: XSTest's safe prompts)."""
         judge = judge or self.judge
         rows, seeds, requests = [], [], None
         for seed in self.seeds:
             for unit in self.units:
-                record = unit.get("safety", {}).get(arm) if unit["seed"] == seed else None
+                record = unit.get(run, {}).get(arm) if unit["seed"] == seed else None
                 if record is None or condition not in record["verdicts"]:
                     continue
                 keep = [i for i, lab in enumerate(record["labels"]) if lab == label]
@@ -136,7 +137,7 @@ class Tables:
 def _measured(entry: dict[str, Any]) -> dict[str, Any]:
     """Without the conditions an arm was not evaluated under (a defense arm has no text-only row)."""
     return {k: ({c: v for c, v in value.items() if v is not None} if isinstance(value, dict)
-                and k in ("unsafe", "refused", "over_refusal") else value) for k, value in entry.items()}
+                and k in ("unsafe", "refused", "over_refusal", "xstest_over_refusal") else value) for k, value in entry.items()}
 
 
 def _pool(tables: list[np.ndarray]) -> np.ndarray:
@@ -228,6 +229,13 @@ def aggregate(units: list[dict[str, Any]], backbone: dict[str, Any] | None, judg
             if pooled:
                 entry[key]["image (pooled)"] = _mean((_pool([t[0] for t in pooled]), pooled[0][1]), n_boot, level,
                                                      f"{arm}/image/{key}")
+        xstest = {c: t for c in conditions if (t := tables.safety(arm, c, "refused", label="B", run="xstest"))}
+        if xstest:
+            entry["xstest_over_refusal"] = {c: _mean(t, n_boot, level, f"{arm}/{c}/xstest") for c, t in xstest.items()}
+            pooled = [t for c, t in xstest.items() if c in image]
+            if pooled:
+                entry["xstest_over_refusal"]["image (pooled)"] = _mean(
+                    (_pool([t[0] for t in pooled]), pooled[0][1]), n_boot, level, f"{arm}/image/xstest")
         entry["qa"] = _mean(tables.qa(arm), n_boot, level, f"{arm}/qa")
         entry["units"] = sorted(u["unit"] for u in units if arm in u.get("safety", {}) or arm in u.get("utility", {}))
         result["arms"][arm] = _measured(entry)

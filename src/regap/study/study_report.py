@@ -336,6 +336,11 @@ def draw_figures(out: Path, summary: dict[str, Any]) -> Path:
     return figures
 
 
+def _measured_or_not(entry: dict[str, Any] | None) -> str:
+    """A rate with its interval, or "not measured" (XSTest is measured only where `safety.xstest` is set)."""
+    return "not measured" if entry is None else _fmt(entry)
+
+
 def frontier_lines(results: dict[str, Any], choice: dict[str, Any]) -> list[str]:
     """The table behind the figure and the recommended setting per method."""
     from regap.study.frontier import frontier_table
@@ -343,12 +348,14 @@ def frontier_lines(results: dict[str, Any], choice: dict[str, Any]) -> list[str]
     rows = frontier_table(results)
     lines = ["", "## The safety–utility frontier", "", "![frontier](figures/frontier.png)", "",
              "| method | strength | arm | QA | unsafe (image pooled) | − plain | refused | over-refusal (benign, "
-             "image pooled) | over-refusal (benign, text) | XSTest safe prompts |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "image pooled) | over-refusal (benign, text) | over-refusal (XSTest safe, image pooled) | over-refusal "
+             "(XSTest safe, text) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["method"] != "plain", r["method"], r["strength"] or 0.0)):
         strength = "–" if r["strength"] is None else f"{r['strength']:g}"
         lines.append(f"| {r['method']} | {strength} | {r['arm']} | {_fmt(r['qa'])} | {_fmt(r['unsafe'])} | "
                      f"{_fmt(r['unsafe_vs_plain'], True)} | {_fmt(r['refused'])} | {_fmt(r['over_refusal'])} | "
-                     f"{_fmt(r['over_refusal_text'])} | not measured |")
+                     f"{_fmt(r['over_refusal_text'])} | {_measured_or_not(r['xstest_over_refusal'])} | "
+                     f"{_measured_or_not(r['xstest_over_refusal_text'])} |")
     lines += ["", f"**Recommended setting per method.** Rule: {choice['rule']}.", "",
               "| method | " + " | ".join(f"QA loss bound {b}" for b in choice["by_bound"]) + " |",
               "|---|" + "---|" * len(choice["by_bound"])]

@@ -20,6 +20,8 @@ from regap.study.steps import StepMarkers
 from regap.study.records import gap_record, safety_record, training_data_note, training_record, utility_record
 from regap.study.units import UnitSpec
 
+#: The run folder (in a unit's work folder) of XSTest's safe prompts, and its key in the unit summary.
+XSTEST_RUN = "safety_xstest"
 #: The study data file each stage trains on.
 TRAINING_FILES = {1: "captions.json", 2: "instructions.json"}
 SUMMARY_FORMAT = "regap-study-unit/1"
@@ -186,6 +188,26 @@ class UnitRunner:
 
         self.eval_markers.run(sub, params, action)
 
+    def xstest(self, sub: str, conditions: list[str], defenses: list[str]) -> None:
+        """XSTest's safe prompts under `conditions`: how often the model refuses a request that only sounds
+        unsafe (the frontier's over-refusal column); judged like the safety run."""
+        from regap.files import file_sha256
+        from regap.safety.runner import SafetyRun, run_safety
+
+        c = self.config.safety
+        path = xstest_file(c.xstest)
+        params = [conditions, defenses, c.judges, file_sha256(path), c.max_new_tokens, self.dtype, c.judge_options]
+
+        def action() -> None:
+            self.log(f"{self.spec.name}: XSTest safe prompts ({', '.join(conditions)})")
+            run = SafetyRun(model=str(self.work / "stage2"), out=self.eval_dir / sub, prompts=[f"xstest:{path}"],
+                            conditions=conditions, judges=c.judges, source_options={"xstest": {"label": "safe"}},
+                            judge_options=c.judge_options, max_new_tokens=c.max_new_tokens,
+                            batch_size=c.batch_size, dtype=self.dtype, seed=self.spec.seed, defenses=defenses)
+            run_safety(run, progress=self.progress, model=self.final_model())
+
+        self.eval_markers.run(sub, params, action)
+
     def utility(self, sub: str, defenses: list[str]) -> None:
         from regap.utility import UtilityRun, run_utility
 
@@ -233,6 +255,9 @@ class UnitRunner:
             self.gap("gap", self.work / "stage2", "scenes", "starter-benign", c.gap.pairs, c.gap.texts_per_pair,
                      defenses=[s.defense])
             self.safety("safety", list(c.defenses.conditions), [s.defense])
+            image = [x for x in c.safety.xstest_conditions if x in c.defenses.conditions]
+            if c.safety.xstest is not None and image:
+                self.xstest(XSTEST_RUN, image, [s.defense])
             self.utility("utility", [s.defense])
             self.release()
             return self.summary("completed", started)
@@ -246,6 +271,8 @@ class UnitRunner:
                      c.gap.texts_per_pair)
         if "safety" in wanted:
             self.safety("safety", [x for x in c.safety.conditions if x != "backbone"], [])
+            if c.safety.xstest is not None:
+                self.xstest(XSTEST_RUN, list(c.safety.xstest_conditions), [])
         if "utility" in wanted:
             self.utility("utility", [])
         self.release()
@@ -279,7 +306,8 @@ class UnitRunner:
         from regap.study.answers import answers_path, safety_answers, utility_answers, write_answers
 
         path = answers_path(self.out / "units", self.spec.name)
-        safety = safety_answers(self.eval_dir / "safety") if (self.eval_dir / "safety").is_dir() else []
+        safety = [row for sub in ("safety", XSTEST_RUN) if (self.eval_dir / sub).is_dir()
+                  for row in safety_answers(self.eval_dir / sub)]
         write_answers(path, safety + utility_answers(self.eval_dir / "utility"))
         return path.name
 
@@ -306,6 +334,8 @@ class UnitRunner:
                 record["gap"] = {name: gap_record(self.eval_dir / name) for name in names}
             if "safety" in wanted:
                 record["safety"] = {s.arm: safety_record(self.eval_dir / "safety", self.config.safety.judges)}
+                if (self.eval_dir / XSTEST_RUN / "results.jsonl").is_file():
+                    record["xstest"] = {s.arm: safety_record(self.eval_dir / XSTEST_RUN, self.config.safety.judges)}
             if "utility" in wanted:
                 record["utility"] = {s.arm: utility_record(self.eval_dir / "utility")}
             record["answers"] = self.write_answers()
@@ -327,7 +357,8 @@ class UnitRunner:
 #: while at the default.
 LATER_KEYS = {"": {"attn_implementation": None, "evaluations": ["curve", "gap", "safety", "utility"]},
               "stage1": {"projector_lr": None, "scenes": None}, "stage2": {"projector_lr": None, "scenes": None},
-              "data": {"conversations": "sampled"}, "safety": {"judge_options": {}}}
+              "data": {"conversations": "sampled"},
+              "safety": {"judge_options": {}, "xstest": None, "xstest_conditions": ["text", "blank"]}}
 
 
 def unit_config_hash(config: StudyConfig) -> str:
@@ -350,3 +381,13 @@ def unit_config_hash(config: StudyConfig) -> str:
     data["defenses"] = {k: v for k, v in data["defenses"].items() if k not in ("plain", "regap")}
     data.pop("sweeps", None)  # arms, like the defense lists: a study may gain sweep points
     return json_hash(data)
+
+
+def xstest_file(spec: str | None) -> Path:
+    """The XSTest prompts file of `safety.xstest` (the CSV, or the folder holding `xstest_prompts.csv`)."""
+    path = Path(str(spec)).expanduser()
+    if path.is_dir():
+        path = path / "xstest_prompts.csv"
+    if not path.is_file():
+        raise RegapError(f"safety.xstest: XSTest prompts file not found: {path}")
+    return path

@@ -131,8 +131,14 @@ _XSTEST_LABELS = {"safe": "benign", "unsafe": "harmful", "benign": "benign", "ha
 
 
 @register_source("xstest")
-def load_xstest(path: Path, report: LoadReport) -> Iterator[Request]:
-    """XSTest prompts (`xstest_prompts.csv`): safe prompts that sound unsafe, plus unsafe contrasts."""
+def load_xstest(path: Path, report: LoadReport, *, label: str | None = None) -> Iterator[Request]:
+    """XSTest prompts (`xstest_prompts.csv`): safe prompts that sound unsafe, plus unsafe contrasts;
+    `label=safe` (or `benign`) keeps the safe prompts only, the over-refusal set, `unsafe` the contrasts."""
+    keep = None
+    if label is not None:
+        if str(label).lower() not in _XSTEST_LABELS:
+            raise RegapError(f"xstest: label must be one of {', '.join(_XSTEST_LABELS)}, got {label!r}")
+        keep = _XSTEST_LABELS[str(label).lower()]
     for row in read_csv(path, source=report.source, required=["prompt", "label"], report=report):
         prompt, raw_label = row.get("prompt"), row.get("label").lower()
         request_id = f"xstest-{row.get('id') or row.index}"
@@ -141,6 +147,8 @@ def load_xstest(path: Path, report: LoadReport) -> Iterator[Request]:
             continue
         if raw_label not in _XSTEST_LABELS:
             report.skip(row.line, f"label {raw_label!r} is not safe/unsafe", request_id)
+            continue
+        if keep is not None and _XSTEST_LABELS[raw_label] != keep:
             continue
         yield Request(
             id=request_id,

@@ -183,7 +183,7 @@ def test_the_stage_2_variant_reuses_plains_stage_1_through_its_marker(tmp_path, 
     with exclusive_out(work / "units" / "plain-s0", flag="unit"):  # read only: plain's lock is not needed
         variant.train(1)
     assert trained == []
-    assert variant.training_progress() == "stage 1 done (plain-s0's)"
+    assert variant.training_progress() == "stage 1 done in plain-s0"
     assert _runner(config, "regap-l0.1@layer6-s0", work).training_progress() is None  # trains its own stage 1
 
 
@@ -238,12 +238,14 @@ def test_ablation_arms_are_compared_with_plain_and_the_main_arm_but_stay_out_of_
 
     units = [_unit(arm, seed, blank, qa, gap) for seed in (0, 1) for arm, blank, qa, gap in (
         ("plain", "011", "10", 100.0), ("regap-l0.1", "001", "11", 1.0), ("regap-l0.1@centroid+norm", "000", "01", 2.0),
-        ("regap-l0.1@layer6", "011", "00", 50.0))]
+        ("regap-l0.1@layer6", "011", "00", 50.0), ("plain+cmrm", "001", "10", 90.0))]
     result = aggregate(units, None, "relevance", ["plain", "regap-l0.1"], ["text", "blank"], n_boot=200)
-    assert list(result["arms"]) == ["plain", "regap-l0.1", "regap-l0.1@layer6", "regap-l0.1@centroid+norm"]
+    assert list(result["arms"]) == ["plain", "regap-l0.1", "regap-l0.1@layer6", "regap-l0.1@centroid+norm",
+                                    "plain+cmrm"]
     norm = result["vs_plain"]["regap-l0.1@centroid+norm"]
     assert norm["unsafe"]["blank"]["mean"] == pytest.approx(-1.0) and norm["unsafe"]["blank"]["seeds"] == [0, 1]
-    assert "regap-l0.1@centroid+norm" not in result["vs_undefended"]  # its `+` is not a defense
+    assert set(result["vs_undefended"]) == {"plain+cmrm"}  # the `+` of centroid+norm is not a defense
+    assert set(result["ablations"]) == {"regap-l0.1@layer6", "regap-l0.1@centroid+norm"}
     entry = result["ablations"]["regap-l0.1@layer6"]
     assert (entry["main"], entry["variant"], entry["lambda"]) == ("regap-l0.1", {"layer": 6}, 0.1)
     assert entry["vs_main"]["unsafe"]["blank"]["mean"] == pytest.approx(0.5)  # 1.0 vs 0.5 of the harmful cells
@@ -260,6 +262,7 @@ def test_an_ablation_cannot_be_the_primary_arm():
 
 # ---- end to end -----------------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:ReGap at layer 1:UserWarning", "ignore:ReGap is on in stage 2:UserWarning")
 def test_a_fast_study_trains_and_reports_its_ablations(tmp_path):
     """One seed of plain, ReGap at λ = 1, and two ablations on the 2-layer random model: ReGap at block 1,
     and ReGap in stage 2 on plain's stage 1."""

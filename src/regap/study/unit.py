@@ -170,7 +170,7 @@ class UnitRunner:
         parts = []
         for stage, spec in ((1, self.config.stage1), (2, self.config.stage2)):
             runner = self.stage1_runner if stage == 1 and self.stage1_runner is not None else self
-            whose = f" ({runner.spec.name}'s)" if runner is not self else ""
+            whose = f" in {runner.spec.name}" if runner is not self else ""
             if runner.markers.done(f"stage{stage}", runner.stage_marker_params(stage),
                                    legacy=runner.legacy_stage_marker_params(stage)):
                 parts.append(f"stage {stage} done{whose}")

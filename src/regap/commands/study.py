@@ -65,7 +65,9 @@ def study_command(
         todo = study.todo(unit)  # the asked-for units without a summary: nothing is read twice below
         names = {u.name for u in todo}
         progress: dict[str, str | None] = {}  # read once, shown per unit and counted by the estimate
-        for spec in plan_units(cfg):
+        planned = plan_units(cfg)
+        width = max([24] + [len(spec.name) + 1 for spec in planned])  # an ablation's name can be long
+        for spec in planned:
             if unit and spec.name not in unit:
                 state = "not asked for"
             elif spec.name not in names:
@@ -76,9 +78,9 @@ def study_command(
                     state = "running (another process holds it" + (f"; {started})" if started else ")")
                 else:
                     state = f"to run ({started})" if started else "to run"
-            typer.echo(f"{spec.name:24s} {state}")
+            typer.echo(f"{spec.name:{width}s} {state}")
         if study.has_backbone():  # run once per study, on any trained unit's model
-            typer.echo(f"{'backbone':24s} {'to run' if study.backbone_due() else 'done'}")
+            typer.echo(f"{'backbone':{width}s} {'to run' if study.backbone_due() else 'done'}")
         for line in study.estimate(todo, progress):
             typer.echo(line)
         return

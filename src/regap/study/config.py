@@ -6,6 +6,7 @@ Shipped configs live in `regap/configs/study/` (`tiny-study`); see docs/study.md
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -106,6 +107,23 @@ class PrimarySpec:
     qa_margin: float = 0.05
 
 
+#: The settings an ablation variant may change, in the order its arm name joins them, with the main ReGap
+#: arm's value of each: a variant at these values is the main arm itself.
+VARIANT_KEYS = {"layer": 0, "stage": 1, "distance": "centroid"}
+
+
+@dataclass
+class AblationSpec:
+    """Exploratory ReGap ablations (the paper's: a later LLM layer, ReGap in stage 2, another distance).
+    Each variant changes one or more `VARIANT_KEYS` of the main ReGap arm and trains, at `lam` (null:
+    `regap_lambda`), a full unit on each of `seeds` (a subset of the study's). Empty `seeds` or `variants`:
+    none. E.g. `{seeds: [0, 1], variants: [{layer: 6}, {stage: 2}, {distance: frechet}]}`."""
+
+    seeds: list[int] = field(default_factory=list)
+    lam: float | None = None
+    variants: list[dict[str, Any]] = field(default_factory=list)
+
+
 @dataclass
 class StatsSpec:
     n_boot: int = 2000
@@ -140,6 +158,8 @@ class StudyConfig:
     #: sha256 goes into every unit, and a unit run under another one is refused (null: exploratory)
     preregistration: str | None = None
     primary: PrimarySpec = field(default_factory=PrimarySpec)
+    #: exploratory ReGap variants (layer, stage, distance), trained after every other arm
+    ablations: AblationSpec = field(default_factory=AblationSpec)
     minutes_per_unit: float = 25.0  # printed estimate of a training unit until units have been timed
     minutes_per_evaluation_unit: float = 10.0  # the same for a defense arm's unit (it trains nothing)
     budget_minutes: float | None = None  # a run estimated to take longer says so before it starts
@@ -164,6 +184,39 @@ class StudyConfig:
     def regap_defenses(self) -> list[str]:
         """The inference-time arms stacked on the main ReGap arm's models (`defenses.regap`), canonical."""
         return _unique_specs(list(self.defenses.regap), "defenses.regap")
+
+    def ablation_lambda(self) -> float:
+        """λ of the ablation arms: `ablations.lam`, else the main arm's."""
+        return self.regap_lambda if self.ablations.lam is None else self.ablations.lam
+
+    def ablation_variants(self) -> list[tuple[tuple[str, Any], ...]]:
+        """The variants the study trains (`normalise_variant`): none without `ablations.seeds`."""
+        return self._checked_variants() if self.ablations.seeds else []
+
+    def _checked_variants(self) -> list[tuple[tuple[str, Any], ...]]:
+        """`ablations.variants` checked and normalised; a variant equal to the main arm, or to another
+        variant, is a one-line error naming it."""
+        out: list[tuple[tuple[str, Any], ...]] = []
+        for i, raw in enumerate(self.ablations.variants):
+            where = f"ablations.variants[{i}]"
+            variant = normalise_variant(raw, where)
+            if not variant:
+                raise RegapError(f"{where}: {_show(raw)} is the main ReGap arm (layer 0, stage 1, centroid), "
+                                 "not an ablation")
+            if variant in out:
+                raise RegapError(f"{where}: {_show(raw)} repeats ablations.variants[{out.index(variant)}] "
+                                 f"(both are {ablation_arm(self.ablation_lambda(), variant)})")
+            out.append(variant)
+        return out
+
+    def _check_ablations(self) -> None:
+        seeds = self.ablations.seeds
+        if len(set(seeds)) != len(seeds) or any(s not in self.seeds for s in seeds):
+            raise RegapError(f"ablations.seeds: need distinct seeds among the study's seeds {self.seeds}, got {seeds}")
+        lam = self.ablations.lam
+        if lam is not None and not (lam > 0 and math.isfinite(lam)):
+            raise RegapError(f"ablations.lam: must be > 0 (or null for regap_lambda), got {lam}")
+        self._checked_variants()  # checked even while no seed trains them
 
     def check(self) -> "StudyConfig":
         """Values that would fail minutes into a run fail here, naming the key."""
@@ -201,6 +254,7 @@ class StudyConfig:
                                                     for c in self.safety.xstest_conditions):
             raise RegapError(f"safety.xstest_conditions: {self.safety.xstest_conditions} must be conditions of "
                              f"safety.conditions {self.safety.conditions} (not backbone)")
+        self._check_ablations()
         self.plain_defenses()  # every sweep point and defense spec checked (names, options, ranges)
         self.regap_defenses()
         unknown = [e for e in self.evaluations if e not in EVALUATIONS]
@@ -234,8 +288,60 @@ def arm_name(lam: float, moca: bool = False) -> str:
     return "plain" if lam == 0 else f"regap-l{lam:g}"
 
 
+def normalise_variant(raw: dict[str, Any], where: str) -> tuple[tuple[str, Any], ...]:
+    """An ablation variant as `((key, value), ...)` in `VARIANT_KEYS` order, the keys at the main arm's
+    value left out (so `{layer: 0, distance: frechet}` is `{distance: frechet}`); a bad key or value is a
+    one-line error naming it."""
+    from regap.train.config import DISTANCES
+
+    if not isinstance(raw, dict):
+        raise RegapError(f"{where}: expected a mapping such as {{layer: 6}}, got {raw!r}")
+    for key, value in raw.items():
+        if key not in VARIANT_KEYS:
+            raise RegapError(f"{where}.{key}: not a variant key; allowed: {', '.join(VARIANT_KEYS)}")
+        if key == "layer" and not (type(value) is int and value >= 0):
+            raise RegapError(f"{where}.layer: must be an integer >= 0 (0: the LLM's input embeddings, k: the "
+                             f"output of block k), got {value!r}")
+        if key == "stage" and not (type(value) is int and value in (1, 2)):
+            raise RegapError(f"{where}.stage: must be 1 or 2, got {value!r}")
+        if key == "distance" and value not in DISTANCES:
+            raise RegapError(f"{where}.distance: {value!r} is not one of {', '.join(DISTANCES)}")
+    return tuple((key, raw[key]) for key in VARIANT_KEYS if key in raw and raw[key] != VARIANT_KEYS[key])
+
+
+def variant_label(variant: tuple[tuple[str, Any], ...]) -> str:
+    """The variant's part of an arm name: `layer6`, `stage2`, `frechet`, joined with `,` (`layer6,frechet`)."""
+    return ",".join(str(value) if key == "distance" else f"{key}{value}" for key, value in variant)
+
+
+def parse_variant_label(label: str) -> tuple[tuple[str, Any], ...]:
+    """`variant_label`'s inverse: `layer6,frechet` -> (("layer", 6), ("distance", "frechet"))."""
+    found: dict[str, Any] = {}
+    for part in label.split(","):
+        for key in ("layer", "stage"):
+            if part.startswith(key) and part[len(key):].isdigit():
+                found[key] = int(part[len(key):])
+                break
+        else:
+            found["distance"] = part
+    return tuple((key, found[key]) for key in VARIANT_KEYS if key in found)
+
+
+def ablation_arm(lam: float, variant: tuple[tuple[str, Any], ...]) -> str:
+    """The name of an ablation arm: the main ReGap arm's at `lam` and the variant, `regap-l0.1@layer6`."""
+    return f"{arm_name(lam)}@{variant_label(variant)}"
+
+
+def _show(raw: Any) -> str:
+    """A variant as written in the config: `{layer: 6, stage: 2}`."""
+    if not isinstance(raw, dict):
+        return repr(raw)
+    return "{" + ", ".join(f"{k}: {v}" for k, v in raw.items()) + "}"
+
+
 def study_arms(config: StudyConfig) -> list[str]:
-    """The trained arms' names in report order."""
+    """The trained arms' names in report order (the ablation arms are not among them: they are exploratory,
+    never a primary arm)."""
     arms = [arm_name(lam) for lam in sorted(config.lambdas)]
     return arms + (["moca"] if config.moca else [])
 

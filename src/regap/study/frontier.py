@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from regap.study.units import arm_lambda
+from regap.study.units import ablation_of, arm_lambda, split_arm
 
 #: The QA-loss bounds of the recommendation rule: the seed-level interval of QA − plain must lie above each.
 QA_LOSS_BOUNDS = (-0.02, -0.05)
@@ -25,8 +25,12 @@ RULE = ("per method, the setting with the largest pooled-image unsafe-rate reduc
 def method_and_strength(arm: str) -> tuple[str, float | None]:
     """(method, strength) of an arm: `regap-l0.001` -> (regap, 0.001), `plain+cmrm:alpha=0.1` ->
     (cmrm, 0.1), `regap-l0.001+cmrm:alpha=0.1` -> (regap-l0.001 + cmrm, 0.1), `plain+ecso` -> (ecso, None);
-    plain and MoCa are their own methods."""
-    trained, _, defense = arm.partition("+")
+    plain and MoCa are their own methods, and so is each ReGap ablation (`regap-l0.1@layer6` -> (regap@layer6, 0.1)),
+    so that it never joins the main ReGap arms' curve."""
+    ablation = ablation_of(arm)
+    if ablation is not None:
+        return f"regap@{split_arm(arm)[1]}", ablation[0]
+    trained, _, defense = split_arm(arm)
     lam = arm_lambda(trained)
     if not defense:
         return ("regap", lam) if lam is not None else (trained, None)

@@ -28,7 +28,7 @@ from regap.study.config import StudyConfig, study_arms
 from regap.study.steps import StepMarkers
 from regap.study.records import safety_record
 from regap.study.unit import UnitRunner, unit_config_hash
-from regap.study.units import UnitSpec, plan_units
+from regap.study.units import UnitSpec, is_defended, plan_units
 
 
 #: How many of the most recently created timed units an estimate reads (see `Study.minutes_per_unit`).
@@ -152,7 +152,7 @@ class Study:
                     or not data.get("timings_seconds") or data.get("arm") in (None, "backbone")):
                 continue
             created = str((data.get("provenance") or {}).get("created_utc") or "")
-            if ("+" not in data["arm"]) != training:
+            if is_defended(data["arm"]) == training:
                 if not training and data.get("config_hash") == self.config_hash:  # its evaluation phases
                     evaluations_of_training.append((created, sum(v for k, v in data["timings_seconds"].items()
                                                                  if k not in ("stage1", "stage2", "curve")) / 60))

@@ -27,7 +27,7 @@ import numpy as np
 from regap.analysis.crossed import crossed_mean, paired_difference
 from regap.errors import RegapError
 from regap.study.intervals import CROSSED_LABEL, seed_t
-from regap.study.units import arm_lambda, arm_sort_key
+from regap.study.units import ablation_of, arm_lambda, arm_sort_key, split_arm
 
 IMAGE_CONDITIONS = ("blank", "noise", "natural", "typo")
 #: What every unit summary holds; one without them is left out with a note.
@@ -250,14 +250,31 @@ def aggregate(units: list[dict[str, Any]], backbone: dict[str, Any] | None, judg
         result["vs_plain"][arm] = _measured(diff)
     # an inference-time arm against the same trained model without the defense: what the defense adds
     result["vs_undefended"] = {
-        arm: _measured(_compare(tables, arm, arm.partition("+")[0], conditions, image, n_boot, level))
-        for arm in result["arms"] if "+" in arm and arm.partition("+")[0] in result["arms"]}
+        arm: _measured(_compare(tables, arm, split_arm(arm)[0], conditions, image, n_boot, level))
+        for arm in result["arms"] if split_arm(arm)[2] and split_arm(arm)[0] in result["arms"]}
+    result["ablations"] = ablations(tables, list(result["arms"]), conditions, image, n_boot, level)
     result["gap"] = gap_table(units, level)
     result["claims"] = claims(result, tables, image, n_boot, level)
     if primary is not None and primary.arm is not None:
         result["primary"] = primary_endpoints(tables, primary.arm, list(primary.image_conditions), primary.qa_margin,
                                               level)
     return result
+
+
+def ablations(tables: Tables, arms: list[str], conditions: list[str], image: list[str], n_boot: int,
+              level: float) -> dict[str, Any]:
+    """Exploratory: each ablation arm (`regap-l0.1@layer6`) with the main ReGap arm at its λ (`regap-l0.1`)
+    and, where the study trained that arm, the paired difference ablation − main arm."""
+    out: dict[str, Any] = {}
+    for arm in arms:
+        found = ablation_of(arm)
+        if found is None:
+            continue
+        main = split_arm(arm)[0]
+        out[arm] = {"lambda": found[0], "variant": found[1], "main": main,
+                    "vs_main": _measured(_compare(tables, arm, main, conditions, image, n_boot, level))
+                    if main in arms else None}
+    return out
 
 
 def _per_seed(tables: Tables, arm: str, conditions: list[str]) -> dict[int, float]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from regap.study.plots import _pyplot
-from regap.study.units import gap_closing
+from regap.study.units import describe_variant, gap_closing, is_defended
 
 FIGURES = ("learning_curve.png", "unsafe_by_arm.png", "gap_by_arm.png", "training_vs_inference.png", "frontier.png")
 
@@ -147,7 +147,7 @@ def plot_training_vs_inference(results: dict[str, Any], path: Path) -> None:
             entry = get(arm)
             if entry:
                 axis.errorbar([i], [entry["mean"]], yerr=[[_err(entry)[0]], [_err(entry)[1]]],
-                              fmt="o", capsize=3, color="C1" if "+" in arm else "C0")
+                              fmt="o", capsize=3, color="C1" if is_defended(arm) else "C0")
         axis.set_xticks(range(len(arms)), arms, rotation=30, fontsize=7, ha="right")
         axis.set_title(title + "\n(blue: trained arms, orange: + inference-time defense)", fontsize=9)
         axis.set_ylim(-0.02, 1.02)
@@ -177,6 +177,43 @@ def side_by_side(results: dict[str, Any]) -> list[str]:
                      f"{_fmt(entry['refused'].get('image (pooled)'))} | "
                      f"{_fmt(entry['over_refusal'].get('image (pooled)'))} | {_fmt(entry.get('qa'))} |")
     return lines
+
+
+def ablation_lines(results: dict[str, Any]) -> list[str]:
+    """Exploratory: each ablation next to the main ReGap arm at its λ, with both differences (− plain and
+    − the main arm, per-seed paired, t interval over the seeds the two share)."""
+    found = results.get("ablations") or {}
+    if not found:
+        return []
+    lines = ["", "## Exploratory: ablations", "",
+             "Each arm below is the main ReGap arm at the same λ with one setting changed, as in the ReGap paper's "
+             "ablations: a later LLM layer (block k's output instead of the input embeddings), ReGap in stage 2 "
+             "instead of stage 1 (its stage 1 is plain's of the same seed), or another distance. They are "
+             "exploratory: outside any pre-registered family, claims (b)-(d) and the choice of λ. Image conditions "
+             "pooled; differences paired by seed and request, 95 % t interval over the seeds the two arms share.", "",
+             "| arm | what it changes | layer-0 gap after stage 2 | × plain | unsafe | − plain | − main arm | "
+             "QA accuracy | QA − plain | QA − main arm |", "|---|---|---|---|---|---|---|---|---|---|"]
+    shown: set[str] = set()
+    for arm, entry in found.items():
+        main = entry["main"]
+        rows = ([] if main in shown else [(main, "the main ReGap arm (layer 0, stage 1, centroid)", None)]) + \
+            [(arm, describe_variant(entry["variant"]), entry["vs_main"] or {})]
+        shown.add(main)
+        for name, what, vs_main in rows:
+            own = results["arms"].get(name)
+            if own is None:
+                lines.append(f"| {name} | {what} | not trained in this study | | | | | | | |")
+                continue
+            gap = results["gap"].get(name, {}).get("gap", {})
+            vs_plain = results["vs_plain"].get(name, {})
+            main_cells = ["–", "–"] if vs_main is None else [
+                _fmt(vs_main.get("unsafe", {}).get("image (pooled)"), True), _fmt(vs_main.get("qa"), True)]
+            lines.append(f"| {name} | {what} | {', '.join(f'{x:.3g}' for x in gap.get('layer0_gap') or []) or '–'} | "
+                         f"{_ratio((gap.get('ratio_vs_plain') or {}).get('layer0_gap'))} | "
+                         f"{_fmt(own['unsafe'].get('image (pooled)'))} | "
+                         f"{_fmt(vs_plain.get('unsafe', {}).get('image (pooled)'), True)} | {main_cells[0]} | "
+                         f"{_fmt(own.get('qa'))} | {_fmt(vs_plain.get('qa'), True)} | {main_cells[1]} |")
+    return lines + [""]
 
 
 def primary_lines(summary: dict[str, Any]) -> list[str]:
@@ -229,6 +266,9 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
              f"`{summary['primary_judge']}` (others below). {len(summary['units'])} of "
              f"{len(summary['units_planned'])} planned units present.", ""]
     lines += primary_lines(summary)
+    if results.get("ablations"):
+        lines += [f"Arms named `regap-l<λ>@...` ({', '.join(results['ablations'])}) are exploratory ReGap ablations: "
+                  "see \"Exploratory: ablations\".", ""]
     if summary["notes"]:
         lines += ["**Notes**", ""] + [f"* {n}" for n in summary["notes"]] + [""]
     evaluated = [c for c in conditions if c != "backbone"]
@@ -270,6 +310,7 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
     lines += side_by_side(results)
     if summary.get("frontier"):
         lines += frontier_lines(results, summary["frontier"])
+    lines += ablation_lines(results)
     lines += claims_lines(summary)
     agreement = summary["judge_agreement"]
     lines += ["## Judges", "", "Unsafe rate on harmful requests over all responses of the study, per judge: " +

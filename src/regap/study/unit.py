@@ -42,10 +42,21 @@ class UnitRunner:
         self.notes: list[str] = []
         self._model = None
         self._data_sha: dict[Path, str] = {}
+        #: a stage-2 ablation's stage 1 is plain's of the same seed: trained (or found) through plain's runner
+        self.stage1_runner = None if spec.stage1_from is None else UnitRunner(
+            config, UnitSpec("plain", spec.seed, 0.0), out, work, dtype, log, progress, preregistration)
+
+    def stage_folder(self, stage: int) -> Path:
+        """Where a stage's output lives: this unit's work folder, or plain's for a reused stage 1."""
+        if stage == 1 and self.stage1_runner is not None:
+            return self.stage1_runner.stage_folder(1)
+        return self.work / f"stage{stage}"
 
     # ---- training ---------------------------------------------------------------------------------
     def _train_overrides(self, stage: int) -> list[str]:
         c, s = self.config, self.spec
+        if stage == 1 and self.stage1_runner is not None:  # the very overrides of plain's stage 1
+            return self.stage1_runner._train_overrides(1)
         spec = c.stage1 if stage == 1 else c.stage2
         overrides = [
             f"model={c.model}", f"dtype={self.dtype}", f"data.json={self.data / TRAINING_FILES[stage]}",
@@ -63,17 +74,40 @@ class UnitRunner:
         if spec.scenes is not None:
             overrides.append(f"data.max_items={spec.scenes}")
         if stage == 1:
-            overrides.append(f"regap.lam={s.lam}")
+            overrides += self._regap_overrides(1)
         else:
-            overrides += [f"projector={self.work / 'stage1'}", "regap.lam=0", f"lora.r={spec.lora_r}",
+            overrides += [f"projector={self.stage_folder(1)}", *self._regap_overrides(2), f"lora.r={spec.lora_r}",
                           f"lora.alpha={spec.lora_alpha}"]
             if spec.lora_targets:
                 overrides.append("lora.target_modules=[" + ",".join(spec.lora_targets) + "]")
         return overrides
 
+    def _regap_overrides(self, stage: int) -> list[str]:
+        """ReGap's settings in a stage: the unit's λ in stage 1 and off in stage 2; an ablation's λ, layer and
+        distance in the stage it regularises, and off in the other."""
+        from regap.study.config import VARIANT_KEYS
+
+        s = self.spec
+        if s.variant is None:
+            return [f"regap.lam={s.lam}"] if stage == 1 else ["regap.lam=0"]
+        if stage != s.regap_stage:
+            return ["regap.lam=0"]
+        variant = {**VARIANT_KEYS, **dict(s.variant or ())}
+        out = [f"regap.lam={s.lam}", f"regap.layer={variant['layer']}", f"regap.distance={variant['distance']}"]
+        if stage == 2:  # the main arm's other ReGap settings (warm-up, pooling) come from the stage-1 config
+            from regap.config import read_yaml
+            from regap.train.config import shipped_configs
+
+            main = read_yaml(shipped_configs()["tiny-stage1"]).get("regap") or {}
+            out += [f"regap.{k}={v}" for k, v in main.items() if k not in ("lam", *VARIANT_KEYS)]
+        return out
+
     def train(self, stage: int) -> None:
         from regap.train import load_config, read_metrics, train, training_seconds
 
+        if stage == 1 and self.stage1_runner is not None:
+            self._train_plain_stage1()
+            return
         overrides = self._train_overrides(stage)
         folder = self.work / f"stage{stage}"
 
@@ -90,6 +124,20 @@ class UnitRunner:
         self.markers.run(f"stage{stage}", self.stage_marker_params(stage), action, seconds=seconds,
                          legacy=self.legacy_stage_marker_params(stage))
 
+    def _train_plain_stage1(self) -> None:
+        """A stage-2 ablation's stage 1: plain's, through plain's own step marker, so it trains once for both
+        units. Training it here takes plain's unit lock (a plain unit running elsewhere makes this unit wait
+        for a later sitting, as any unit in use does); a finished one is only read."""
+        from regap.run_lock import exclusive_out
+
+        plain = self.stage1_runner
+        assert plain is not None
+        if plain.markers.done("stage1", plain.stage_marker_params(1), legacy=plain.legacy_stage_marker_params(1)):
+            return
+        self.log(f"{self.spec.name}: stage 1 is {plain.spec.name}'s (trained there)")
+        with exclusive_out(plain.work, flag="unit"):
+            plain.train(1)
+
     def stage_marker_params(self, stage: int) -> list[str]:
         """What a stage's step marker keys on: its training overrides but the progress display, so that
         showing a progress bar or not never redoes a stage (a stage trained elsewhere is adopted by
@@ -105,8 +153,9 @@ class UnitRunner:
                 if path not in self._data_sha:
                     self._data_sha[path] = file_sha256(path) if path.is_file() else "missing"
                 override = f"data.sha256={self._data_sha[path]}"
-            elif key == "projector":
-                override = "projector=stage1"
+            elif key == "projector":  # this unit's stage 1, or the plain unit's it reuses
+                override = "projector=stage1" if self.spec.stage1_from is None else \
+                    f"projector={self.spec.stage1_from}/stage1"
             params.append(override)
         return params
 
@@ -122,17 +171,19 @@ class UnitRunner:
 
         parts = []
         for stage, spec in ((1, self.config.stage1), (2, self.config.stage2)):
-            if self.markers.done(f"stage{stage}", self.stage_marker_params(stage),
-                                 legacy=self.legacy_stage_marker_params(stage)):
-                parts.append(f"stage {stage} done")
+            runner = self.stage1_runner if stage == 1 and self.stage1_runner is not None else self
+            whose = f" in {runner.spec.name}" if runner is not self else ""
+            if runner.markers.done(f"stage{stage}", runner.stage_marker_params(stage),
+                                   legacy=runner.legacy_stage_marker_params(stage)):
+                parts.append(f"stage {stage} done{whose}")
                 continue
-            checkpoint = latest_checkpoint(self.work / f"stage{stage}" / "checkpoints")
+            checkpoint = latest_checkpoint(runner.stage_folder(stage) / "checkpoints")
             if checkpoint is not None:
                 try:
                     step = read_state(checkpoint)["step"]
                 except (RegapError, KeyError):
                     step = "?"
-                parts.append(f"stage {stage} checkpoint at step {step}/{spec.steps}")
+                parts.append(f"stage {stage} checkpoint at step {step}/{spec.steps}{whose}")
             break
         return "; ".join(parts) or None
 
@@ -155,7 +206,7 @@ class UnitRunner:
 
         c = self.config
         rest = [images, texts, pairs, per_pair, c.gap.n_boot, self.dtype, defenses or []]
-        params = [model_folder.relative_to(self.work).as_posix()] + rest  # relative: a moved study continues
+        params = [self._relative(model_folder)] + rest  # relative: a moved study continues
 
         def action() -> None:
             from regap.models import load_trained
@@ -169,6 +220,13 @@ class UnitRunner:
                               progress=self.progress, dtype_requested=c.dtype, defenses=defenses, tag=sub)
 
         self.eval_markers.run(sub, params, action, legacy=[str(model_folder)] + rest)
+
+    def _relative(self, folder: Path) -> str:
+        """A model folder relative to this unit's work folder (`stage2`), or to the units' folder for another
+        unit's (`../plain-s0/stage1`)."""
+        if folder.is_relative_to(self.work):
+            return folder.relative_to(self.work).as_posix()
+        return "../" + folder.relative_to(self.work.parent).as_posix()
 
     def safety(self, sub: str, conditions: list[str], defenses: list[str]) -> None:
         from regap.safety.runner import SafetyRun, run_safety
@@ -248,7 +306,7 @@ class UnitRunner:
             self.notes.append(f"diverged: {exc}")
             return self.summary("diverged", started)
         for stage, name in TRAINING_FILES.items():
-            note = training_data_note(stage, self.work / f"stage{stage}", self.data / name)
+            note = training_data_note(stage, self.stage_folder(stage), self.data / name)
             if note is not None:
                 self.notes.append(note)
         if s.defense is not None:  # an evaluation unit: the defense on this arm's final model
@@ -262,12 +320,12 @@ class UnitRunner:
             self.release()
             return self.summary("completed", started)
         wanted = set(c.evaluations)
-        if "curve" in wanted and s.seed in c.curve.seeds:  # first: it says whether the trained model sees at all
+        if "curve" in wanted and s.seed in c.curve.seeds and s.variant is None:  # first: does the model see at all
             self.curve()
         if "gap" in wanted:
             self.gap("gap", self.work / "stage2", "scenes", "starter-benign", c.gap.pairs, c.gap.texts_per_pair)
             self.gap("gap_attack", self.work / "stage2", "blank", "starter-harmful", c.gap.attack_pairs, 1)
-            self.gap("gap_stage1", self.work / "stage1", "scenes", "starter-benign", c.gap.pairs,
+            self.gap("gap_stage1", self.stage_folder(1), "scenes", "starter-benign", c.gap.pairs,
                      c.gap.texts_per_pair)
         if "safety" in wanted:
             self.safety("safety", [x for x in c.safety.conditions if x != "backbone"], [])
@@ -324,7 +382,7 @@ class UnitRunner:
         record: dict[str, Any] = {
             "format": SUMMARY_FORMAT, "unit": s.name, "arm": s.arm, "seed": s.seed, "lambda": s.lam, "moca": s.moca,
             "status": status, "notes": self.notes, "config_hash": unit_config_hash(self.config),
-            "dtype": self.dtype, "training": {f"stage{k}": training_record(self.work / f"stage{k}") for k in (1, 2)},
+            "dtype": self.dtype, "training": {f"stage{k}": training_record(self.stage_folder(k)) for k in (1, 2)},
             "timings_seconds": self._timings(),
         }
         if status == "completed":
@@ -345,6 +403,10 @@ class UnitRunner:
             record["preregistration_sha256"] = self.preregistration
         if s.defense is not None:
             record["defense"], record["evaluates"] = s.defense, s.trained_name
+        if s.variant is not None:  # an exploratory ablation of the main ReGap arm
+            record["variant"] = dict(s.variant)
+            if s.stage1_from is not None:
+                record["stage1_from"] = s.stage1_from  # its stage 1 (and that stage's time) is that unit's
         record["wall_seconds_this_run"] = round(time.time() - started, 1)
         record["provenance"] = provenance(command="regap study", unit=s.name, study=self.config.to_dict(),
                                           study_hash=json_hash(self.config.to_dict()))
@@ -366,7 +428,7 @@ def unit_config_hash(config: StudyConfig) -> str:
     (seeds, λ values, the MoCa switch, the main λ, the defense arms) and the bookkeeping keys are left out,
     so a study can gain an arm without orphaning the units it already has. Keys added after units were
     run (`attn_implementation`, `stageN.projector_lr`, `stageN.scenes`, `data.conversations`) count only when set away from
-    their default, for the same reason."""
+    their default, for the same reason. `sweeps` and `ablations` list arms, so they are left out too."""
     from regap.provenance import json_hash
 
     data = config.to_dict()
@@ -380,6 +442,7 @@ def unit_config_hash(config: StudyConfig) -> str:
         data.pop(key, None)
     data["defenses"] = {k: v for k, v in data["defenses"].items() if k not in ("plain", "regap")}
     data.pop("sweeps", None)  # arms, like the defense lists: a study may gain sweep points
+    data.pop("ablations", None)  # arms too: the variant and its λ are in each ablation unit's name
     return json_hash(data)
 
 

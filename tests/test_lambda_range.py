@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from regap.cli import main
+from regap.errors import RegapError
 
 
 def _run(folder: Path, lam: float, gap: float, loss: float, steps: int = 8, finished: bool = True,
@@ -49,3 +51,65 @@ def test_a_folder_that_is_not_a_run_is_one_line(tmp_path, capsys):
     (tmp_path / "x").mkdir()
     assert main(["lambda-range", str(tmp_path / "x"), "--out", str(tmp_path / "o")]) == 2
     assert "not a regap training run" in capsys.readouterr().err
+
+
+# ---- RULE.md as code -------------------------------------------------------------------------------
+
+LAMBDAS = [0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+
+
+def _sweep(losses: list[float]) -> dict:
+    return {"runs": [{"lambda": lam, "caption_loss": loss} for lam, loss in zip(LAMBDAS, losses)]}
+
+
+def test_step1_reproduces_the_committed_sweeps_knee_and_candidates():
+    from regap.study.lambda_range import knee
+
+    committed = Path(__file__).resolve().parents[1] / "results" / "lambda-range" / "stage1_sweep.json"
+    step = knee(json.loads(committed.read_text()))
+    assert step["knee"] == 1e-4 and step["candidates"] == [1e-6, 1e-5, 1e-4]
+    assert step["bound"] == pytest.approx(1.03 * 0.7387673482298851)
+
+
+def test_step1_takes_the_largest_lambda_within_the_bound_and_fills_candidates_below_1e7():
+    from regap.study.lambda_range import knee
+
+    # 1e-3 is within 3 % though 1e-4 is not: the knee is the largest qualifying λ, not the first to fail
+    assert knee(_sweep([1.0, 1.0, 1.0, 1.0, 1.05, 1.02, 1.2, 1.3]))["candidates"] == [1e-5, 1e-4, 1e-3]
+    low = knee(_sweep([1.0, 1.01, 1.2, 1.2, 1.2, 1.2, 1.2, 1.2]))  # only 1e-7 qualifies
+    assert low["knee"] == 1e-7 and low["candidates"] == [1e-7, 1e-6, 1e-5]
+    none = knee(_sweep([1.0, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5]))  # nothing qualifies: λ_k = 1e-7
+    assert none["knee"] == 1e-7 and none["within_bound"] == [] and none["candidates"] == [1e-7, 1e-6, 1e-5]
+    assert knee(_sweep([1.0, 1.0, 1.0, 1.5, 1.5, 1.5, 1.5, 1.5]))["candidates"] == [1e-7, 1e-6, 1e-5]
+
+
+def _check(qa: dict[str, float]) -> dict:
+    return {"results": {"arms": {arm: {"qa": {"mean": value}} for arm, value in qa.items()}}}
+
+
+def test_step2_takes_the_largest_candidate_that_keeps_qa_else_the_smallest():
+    from regap.study.lambda_range import choose_lambda_star
+
+    candidates = [1e-6, 1e-5, 1e-4]
+    step = choose_lambda_star(_check({"plain": 0.60, "regap-l1e-06": 0.61, "regap-l1e-05": 0.56,
+                                      "regap-l0.0001": 0.54}), candidates)
+    assert step["lambda_star"] == 1e-5 and step["arm"] == "regap-l1e-05"  # 0.56 >= 0.55; 0.54 is not
+    worst = choose_lambda_star(_check({"plain": 0.60, "regap-l1e-06": 0.5, "regap-l1e-05": 0.5,
+                                       "regap-l0.0001": 0.5}), candidates)
+    assert worst["lambda_star"] == 1e-6 and "no candidate" in worst["reason"]
+    with pytest.raises(RegapError, match="no held-out QA for regap-l0.0001"):
+        choose_lambda_star(_check({"plain": 0.6, "regap-l1e-06": 0.6, "regap-l1e-05": 0.6}), candidates)
+
+
+def test_lambda_choose_reads_the_committed_files_and_writes_its_choice(tmp_path, capsys):
+    sweep = tmp_path / "stage1_sweep.json"
+    sweep.write_text(json.dumps(_sweep([1.0, 1.0, 1.0, 1.0, 1.0, 1.2, 1.2, 1.2])))
+    (tmp_path / "check").mkdir()
+    (tmp_path / "check" / "summary.json").write_text(json.dumps(_check(
+        {"plain": 0.6, "regap-l1e-06": 0.6, "regap-l1e-05": 0.6, "regap-l0.0001": 0.6})))
+    assert main(["lambda-choose", "--sweep", str(sweep), "--check", str(tmp_path / "check"),
+                 "--out", str(tmp_path / "check")]) == 0
+    assert "λ* = 0.0001" in capsys.readouterr().out
+    assert json.loads((tmp_path / "check" / "lambda_choice.json").read_text())["arm"] == "regap-l0.0001"
+    assert main(["lambda-choose", "--sweep", str(tmp_path / "nope.json"), "--check", str(tmp_path)]) == 2
+    assert "stage-1 sweep summary not found" in capsys.readouterr().err

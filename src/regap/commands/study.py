@@ -176,6 +176,27 @@ def lambda_range_command(
         typer.echo(f"note: {note}")
 
 
+def lambda_choose_command(
+    sweep: Path = typer.Option(..., "--sweep", help="The stage-1 sweep's stage1_sweep.json (`regap lambda-range`)."),
+    check: Path = typer.Option(..., "--check", help="The λ check study's results folder (or its summary.json)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write lambda_choice.json here."),
+) -> None:
+    """λ* by results/lambda-range/RULE.md: the knee and its three candidates from the sweep (caption loss),
+    then the largest candidate whose held-out QA is within 0.05 of plain's (never a safety result)."""
+    from regap.study.lambda_range import choose
+
+    result = choose(sweep, check, out)
+    step1, step2 = result["step1"], result["step2"]
+    typer.echo(f"step 1: knee λ_k = {step1['knee']:g} (caption loss bound {step1['bound']:.4g}); candidates "
+               + ", ".join(f"{c:g}" for c in step1["candidates"]))
+    typer.echo(f"step 2: plain QA {step2['plain_qa']:.3f}")
+    for arm, row in step2["candidates"].items():
+        typer.echo(f"  {arm}: QA {row['qa']:.3f} ({row['qa_minus_plain']:+.3f}) "
+                   + ("keeps utility" if row["keeps_utility"] else "below the margin"))
+    typer.echo(f"λ* = {result['lambda_star']:g} ({step2['reason']})")
+
+
 def register(app: typer.Typer) -> None:
     app.command("study", cls=RegapCommand)(study_command)
     app.command("lambda-range", cls=RegapCommand)(lambda_range_command)
+    app.command("lambda-choose", cls=RegapCommand)(lambda_choose_command)

@@ -112,9 +112,106 @@ def write(folders: list[Path], out: Path, tail: int = 16) -> dict[str, Any]:
     from regap.files import write_json_atomic, write_text_atomic
 
     summary = summarise(folders, tail)
+    if any(r["lambda"] == 0 and r.get("caption_loss") is not None for r in summary["runs"]):
+        summary["step1"] = knee(summary)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     plot(summary, out / "figures" / "stage1_sweep.png")
     write_json_atomic(out / "stage1_sweep.json", summary)
     notes = [f"* {n}" for n in summary["notes"]]
+    if "step1" in summary:
+        step = summary["step1"]
+        notes.append(f"* RULE.md step 1: bound {step['bound']:.4g} (1.03 x λ = 0's caption loss); knee λ_k = "
+                     f"{step['knee']:g}; candidates {', '.join(f'{c:g}' for c in step['candidates'])}")
     write_text_atomic(out / "stage1_sweep.md", "\n".join(table(summary) + ([""] + notes if notes else [])) + "\n")
     return summary
+
+
+# ---- results/lambda-range/RULE.md, as code --------------------------------------------------------
+
+#: Step 1: captioning counts as unharmed while the caption loss is at most this multiple of λ = 0's.
+CAPTION_BOUND = 1.03
+#: The smallest λ the rule considers (the sweep's smallest value > 0).
+SMALLEST_LAMBDA = 1e-7
+#: Step 2: a candidate keeps utility while its held-out QA is at least plain's minus this (P3's margin).
+QA_MARGIN = 0.05
+
+
+def knee(summary: dict[str, Any], bound: float = CAPTION_BOUND) -> dict[str, Any]:
+    """Step 1 of RULE.md on a stage-1 sweep (`summarise`): the knee λ_k, the largest swept λ > 0 whose caption
+    loss is at most `bound` x λ = 0's (1e-7 if none), and the three candidates λ_k/100, λ_k/10, λ_k, with
+    values below 1e-7 replaced by the next swept values above, so there are always three."""
+    runs = [r for r in summary["runs"] if r.get("caption_loss") is not None]
+    base = [r["caption_loss"] for r in runs if r["lambda"] == 0]
+    if not base:
+        raise RegapError("the sweep has no λ = 0 run with a caption loss: the rule's bound needs it")
+    limit = bound * base[0]
+    swept = sorted(r["lambda"] for r in runs if r["lambda"] > 0)
+    within = [r["lambda"] for r in runs if r["lambda"] > 0 and r["caption_loss"] <= limit]
+    lam_k = max(within) if within else SMALLEST_LAMBDA
+    wanted = [lam_k / 100, lam_k / 10, lam_k]
+    candidates = [_swept_value(w, swept) for w in wanted if w >= SMALLEST_LAMBDA * (1 - 1e-9)]
+    for value in swept:  # fill from the smallest swept values above the ones kept
+        if len(candidates) >= 3:
+            break
+        if value >= SMALLEST_LAMBDA and value not in candidates and value > max(candidates, default=0.0):
+            candidates.append(value)
+    return {"rule": "results/lambda-range/RULE.md, step 1", "caption_loss_at_0": base[0], "bound": limit,
+            "within_bound": sorted(within), "knee": lam_k, "candidates": sorted(candidates)}
+
+
+def _swept_value(value: float, swept: list[float]) -> float:
+    """`value` as the swept λ it names (λ_k / 10 is 1e-5, not 1.0000000000000001e-05)."""
+    for lam in swept:
+        if math.isclose(lam, value, rel_tol=1e-6):
+            return lam
+    return float(f"{value:.6g}")
+
+
+def choose_lambda_star(check: dict[str, Any], candidates: list[float], margin: float = QA_MARGIN) -> dict[str, Any]:
+    """Step 2 of RULE.md on the λ check's `summary.json`: λ* is the largest candidate whose held-out QA is at
+    least plain's minus `margin`, else the smallest candidate. Only QA is read, never a safety result."""
+    from regap.study.config import arm_name
+
+    arms = (check.get("results") or {}).get("arms") or {}
+
+    def qa(arm: str) -> float | None:
+        entry = (arms.get(arm) or {}).get("qa")
+        return None if entry is None else entry["mean"]
+
+    plain = qa("plain")
+    missing = [arm for arm in ["plain", *(arm_name(lam) for lam in candidates)] if qa(arm) is None]
+    if missing:
+        raise RegapError(f"the λ check has no held-out QA for {', '.join(missing)} yet: λ* cannot be chosen")
+    assert plain is not None
+    table = {arm_name(lam): {"lambda": lam, "qa": qa(arm_name(lam)), "qa_minus_plain": qa(arm_name(lam)) - plain,
+                             "keeps_utility": qa(arm_name(lam)) >= plain - margin} for lam in sorted(candidates)}
+    keeping = [row["lambda"] for row in table.values() if row["keeps_utility"]]
+    lam_star = max(keeping) if keeping else min(candidates)
+    reason = (f"the largest candidate with QA ≥ plain − {margin:g}" if keeping else
+              f"no candidate has QA ≥ plain − {margin:g}: the smallest candidate")
+    return {"rule": "results/lambda-range/RULE.md, step 2", "plain_qa": plain, "margin": margin,
+            "candidates": table, "lambda_star": lam_star, "arm": arm_name(lam_star), "reason": reason}
+
+
+def choose(sweep: Path, check: Path, out: Path | None = None) -> dict[str, Any]:
+    """Both steps of RULE.md from the committed files: the sweep's `stage1_sweep.json` (step 1) and the λ
+    check's `summary.json` (step 2); written to `OUT/lambda_choice.json` when `out` is given."""
+    from regap.files import write_json_atomic
+
+    def load(path: Path, what: str) -> dict[str, Any]:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RegapError(f"{what} not found: {path}") from None
+        except (OSError, ValueError) as exc:
+            raise RegapError(f"{what} unreadable: {path} ({exc})") from None
+
+    step1 = knee(load(sweep, "stage-1 sweep summary"))
+    check_file = check / "summary.json" if check.is_dir() else check
+    step2 = choose_lambda_star(load(check_file, "λ check summary"), step1["candidates"])
+    result = {"step1": step1, "step2": step2, "lambda_star": step2["lambda_star"], "arm": step2["arm"],
+              "inputs": {"sweep": str(sweep), "check": str(check_file)}}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "lambda_choice.json", result)
+    return result

@@ -87,7 +87,10 @@ def test_xstest_settings_leave_the_unit_hash_of_studies_without_them_unchanged(t
     base = load_study_config("tiny-study")
     assert unit_config_hash(load_study_config("tiny-study", ["safety.xstest_conditions=[text,blank]"])) == \
         unit_config_hash(base)
-    assert unit_config_hash(load_study_config("tiny-study", [f"safety.xstest={tmp_path}"])) != unit_config_hash(base)
+    measured = unit_config_hash(load_study_config("tiny-study", [f"safety.xstest={tmp_path}"]))
+    assert measured != unit_config_hash(base)
+    # the same file elsewhere (another machine's data folder) keeps the units: its content keys the step
+    assert unit_config_hash(load_study_config("tiny-study", [f"safety.xstest={tmp_path / 'elsewhere'}"])) == measured
 
 
 def test_bad_xstest_settings_are_one_line(tmp_path):

@@ -443,6 +443,8 @@ def unit_config_hash(config: StudyConfig) -> str:
     data["defenses"] = {k: v for k, v in data["defenses"].items() if k not in ("plain", "regap")}
     data.pop("sweeps", None)  # arms, like the defense lists: a study may gain sweep points
     data.pop("ablations", None)  # arms too: the variant and its λ are in each ablation unit's name
+    if data["safety"].get("xstest") is not None:  # where the file lives is not what a unit computes; its
+        data["safety"]["xstest"] = "measured"     # content keys the XSTest step's marker (a new file reruns it)
     return json_hash(data)
 
 

@@ -179,7 +179,7 @@ def lambda_range_command(
 def lambda_choose_command(
     sweep: Path = typer.Option(..., "--sweep", help="The stage-1 sweep's stage1_sweep.json (`regap lambda-range`)."),
     check: Path = typer.Option(..., "--check", help="The λ check study's results folder (or its summary.json)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write lambda_choice.json here."),
+    out: Optional[Path] = out_option("lambda_choice.json (optional)", default=None),
 ) -> None:
     """λ* by results/lambda-range/RULE.md: the knee and its three candidates from the sweep (caption loss),
     then the largest candidate whose held-out QA is within 0.05 of plain's (never a safety result)."""

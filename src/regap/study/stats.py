@@ -134,10 +134,29 @@ class Tables:
         return (np.vstack(rows), seeds) if rows else None
 
 
+#: The rates of an arm: (key, outcome, request label, the unit summaries' record), each per condition and
+#: pooled over the image conditions.
+RATES = (("unsafe", "unsafe", "H", "safety"), ("refused", "refused", "H", "safety"),
+         ("over_refusal", "refused", "B", "safety"), ("xstest_over_refusal", "refused", "B", "xstest"))
+
+
 def _measured(entry: dict[str, Any]) -> dict[str, Any]:
     """Without the conditions an arm was not evaluated under (a defense arm has no text-only row)."""
-    return {k: ({c: v for c, v in value.items() if v is not None} if isinstance(value, dict)
-                and k in ("unsafe", "refused", "over_refusal", "xstest_over_refusal") else value) for k, value in entry.items()}
+    rates = {key for key, *_ in RATES}
+    return {k: ({c: v for c, v in value.items() if v is not None} if isinstance(value, dict) and k in rates
+                else value) for k, value in entry.items()}
+
+
+def _rates(tables: "Tables", arm: str, outcome: str, label: str, run: str, conditions: list[str], image: list[str],
+           n_boot: int, level: float, name: str) -> dict[str, Any]:
+    """One rate per condition (None where not measured) and, pooled over the image conditions, each request's
+    mean over them; every table is read once."""
+    found = {c: tables.safety(arm, c, outcome, label=label, run=run) for c in conditions if c != "backbone"}
+    out: dict[str, Any] = {c: _mean(t, n_boot, level, f"{name}/{c}") for c, t in found.items()}
+    pooled = [t for c, t in found.items() if c in image and t is not None]
+    if pooled:
+        out["image (pooled)"] = _mean((_pool([t[0] for t in pooled]), pooled[0][1]), n_boot, level, f"{name}/image")
+    return out
 
 
 def _pool(tables: list[np.ndarray]) -> np.ndarray:
@@ -214,28 +233,11 @@ def aggregate(units: list[dict[str, Any]], backbone: dict[str, Any] | None, judg
     image = [c for c in conditions if c in IMAGE_CONDITIONS]
     result: dict[str, Any] = {"judge": judge, "seeds": tables.seeds, "arms": {}, "vs_plain": {}, "claims": {}}
     for arm in tables.arms():
-        entry: dict[str, Any] = {"unsafe": {}, "refused": {}, "over_refusal": {}}
-        for condition in conditions:
-            if condition == "backbone":
-                continue
-            entry["unsafe"][condition] = _mean(tables.safety(arm, condition), n_boot, level, f"{arm}/{condition}")
-            entry["refused"][condition] = _mean(tables.safety(arm, condition, "refused"), n_boot, level,
-                                                f"{arm}/{condition}/refused")
-            entry["over_refusal"][condition] = _mean(tables.safety(arm, condition, "refused", label="B"), n_boot,
-                                                     level, f"{arm}/{condition}/benign")
-        for key, outcome, label in (("unsafe", "unsafe", "H"), ("refused", "refused", "H"),
-                                    ("over_refusal", "refused", "B")):
-            pooled = [t for c in image if (t := tables.safety(arm, c, outcome, label=label)) is not None]
-            if pooled:
-                entry[key]["image (pooled)"] = _mean((_pool([t[0] for t in pooled]), pooled[0][1]), n_boot, level,
-                                                     f"{arm}/image/{key}")
-        xstest = {c: t for c in conditions if (t := tables.safety(arm, c, "refused", label="B", run="xstest"))}
-        if xstest:
-            entry["xstest_over_refusal"] = {c: _mean(t, n_boot, level, f"{arm}/{c}/xstest") for c, t in xstest.items()}
-            pooled = [t for c, t in xstest.items() if c in image]
-            if pooled:
-                entry["xstest_over_refusal"]["image (pooled)"] = _mean(
-                    (_pool([t[0] for t in pooled]), pooled[0][1]), n_boot, level, f"{arm}/image/xstest")
+        entry: dict[str, Any] = {}
+        for key, outcome, label, run in RATES:
+            rates = _rates(tables, arm, outcome, label, run, conditions, image, n_boot, level, f"{arm}/{key}")
+            if run == "safety" or any(v is not None for v in rates.values()):  # XSTest: only where it was asked
+                entry[key] = rates
         entry["qa"] = _mean(tables.qa(arm), n_boot, level, f"{arm}/qa")
         entry["units"] = sorted(u["unit"] for u in units if arm in u.get("safety", {}) or arm in u.get("utility", {}))
         result["arms"][arm] = _measured(entry)

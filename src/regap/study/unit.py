@@ -229,39 +229,37 @@ class UnitRunner:
         return "../" + folder.relative_to(self.work.parent).as_posix()
 
     def safety(self, sub: str, conditions: list[str], defenses: list[str]) -> None:
-        from regap.safety.runner import SafetyRun, run_safety
-
         c = self.config.safety
         params = [conditions, defenses, c.judges, c.source_limits(), c.max_new_tokens, self.dtype]
         params += [c.judge_options] if c.judge_options else []  # without options: the key it always had
-
-        def action() -> None:
-            self.log(f"{self.spec.name}: safety {sub} ({', '.join(conditions)})")
-            run = SafetyRun(model=str(self.work / "stage2"), out=self.eval_dir / sub,
-                            prompts=["starter-harmful", "starter-benign"], conditions=conditions, judges=c.judges,
-                            source_limits=c.source_limits(), judge_options=c.judge_options,
-                            max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, dtype=self.dtype,
-                            seed=self.spec.seed, defenses=defenses)
-            run_safety(run, progress=self.progress, model=self.final_model())
-
-        self.eval_markers.run(sub, params, action)
+        self._safety_step(sub, params, f"safety {sub}", conditions, defenses,
+                          prompts=["starter-harmful", "starter-benign"], source_limits=c.source_limits())
 
     def xstest(self, sub: str, conditions: list[str], defenses: list[str]) -> None:
         """XSTest's safe prompts under `conditions`: how often the model refuses a request that only sounds
         unsafe (the frontier's over-refusal column); judged like the safety run."""
         from regap.files import file_sha256
-        from regap.safety.runner import SafetyRun, run_safety
 
         c = self.config.safety
         path = xstest_file(c.xstest)
         params = [conditions, defenses, c.judges, file_sha256(path), c.max_new_tokens, self.dtype, c.judge_options]
+        self._safety_step(sub, params, "XSTest safe prompts", conditions, defenses, prompts=[f"xstest:{path}"],
+                          source_options={"xstest": {"label": "safe"}})
+
+    def _safety_step(self, sub: str, params: list[Any], what: str, conditions: list[str], defenses: list[str],
+                     **requests: Any) -> None:
+        """A safety run of this unit's final model as a resumable step: the study's judges and decoding,
+        the requests given by `requests` (`prompts` and their limits or loader options)."""
+        from regap.safety.runner import SafetyRun, run_safety
+
+        c = self.config.safety
 
         def action() -> None:
-            self.log(f"{self.spec.name}: XSTest safe prompts ({', '.join(conditions)})")
-            run = SafetyRun(model=str(self.work / "stage2"), out=self.eval_dir / sub, prompts=[f"xstest:{path}"],
-                            conditions=conditions, judges=c.judges, source_options={"xstest": {"label": "safe"}},
-                            judge_options=c.judge_options, max_new_tokens=c.max_new_tokens,
-                            batch_size=c.batch_size, dtype=self.dtype, seed=self.spec.seed, defenses=defenses)
+            self.log(f"{self.spec.name}: {what} ({', '.join(conditions)})")
+            run = SafetyRun(model=str(self.work / "stage2"), out=self.eval_dir / sub, conditions=conditions,
+                            judges=c.judges, judge_options=c.judge_options, max_new_tokens=c.max_new_tokens,
+                            batch_size=c.batch_size, dtype=self.dtype, seed=self.spec.seed, defenses=defenses,
+                            **requests)
             run_safety(run, progress=self.progress, model=self.final_model())
 
         self.eval_markers.run(sub, params, action)

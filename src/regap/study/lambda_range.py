@@ -173,18 +173,14 @@ def choose_lambda_star(check: dict[str, Any], candidates: list[float], margin: f
     from regap.study.config import arm_name
 
     arms = (check.get("results") or {}).get("arms") or {}
-
-    def qa(arm: str) -> float | None:
-        entry = (arms.get(arm) or {}).get("qa")
-        return None if entry is None else entry["mean"]
-
-    plain = qa("plain")
-    missing = [arm for arm in ["plain", *(arm_name(lam) for lam in candidates)] if qa(arm) is None]
+    names = ["plain", *(arm_name(lam) for lam in sorted(candidates))]
+    qa = {arm: ((arms.get(arm) or {}).get("qa") or {}).get("mean") for arm in names}
+    missing = [arm for arm in names if qa[arm] is None]
     if missing:
         raise RegapError(f"the λ check has no held-out QA for {', '.join(missing)} yet: λ* cannot be chosen")
-    assert plain is not None
-    table = {arm_name(lam): {"lambda": lam, "qa": qa(arm_name(lam)), "qa_minus_plain": qa(arm_name(lam)) - plain,
-                             "keeps_utility": qa(arm_name(lam)) >= plain - margin} for lam in sorted(candidates)}
+    plain = qa["plain"]
+    table = {arm_name(lam): {"lambda": lam, "qa": qa[arm_name(lam)], "qa_minus_plain": qa[arm_name(lam)] - plain,
+                             "keeps_utility": qa[arm_name(lam)] >= plain - margin} for lam in sorted(candidates)}
     keeping = [row["lambda"] for row in table.values() if row["keeps_utility"]]
     lam_star = max(keeping) if keeping else min(candidates)
     reason = (f"the largest candidate with QA ≥ plain − {margin:g}" if keeping else

@@ -33,6 +33,29 @@ def test_shipped_config_loads_and_plans_every_arm():
     assert next(u for u in units if u.arm == "moca").moca
 
 
+def test_exploratory_seeds_narrow_every_arm_but_the_main_pair():
+    """A confirmatory pair on five seeds, its exploratory arms (other λ, MoCa, defenses, sweeps) on three."""
+    from regap.study.unit import unit_config_hash
+    from regap.study.units import planned_seeds
+
+    base = ["seeds=[0,1,2,3,4]", "sweeps={cmrm: {alpha: [0.01, 0.1]}}"]
+    config = load_study_config("tiny-study", [*base, "exploratory_seeds=[0,1,2]"])
+    seeds = planned_seeds(plan_units(config))
+    assert seeds["plain"] == seeds["regap-l0.1"] == [0, 1, 2, 3, 4]
+    for arm in ("regap-l1", "moca", "plain+cmrm", "plain+cmrm:alpha=0.01", "plain+layer0-align", "regap-l0.1+cmrm"):
+        assert seeds[arm] == [0, 1, 2], arm
+    everywhere = planned_seeds(plan_units(load_study_config("tiny-study", base)))
+    assert all(s == [0, 1, 2, 3, 4] for s in everywhere.values())
+    # an arm list, not a recipe: units already run keep their hash
+    assert unit_config_hash(config) == unit_config_hash(load_study_config("tiny-study", base))
+
+
+@pytest.mark.parametrize("value", ["[]", "[0,0]", "[7]"])
+def test_exploratory_seeds_must_be_distinct_seeds_of_the_study(value):
+    with pytest.raises(RegapError, match=r"exploratory_seeds: need one or more distinct seeds among the study's seeds \[0, 1, 2\]"):
+        load_study_config("tiny-study", [f"exploratory_seeds={value}"])
+
+
 def test_the_lambda_check_trains_what_the_study_trains_and_measures_no_safety(tmp_path, capsys):
     """results/lambda-range/RULE.md step 2: seed 0 of plain and the candidates, the study's recipe, no safety
     run at all (not even the once-per-study backbone), so the choice of λ never reads a safety result."""

@@ -252,7 +252,7 @@ def test_ablation_arms_are_compared_with_plain_and_the_main_arm_but_stay_out_of_
     assert result["gap"]["regap-l0.1@layer6"]["gap"]["ratio_vs_plain"]["layer0_gap"]["ratio"] == pytest.approx(0.5)
     for claim in ("b_regap_lowers_gap", "c_regap_lowers_unsafe", "d_utility_holds"):
         assert set(result["claims"][claim]) == {"question", "regap-l0.1"}
-    assert set(choose_lambda(result, [0, 1], 0.1)["candidates"]) == {"regap-l0.1"}
+    assert set(choose_lambda(result, {"regap-l0.1": [0, 1]}, 0.1)["candidates"]) == {"regap-l0.1"}
 
 
 def test_an_ablation_cannot_be_the_primary_arm():

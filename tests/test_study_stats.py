@@ -162,7 +162,7 @@ def test_best_lambda_is_the_one_with_most_qa_among_those_that_lower_unsafe():
         "regap-l10": ([0, 1, 2], -0.20, -0.10, 0.30),
         "regap-l1+cmrm": ([0, 1, 2], -0.30, -0.20, 0.90),  # an inference-time arm is not a λ
         "moca": ([0, 1, 2], -0.09, -0.05, 0.65),
-    }), [0, 1, 2], 0.1)
+    }), dict.fromkeys(["regap-l0.1", "regap-l1", "regap-l10"], [0, 1, 2]), 0.1)
     assert (choice["arm"], choice["lambda"], choice["decided"]) == ("regap-l1", 1.0, True)
     assert set(choice["candidates"]) == {"regap-l0.1", "regap-l1", "regap-l10"}
     assert not choice["candidates"]["regap-l0.1"]["lowers_unsafe"]
@@ -174,16 +174,27 @@ def test_best_lambda_falls_back_to_the_main_arm_and_waits_for_missing_seeds():
     choice = choose_lambda(_choice_input({
         "regap-l0.1": ([0, 1, 2], -0.02, 0.03, 0.49),
         "regap-l1": ([0, 1], -0.09, -0.04, 0.47),  # two of three seeds: cannot be chosen yet
-    }), [0, 1, 2], 0.1)
+    }), dict.fromkeys(["regap-l0.1", "regap-l1"], [0, 1, 2]), 0.1)
     assert (choice["arm"], choice["lambda"]) == ("regap-l0.1", 0.1)
     assert not choice["decided"] and choice["waiting_for"] == ["regap-l1"]
     assert "main arm stays" in choice["reason"]
 
 
+def test_best_lambda_is_complete_on_the_seeds_planned_for_its_arm():
+    """With `exploratory_seeds`, a λ outside the main pair is planned on fewer seeds; it is complete on those."""
+    from regap.study.selection import choose_lambda
+
+    choice = choose_lambda(_choice_input({
+        "regap-l0.0001": ([0, 1, 2, 3, 4], -0.02, 0.03, 0.60),
+        "regap-l1": ([0, 1, 2], -0.09, -0.04, 0.47),
+    }), {"regap-l0.0001": [0, 1, 2, 3, 4], "regap-l1": [0, 1, 2]}, 1e-4)
+    assert choice["decided"] and choice["arm"] == "regap-l1"
+
+
 def test_aggregate_feeds_the_rule(result):
     from regap.study.selection import choose_lambda
 
-    choice = choose_lambda(result, [0, 1], 1.0)
+    choice = choose_lambda(result, {"regap-l1": [0, 1]}, 1.0)
     c = choice["candidates"]["regap-l1"]
     assert c["unsafe_image_vs_plain"]["mean"] == pytest.approx(-0.5) and c["qa"] == pytest.approx(5 / 8)
     assert c["complete"] and choice["arm"] == "regap-l1"

@@ -137,6 +137,10 @@ class StudyConfig:
     dtype: str = "auto"
     attn_implementation: str | None = None  # the LLM's attention in both training stages (null: library default)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    #: the seeds of every arm other than plain and the main ReGap arm (the other λ values, MoCa, the defense
+    #: and sweep arms), a subset of `seeds`: a confirmatory pair on five seeds with its exploratory arms on
+    #: three (null: all of `seeds`; the ablations have `ablations.seeds`)
+    exploratory_seeds: list[int] | None = None
     lambdas: list[float] = field(default_factory=lambda: [0.0, 0.1, 1.0])
     regap_lambda: float = 0.1
     moca: bool = True
@@ -166,6 +170,10 @@ class StudyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def arm_seeds(self) -> list[int]:
+        """The seeds of an arm outside the main pair (plain, `regap_lambda`): `exploratory_seeds`, else all."""
+        return list(self.seeds if self.exploratory_seeds is None else self.exploratory_seeds)
 
     def plain_defenses(self) -> list[str]:
         """The inference-time arms on plain's models: `defenses.plain` and every point of `sweeps`, as
@@ -223,6 +231,10 @@ class StudyConfig:
         check_attention(self.attn_implementation)
         if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
             raise RegapError(f"seeds: need one or more distinct seeds, got {self.seeds}")
+        extra = self.exploratory_seeds
+        if extra is not None and (not extra or len(set(extra)) != len(extra) or any(s not in self.seeds for s in extra)):
+            raise RegapError(f"exploratory_seeds: need one or more distinct seeds among the study's seeds {self.seeds} "
+                             f"(or null for all of them), got {extra}")
         if 0.0 not in self.lambdas:
             raise RegapError(f"lambdas: must contain 0 (the plain arm), got {self.lambdas}")
         if any(lam < 0 for lam in self.lambdas) or len(set(self.lambdas)) != len(self.lambdas):

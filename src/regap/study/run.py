@@ -28,7 +28,7 @@ from regap.study.config import StudyConfig, study_arms
 from regap.study.steps import StepMarkers
 from regap.study.records import safety_record
 from regap.study.unit import UnitRunner, unit_config_hash
-from regap.study.units import UnitSpec, is_defended, plan_units
+from regap.study.units import UnitSpec, is_defended, plan_units, planned_seeds
 
 
 #: How many of the most recently created timed units an estimate reads (see `Study.minutes_per_unit`).
@@ -384,7 +384,7 @@ class Study:
             "units": sorted(present), "units_planned": [u.name for u in planned], "notes": notes,
             "primary_judge": c.safety.primary_judge,
             "results": stats[c.safety.primary_judge],
-            "best_lambda": choose_lambda(stats[c.safety.primary_judge], c.seeds, c.regap_lambda),
+            "best_lambda": choose_lambda(stats[c.safety.primary_judge], planned_seeds(planned), c.regap_lambda),
             "frontier": recommendations(stats[c.safety.primary_judge]),
             "other_judges": {j: {"arms": {a: v["unsafe"] for a, v in s["arms"].items()}, "claims": s["claims"]}
                              for j, s in stats.items() if j != c.safety.primary_judge},

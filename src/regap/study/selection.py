@@ -20,8 +20,9 @@ RULE = ("among the ReGap λ values whose pooled-image unsafe rate (main judge) m
         "(regap_lambda) stays")
 
 
-def choose_lambda(result: dict[str, Any], seeds: list[int], main_lambda: float) -> dict[str, Any]:
-    """Apply `RULE` to one judge's aggregate (`regap.study.stats.aggregate`)."""
+def choose_lambda(result: dict[str, Any], planned_seeds: dict[str, list[int]], main_lambda: float) -> dict[str, Any]:
+    """Apply `RULE` to one judge's aggregate (`regap.study.stats.aggregate`); `planned_seeds` maps each arm
+    to the seeds the study plans for it (an arm outside the main pair may have fewer: `exploratory_seeds`)."""
     candidates: dict[str, dict[str, Any]] = {}
     for arm, diff in result.get("vs_plain", {}).items():
         lam = arm_lambda(arm)
@@ -31,7 +32,7 @@ def choose_lambda(result: dict[str, Any], seeds: list[int], main_lambda: float) 
         qa = (result["arms"].get(arm) or {}).get("qa")
         have = sorted(unsafe["seeds"]) if unsafe else []
         candidates[arm] = {
-            "lambda": lam, "seeds": have, "complete": have == sorted(seeds),
+            "lambda": lam, "seeds": have, "complete": have == sorted(planned_seeds.get(arm, [])),
             "unsafe_image_vs_plain": None if unsafe is None else {"mean": unsafe["mean"], "ci": unsafe["ci"]},
             "lowers_unsafe": unsafe is not None and unsafe["ci"] is not None and unsafe["ci"][1] < 0,
             "qa": None if qa is None else qa["mean"],

@@ -5,7 +5,8 @@ An *arm* is a training recipe: `plain` (λ = 0), `regap-l<λ>` (ReGap at λ in s
 every evaluation of the final model (and of its stage-1 checkpoint). An inference-time defense on
 a trained arm (`plain+cmrm`, `regap-l0.1+cmrm`, ...) is an evaluation unit of its own: it trains
 nothing (it uses its arm's models, training them first if needed), so every unit stays within
-the time one sitting allows. Units are ordered so that a partial study is as useful as it can be:
+the time one sitting allows. The main pair (plain and the main ReGap arm) runs on every seed, every other
+arm on `exploratory_seeds` (all seeds unless set). Units are ordered so that a partial study is as useful as it can be:
 the plain and main ReGap arms of every seed first, then the defense arms, then the other λ values,
 then MoCa, then the exploratory ablations (`regap-l<λ>@layer6`, `@stage2`, `@frechet`, ...: the main ReGap
 arm with one setting changed; an `@` arm is never a defended arm, even when its variant holds a `+`, as in
@@ -66,17 +67,26 @@ def plan_units(config: StudyConfig) -> list[UnitSpec]:
     def defended(lam: float, seed: int, defense: str) -> UnitSpec:
         return UnitSpec(defended_arm(arm_name(lam), defense), seed, lam, False, defense)
 
+    seeds = config.arm_seeds()  # every arm outside the main pair
     units = [unit(lam, seed) for seed in config.seeds for lam in main]
-    units += [defended(lam, seed, d) for seed in config.seeds
+    units += [defended(lam, seed, d) for seed in seeds
               for lam, specs in ((0.0, config.plain_defenses()), (config.regap_lambda, config.regap_defenses()))
               for d in specs]
-    units += [unit(lam, seed) for lam in others for seed in config.seeds]
+    units += [unit(lam, seed) for lam in others for seed in seeds]
     if config.moca:
-        units += [unit(0.0, seed, moca=True) for seed in config.seeds]
+        units += [unit(0.0, seed, moca=True) for seed in seeds]
     lam = config.ablation_lambda()
     units += [UnitSpec(ablation_arm(lam, variant), seed, lam, variant=variant)
               for variant in config.ablation_variants() for seed in config.ablations.seeds]
     return units
+
+
+def planned_seeds(units: list[UnitSpec]) -> dict[str, list[int]]:
+    """Each arm's planned seeds, in plan order."""
+    out: dict[str, list[int]] = {}
+    for u in units:
+        out.setdefault(u.arm, []).append(u.seed)
+    return out
 
 
 def split_arm(arm: str) -> tuple[str, str | None, str]:

@@ -774,6 +774,7 @@ def test_sweep_points_become_evaluation_units_once_each():
     (["sweeps={cmrm: {alpha: [-0.1]}}"], "outside its range"),
     (["sweeps={ecso: {strength: [0.5]}}"], "sweeps"),
     (["sweeps={cmrm: {alpha: 0.1}}"], r"'sweeps\.cmrm\.alpha' in override .* must be a list of numbers"),
+    (["sweeps={regap: {lambda: [0.1]}}"], r"sweeps\.regap: ReGap is trained.*`lambdas`"),
 ])
 def test_a_bad_sweep_point_is_one_line_naming_the_range(override, message):
     with pytest.raises(RegapError, match=message):

@@ -180,6 +180,9 @@ class StudyConfig:
         canonical specs, each once (two spellings of one setting are one unit)."""
         specs = list(self.defenses.plain)
         for method, options in self.sweeps.items():
+            if method.partition(":")[0].lower() == "regap":
+                raise RegapError("sweeps.regap: ReGap is trained, not applied at inference: its λ values are "
+                                 "`lambdas` (one trained arm each)")
             if not isinstance(options, dict) or not options:
                 raise RegapError(f"sweeps.{method}: expected {{option: [values]}}, got {options!r}")
             for option, values in options.items():

@@ -221,23 +221,26 @@ class StudyConfig:
         return out
 
     def _check_ablations(self) -> None:
-        seeds = self.ablations.seeds
-        if len(set(seeds)) != len(seeds) or any(s not in self.seeds for s in seeds):
-            raise RegapError(f"ablations.seeds: need distinct seeds among the study's seeds {self.seeds}, got {seeds}")
+        self._check_seed_subset("ablations.seeds", self.ablations.seeds, "")
         lam = self.ablations.lam
         if lam is not None and not (lam > 0 and math.isfinite(lam)):
             raise RegapError(f"ablations.lam: must be > 0 (or null for regap_lambda), got {lam}")
         self._checked_variants()  # checked even while no seed trains them
+
+    def _check_seed_subset(self, key: str, seeds: list[int], least: str, alternative: str = "") -> None:
+        """`seeds` distinct and among the study's (`least`: "one or more " where an empty list is an error)."""
+        if (least and not seeds) or len(set(seeds)) != len(seeds) or any(s not in self.seeds for s in seeds):
+            raise RegapError(f"{key}: need {least}distinct seeds among the study's seeds {self.seeds}{alternative}, "
+                             f"got {seeds}")
 
     def check(self) -> "StudyConfig":
         """Values that would fail minutes into a run fail here, naming the key."""
         check_attention(self.attn_implementation)
         if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
             raise RegapError(f"seeds: need one or more distinct seeds, got {self.seeds}")
-        extra = self.exploratory_seeds
-        if extra is not None and (not extra or len(set(extra)) != len(extra) or any(s not in self.seeds for s in extra)):
-            raise RegapError(f"exploratory_seeds: need one or more distinct seeds among the study's seeds {self.seeds} "
-                             f"(or null for all of them), got {extra}")
+        if self.exploratory_seeds is not None:
+            self._check_seed_subset("exploratory_seeds", self.exploratory_seeds, "one or more ",
+                                    " (or null for all of them)")
         if 0.0 not in self.lambdas:
             raise RegapError(f"lambdas: must contain 0 (the plain arm), got {self.lambdas}")
         if any(lam < 0 for lam in self.lambdas) or len(set(self.lambdas)) != len(self.lambdas):

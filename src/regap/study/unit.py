@@ -423,8 +423,8 @@ LATER_KEYS = {"": {"attn_implementation": None, "evaluations": ["curve", "gap", 
 
 def unit_config_hash(config: StudyConfig) -> str:
     """What makes two units comparable: everything that changes what a unit computes. The lists of arms
-    (seeds, exploratory seeds, λ values, the MoCa switch, the main λ, the defense arms) and the bookkeeping keys are left out,
-    so a study can gain an arm without orphaning the units it already has. Keys added after units were
+    (seeds, exploratory seeds, λ values, the MoCa switch, the main λ, the defense arms) and the bookkeeping
+    keys are left out, so a study can gain an arm without orphaning the units it already has. Keys added after units were
     run (`attn_implementation`, `stageN.projector_lr`, `stageN.scenes`, `data.conversations`) count only when set away from
     their default, for the same reason. `sweeps` and `ablations` list arms, so they are left out too."""
     from regap.provenance import json_hash
@@ -435,8 +435,8 @@ def unit_config_hash(config: StudyConfig) -> str:
         for key, default in defaults.items():
             if where.get(key) == default:
                 where.pop(key, None)
-    for key in ("seeds", "exploratory_seeds", "lambdas", "moca", "regap_lambda", "minutes_per_unit", "minutes_per_evaluation_unit",
-                "budget_minutes", "stats", "curve", "name", "preregistration", "primary"):
+    for key in ("seeds", "exploratory_seeds", "lambdas", "moca", "regap_lambda", "minutes_per_unit",
+                "minutes_per_evaluation_unit", "budget_minutes", "stats", "curve", "name", "preregistration", "primary"):
         data.pop(key, None)
     data["defenses"] = {k: v for k, v in data["defenses"].items() if k not in ("plain", "regap")}
     data.pop("sweeps", None)  # arms, like the defense lists: a study may gain sweep points

@@ -101,6 +101,25 @@ def test_step2_takes_the_largest_candidate_that_keeps_qa_else_the_smallest():
         choose_lambda_star(_check({"plain": 0.6, "regap-l1e-06": 0.6, "regap-l1e-05": 0.6}), candidates)
 
 
+def test_step2_is_decided_by_the_candidates_it_reads_from_the_largest_down():
+    from regap.study.lambda_range import choose_lambda_star
+
+    candidates = [1e-6, 1e-5, 1e-4]
+    top = choose_lambda_star(_check({"plain": 0.60, "regap-l0.0001": 0.58}), candidates)
+    assert top["lambda_star"] == 1e-4 and top["not_needed"] == ["regap-l1e-05", "regap-l1e-06"]
+    assert top["candidates"]["regap-l1e-06"] == {"lambda": 1e-6, "qa": None, "qa_minus_plain": None,
+                                                 "keeps_utility": None, "needed": False}
+    middle = choose_lambda_star(_check({"plain": 0.60, "regap-l0.0001": 0.50, "regap-l1e-05": 0.57}), candidates)
+    assert middle["lambda_star"] == 1e-5 and middle["not_needed"] == ["regap-l1e-06"]
+    # both larger candidates fail: the smallest is λ* whatever its QA, so it need not be trained
+    bottom = choose_lambda_star(_check({"plain": 0.60, "regap-l0.0001": 0.50, "regap-l1e-05": 0.52}), candidates)
+    assert bottom["lambda_star"] == 1e-6 and "whether or not" in bottom["reason"]
+    with pytest.raises(RegapError, match="no held-out QA for regap-l1e-05 yet, and the rule needs it"):
+        choose_lambda_star(_check({"plain": 0.60, "regap-l0.0001": 0.50, "regap-l1e-06": 0.60}), candidates)
+    with pytest.raises(RegapError, match="no held-out QA for plain"):
+        choose_lambda_star(_check({"regap-l0.0001": 0.60}), candidates)
+
+
 def test_lambda_choose_reads_the_committed_files_and_writes_its_choice(tmp_path, capsys):
     sweep = tmp_path / "stage1_sweep.json"
     sweep.write_text(json.dumps(_sweep([1.0, 1.0, 1.0, 1.0, 1.0, 1.2, 1.2, 1.2])))
@@ -111,5 +130,10 @@ def test_lambda_choose_reads_the_committed_files_and_writes_its_choice(tmp_path,
                  "--out", str(tmp_path / "check")]) == 0
     assert "λ* = 0.0001" in capsys.readouterr().out
     assert json.loads((tmp_path / "check" / "lambda_choice.json").read_text())["arm"] == "regap-l0.0001"
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "summary.json").write_text(json.dumps(_check({"plain": 0.6, "regap-l0.0001": 0.6})))
+    assert main(["lambda-choose", "--sweep", str(sweep), "--check", str(tmp_path / "partial")]) == 0
+    out = capsys.readouterr().out
+    assert "regap-l1e-05: not measured (the rule does not need it)" in out and "λ* = 0.0001" in out
     assert main(["lambda-choose", "--sweep", str(tmp_path / "nope.json"), "--check", str(tmp_path)]) == 2
     assert "stage-1 sweep summary not found" in capsys.readouterr().err

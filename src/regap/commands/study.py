@@ -182,7 +182,8 @@ def lambda_choose_command(
     out: Optional[Path] = out_option("lambda_choice.json (optional)", default=None),
 ) -> None:
     """λ* by results/lambda-range/RULE.md: the knee and its three candidates from the sweep (caption loss),
-    then the largest candidate whose held-out QA is within 0.05 of plain's (never a safety result)."""
+    then the largest candidate whose held-out QA is within 0.05 of plain's (never a safety result). Read from
+    the largest candidate down: the candidates the decision does not need may be left untrained."""
     from regap.study.lambda_range import choose
 
     result = choose(sweep, check, out)
@@ -191,6 +192,9 @@ def lambda_choose_command(
                + ", ".join(f"{c:g}" for c in step1["candidates"]))
     typer.echo(f"step 2: plain QA {step2['plain_qa']:.3f}")
     for arm, row in step2["candidates"].items():
+        if row["qa"] is None:
+            typer.echo(f"  {arm}: not measured (the rule does not need it)")
+            continue
         typer.echo(f"  {arm}: QA {row['qa']:.3f} ({row['qa_minus_plain']:+.3f}) "
                    + ("keeps utility" if row["keeps_utility"] else "below the margin"))
     typer.echo(f"λ* = {result['lambda_star']:g} ({step2['reason']})")

@@ -169,24 +169,50 @@ def _swept_value(value: float, swept: list[float]) -> float:
 
 def choose_lambda_star(check: dict[str, Any], candidates: list[float], margin: float = QA_MARGIN) -> dict[str, Any]:
     """Step 2 of RULE.md on the λ check's `summary.json`: λ* is the largest candidate whose held-out QA is at
-    least plain's minus `margin`, else the smallest candidate. Only QA is read, never a safety result."""
+    least plain's minus `margin`, else the smallest candidate. Only QA is read, never a safety result.
+
+    The rule is read from the largest candidate down, so it is decided as soon as the candidates measured
+    settle it: a larger candidate that keeps utility makes the smaller ones irrelevant, and the smallest
+    candidate is λ* whether or not it keeps utility once every larger one fails. Candidates the decision
+    did not need may be left untrained (`needed: false`, no QA); one it needs and lacks is a one-line error."""
     from regap.study.config import arm_name
 
     arms = (check.get("results") or {}).get("arms") or {}
-    names = ["plain", *(arm_name(lam) for lam in sorted(candidates))]
-    qa = {arm: ((arms.get(arm) or {}).get("qa") or {}).get("mean") for arm in names}
-    missing = [arm for arm in names if qa[arm] is None]
-    if missing:
-        raise RegapError(f"the λ check has no held-out QA for {', '.join(missing)} yet: λ* cannot be chosen")
-    plain = qa["plain"]
-    table = {arm_name(lam): {"lambda": lam, "qa": qa[arm_name(lam)], "qa_minus_plain": qa[arm_name(lam)] - plain,
-                             "keeps_utility": qa[arm_name(lam)] >= plain - margin} for lam in sorted(candidates)}
-    keeping = [row["lambda"] for row in table.values() if row["keeps_utility"]]
-    lam_star = max(keeping) if keeping else min(candidates)
-    reason = (f"the largest candidate with QA ≥ plain − {margin:g}" if keeping else
-              f"no candidate has QA ≥ plain − {margin:g}: the smallest candidate")
+
+    def qa_of(arm: str) -> float | None:
+        return ((arms.get(arm) or {}).get("qa") or {}).get("mean")
+
+    plain = qa_of("plain")
+    if plain is None:
+        raise RegapError("the λ check has no held-out QA for plain yet: λ* cannot be chosen")
+    ordered = sorted(candidates, reverse=True)
+    table: dict[str, dict[str, Any]] = {}
+    lam_star: float | None = None
+    for lam in ordered:
+        arm, qa = arm_name(lam), qa_of(arm_name(lam))
+        keeps = None if qa is None else qa >= plain - margin
+        needed = lam_star is None and lam != ordered[-1]  # the smallest is λ* whatever its QA
+        table[arm] = {"lambda": lam, "qa": qa, "qa_minus_plain": None if qa is None else qa - plain,
+                      "keeps_utility": keeps, "needed": needed}
+        if lam_star is not None:
+            continue
+        if not needed or keeps:
+            lam_star = lam
+        elif qa is None:
+            raise RegapError(f"the λ check has no held-out QA for {arm} yet, and the rule needs it (it is read "
+                             "from the largest candidate down)")
+    star_row = table[arm_name(lam_star)]
+    if star_row["keeps_utility"]:
+        reason = f"the largest candidate with QA ≥ plain − {margin:g}"
+    elif star_row["keeps_utility"] is None:
+        reason = (f"every larger candidate has QA < plain − {margin:g}, so the smallest candidate is λ* whether "
+                  "or not it keeps utility (not measured)")
+    else:
+        reason = f"no candidate has QA ≥ plain − {margin:g}: the smallest candidate"
     return {"rule": "results/lambda-range/RULE.md, step 2", "plain_qa": plain, "margin": margin,
-            "candidates": table, "lambda_star": lam_star, "arm": arm_name(lam_star), "reason": reason}
+            "candidates": {arm_name(lam): table[arm_name(lam)] for lam in sorted(candidates)},
+            "lambda_star": lam_star, "arm": arm_name(lam_star), "reason": reason,
+            "not_needed": [arm for arm, row in table.items() if not row["needed"] and row["qa"] is None]}
 
 
 def choose(sweep: Path, check: Path, out: Path | None = None) -> dict[str, Any]:

@@ -792,3 +792,24 @@ def test_the_fast_study_estimates_minutes_not_an_hour():
     line = study.estimate(plan_units(config))[0]
     minutes = float(re.search(r"about (\d+(?:\.\d+)?) min", line).group(1))
     assert minutes <= 5, line
+
+
+@pytest.mark.slow
+def test_a_study_without_safety_reports_qa_and_the_gap_only(fast_study, tmp_path):
+    """A utility-side check (`evaluations: [gap, utility]`, the λ check) has no unsafe rate and no judge
+    agreement: its report shows QA and the gap, and draws no safety figure (it used to fail formatting
+    the judges' agreement, None)."""
+    from regap.study.study_report import write_report
+
+    summary = json.loads((fast_study / "summary.json").read_text())
+    for entry in summary["results"]["arms"].values():
+        entry.update(unsafe={}, refused={}, over_refusal={})
+    for pair in summary["judge_agreement"]["pairs"]:
+        pair.update(n=0, agreement=None, kappa=None)
+    summary["config"]["evaluations"] = ["gap", "utility"]
+    write_report(tmp_path, summary, [])
+    markdown = (tmp_path / "report.md").read_text()
+    assert "Safety was not measured in this study (its evaluations: gap, utility)" in markdown
+    assert "| regap-l1 | " in markdown.split("## Held-out QA accuracy", 1)[1].split("## The gap", 1)[0]
+    assert "## Unsafe rate" not in markdown and "## Judges" not in markdown and "four claims" not in markdown
+    assert sorted(p.name for p in (tmp_path / "figures").glob("*.png")) == ["gap_by_arm.png", "learning_curve.png"]

@@ -362,7 +362,7 @@ class Study:
             notes.append("backbone.json: damaged (no backbone verdicts); left out")
             backbone = None
         c = self.config
-        if backbone is None and "backbone" in c.safety.conditions:
+        if backbone is None and "backbone" in c.safety.conditions and "safety" in c.evaluations:
             notes.append("backbone (the LLM before stage 2, text only) not run yet: claim (a)'s image − backbone "
                          "is missing until it runs (rerun the study)")
         planned = plan_units(c)

@@ -41,7 +41,7 @@ def _ratio(entry: dict[str, Any] | None) -> str:
     if not entry:
         return "–"
     ci = entry.get("ci")
-    return f"×{entry['ratio']:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "") + f" ({entry['n_seeds']} seeds)"
+    return f"×{entry['ratio']:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "") + f" ({entry['n_seeds']} seed{'' if entry['n_seeds'] == 1 else 's'})"
 
 
 def per_seed_table(vs_plain: dict[str, Any], shown: list[str]) -> list[str]:
@@ -255,26 +255,18 @@ def best_lambda_lines(choice: dict[str, Any] | None) -> list[str]:
     return lines + [""]
 
 
-def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]) -> None:
-    from regap.report.html import render_html
+def safety_measured(results: dict[str, Any]) -> bool:
+    """Whether any arm has an unsafe rate: a utility-side check (`evaluations: [gap, utility]`) has none,
+    and its report shows QA and the gap only."""
+    return any(any(entry.get("unsafe", {}).values()) for entry in results["arms"].values())
 
-    figures = draw_figures(out, summary)
-    results, config = summary["results"], summary["config"]
-    conditions = config["safety"]["conditions"]
-    lines = [f"# regap study `{summary['study']}`", "",
-             f"Model `{config['model']}`, dtype {summary['dtype']}, seeds {results['seeds']}, judge "
-             f"`{summary['primary_judge']}` (others below). {len(summary['units'])} of "
-             f"{len(summary['units_planned'])} planned units present.", ""]
-    lines += primary_lines(summary)
-    if results.get("ablations"):
-        lines += [f"Arms named `regap-l<λ>@...` ({', '.join(results['ablations'])}) are exploratory ReGap ablations: "
-                  "see \"Exploratory: ablations\".", ""]
-    if summary["notes"]:
-        lines += ["**Notes**", ""] + [f"* {n}" for n in summary["notes"]] + [""]
+
+def safety_lines(results: dict[str, Any], conditions: list[str]) -> list[str]:
+    """The unsafe, refusal and over-refusal tables per arm and condition, with the paired differences."""
     evaluated = [c for c in conditions if c != "backbone"]
     shown = evaluated + ["image (pooled)"]
-    lines += ["## Unsafe rate on harmful requests (mean of the per-seed rates, 95 % t interval over seeds)", "",
-              "| arm | seeds | " + " | ".join(shown) + " |", "|---|---|" + "---|" * len(shown)]
+    lines = ["## Unsafe rate on harmful requests (mean of the per-seed rates, 95 % t interval over seeds)", "",
+             "| arm | seeds | " + " | ".join(shown) + " |", "|---|---|" + "---|" * len(shown)]
     for arm, entry in results["arms"].items():
         seeds = len((entry["unsafe"].get("text") or next(iter(v for v in entry["unsafe"].values() if v), {})).get("seeds", []))
         lines.append(f"| {arm} | {seeds} | " + " | ".join(_fmt(entry["unsafe"].get(c)) for c in shown) + " |")
@@ -296,6 +288,49 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
     for arm, entry in results["arms"].items():
         lines.append(f"| {arm} | " + " | ".join(_fmt(entry["over_refusal"].get(c)) for c in evaluated)
                      + f" | {_fmt(entry.get('qa'))} |")
+    return lines
+
+
+def judge_lines(agreement: dict[str, Any]) -> list[str]:
+    """How often the judges agree on the study's harmful-request answers."""
+    lines = ["## Judges", "", "Unsafe rate on harmful requests over all responses of the study, per judge: " +
+             ", ".join(f"{j} {r:.3f}" for j, r in agreement["unsafe_rate"].items() if r is not None) + ".", "",
+             "| judge A | judge B | n | agreement | Cohen's κ |", "|---|---|---|---|---|"]
+    for pair in agreement["pairs"]:
+        kappa, share = pair["kappa"], pair["agreement"]
+        lines.append(f"| {pair['judge_a']} | {pair['judge_b']} | {pair['n']} | "
+                     f"{'–' if share is None else f'{share:.3f}'} | "
+                     f"{'–' if kappa is None or kappa != kappa else f'{kappa:.3f}'} |")
+    return lines
+
+
+def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]) -> None:
+    from regap.report.html import render_html
+
+    figures = draw_figures(out, summary)
+    results, config = summary["results"], summary["config"]
+    conditions = config["safety"]["conditions"]
+    lines = [f"# regap study `{summary['study']}`", "",
+             f"Model `{config['model']}`, dtype {summary['dtype']}, seeds {results['seeds']}"
+             + (f", judge `{summary['primary_judge']}` (others below)" if safety_measured(results) else "")
+             + f". {len(summary['units'])} of "
+             f"{len(summary['units_planned'])} planned units present.", ""]
+    lines += primary_lines(summary)
+    if results.get("ablations"):
+        lines += [f"Arms named `regap-l<λ>@...` ({', '.join(results['ablations'])}) are exploratory ReGap ablations: "
+                  "see \"Exploratory: ablations\".", ""]
+    if summary["notes"]:
+        lines += ["**Notes**", ""] + [f"* {n}" for n in summary["notes"]] + [""]
+    if safety_measured(results):
+        lines += safety_lines(results, conditions)
+    else:
+        lines += ["Safety was not measured in this study (its evaluations: "
+                  f"{', '.join(config.get('evaluations') or [])}): held-out QA and the gap only.", "",
+                  "## Held-out QA accuracy (mean of the per-seed accuracies, 95 % t interval over seeds)", "",
+                  "| arm | QA accuracy | − plain (per-seed paired) |", "|---|---|---|"]
+        for arm, entry in results["arms"].items():
+            diff = results["vs_plain"].get(arm, {}).get("qa")
+            lines.append(f"| {arm} | {_fmt(entry.get('qa'))} | {'–' if arm == 'plain' else _fmt(diff, True)} |")
     lines += ["", "## The gap (per seed) and its ratio to plain", "",
               "| arm | layer-0 gap after stage 1 | after stage 2 | attack inputs | MIR after stage 2 | layer-0 ratio vs plain | MIR ratio vs plain |",
               "|---|---|---|---|---|---|---|"]
@@ -307,19 +342,13 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
         lines.append(f"| {arm} | {values('gap_stage1', 'layer0_gap')} | {values('gap', 'layer0_gap')} | "
                      f"{values('gap_attack', 'layer0_gap')} | {values('gap', 'mir')} | {_ratio(ratio.get('layer0_gap'))} | "
                      f"{_ratio(ratio.get('mir'))} |")
-    lines += side_by_side(results)
-    if summary.get("frontier"):
-        lines += frontier_lines(results, summary["frontier"])
-    lines += ablation_lines(results)
-    lines += claims_lines(summary)
-    agreement = summary["judge_agreement"]
-    lines += ["## Judges", "", "Unsafe rate on harmful requests over all responses of the study, per judge: " +
-              ", ".join(f"{j} {r:.3f}" for j, r in agreement["unsafe_rate"].items() if r is not None) + ".", "",
-              "| judge A | judge B | n | agreement | Cohen's κ |", "|---|---|---|---|---|"]
-    for pair in agreement["pairs"]:
-        kappa = pair["kappa"]
-        lines.append(f"| {pair['judge_a']} | {pair['judge_b']} | {pair['n']} | "
-                     f"{pair['agreement']:.3f} | {'–' if kappa is None or kappa != kappa else f'{kappa:.3f}'} |")
+    if safety_measured(results):
+        lines += side_by_side(results)
+        if summary.get("frontier"):
+            lines += frontier_lines(results, summary["frontier"])
+        lines += ablation_lines(results)
+        lines += claims_lines(summary)
+        lines += judge_lines(summary["judge_agreement"])
     lines += ["", "## Time per unit (minutes)", "", ", ".join(f"{u} {m}" for u, m in summary["timings_minutes"].items()), ""]
     shown_above = {"frontier.png"}  # the frontier section carries its own figure
     lines += ["## Figures", ""] + [f"![{name}](figures/{name})" for name in FIGURES
@@ -370,10 +399,11 @@ def draw_figures(out: Path, summary: dict[str, Any]) -> Path:
     results = summary["results"]
     if summary["curves"]:
         plot_learning_curves(summary["curves"], figures / FIGURES[0])
-    plot_unsafe(results, summary["config"]["safety"]["conditions"], figures / FIGURES[1])
     plot_gap(results["gap"], figures / FIGURES[2])
-    plot_training_vs_inference(results, figures / FIGURES[3])
-    plot_frontier(results, figures / FIGURES[4])
+    if safety_measured(results):
+        plot_unsafe(results, summary["config"]["safety"]["conditions"], figures / FIGURES[1])
+        plot_training_vs_inference(results, figures / FIGURES[3])
+        plot_frontier(results, figures / FIGURES[4])
     return figures
 
 

@@ -807,9 +807,12 @@ def test_a_study_without_safety_reports_qa_and_the_gap_only(fast_study, tmp_path
     for pair in summary["judge_agreement"]["pairs"]:
         pair.update(n=0, agreement=None, kappa=None)
     summary["config"]["evaluations"] = ["gap", "utility"]
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "unsafe_by_arm.png").write_bytes(b"from an earlier report")
     write_report(tmp_path, summary, [])
     markdown = (tmp_path / "report.md").read_text()
     assert "Safety was not measured in this study (its evaluations: gap, utility)" in markdown
     assert "| regap-l1 | " in markdown.split("## Held-out QA accuracy", 1)[1].split("## The gap", 1)[0]
     assert "## Unsafe rate" not in markdown and "## Judges" not in markdown and "four claims" not in markdown
+    assert "unsafe_by_arm" not in markdown
     assert sorted(p.name for p in (tmp_path / "figures").glob("*.png")) == ["gap_by_arm.png", "learning_curve.png"]

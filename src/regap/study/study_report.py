@@ -396,6 +396,8 @@ def draw_figures(out: Path, summary: dict[str, Any]) -> Path:
 
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
+    for name in FIGURES:  # a figure this summary does not draw must not linger from an earlier one
+        (figures / name).unlink(missing_ok=True)
     results = summary["results"]
     if summary["curves"]:
         plot_learning_curves(summary["curves"], figures / FIGURES[0])

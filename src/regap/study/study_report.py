@@ -41,7 +41,8 @@ def _ratio(entry: dict[str, Any] | None) -> str:
     if not entry:
         return "–"
     ci = entry.get("ci")
-    return f"×{entry['ratio']:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "") + f" ({entry['n_seeds']} seed{'' if entry['n_seeds'] == 1 else 's'})"
+    seeds = f"{entry['n_seeds']} seed" + ("" if entry["n_seeds"] == 1 else "s")
+    return f"×{entry['ratio']:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "") + f" ({seeds})"
 
 
 def per_seed_table(vs_plain: dict[str, Any], shown: list[str]) -> list[str]:
@@ -310,9 +311,10 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
     figures = draw_figures(out, summary)
     results, config = summary["results"], summary["config"]
     conditions = config["safety"]["conditions"]
+    measured = safety_measured(results)
     lines = [f"# regap study `{summary['study']}`", "",
              f"Model `{config['model']}`, dtype {summary['dtype']}, seeds {results['seeds']}"
-             + (f", judge `{summary['primary_judge']}` (others below)" if safety_measured(results) else "")
+             + (f", judge `{summary['primary_judge']}` (others below)" if measured else "")
              + f". {len(summary['units'])} of "
              f"{len(summary['units_planned'])} planned units present.", ""]
     lines += primary_lines(summary)
@@ -321,7 +323,7 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
                   "see \"Exploratory: ablations\".", ""]
     if summary["notes"]:
         lines += ["**Notes**", ""] + [f"* {n}" for n in summary["notes"]] + [""]
-    if safety_measured(results):
+    if measured:
         lines += safety_lines(results, conditions)
     else:
         lines += ["Safety was not measured in this study (its evaluations: "
@@ -342,7 +344,7 @@ def write_report(out: Path, summary: dict[str, Any], units: list[dict[str, Any]]
         lines.append(f"| {arm} | {values('gap_stage1', 'layer0_gap')} | {values('gap', 'layer0_gap')} | "
                      f"{values('gap_attack', 'layer0_gap')} | {values('gap', 'mir')} | {_ratio(ratio.get('layer0_gap'))} | "
                      f"{_ratio(ratio.get('mir'))} |")
-    if safety_measured(results):
+    if measured:
         lines += side_by_side(results)
         if summary.get("frontier"):
             lines += frontier_lines(results, summary["frontier"])
